@@ -1,0 +1,83 @@
+"""The `tunelab` command: thin — it parses, calls the library, and prints.
+
+Each command group lives in its own module here (`data.py`, `prompt.py`, ...) and imports heavy
+libraries (torch, transformers) inside its functions, so `tunelab --help` stays instant.
+
+Errors: a `UserError` raised anywhere prints as one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from tunelab.cli._common import err_console, state
+from tunelab.errors import UserError
+
+app = typer.Typer(
+    name="tunelab",
+    help="Prompt engineering or fine-tuning? tunelab measures both on your data and tells you.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    workspace: Optional[Path] = typer.Option(
+        None, "--workspace", "-w", envvar="TUNELAB_WORKSPACE",
+        help="Workspace folder (default: found upward from the current folder).",
+    ),
+) -> None:
+    """Prompt engineering or fine-tuning? tunelab measures both on your data and tells you."""
+    state.workspace_path = workspace
+
+
+@app.command()
+def init(
+    directory: Path = typer.Argument(Path("."), help="Folder to make the workspace in."),
+    name: Optional[str] = typer.Option(None, help="Workspace name (default: the folder's name)."),
+) -> None:
+    """Make a workspace: tunelab.yaml, prompts/, data/ and .tunelab/ (database, artifacts)."""
+    from tunelab.workspace import Workspace
+
+    ws = Workspace.init(directory, name=name)
+    typer.echo(f"workspace ready at {ws.root}")
+
+
+# -- command groups: one module each (add a line here when a module lands) -----------------------
+# e.g.  from tunelab.cli import data as _data  # noqa: E402
+#       app.add_typer(_data.app, name="data")
+# -------------------------------------------------------------------------------------------------
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit status (used by `main` and by the tests)."""
+    try:
+        app(args=argv, prog_name="tunelab", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 130
+    except UserError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted; finished work is kept (run the same command again to resume)")
+        return 130
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())

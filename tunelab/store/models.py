@@ -1,0 +1,181 @@
+"""The store's tables (SQLAlchemy 2). The schema itself is made by the Alembic migrations in
+`migrations/versions/`; a test checks that the two agree.
+
+One database per workspace: rows need no workspace column.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict: JSON, list: JSON}
+
+
+class DatasetRow(Base):
+    """One imported version of a dataset; its examples live in files under the artifacts folder."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    source: Mapped[str] = mapped_column(Text, default="")
+    path: Mapped[str] = mapped_column(Text)  # folder relative to the artifacts folder
+    n_examples: Mapped[int] = mapped_column(Integer, default=0)
+    splits: Mapped[dict] = mapped_column(JSON, default=dict)  # {split: count}
+    labels: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    check: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    meta: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class PromptVersionRow(Base):
+    """The content of a prompt version; `version` is the sha256 of its canonical content."""
+
+    __tablename__ = "prompt_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    content: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PromptCommitRow(Base):
+    """One entry of a prompt's history: which version became current, from which parent, why."""
+
+    __tablename__ = "prompt_commits"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    parent: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    message: Mapped[str] = mapped_column(Text, default="")
+    author: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    meta: Mapped[dict] = mapped_column(JSON, default=dict)  # provenance (optimizer, scores, ...)
+
+
+class PromptLabelRow(Base):
+    """A label (e.g. `production`) pointing at a version of a prompt."""
+
+    __tablename__ = "prompt_labels"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    label: Mapped[str] = mapped_column(String(100), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class RunRow(Base):
+    """One candidate evaluated on one split. `key` identifies its configuration, for resuming."""
+
+    __tablename__ = "runs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), index=True)
+    candidate: Mapped[str] = mapped_column(String(300))
+    kind: Mapped[str] = mapped_column(String(20))  # prompt | ft | hybrid
+    model: Mapped[str] = mapped_column(String(300))
+    dataset: Mapped[str] = mapped_column(String(200))
+    dataset_version: Mapped[str] = mapped_column(String(64))
+    split: Mapped[str] = mapped_column(String(50))
+    n_examples: Mapped[int] = mapped_column(Integer, default=0)
+    repeat: Mapped[int] = mapped_column(Integer, default=1)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running | done | failed
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    wall_s: Mapped[float] = mapped_column(Float, default=0.0)
+    summary: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class RunExampleRow(Base):
+    """One example (one repeat) of a run, stored as soon as it finishes."""
+
+    __tablename__ = "run_rows"
+    __table_args__ = (UniqueConstraint("run_id", "example_index", "repeat_index"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    example_index: Mapped[int] = mapped_column(Integer)
+    repeat_index: Mapped[int] = mapped_column(Integer, default=0)
+    input: Mapped[str] = mapped_column(Text, default="")
+    expected: Mapped[str] = mapped_column(Text, default="")
+    prediction: Mapped[str] = mapped_column(Text, default="")
+    scores: Mapped[dict] = mapped_column(JSON, default=dict)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    latency_s: Mapped[float] = mapped_column(Float, default=0.0)
+    cost: Mapped[float] = mapped_column(Float, default=0.0)
+    extra: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CacheRow(Base):
+    """The response cache: sha256 of (model, messages, parameters, repeat index) -> completion."""
+
+    __tablename__ = "cache"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class FineTuneRow(Base):
+    """A training job and the model `ft:NAME` it makes."""
+
+    __tablename__ = "finetunes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running | done | failed
+    base: Mapped[str] = mapped_column(String(300))
+    method: Mapped[str] = mapped_column(String(20))  # lora | full
+    dataset: Mapped[str] = mapped_column(String(200))
+    dataset_version: Mapped[str] = mapped_column(String(64))
+    prompt: Mapped[str] = mapped_column(String(200))
+    prompt_version: Mapped[str] = mapped_column(String(64))
+    config: Mapped[dict] = mapped_column(JSON, default=dict)
+    result: Mapped[dict] = mapped_column(JSON, default=dict)  # curves, best epoch, metrics
+    path: Mapped[str] = mapped_column(Text, default="")  # folder relative to the artifacts folder
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    wall_s: Mapped[float] = mapped_column(Float, default=0.0)
+    tokens_trained: Mapped[int] = mapped_column(Integer, default=0)
+    cost: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class OptimizationRow(Base):
+    """A prompt optimization: every candidate tried, the winner, and what the search cost."""
+
+    __tablename__ = "optimizations"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    prompt: Mapped[str] = mapped_column(String(200))
+    dataset: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    config: Mapped[dict] = mapped_column(JSON, default=dict)
+    candidates: Mapped[list] = mapped_column(JSON, default=list)
+    result: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    wall_s: Mapped[float] = mapped_column(Float, default=0.0)
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class ComparisonRow(Base):
+    """Candidates side by side on one split, with the report's JSON twin."""
+
+    __tablename__ = "comparisons"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(200))
+    split: Mapped[str] = mapped_column(String(50))
+    candidates: Mapped[list] = mapped_column(JSON, default=list)
+    result: Mapped[dict] = mapped_column(JSON, default=dict)
+    report_path: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
