@@ -55,6 +55,9 @@ def init(
 # -- command groups: one module each (add a line here when a module lands) -----------------------
 # e.g.  from tunelab.cli import data as _data  # noqa: E402
 #       app.add_typer(_data.app, name="data")
+from tunelab.cli import serve as _serve  # noqa: E402
+
+app.command(name="serve")(_serve.serve)
 # -------------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,74 @@
+"""The command line as a whole: help everywhere, fast help, errors without tracebacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import typer.main
+
+from tunelab.cli import app
+
+TUNELAB = str(Path(sys.executable).with_name("tunelab"))
+
+
+def _walk(command: click.Command, path: tuple[str, ...] = ()):
+    yield path, command
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _walk(sub, path + (name,))
+
+
+def test_every_command_and_option_has_help_text():
+    root = typer.main.get_command(app)
+    missing = []
+    for path, command in _walk(root):
+        if path and not (command.help or command.short_help):
+            missing.append(" ".join(path))
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.help and param.name not in {"help"}:
+                missing.append(f"{' '.join(path)} --{param.name}")
+            if isinstance(param, click.Argument) and not getattr(param, "help", None):
+                missing.append(f"{' '.join(path)} {param.name.upper()} (argument)")
+    assert not missing, f"commands/options without help text: {missing}"
+
+
+def test_help_is_fast_and_imports_no_torch():
+    probe = ("import sys, time; t=time.perf_counter(); "
+             "from tunelab.cli import run; "
+             "import contextlib, io; buf=io.StringIO(); "
+             "ctx=contextlib.redirect_stdout(buf); ctx.__enter__(); run(['--help']); ctx.__exit__(None,None,None); "
+             "heavy=[m for m in ('torch','transformers','peft','matplotlib','trl','fastapi') if m in sys.modules]; "
+             "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    best = min(_timed([TUNELAB, "--help"]) for _ in range(3))
+    assert best < 0.5, f"tunelab --help took {best:.2f}s"
+
+
+def _timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, capture_output=True, check=True)
+    return time.perf_counter() - start
+
+
+def test_every_subcommand_help_runs(cli):
+    root = typer.main.get_command(app)
+    for path, _command in _walk(root):
+        result = cli(*path, "--help")
+        assert result.exit_code == 0, (path, result.output)
+        assert "Usage" in result.output
+
+
+def test_user_error_outside_a_workspace_is_one_line_exit_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TUNELAB_WORKSPACE"}
+    # any command that needs a workspace; `data list` belongs to the data module
+    proc = subprocess.run([TUNELAB, "data", "list"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "tunelab init" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,1 @@
+"""The team server: an OpenAI-compatible gateway over deployments (`tunelab serve`)."""
