@@ -1,0 +1,163 @@
+"""The advisor's rules, table-driven: each recommendation and the edges between them."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunelab.advise import Constraints, advise
+from tunelab.compare import break_even_volume
+
+
+def cand(name, kind, value, low=None, high=None, *, setup=0.0, per_req=0.0, wall_s=0.0, local=True,
+         change_s=60.0, trained=None, compute=None):
+    return {
+        "name": name, "kind": kind, "model": "openai:gpt" if not local else "smollm2-135m", "local": local,
+        "metric": {"value": value, "low": value - 0.04 if low is None else low,
+                   "high": value + 0.04 if high is None else high},
+        "setup": {"total_cost": setup, "compute_cost": setup if compute is None else compute, "wall_s": wall_s},
+        "cost_per_request": per_req, "flexibility": {"change_s": change_s}, "examples_trained": trained,
+    }
+
+
+def comparison(*cands, pairwise=(), volume=10_000, learning_curve=None, rate=0.0):
+    return {"metric": "accuracy", "volume_per_month": volume, "months": 12, "engineer_hourly_rate": rate,
+            "candidates": list(cands), "learning_curve": learning_curve,
+            "pairwise": [{"a": a, "b": b, "p_value": p, "difference": None} for a, b, p in pairwise]}
+
+
+# prompt: free setup, expensive requests; ft: $12 setup, cheap requests.
+# break-even: 12 / (12 * (0.0003 - 0.0001)) = 5,000 requests a month.
+P = dict(setup=0.0, per_req=0.0003, change_s=120)
+F = dict(setup=12.0, per_req=0.0001, wall_s=1800, change_s=2400, trained=2000)
+BE = break_even_volume(12.0, 0.0001, 0.0, 0.0003)
+
+TIED = [("ft:a", "p@1", 0.40)]
+FT_BETTER = [("ft:a", "p@1", 0.0004)]
+
+CASES = [
+    # id, comparison, constraints, expected recommendation, expected candidate
+    ("ft clearly better",
+     comparison(cand("p@1", "prompt", 0.78, 0.73, 0.82, **P), cand("ft:a", "ft", 0.91, 0.87, 0.94, **F), pairwise=FT_BETTER),
+     Constraints(), "finetune", "ft:a"),
+    ("prompt clearly better",
+     comparison(cand("p@1", "prompt", 0.90, **P), cand("ft:a", "ft", 0.70, **F), pairwise=[("p@1", "ft:a", 0.001)]),
+     Constraints(volume=1_000_000), "prompt", "p@1"),
+    ("hybrid clearly better",
+     comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.80, **F),
+                cand("hybrid:h", "hybrid", 0.90, setup=12.0, per_req=0.00015, trained=2000),
+                pairwise=[("hybrid:h", "p@1", 0.001), ("hybrid:h", "ft:a", 0.01), ("ft:a", "p@1", 0.5)]),
+     Constraints(), "hybrid", "hybrid:h"),
+    ("tied, volume above break-even -> ft",
+     comparison(cand("p@1", "prompt", 0.85, **P), cand("ft:a", "ft", 0.86, **F), pairwise=TIED),
+     Constraints(volume=BE * 2), "finetune", "ft:a"),
+    ("tied, volume below break-even -> prompt",
+     comparison(cand("p@1", "prompt", 0.85, **P), cand("ft:a", "ft", 0.86, **F), pairwise=TIED),
+     Constraints(volume=BE / 2), "prompt", "p@1"),
+    ("tied, exactly at break-even -> the simpler prompt",
+     comparison(cand("p@1", "prompt", 0.85, **P), cand("ft:a", "ft", 0.86, **F), pairwise=TIED),
+     Constraints(volume=BE), "prompt", "p@1"),
+    ("tied, just above break-even -> ft",
+     comparison(cand("p@1", "prompt", 0.85, **P), cand("ft:a", "ft", 0.86, **F), pairwise=TIED),
+     Constraints(volume=BE * 1.001), "finetune", "ft:a"),
+    ("intervals overlap but paired test significant -> quality decides",
+     comparison(cand("p@1", "prompt", 0.84, 0.80, 0.88, **P), cand("ft:a", "ft", 0.87, 0.83, 0.91, **F),
+                pairwise=[("ft:a", "p@1", 0.01)]),
+     Constraints(volume=10), "finetune", "ft:a"),
+    ("no paired test, intervals overlap -> tie, cost decides",
+     comparison(cand("p@1", "prompt", 0.84, 0.80, 0.88, **P), cand("ft:a", "ft", 0.87, 0.83, 0.91, **F)),
+     Constraints(volume=10), "prompt", "p@1"),
+    ("no paired test, intervals apart -> quality decides",
+     comparison(cand("p@1", "prompt", 0.70, 0.65, 0.75, **P), cand("ft:a", "ft", 0.87, 0.83, 0.91, **F)),
+     Constraints(volume=10), "finetune", "ft:a"),
+    ("budget just below the ft setup cost -> prompt",
+     comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.91, **F), pairwise=FT_BETTER),
+     Constraints(budget=11.99), "prompt", "p@1"),
+    ("budget exactly the ft setup cost -> ft fits",
+     comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.91, **F), pairwise=FT_BETTER),
+     Constraints(budget=12.0), "finetune", "ft:a"),
+    ("required metric met only by ft",
+     comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.91, **F), pairwise=TIED),
+     Constraints(required_metric=0.85, volume=1), "finetune", "ft:a"),
+    ("required metric met by none",
+     comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.81, **F), pairwise=TIED),
+     Constraints(required_metric=0.85), "none", None),
+    ("required metric exactly met",
+     comparison(cand("p@1", "prompt", 0.85, **P), cand("ft:a", "ft", 0.80, **F), pairwise=TIED),
+     Constraints(required_metric=0.85), "prompt", "p@1"),
+    ("data must stay local excludes a remote prompt",
+     comparison(cand("p@1", "prompt", 0.95, local=False, **P), cand("ft:a", "ft", 0.85, **F),
+                pairwise=[("p@1", "ft:a", 0.001)]),
+     Constraints(data_must_stay_local=True), "finetune", "ft:a"),
+    ("deadline shorter than the training time",
+     comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.91, **{**F, "wall_s": 3 * 86400}),
+                pairwise=FT_BETTER),
+     Constraints(deadline_days=2), "prompt", "p@1"),
+    ("too few examples for the fine-tune, no learning curve",
+     comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.91, **F), pairwise=FT_BETTER),
+     Constraints(examples=100), "prompt", "p@1"),
+    ("weekly changes and a tie -> prompt even above break-even",
+     comparison(cand("p@1", "prompt", 0.85, **P), cand("ft:a", "ft", 0.86, **F), pairwise=TIED),
+     Constraints(volume=BE * 10, change_frequency="weekly"), "prompt", "p@1"),
+    ("weekly changes do not override quality",
+     comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.91, **F), pairwise=FT_BETTER),
+     Constraints(change_frequency="weekly"), "finetune", "ft:a"),
+    ("monthly retrains cost more than the volume saves -> prompt",
+     comparison(cand("p@1", "prompt", 0.85, **P), cand("ft:a", "ft", 0.86, **F), pairwise=TIED),
+     Constraints(volume=BE * 1.5, change_frequency="monthly"), "prompt", "p@1"),
+    ("metric tie and cost tie among three -> simplest",
+     comparison(cand("p@1", "prompt", 0.85, setup=0, per_req=0.0001), cand("ft:a", "ft", 0.85, setup=0, per_req=0.0001),
+                cand("hybrid:h", "hybrid", 0.85, setup=0, per_req=0.0001)),
+     Constraints(), "prompt", "p@1"),
+    ("only a prompt", comparison(cand("p@1", "prompt", 0.5, **P)), Constraints(), "prompt", "p@1"),
+    ("empty comparison", comparison(), Constraints(), "none", None),
+]
+
+
+@pytest.mark.parametrize("comp,constraints,expected,candidate", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_rules(comp, constraints, expected, candidate):
+    advice = advise(comp, constraints)
+    assert advice["recommendation"] == expected, advice["reasons"]
+    assert advice["candidate"] == candidate
+    assert advice["reasons"], "every answer gives reasons"
+
+
+def test_reasons_cite_measured_numbers():
+    comp = comparison(cand("p@1", "prompt", 0.78, 0.73, 0.82, **P), cand("ft:a", "ft", 0.91, 0.87, 0.94, **F),
+                      pairwise=FT_BETTER)
+    text = " ".join(advise(comp)["reasons"])
+    assert "0.91 [0.87, 0.94]" in text and "0.78 [0.73, 0.82]" in text and "p<0.001" in text
+
+
+def test_break_even_reason_cites_volumes():
+    comp = comparison(cand("p@1", "prompt", 0.85, **P), cand("ft:a", "ft", 0.86, **F), pairwise=TIED)
+    text = " ".join(advise(comp, Constraints(volume=100_000))["reasons"])
+    assert "break-even" in text and "5,000 requests/month" in text and "you expect 100,000" in text
+
+
+def test_none_names_the_best_and_the_requirement():
+    comp = comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.81, **F))
+    advice = advise(comp, Constraints(required_metric=0.9))
+    assert advice["recommendation"] == "none"
+    assert "neither meets the required accuracy of 0.9" in advice["reasons"][0]
+    assert "ft:a" in advice["reasons"][0]
+    assert {e["rule"] for e in advice["excluded"]} == {"required_metric"}
+
+
+def test_learning_curve_point_stands_in_when_data_is_short():
+    curve = {"candidate": "ft:a", "points": [
+        {"fraction": 0.1, "n_train": 200, "metric": {"value": 0.66, "low": 0.61, "high": 0.71}},
+        {"fraction": 0.25, "n_train": 500, "metric": {"value": 0.88, "low": 0.84, "high": 0.92}},
+        {"fraction": 1.0, "n_train": 2000, "metric": {"value": 0.91, "low": 0.87, "high": 0.94}}]}
+    comp = comparison(cand("p@1", "prompt", 0.78, 0.74, 0.82, **P), cand("ft:a", "ft", 0.91, **F), learning_curve=curve)
+    assert advise(comp, Constraints(examples=600))["recommendation"] == "finetune"  # 0.88 [0.84, 0.92] still wins
+    short = advise(comp, Constraints(examples=300))  # 0.66 [0.61, 0.71] vs 0.78 [0.74, 0.82]: prompt
+    assert short["recommendation"] == "prompt"
+    assert any("200 examples" in r for r in short["reasons"])
+    too_short = advise(comp, Constraints(examples=100))
+    assert too_short["recommendation"] == "prompt"
+    assert any(e["rule"] == "examples" for e in too_short["excluded"])
+
+
+def test_constraints_reject_unknown_fields():
+    with pytest.raises(Exception):
+        Constraints(budjet=5)
