@@ -200,7 +200,7 @@ def advise(comparison: dict[str, Any], constraints: Constraints | None = None) -
         remaining.append(c)
 
     base = {"rules": RULES_VERSION, "metric": metric, "volume_per_month": volume, "months": months,
-            "constraints": cons.model_dump(exclude_none=True), "excluded": excluded}
+            "constraints": cons.model_dump(exclude_defaults=True), "excluded": excluded}
 
     if not remaining:
         rules_hit = {e["rule"] for e in excluded}
