@@ -86,3 +86,13 @@ def resolve_model_dir(path: str | None) -> Path:
     if not (folder / "config.json").is_file():
         raise UserError("not a Hugging Face model folder (no config.json)", path=folder)
     return folder
+
+
+def load_tokenizer(path: str | None = None):
+    """The tokenizer of the bundled model (`path` None) or of a local Hugging Face folder.
+
+    Imports transformers lazily; never reaches a hub."""
+    folder = resolve_model_dir(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
