@@ -58,6 +58,9 @@ def init(
 from tunelab.cli import serve as _serve  # noqa: E402
 
 app.command(name="serve")(_serve.serve)
+from tunelab.cli import data as _data  # noqa: E402
+
+app.add_typer(_data.app, name="data")
 # -------------------------------------------------------------------------------------------------
 
 
