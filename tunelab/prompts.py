@@ -491,6 +491,9 @@ def parse_prompt(text: str, name: str, path: Path | str | None = None,
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
             problem = getattr(exc, "problem", None) or str(exc).split("\n")[0]
+            context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+            if context and cmark is not None and mark is not None and cmark.line != mark.line:
+                problem += f" ({context} that starts on line {cmark.line + 2})"
             raise UserError(f"YAML error in front matter: {problem}", path=where,
                             line=None if mark is None else mark.line + 2) from None
         if data is None:
@@ -553,7 +556,8 @@ def compile_part(part: Part, where: str) -> "Template":
         if isinstance(name, str) and name.startswith("_"):
             unsafe.append((node.lineno, name))
     if unsafe:
-        names = ", ".join(dict.fromkeys(f"'{n}'" for _, n in sorted(unsafe)))
+        unsafe.reverse()  # find_all goes outside-in: a.__b__.__c__ yields __c__ first
+        names = ", ".join(dict.fromkeys(f"'{n}'" for _, n in sorted(unsafe, key=lambda u: u[0])))
         raise UserError(f"unsafe template: access to attribute {names} is not allowed "
                         "(names starting with '_' are off limits in the sandbox)",
                         path=where, line=part.line + min(unsafe)[0] - 1)
@@ -1091,5 +1095,52 @@ def check_prompt(ws: "Workspace | None", path_or_ref: str, sample: Example | str
         demos = prompt.resolve_demos(ws)
     else:
         demos = None
-    messages = prompt.render(example, demos=demos)
+    try:
+        messages = prompt.render(example, demos=demos)
+    except UserError as exc:
+        if sample is None and data is None and exc.raw_message.startswith("undefined variable"):
+            raise UserError(exc.raw_message + " (rendered with a placeholder input; pass --data DATASET "
+                            "or --field KEY=VALUE to render with an example that has more fields)",
+                            path=exc.path, line=exc.line) from None
+        raise
     return prompt, messages, example
+
+
+def run_prompt(ws: "Workspace | None", ref: str, example: Example | str, model: str | None = None,
+               precision: str | None = None) -> dict[str, Any]:
+    """Render `example` with the prompt `ref` and answer it with `model` (default: the prompt's):
+    the playground behind `tunelab run`. Returns output, tokens, latency and, for label outputs,
+    the probability of each label (normalized over the labels)."""
+    import math
+
+    from tunelab.models import load_model
+
+    path = Path(ref)
+    if ws is None or (path.suffix == SUFFIX and "@" not in ref):
+        prompt = read_prompt_file(path, workspace=ws)
+    else:
+        prompt = load_prompt(ws, ref)
+    if precision is not None and precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"--precision must be auto, bf16 or fp32 (got '{precision}')")
+    spec = model or prompt.model
+    options = {"precision": precision} if precision is not None else {}
+    backend = load_model(spec, ws, **options)
+    request = prompt.request(example, demos=prompt.resolve_demos(ws) if ws is not None else None)
+    (completion,) = backend.complete([request])
+    result: dict[str, Any] = {
+        "prompt": prompt.ref, "model": getattr(backend, "name", spec), "output": completion.text,
+        "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+        "latency_s": completion.latency_s, "messages": request.messages,
+    }
+    if completion.label_logprobs:
+        top = max(completion.label_logprobs.values())
+        weights = {k: math.exp(v - top) for k, v in completion.label_logprobs.items()}
+        total = sum(weights.values()) or 1.0
+        result["label_probs"] = {k: w / total for k, w in weights.items()}
+    if prompt.output.type == "json":
+        try:
+            result["json"] = json.loads(completion.text)
+            result["json_valid"] = True
+        except ValueError:
+            result["json_valid"] = False
+    return result

@@ -58,6 +58,10 @@ def init(
 from tunelab.cli import serve as _serve  # noqa: E402
 
 app.command(name="serve")(_serve.serve)
+from tunelab.cli import prompt as _prompt  # noqa: E402
+
+app.add_typer(_prompt.app, name="prompt")
+app.command(name="run")(_prompt.run)
 from tunelab.cli import data as _data  # noqa: E402
 
 app.add_typer(_data.app, name="data")
