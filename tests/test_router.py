@@ -1,0 +1,104 @@
+"""The hybrid router: routing rules, merged completions, threshold tuning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tunelab.errors import UserError
+from tunelab.models.base import Completion
+from tunelab.router import ExceptionRule, HybridSpec, NgramIndex, Router, merge, tune_thresholds
+
+TRAIN = ["my invoice is wrong", "refund my payment please", "the app crashes on start",
+         "login button does nothing", "charged twice this month", "error 500 when saving"]
+
+
+def comp(label, margin=None, tokens=10, latency=0.01):
+    lp = None
+    if margin is not None:  # two labels whose probabilities differ by `margin`
+        p = (1 + margin) / 2
+        lp = {label: math.log(p), "other": math.log(1 - p)}
+    return Completion(text=label, prompt_tokens=tokens, completion_tokens=1, latency_s=latency, label_logprobs=lp)
+
+
+def spec(**kw):
+    return HybridSpec(name="h", primary="ft:x", fallback="p@1", **kw)
+
+
+def test_rules_then_length_then_similarity():
+    router = Router(spec(rules=[ExceptionRule(pattern=r"\blawyer\b", note="legal")], length_range=(5, 40),
+                         similarity_threshold=0.2), TRAIN)
+    routes = router.before(["talk to my LAWYER now", "hi", "charged twice for my invoice",
+                            "quantum chromodynamics lattice", "x" * 50])
+    assert routes[0].route == "fallback" and routes[0].reason == "rule" and routes[0].detail == "legal"
+    assert routes[1].reason == "out_of_distribution" and "length 2" in routes[1].detail
+    assert routes[2].route == "primary" and routes[2].similarity > 0.2
+    assert routes[3].reason == "out_of_distribution" and routes[3].similarity < 0.2
+    assert routes[4].reason == "out_of_distribution" and "length 50" in routes[4].detail
+
+
+def test_unsure_primary_goes_to_fallback():
+    router = Router(spec(margin_threshold=0.3))
+    assert router.after(comp("bug", margin=0.1), None).reason == "unsure"
+    assert router.after(comp("bug", margin=0.5), None).route == "primary"
+    assert router.after(comp("bug", margin=None), None).route == "primary"  # free text: no margin
+    assert Completion("x", label_logprobs={"a": math.log(0.55), "b": math.log(0.45)}).label_margin == pytest.approx(0.1)
+
+
+def test_invalid_rule_is_a_user_error():
+    with pytest.raises(UserError, match="invalid regular expression"):
+        Router(spec(rules=[ExceptionRule(pattern="(unclosed")]))
+
+
+def test_merge_counts_every_called_side():
+    p, f = comp("bug", 0.1, tokens=20, latency=0.02), comp("billing", 0.9, tokens=200, latency=0.2)
+    router = Router(spec(margin_threshold=0.3))
+    out = merge(router.after(p, None), p, f)
+    assert out.text == "billing"
+    assert out.prompt_tokens == 220 and out.completion_tokens == 2
+    assert out.latency_s == pytest.approx(0.22)
+    assert out.meta["route"] == "fallback" and out.meta["route_reason"] == "unsure"
+    only_fb = merge(Router(spec(rules=[ExceptionRule(pattern="x")])).before(["x"])[0], None, f)
+    assert only_fb.prompt_tokens == 200 and only_fb.meta["route"] == "fallback"
+    prim = merge(router.after(comp("bug", 0.8), None), comp("bug", 0.8, tokens=20), None)
+    assert prim.meta == {"route": "primary", "margin": 0.8} and prim.prompt_tokens == 20
+
+
+def test_similarity_index():
+    index = NgramIndex(TRAIN)
+    sims = index.max_similarity(["refund my payment please", "zebra giraffe", ""])
+    assert sims[0] == pytest.approx(1.0, abs=1e-5)
+    assert sims[1] == 0.0 and sims[2] == 0.0
+
+
+def test_tuning_picks_the_margin_that_fixes_unsure_errors():
+    # the primary is wrong exactly where it is unsure (margin < 0.3); the fallback is right there
+    margins = [0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95]
+    primary = [0, 0, 0, 1, 1, 1, 1, 1]
+    fallback = [1, 1, 1, 0, 1, 0, 0, 1]
+    t = tune_thresholds(primary, fallback, margins)
+    assert 0.2 < t["margin_threshold"] <= 0.4
+    assert t["score"] == 1.0 and t["fallback_share"] == pytest.approx(3 / 8)
+    assert t["primary_score"] == pytest.approx(5 / 8)
+
+
+def test_tuning_prefers_less_fallback_traffic_at_a_tie():
+    # the fallback is never better: routing nothing is best, threshold 0
+    t = tune_thresholds([1, 1, 0, 1], [1, 0, 0, 1], [0.1, 0.2, 0.3, 0.4])
+    assert t["margin_threshold"] == 0.0 and t["fallback_share"] == 0.0 and t["score"] == 0.75
+
+
+def test_tuning_similarity_and_forced_routes():
+    sims = [0.05, 0.1, 0.5, 0.6, 0.7, 0.8]
+    margins = [0.9] * 6
+    primary = [0, 0, 1, 1, 1, 1]  # wrong on the two far-from-training inputs
+    fallback = [1, 1, 0, 0, 0, 1]
+    t = tune_thresholds(primary, fallback, margins, sims)
+    assert 0.1 < t["similarity_threshold"] <= 0.5 and t["score"] == 1.0 and t["margin_threshold"] == 0.0
+    forced = tune_thresholds(primary, fallback, margins, sims, forced=[False] * 5 + [True])
+    assert forced["fallback_share"] >= 3 / 6  # forced one counts
+
+
+def test_tuning_empty():
+    assert tune_thresholds([], [], [])["margin_threshold"] == 0.0
