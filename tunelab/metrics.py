@@ -590,7 +590,11 @@ def example_stats(metric: Metric, answers: list[Answer], groups: list[int] | Non
     """`metric.stats(answers)`, with the rows of one example (its repeats) averaged together.
     `groups[i]` is the example index of answers[i]; the result has one row per example, in
     sorted example order."""
-    s = metric.stats(answers)
+    return _group_rows(metric.stats(answers), groups)
+
+
+def _group_rows(s: np.ndarray, groups: list[int] | None) -> np.ndarray:
+    """Rows of `s` averaged per group (example index), in sorted group order."""
     if groups is None:
         return s
     g = np.asarray(groups)
