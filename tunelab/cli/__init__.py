@@ -65,6 +65,9 @@ app.command(name="run")(_prompt.run)
 from tunelab.cli import data as _data  # noqa: E402
 
 app.add_typer(_data.app, name="data")
+from tunelab.cli import evaluate as _evaluate  # noqa: E402
+
+app.add_typer(_evaluate.app, name="eval")
 # -------------------------------------------------------------------------------------------------
 
 
