@@ -314,3 +314,10 @@ def test_refs_errors(workspace):
     v = current_version(workspace, "sms")
     prompt_path(workspace, "sms").unlink()
     assert load_prompt(workspace, "sms").version == v
+
+
+def test_demo_missing_a_field_is_named():
+    p = parse("---\ndemos: [{input: a, output: b}]\n---\nsystem:\nx\nuser:\n{{ context }}: {{ input }}\n")
+    with pytest.raises(UserError, match="undefined variable: 'context'.*few-shot demo 1") as info:
+        p.render(Example("q", "", {"context": "c"}))
+    assert info.value.line == 7

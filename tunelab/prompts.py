@@ -22,7 +22,8 @@ line is one user part. Parts are Jinja2 templates rendered in a sandbox
 (`ImmutableSandboxedEnvironment`, `StrictUndefined`, no autoescape) with the example's fields:
 `input`, every extra field of the example, `labels`, `schema` (JSON text) and `demos` (a list of
 dicts with `input`, `output` and the demo's other fields). The expected `output` of the example
-being answered is never visible. Few-shot demos become user/assistant turns placed after the
+being answered is never visible. Block tags trim their own line (`trim_blocks`, `lstrip_blocks`),
+so `{% for %}` loops do not leave blank lines; each rendered part is stripped. Few-shot demos become user/assistant turns placed after the
 system part and before the final user turn, unless the template uses `demos` itself.
 
 Versions are content hashes (sha256 of the canonical front matter JSON plus the body, first 12 hex
@@ -373,10 +374,14 @@ class Prompt:
                 raise UserError("few-shot demos need a user part to render them with", path=self.where)
             template_part = self.parts[last_user]
             turns: list[Message] = []
-            for demo in demos:
+            for i, demo in enumerate(demos):
                 demo_values = self.variables_for(demo, [])
-                demo_values["demos"] = []
-                turns.append({"role": "user", "content": self._render_part(template_part, demo_values)})
+                try:
+                    content = self._render_part(template_part, demo_values)
+                except UserError as exc:
+                    raise UserError(f"{exc.raw_message} (while rendering few-shot demo {i + 1})",
+                                    path=exc.path, line=exc.line) from None
+                turns.append({"role": "user", "content": content})
                 turns.append({"role": "assistant", "content": demo.output})
             messages[last_user:last_user] = turns
         return messages
