@@ -102,3 +102,112 @@ def test_tuning_similarity_and_forced_routes():
 
 def test_tuning_empty():
     assert tune_thresholds([], [], [])["margin_threshold"] == 0.0
+
+
+# -- the hybrid candidate end to end, on fake models ---------------------------------------------
+PROMPT = """---
+model: {model}
+output: {{type: label, labels: [billing, bug]}}
+---
+user:
+Route this message: {{{{ input }}}}
+"""
+
+# The primary is right and sure on "card"/"crash" inputs, wrong and unsure on "refund"/"freeze";
+# the fallback is the other way round.
+PRIMARY_RULES = {"card": "billing", "crash": "bug", "refund": "bug", "freeze": "billing"}
+FALLBACK_RULES = {"card": "bug", "crash": "billing", "refund": "billing", "freeze": "bug"}
+UNSURE = ("refund", "freeze")
+
+
+def _examples(n, seed):
+    from tunelab.datasets import Example
+
+    words = [("card", "billing"), ("crash", "bug"), ("refund", "billing"), ("freeze", "bug")]
+    return [Example(f"ticket {seed}-{i}: my {w} problem", label) for i, (w, label) in
+            ((i, words[i % 4]) for i in range(n))]
+
+
+@pytest.fixture
+def hybrid_ws(workspace, monkeypatch):
+    from tunelab.datasets import save_dataset
+    from tunelab.models import load_model
+
+    save_dataset(workspace, "tickets", {"train": _examples(40, 0), "validation": _examples(16, 1),
+                                        "test": _examples(20, 2)})
+    for name, model in (("prim", "fake:primary"), ("fall", "fake:fallback")):
+        (workspace.prompts_dir / f"{name}.prompt").write_text(PROMPT.format(model=model))
+    primary = load_model("fake:primary", workspace)
+    primary.rules = dict(PRIMARY_RULES)
+    load_model("fake:fallback", workspace).rules = dict(FALLBACK_RULES)
+    inner = primary.complete
+
+    def unsure_where_wrong(requests):
+        out = inner(requests)
+        for req, comp in zip(requests, out):
+            if comp.label_logprobs and any(w in req.messages[-1]["content"] for w in UNSURE):
+                other = next(lab for lab in comp.label_logprobs if lab != comp.text)
+                comp.label_logprobs = {comp.text: math.log(0.55), other: math.log(0.45)}
+        return out
+
+    monkeypatch.setattr(primary, "complete", unsure_where_wrong)
+    yield workspace
+    from tunelab.models import clear_loaded
+
+    clear_loaded()
+
+
+def test_create_hybrid_tunes_on_validation_and_routes(hybrid_ws):
+    from tunelab.evaluate import evaluate, run_rows
+    from tunelab.router import create_hybrid, load_router
+
+    spec = create_hybrid(hybrid_ws, "h", "prim", "fall", data="tickets", progress=False,
+                         rules=[r"\bmanager\b"])
+    assert 0.1 < spec.margin_threshold <= 0.4
+    assert spec.tuning["validation_score"] == 1.0
+    assert spec.tuning["primary_score"] == 0.5 and spec.tuning["data"].endswith(":validation")
+    assert spec.primary.startswith("prim@") and spec.fallback.startswith("fall@")  # pinned versions
+    assert (hybrid_ws.artifacts_dir / "hybrids" / "h.json").is_file()
+
+    cand = load_router(hybrid_ws, "h")
+    assert cand.kind == "hybrid" and cand.name == "hybrid:h"
+    result = evaluate(hybrid_ws, cand, "tickets:test", progress=False)
+    assert result.metrics["accuracy"]["value"] == 1.0
+    rows = run_rows(hybrid_ws, result.id)
+    routes = [(r.extra["meta"]["route"], r.extra["meta"].get("route_reason")) for r in rows]
+    assert routes.count(("fallback", "unsure")) == 10 and routes.count(("primary", None)) == 10
+    # an unsure request paid for both models' tokens
+    fb = next(r for r in rows if r.extra["meta"]["route"] == "fallback")
+    pr = next(r for r in rows if r.extra["meta"]["route"] == "primary")
+    assert fb.prompt_tokens > pr.prompt_tokens
+
+
+def test_hybrid_rules_and_fixed_threshold(hybrid_ws):
+    from tunelab.datasets import Example
+    from tunelab.router import create_hybrid, load_router
+
+    spec = create_hybrid(hybrid_ws, "h2", "prim", "fall", data="tickets", progress=False, threshold="off",
+                         similarity="off", rules=[r"\bcard\b"])
+    assert spec.margin_threshold == 0.0 and spec.similarity_threshold == 0.0
+    # the rule sends card tickets (primary right) to the fallback (wrong); nothing else is routed
+    assert spec.tuning["validation_score"] == 0.25
+    cand = load_router(hybrid_ws, "h2")
+    comps = cand.predict([Example("my card was declined", "billing"), Example("ticket 7-17: my crash problem", "bug"),
+                          Example("x" * 500, "bug")])
+    assert [c.meta["route"] for c in comps] == ["fallback", "primary", "fallback"]
+    assert comps[0].meta["route_reason"] == "rule" and comps[0].text == "bug"
+    assert comps[2].meta["route_reason"] == "out_of_distribution"  # longer than any training input
+
+
+def test_hybrid_errors(hybrid_ws):
+    from tunelab.errors import NotFound
+    from tunelab.router import create_hybrid, load_router
+
+    with pytest.raises(NotFound, match="unknown hybrid 'nope'"):
+        load_router(hybrid_ws, "nope")
+    with pytest.raises(UserError, match="which data"):
+        create_hybrid(hybrid_ws, "h3", "prim", "fall", progress=False)
+    with pytest.raises(UserError, match="between 0 and 1"):
+        create_hybrid(hybrid_ws, "h3", "prim", "fall", data="tickets", threshold="2", progress=False)
+    with pytest.raises(UserError, match="invalid regular expression"):
+        create_hybrid(hybrid_ws, "h3", "prim", "fall", data="tickets", rules=["(x"], progress=False)

@@ -26,16 +26,15 @@ unsure answer costs a primary *and* a fallback call), so the hybrid's cost is me
 from __future__ import annotations
 
 import json
-import math
 import re
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunelab.errors import NotFound, UserError
+from tunelab.evaluate import Candidate
 from tunelab.models.base import Completion
 
 if TYPE_CHECKING:
@@ -246,3 +245,199 @@ def load_hybrid(ws: "Workspace", name: str) -> HybridSpec:
 def list_hybrids(ws: "Workspace") -> list[HybridSpec]:
     folder = ws.artifacts_dir / "hybrids"
     return [load_hybrid(ws, p.stem) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+# -- the hybrid as a candidate ---------------------------------------------------------------------
+class HybridCandidate(Candidate):
+    """`hybrid:NAME`: answers like any candidate; `Completion.meta` carries the route taken."""
+
+    kind = "hybrid"
+
+    def __init__(self, ws: "Workspace", spec: HybridSpec, primary, fallback, router: Router):
+        self.ws = ws
+        self.spec = spec
+        self.primary = primary
+        self.fallback = fallback
+        self.router = router
+        self.name = f"hybrid:{spec.name}"
+        self.model_name = f"hybrid:{spec.name}"
+        self.backend = "hybrid"
+        self.output = primary.output
+        self.temperature = primary.temperature
+
+    @property
+    def fingerprint(self) -> str:
+        from tunelab.evaluate import sha256
+
+        routing = self.spec.model_dump(mode="json", exclude={"created_at", "tuning", "name"})
+        return sha256({"kind": "hybrid", "routing": routing, "primary": self.primary.fingerprint,
+                       "fallback": self.fallback.fingerprint})
+
+    def describe(self) -> dict[str, Any]:
+        data = super().describe()
+        data.update(primary=self.primary.describe(), fallback=self.fallback.describe(),
+                    thresholds={"margin": self.spec.margin_threshold, "similarity": self.spec.similarity_threshold,
+                                "length_range": self.spec.length_range})
+        return data
+
+    def with_cache(self, cache) -> "HybridCandidate":
+        return HybridCandidate(self.ws, self.spec, self.primary.with_cache(cache), self.fallback.with_cache(cache),
+                               self.router)
+
+    def _cost(self, cand, comp: Completion | None) -> float:
+        from tunelab.evaluate import request_cost
+
+        if comp is None:
+            return 0.0
+        return request_cost(self.ws.pricing_for(cand.model_name, cand.backend), comp)
+
+    def predict(self, examples: list["Example"], repeat_index: int = 0) -> list[Completion]:
+        pre = self.router.before([ex.input for ex in examples])
+        ask = [i for i, r in enumerate(pre) if r is None or r.route == "primary"]
+        routes: list[Route] = [r if r is not None else Route("primary") for r in pre]
+        primary_out: dict[int, Completion] = {}
+        if ask:
+            for i, comp in zip(ask, self.primary.predict([examples[i] for i in ask], repeat_index)):
+                primary_out[i] = comp
+                routes[i] = self.router.after(comp, pre[i])
+        to_fallback = [i for i, r in enumerate(routes) if r.route == "fallback"]
+        fallback_out: dict[int, Completion] = {}
+        if to_fallback:
+            for i, comp in zip(to_fallback, self.fallback.predict([examples[i] for i in to_fallback], repeat_index)):
+                fallback_out[i] = comp
+        out = []
+        for i, route in enumerate(routes):
+            p, f = primary_out.get(i), fallback_out.get(i)
+            merged = merge(route, p, f)
+            merged.meta["cost"] = self._cost(self.primary, p) + self._cost(self.fallback, f)
+            out.append(merged)
+        return out
+
+
+def _train_inputs(ws: "Workspace", ref: str | None) -> list[str]:
+    if not ref:
+        return []
+    from tunelab.datasets import get_split
+
+    _, _, examples = get_split(ws, ref, default_split="train")
+    return [ex.input for ex in examples]
+
+
+def load_router(ws: "Workspace", name: str) -> HybridCandidate:
+    """The candidate `hybrid:NAME` (see `create_hybrid`)."""
+    from tunelab.evaluate import resolve_candidate
+
+    spec = load_hybrid(ws, name)
+    primary = resolve_candidate(ws, spec.primary)
+    fallback = resolve_candidate(ws, spec.fallback)
+    inputs = _train_inputs(ws, spec.train_data) if spec.similarity_threshold > 0 else None
+    return HybridCandidate(ws, spec, primary, fallback, Router(spec, inputs))
+
+
+def _training_data_of(ws: "Workspace", primary: str) -> str | None:
+    """DATASET@VERSION of the fine-tune behind `ft:NAME`, when it is one."""
+    if not primary.startswith("ft:"):
+        return None
+    from sqlalchemy import select
+
+    from tunelab.store.models import FineTuneRow
+
+    with ws.store.session() as s:
+        row = s.scalar(select(FineTuneRow).where(FineTuneRow.name == primary[3:]))
+    return f"{row.dataset}@{row.dataset_version}" if row is not None else None
+
+
+def create_hybrid(ws: "Workspace", name: str, primary: str, fallback: str, *,
+                  threshold: float | str = "auto", similarity: float | str = "auto", length_check: bool = True,
+                  rules: Sequence[str | ExceptionRule] = (), data: str | None = None, limit: int | None = None,
+                  progress: bool | Any = True) -> HybridSpec:
+    """Make `hybrid:NAME`: tune its thresholds on the validation split and store it.
+
+    `primary` is usually `ft:NAME`; `fallback` a prompt `PROMPT[@VERSION|@LABEL]` (pinned to its
+    version). `threshold`/`similarity`: "auto" (tuned on validation), a number, or "off" (0).
+    `data`: the dataset `NAME[@VERSION]` (default: the fine-tune's). Both candidates are evaluated
+    on its validation split with the evaluator (runs are stored, and reused next time).
+    """
+    from tunelab.datasets import get_dataset, validate_name
+    from tunelab.evaluate import evaluate, resolve_candidate, run_rows
+
+    validate_name(name, "hybrid")
+    if primary.startswith("hybrid:") or fallback.startswith("hybrid:"):
+        raise UserError("a hybrid's primary and fallback must be a prompt or a fine-tuned model, not another hybrid")
+    p_cand = resolve_candidate(ws, primary)
+    f_cand = resolve_candidate(ws, fallback)
+    for cand in (p_cand, f_cand):
+        _pin(ws, cand, name)
+    data_ref = data or _training_data_of(ws, primary)
+    if data_ref is None:
+        raise UserError(f"which data? '{primary}' is not a fine-tune of this workspace: pass --data DATASET")
+    ds = get_dataset(ws, data_ref.split(":")[0])
+    if "validation" not in ds.splits:
+        raise UserError(f"dataset '{ds.name}' has no validation split to tune the hybrid's thresholds on "
+                        "(tunelab data split makes one)")
+    train_ref = f"{ds.name}@{ds.version}:train" if "train" in ds.splits else None
+    train_inputs = _train_inputs(ws, train_ref)
+    rule_objs = [r if isinstance(r, ExceptionRule) else ExceptionRule(pattern=r) for r in rules]
+    lengths = [len(t) for t in train_inputs]
+    spec = HybridSpec(name=name, primary=p_cand.name, fallback=f_cand.name, rules=rule_objs,
+                      length_range=(min(lengths), max(lengths)) if (length_check and lengths) else None,
+                      train_data=train_ref, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    Router(spec)  # validates the rules' regular expressions before any work
+
+    val_ref = f"{ds.name}@{ds.version}:validation"
+    p_run = evaluate(ws, p_cand, val_ref, limit=limit, progress=progress)
+    f_run = evaluate(ws, f_cand, val_ref, limit=limit, progress=progress)
+    metric = p_run.primary_metric
+    p_rows = {r.example_index: r for r in run_rows(ws, p_run.id) if r.repeat_index == 0}
+    f_rows = {r.example_index: r for r in run_rows(ws, f_run.id) if r.repeat_index == 0}
+    common = sorted(set(p_rows) & set(f_rows))
+    inputs = [p_rows[i].input for i in common]
+    margins = [(p_rows[i].extra or {}).get("margin") for i in common]
+    index = NgramIndex(train_inputs) if (train_inputs and similarity != "off") else None
+    sims = index.max_similarity(inputs) if index is not None else None
+    forced = [r is not None and r.route == "fallback" for r in Router(spec).before(inputs)]
+
+    fixed_margin = None if threshold == "auto" else (0.0 if threshold == "off" else _unit(threshold, "threshold"))
+    fixed_sim = None if similarity == "auto" else (0.0 if similarity == "off" else _unit(similarity, "similarity"))
+    tuned = tune_thresholds([float((p_rows[i].scores or {}).get(metric, 0.0)) for i in common],
+                            [float((f_rows[i].scores or {}).get(metric, 0.0)) for i in common],
+                            margins if fixed_margin is None else [None] * len(common),
+                            sims if fixed_sim is None else None, forced)
+    spec.margin_threshold = tuned["margin_threshold"] if fixed_margin is None else fixed_margin
+    spec.similarity_threshold = tuned["similarity_threshold"] if fixed_sim is None else fixed_sim
+    if fixed_margin is not None or fixed_sim is not None:  # the score of the setting actually kept
+        fb = [forced[k] or (sims is not None and sims[k] < spec.similarity_threshold)
+              or (margins[k] is not None and margins[k] < spec.margin_threshold) for k in range(len(common))]
+        scores = [float(((f_rows if fb[k] else p_rows)[i].scores or {}).get(metric, 0.0)) for k, i in enumerate(common)]
+        tuned["score"] = sum(scores) / len(scores) if scores else None
+        tuned["fallback_share"] = sum(fb) / len(fb) if fb else 0.0
+    spec.tuning = {"data": val_ref, "metric": metric, "n": len(common), "validation_score": tuned["score"],
+                   "primary_score": tuned["primary_score"], "fallback_score": tuned["fallback_score"],
+                   "fallback_share": tuned["fallback_share"], "threshold": str(threshold), "similarity": str(similarity),
+                   "runs": {"primary": p_run.id, "fallback": f_run.id},
+                   "wall_s": float(p_run.throughput.get("wall_s") or 0) + float(f_run.throughput.get("wall_s") or 0),
+                   "cost": float(p_run.cost.get("total") or 0) + float(f_run.cost.get("total") or 0)}
+    save_hybrid(ws, spec)
+    return spec
+
+
+def _pin(ws: "Workspace", cand, hybrid: str) -> None:
+    """Make sure a prompt candidate's version is committed, so `NAME@VERSION` names it later."""
+    if cand.kind != "prompt" or not hasattr(cand, "prompt"):
+        return
+    from tunelab.prompts import commit_prompt, load_prompt
+
+    try:
+        load_prompt(ws, cand.name)
+    except NotFound:
+        commit_prompt(ws, cand.prompt.name, f"pinned by hybrid {hybrid}", text=cand.prompt.to_text(), write_file=False)
+
+
+def _unit(value: float | str, what: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--{what} must be 'auto', 'off' or a number between 0 and 1 (got {value!r})") from None
+    if not 0 <= v <= 1:
+        raise UserError(f"--{what} must be between 0 and 1 (got {v})")
+    return v
