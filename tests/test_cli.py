@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import click
 import typer.main
 
 from tunelab.cli import app
@@ -16,9 +15,9 @@ from tunelab.cli import app
 TUNELAB = str(Path(sys.executable).with_name("tunelab"))
 
 
-def _walk(command: click.Command, path: tuple[str, ...] = ()):
+def _walk(command, path: tuple[str, ...] = ()):
     yield path, command
-    if isinstance(command, click.Group):
+    if hasattr(command, "commands"):
         for name, sub in command.commands.items():
             yield from _walk(sub, path + (name,))
 
@@ -30,11 +29,12 @@ def test_every_command_and_option_has_help_text():
         if path and not (command.help or command.short_help):
             missing.append(" ".join(path))
         for param in command.params:
-            if isinstance(param, click.Option) and not param.help and param.name not in {"help"}:
+            if param.param_type_name == "option" and not param.help and param.name not in {"help"}:
                 missing.append(f"{' '.join(path)} --{param.name}")
-            if isinstance(param, click.Argument) and not getattr(param, "help", None):
+            if param.param_type_name == "argument" and not getattr(param, "help", None):
                 missing.append(f"{' '.join(path)} {param.name.upper()} (argument)")
     assert not missing, f"commands/options without help text: {missing}"
+    assert len(list(_walk(root))) > 10  # the walk really reached the subcommands
 
 
 def test_help_is_fast_and_imports_no_torch():
@@ -72,3 +72,9 @@ def test_user_error_outside_a_workspace_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "tunelab init" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_usage_errors_exit_2_without_traceback(tmp_path):
+    proc = subprocess.run([TUNELAB, "init", "--no-such-flag"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "No such option" in proc.stderr

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 from tunelab.cli._common import err_console, state
@@ -72,17 +71,17 @@ app.add_typer(_evaluate.app, name="eval")
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit status (used by `main` and by the tests)."""
+    """Run the CLI and return its exit status (used by `main` and by the tests).
+
+    Usage errors are printed by typer with status 2; a `UserError` from the library prints as
+    one line with status 2; nothing a user can cause ends in a traceback.
+    """
     try:
-        app(args=argv, prog_name="tunelab", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        return 130
+        app(args=argv, prog_name="tunelab", standalone_mode=True)
+    except SystemExit as exc:
+        if exc.code is None:
+            return 0
+        return exc.code if isinstance(exc.code, int) else 1
     except UserError as exc:
         err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
