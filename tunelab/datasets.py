@@ -208,6 +208,7 @@ MAX_ISSUES_PER_KIND = 50        # per file (or split) and kind; the rest are cou
 MIN_SPLIT_EXAMPLES = 20         # fewer in a split -> warning (scores too noisy, too little to train on)
 MIN_LABEL_EXAMPLES = 5          # fewer examples of a label in train -> warning
 IMBALANCE_WARN_RATIO = 10.0     # most / least frequent label in train above this -> warning
+DEFAULT_CONTEXT = 8192          # assumed when the tokenizer's model cannot be read (SmolLM2's)
 LONG_TEXT_CHARS = 100_000       # longer texts are tokenized by a prefix and extrapolated (fast on 5 MB)
 
 
@@ -808,8 +809,9 @@ def _tokenizer_for(model: str | None) -> tuple[Any, int | None, str, int, str | 
         tokenizer = load_tokenizer(model)
     except Exception as exc:  # any failure falls back to an estimate, and the report says why
         reason = exc.format() if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        return None, None, model or "smollm2-135m", 0, f"tokenizer not loaded ({_clip(reason, 160)}); " \
-                                                       "token counts are estimated as characters / 4"
+        return None, DEFAULT_CONTEXT, model or "smollm2-135m", 0, (
+            f"tokenizer not loaded ({_clip(reason, 160)}); token counts are estimated as characters / 4 "
+            f"and the context is assumed to be {DEFAULT_CONTEXT:,} tokens")
     context = None
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -839,7 +841,11 @@ def _count_tokens(texts: list[str], tokenizer: Any) -> tuple[list[int], bool]:
     clipped = [t if len(t) <= LONG_TEXT_CHARS else t[:LONG_TEXT_CHARS] for t in texts]
     if tokenizer is None:
         return [math.ceil(len(t) / 4) for t in texts], True
-    counts = [len(ids) for ids in tokenizer(clipped, add_special_tokens=False)["input_ids"]]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):  # no offsets: about 2x faster
+        counts = [len(enc.ids) for enc in backend.encode_batch_fast(clipped, add_special_tokens=False)]
+    else:
+        counts = [len(ids) for ids in tokenizer(clipped, add_special_tokens=False)["input_ids"]]
     for i, t in enumerate(texts):
         if len(t) > LONG_TEXT_CHARS:
             counts[i] = math.ceil(counts[i] * len(t) / LONG_TEXT_CHARS)

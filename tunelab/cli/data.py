@@ -92,7 +92,8 @@ def check(
         _print_report(report)
     if report.errors:
         first = report.errors[0].format()
-        raise UserError(f"{len(report.errors)} errors in {report.source}; first: {first}")
+        n = len(report.errors)
+        raise UserError(f"{n} error{'s' if n > 1 else ''} in {report.source}; first: {first}")
 
 
 @app.command()
