@@ -1,0 +1,117 @@
+"""compare(): every candidate on the same split, runs reused, paired tests, setup costs, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import func, select
+
+from tests.test_router import hybrid_ws  # noqa: F401  (fixture: tickets data, prim/fall prompts on fake models)
+from tunelab.compare import compare, load_comparison
+from tunelab.errors import NotFound, UserError
+from tunelab.store.models import ComparisonRow, OptimizationRow, RunRow
+
+
+def _runs(ws) -> int:
+    with ws.store.session() as s:
+        return s.scalar(select(func.count()).select_from(RunRow))
+
+
+def test_compare_same_split_significance_routing_and_report(hybrid_ws):  # noqa: F811
+    from tunelab.router import create_hybrid
+
+    create_hybrid(hybrid_ws, "h", "prim", "fall", data="tickets", progress=False)
+    comp = compare(hybrid_ws, "tickets:test", ["prim", "fall", "hybrid:h"], volume=50_000, progress=False)
+
+    names = [c["name"] for c in comp["candidates"]]
+    assert names[2] == "hybrid:h" and names[0].startswith("prim@")
+    by = {c["kind"] + ("-f" if c["name"].startswith("fall") else ""): c for c in comp["candidates"]}
+    # every candidate ran on the same dataset version and split
+    with hybrid_ws.store.session() as s:
+        runs = [s.get(RunRow, c["run_id"]) for c in comp["candidates"]]
+    assert {(r.dataset, r.dataset_version, r.split, r.n_examples) for r in runs} == {
+        ("tickets", comp["dataset"]["version"], "test", 20)}
+
+    assert comp["metric"] == "accuracy" and comp["best"] == "hybrid:h"
+    assert by["hybrid"]["metric"]["value"] == 1.0 and by["prompt"]["metric"]["value"] == 0.5
+    lo, hi = by["prompt"]["metric"]["low"], by["prompt"]["metric"]["high"]
+    assert lo < 0.5 < hi
+    # paired test against the best: the hybrid fixes 10 errors and breaks none -> McNemar p = 2 * 0.5^10
+    vs = by["prompt"]["vs_best"]
+    assert vs["test"] == "mcnemar" and vs["p_value"] == pytest.approx(2 * 0.5 ** 10) and vs["significant"]
+    assert vs["difference"] == pytest.approx(-0.5)
+    assert len(comp["pairwise"]) == 3 and by["hybrid"]["vs_best"] is None
+
+    routing = by["hybrid"]["routing"]
+    assert routing["primary"] == 0.5 and routing["fallback"] == 0.5 and routing["reasons"] == {"unsure": 0.5}
+    # the hybrid paid for two models on half the requests
+    assert by["hybrid"]["tokens"]["prompt"] > by["prompt"]["tokens"]["prompt"]
+    assert by["hybrid"]["setup"]["wall_s"] > 0 and "threshold tuning" in by["hybrid"]["setup"]["sources"][-1]
+    assert by["prompt"]["confusion"]["labels"] == ["billing", "bug"]
+    assert sum(map(sum, by["prompt"]["confusion"]["matrix"])) == 20
+    assert len(by["prompt"]["latency"]["samples"]) == 20
+    assert by["prompt"]["flexibility"]["how"] == "prompt edit + re-evaluation"
+    assert comp["recommendation"]["recommendation"] == "hybrid"
+
+    # stored, with its report and JSON twin
+    report = comp["report"]
+    assert report.endswith("report.html")
+    twin = json.loads(open(report.replace("report.html", "report.json")).read())
+    assert twin["id"] == comp["id"] and twin["candidates"][0]["metric"] == comp["candidates"][0]["metric"]
+    assert load_comparison(hybrid_ws, "latest")["id"] == comp["id"]
+    assert load_comparison(hybrid_ws, comp["id"][:6])["id"] == comp["id"]
+
+
+def test_compare_reuses_identical_runs(hybrid_ws):  # noqa: F811
+    first = compare(hybrid_ws, "tickets:test", ["prim", "fall"], progress=False)
+    before = _runs(hybrid_ws)
+    second = compare(hybrid_ws, "tickets:test", ["fall", "prim"], progress=False)
+    assert _runs(hybrid_ws) == before
+    assert all(c["reused_run"] for c in second["candidates"])
+    assert {c["run_id"] for c in first["candidates"]} == {c["run_id"] for c in second["candidates"]}
+    with hybrid_ws.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(ComparisonRow)) == 2
+    # a different split is a different run
+    compare(hybrid_ws, "tickets:validation", ["prim"], progress=False)
+    assert _runs(hybrid_ws) == before + 1
+
+
+def test_setup_cost_from_optimization_and_engineer_rate(hybrid_ws):  # noqa: F811
+    from tunelab.prompts import commit_prompt
+
+    version = commit_prompt(hybrid_ws, "fall", "seed")
+    with hybrid_ws.store.session() as s:
+        s.add(OptimizationRow(id="opt1", prompt="fall", dataset="tickets", status="done",
+                              result={"winner": {"version": version}}, wall_s=1800.0, tokens=5000, cost=0.25))
+    hybrid_ws.config.engineer_hourly_rate = 60.0
+    comp = compare(hybrid_ws, "tickets:test", ["prim", f"fall@{version}"], volume=1000, progress=False,
+                   engineer_hours={"prompt": 0.0})
+    fall = next(c for c in comp["candidates"] if c["name"].startswith("fall"))
+    assert fall["setup"]["wall_s"] == 1800.0 and fall["setup"]["compute_cost"] == 0.25
+    assert fall["setup"]["engineer_cost"] == 0.0 and fall["setup"]["total_cost"] == 0.25
+    assert "optimization opt1" in fall["setup"]["sources"][0]
+    prim = next(c for c in comp["candidates"] if c["name"].startswith("prim"))
+    assert prim["setup"]["total_cost"] == 0.0 and "hand-written" in prim["setup"]["sources"][0]
+    assert fall["cost_horizon"] == pytest.approx(0.25 + 12 * 1000 * fall["cost_per_request"])
+    assert comp["engineer_hourly_rate"] == 60.0
+
+    comp2 = compare(hybrid_ws, "tickets:test", [f"fall@{version}"], progress=False)
+    fall2 = comp2["candidates"][0]
+    assert fall2["setup"]["engineer_hours"] == pytest.approx(0.5)  # default: the setup's wall time
+    assert fall2["setup"]["total_cost"] == pytest.approx(0.25 + 30.0)
+
+
+def test_compare_errors(hybrid_ws):  # noqa: F811
+    before = _runs(hybrid_ws)
+    with pytest.raises(NotFound):
+        compare(hybrid_ws, "tickets:test", ["prim", "nope"], progress=False)
+    assert _runs(hybrid_ws) == before  # every name is checked before any work
+    with pytest.raises(UserError, match="named twice"):
+        compare(hybrid_ws, "tickets:test", ["prim", "prim"], progress=False)
+    with pytest.raises(UserError, match="needs a fine-tuned candidate"):
+        compare(hybrid_ws, "tickets:test", ["prim"], learning_curve=True, progress=False)
+    with pytest.raises(NotFound):
+        compare(hybrid_ws, "tickets:nosplit", ["prim"], progress=False)
+    with pytest.raises(NotFound):
+        load_comparison(hybrid_ws, "zzzz")
