@@ -67,6 +67,12 @@ app.add_typer(_data.app, name="data")
 from tunelab.cli import evaluate as _evaluate  # noqa: E402
 
 app.add_typer(_evaluate.app, name="eval")
+from tunelab.cli import compare as _compare  # noqa: E402
+
+app.command(name="compare")(_compare.compare)
+app.command(name="advise")(_compare.advise)
+app.add_typer(_compare.hybrid_app, name="hybrid")
+app.command(name="demo")(_compare.demo)
 # -------------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,269 @@
+"""`tunelab demo`: the whole flow on the bundled support-ticket data, start to finish.
+
+    run_demo("demo-workspace")            # or: tunelab demo [--dir DIR] [--quick]
+
+1. make (or enter) the demo workspace and import + check `examples/support`;
+2. the baseline prompt `support-router` (a hand-written instruction listing the 8 teams), evaluated;
+3. prompt optimization (instruction variants and few-shot demos, a small budget, on validation);
+4. a LoRA fine-tune of SmolLM2-135M with a short prompt (`support-short`);
+5. a hybrid: the fine-tuned model first, the optimized prompt where it is unsure;
+6. the comparison of all of them on the test split (+ the learning curve), its HTML report;
+7. the advice.
+
+Every step is idempotent: a finished run, optimization, fine-tune or hybrid is reused, an
+unfinished fine-tune is resumed, so running the demo again is quick and an interrupted demo
+continues where it stopped. `quick=True` is a tiny version (few examples, a few training steps)
+for tests.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from tunelab.errors import UserError
+
+DATASET = "support"
+BASE_PROMPT = "support-router"
+SHORT_PROMPT = "support-short"
+FINETUNE = "support-ft"
+HYBRID = "support-hybrid"
+
+SHORT_PROMPT_TEXT = """---
+model: smollm2-135m
+temperature: 0
+output:
+  type: label
+  labels: [billing, technical, account, shipping, returns, sales, security, feedback]
+description: The short prompt the fine-tuned model is trained and run with (tunelab demo).
+---
+user:
+Route this customer message to a team.
+
+Message: {{ input }}
+"""
+
+
+def examples_dir() -> Path:
+    """`examples/support` of this tunelab checkout."""
+    here = Path(__file__).resolve().parent.parent / "examples" / "support"
+    if not (here / "train.jsonl").is_file():
+        raise UserError(f"the demo data is missing: {here} has no train.jsonl (run the demo from a tunelab checkout)")
+    return here
+
+
+def _accepts(fn: Callable, **kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments `fn` takes (the demo drives other modules' functions)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+class Steps:
+    def __init__(self, total: int, log: Callable[[str], None]):
+        self.total, self.n, self.log = total, 0, log
+        self.started = time.perf_counter()
+        self.times: dict[str, float] = {}
+        self._t = self.started
+        self._name = ""
+
+    def __call__(self, title: str) -> None:
+        self._close()
+        self.n += 1
+        self._name = title
+        self._t = time.perf_counter()
+        self.log(f"\n[{self.n}/{self.total}] {title}  (elapsed {self.elapsed():.0f} s)")
+
+    def _close(self) -> None:
+        if self._name:
+            self.times[self._name] = time.perf_counter() - self._t
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def done(self) -> None:
+        self._close()
+        self._name = ""
+
+
+def run_demo(directory: str | Path = "demo-workspace", *, quick: bool = False, volume: float = 100_000,
+             log: Callable[[str], None] = print, console: Any = None, learning_curve: bool | None = None,
+             optimize_budget: int | None = None) -> dict[str, Any]:
+    """Run the flow (see the module doc); returns {"workspace", "comparison", "advice", "report", "times"}."""
+    from tunelab.advise import Constraints, advise
+    from tunelab.compare import compare
+    from tunelab.evaluate import evaluate
+    from tunelab.workspace import Workspace
+
+    learning_curve = (not quick) if learning_curve is None else learning_curve
+    steps = Steps(8 if learning_curve else 7, log)
+    progress = console if console is not None else True
+
+    steps("workspace and data: import and check examples/support")
+    ws = Workspace.init(directory, name="tunelab-demo")
+    log(f"workspace: {ws.root}")
+    data_ref = _import_data(ws, quick, log)
+
+    steps(f"baseline prompt '{BASE_PROMPT}': evaluate on the test split")
+    baseline = _ensure_prompt(ws, BASE_PROMPT, (examples_dir() / f"{BASE_PROMPT}.prompt").read_text(encoding="utf-8"))
+    _ensure_prompt(ws, SHORT_PROMPT, SHORT_PROMPT_TEXT)
+    base_result = evaluate(ws, baseline, f"{data_ref}:test", progress=progress)
+    _report_run(log, base_result)
+
+    steps("prompt optimization on the validation split (instructions, few-shot demos)")
+    optimized = _optimize(ws, baseline, data_ref, budget=optimize_budget or (4 if quick else 10), quick=quick,
+                          progress=progress, log=log)
+
+    steps(f"fine-tuning: LoRA on SmolLM2-135M with the short prompt '{SHORT_PROMPT}' -> ft:{FINETUNE}")
+    _finetune(ws, data_ref, quick=quick, log=log, progress=progress)
+
+    steps(f"hybrid: ft:{FINETUNE} first, {optimized} where it is unsure or the input is unusual")
+    _hybrid(ws, optimized, log=log, progress=progress)
+
+    candidates = [baseline] + ([optimized] if optimized != baseline else []) + [f"ft:{FINETUNE}", f"hybrid:{HYBRID}"]
+    steps("comparison on the test split" + (" with the learning curve (fine-tunes on 10/25/50% of train)"
+                                            if learning_curve else ""))
+    comparison = compare(ws, f"{data_ref}:test", candidates, volume=volume, learning_curve=learning_curve,
+                         progress=progress, log=log)
+    if console is not None:
+        from tunelab.report import print_table
+
+        print_table({**comparison, "recommendation": None}, console)
+
+    steps("advice")
+    advice = advise(comparison, Constraints(volume=volume))
+    log(f"{advice['headline']}")
+    for reason in advice["reasons"]:
+        log(f"  - {reason}")
+    steps.done()
+    log(f"\nreport: {comparison['report']}")
+    log(f"demo finished in {steps.elapsed():.0f} s (" + ", ".join(f"{k.split(':')[0]} {v:.0f} s"
+                                                             for k, v in steps.times.items()) + ")")
+    return {"workspace": str(ws.root), "comparison": comparison, "advice": advice, "report": comparison["report"],
+            "times": dict(steps.times), "wall_s": steps.elapsed()}
+
+
+def _report_run(log, result) -> None:
+    m = result.metrics[result.primary_metric]
+    log(f"{result.candidate}: {result.primary_metric} {m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}], "
+        f"{result.tokens['total']:.0f} tokens/request" + (" (reused run)" if result.reused else ""))
+
+
+def _import_data(ws, quick: bool, log) -> str:
+    from tunelab.datasets import check_path, get_dataset, import_dataset, save_dataset
+
+    src = examples_dir()
+    if quick:
+        report, splits = check_path(src)
+        if report.errors:
+            raise UserError(f"the demo data has errors: {report.summary()}")
+        small = {"train": _stratified(splits["train"], 48), "validation": _stratified(splits["validation"], 24),
+                 "test": _stratified(splits["test"], 24)}
+        ds = save_dataset(ws, DATASET, small, source=f"{src} (quick subset)", check=report.to_dict())
+        log(f"checked {report.summary()}; quick subset: " + ", ".join(f"{k} {len(v)}" for k, v in small.items()))
+    else:
+        ds, report = import_dataset(ws, src, DATASET)
+        log(f"checked {report.summary()}")
+    for issue in report.warnings[:5]:
+        log(f"  warning: {getattr(issue, 'message', issue)}")
+    ds = get_dataset(ws, f"{DATASET}@{ds.version}")
+    log(f"dataset {ds.ref}: " + ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items())
+        + f"; labels: {', '.join(ds.labels or [])}")
+    return ds.ref
+
+
+def _stratified(examples: list, n: int) -> list:
+    """The first examples of each label in turn (deterministic), n in all."""
+    by_label: dict[str, list] = {}
+    for ex in examples:
+        by_label.setdefault(ex.output, []).append(ex)
+    out: list = []
+    while len(out) < min(n, len(examples)):
+        for label in sorted(by_label):
+            if by_label[label] and len(out) < n:
+                out.append(by_label[label].pop(0))
+    return out
+
+
+def _ensure_prompt(ws, name: str, text: str) -> str:
+    """The bundled prompt `text` as a committed version of `name` (the file written if missing);
+    returns NAME@VERSION. Later versions (the optimizer's) are left as they are."""
+    from tunelab.prompts import commit_prompt, parse_prompt, prompt_path, prompt_versions
+
+    path = prompt_path(ws, name)
+    prompt = parse_prompt(text, name, path=f"{name} (bundled)", workspace=ws)
+    if prompt.version not in prompt_versions(ws, name):
+        commit_prompt(ws, name, "tunelab demo: the bundled prompt", text=text, write_file=not path.exists())
+    return f"{name}@{prompt.version}"
+
+
+def _optimize(ws, baseline: str, data_ref: str, *, budget: int, quick: bool, progress, log) -> str:
+    """The optimized prompt version (a finished optimization of this seed on this data is reused)."""
+    from sqlalchemy import select
+
+    from tunelab.optimize import optimize
+    from tunelab.store.models import OptimizationRow
+
+    name, version = baseline.split("@", 1)
+    ds_version = data_ref.split("@", 1)[1]
+    with ws.store.session() as s:
+        rows = list(s.scalars(select(OptimizationRow).where(OptimizationRow.prompt == name,
+                                                            OptimizationRow.status == "done")
+                              .order_by(OptimizationRow.created_at.desc())))
+    for row in rows:
+        cfg = row.config or {}
+        if cfg.get("seed_version") == version and cfg.get("dataset_version") == ds_version:
+            new = (row.result or {}).get("version")
+            log(f"reusing optimization {row.id}: " + ((row.result or {}).get("message") or ""))
+            return f"{name}@{new}" if new else baseline
+    result = optimize(ws, baseline, data_ref.split(":")[0],
+                      **_accepts(optimize, budget=budget, test=False, progress=progress,
+                                 limit_validation=None))
+    log(result.message)
+    return f"{name}@{result.version}" if result.version else baseline
+
+
+def _finetune(ws, data_ref: str, *, quick: bool, log, progress) -> None:
+    from sqlalchemy import select
+
+    from tunelab import finetune as ft
+    from tunelab.store.models import FineTuneRow
+
+    with ws.store.session() as s:
+        row = s.scalar(select(FineTuneRow).where(FineTuneRow.name == FINETUNE))
+    if row is not None and row.status == "done":
+        log(f"reusing fine-tune ft:{FINETUNE} ({row.wall_s:.0f} s, {row.tokens_trained:,} tokens trained)")
+        return
+    settings: dict[str, Any] = {"data": data_ref.split(":")[0], "prompt": SHORT_PROMPT, "name": FINETUNE,
+                                "method": "lora", "lora_r": 16, "lora_alpha": 32.0, "lr": 1e-3,
+                                "epochs": 2, "batch_size": 8}
+    if quick:
+        settings.update(epochs=1, max_steps=4, batch_size=4, max_val_examples=8)
+    config = ft.FineTuneConfig(**{k: v for k, v in settings.items() if k in ft.FineTuneConfig.model_fields})
+    resume = row is not None
+    log(("resuming" if resume else "training") + f" ft:{FINETUNE}: " +
+        ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("data", "prompt", "name")))
+    ft.finetune(ws, config, **_accepts(ft.finetune, resume=resume, progress=progress))
+    with ws.store.session() as s:
+        row = s.scalar(select(FineTuneRow).where(FineTuneRow.name == FINETUNE))
+    if row is not None:
+        log(f"ft:{FINETUNE}: {row.wall_s:.0f} s, {row.tokens_trained:,} tokens trained, cost ${row.cost:.4f}")
+
+
+def _hybrid(ws, fallback: str, *, log, progress) -> None:
+    from tunelab.router import create_hybrid, hybrid_path, load_hybrid
+
+    if hybrid_path(ws, HYBRID).is_file():
+        spec = load_hybrid(ws, HYBRID)
+        if spec.fallback == fallback and spec.primary == f"ft:{FINETUNE}":
+            log(f"reusing hybrid:{HYBRID} (margin threshold {spec.margin_threshold:.3f})")
+            return
+    spec = create_hybrid(ws, HYBRID, f"ft:{FINETUNE}", fallback, progress=progress)
+    t = spec.tuning
+    log(f"hybrid:{HYBRID}: margin threshold {spec.margin_threshold:.3f}, similarity threshold "
+        f"{spec.similarity_threshold:.3f}; on validation {t['metric']} {t['validation_score']:.3f} "
+        f"(fine-tuned alone {t['primary_score']:.3f}, prompt alone {t['fallback_score']:.3f}), "
+        f"fallback share {t['fallback_share']:.0%}")
