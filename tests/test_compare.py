@@ -115,3 +115,45 @@ def test_compare_errors(hybrid_ws):  # noqa: F811
         compare(hybrid_ws, "tickets:nosplit", ["prim"], progress=False)
     with pytest.raises(NotFound):
         load_comparison(hybrid_ws, "zzzz")
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+def test_cli_compare_advise_hybrid(hybrid_ws, cli):  # noqa: F811
+    res = cli("advise")
+    assert res.exit_code == 2 and "no comparisons yet" in res.stderr and "Traceback" not in res.output
+
+    res = cli("hybrid", "create", "h", "--model", "prim", "--fallback", "fall", "--data", "tickets")
+    assert res.exit_code == 0, res.output
+    assert "hybrid:h" in res.stdout and "margin threshold" in res.stdout
+    res = cli("hybrid", "show", "h", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["name"] == "h"
+    assert "hybrid:h" in cli("hybrid", "list").stdout
+
+    res = cli("compare", "--data", "tickets:test", "prim", "hybrid:h", "--volume", "20000", "--json")
+    assert res.exit_code == 0, res.output
+    comp = json.loads(res.stdout)
+    assert comp["volume_per_month"] == 20000 and [c["kind"] for c in comp["candidates"]] == ["prompt", "hybrid"]
+
+    report = hybrid_ws.root / "out" / "r.html"
+    res = cli("compare", "--data", "tickets:test", "prim", "hybrid:h", "--report", str(report))
+    assert res.exit_code == 0, res.output
+    assert "accuracy" in res.stdout and f"report: {report}" in res.stdout and "recommendation" in res.stdout
+    assert report.is_file() and (report.parent / "r.json").is_file()
+
+    res = cli("advise", "--json", "--required-metric", "0.99")
+    assert res.exit_code == 0 and json.loads(res.stdout)["recommendation"] == "hybrid"
+    res = cli("advise", "--comparison", comp["id"], "--budget", "0", "--volume", "5")
+    assert res.exit_code == 0 and "Hybrid" in res.stdout
+
+    for args, message in [
+        (("advise", "--change-frequency", "daily"), "change-frequency"),
+        (("advise", "--comparison", "nope"), "unknown comparison"),
+        (("compare", "--data", "tickets:test", "prim", "nope"), "nope"),
+        (("compare", "--data", "tickets:test", "prim", "--engineer-hours", "lots"), "NAME=HOURS"),
+        (("hybrid", "create", "x", "--model", "prim", "--fallback", "fall", "--data", "tickets", "--threshold", "big"),
+         "threshold"),
+        (("hybrid", "show", "nope"), "unknown hybrid"),
+    ]:
+        res = cli(*args)
+        assert res.exit_code == 2, (args, res.output)
+        assert message in res.stderr and "Traceback" not in res.output and len(res.stderr.strip().splitlines()) == 1

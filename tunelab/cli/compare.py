@@ -61,7 +61,7 @@ def compare(
         print_json(comp)
         return
     print_table(comp, console)
-    console.print(f"report: {comp['report']}", markup=False, highlight=False)
+    console.print(f"report: {comp['report']}", markup=False, highlight=False, soft_wrap=True)
 
 
 def advise(
