@@ -275,7 +275,7 @@ def _kind_of(value: Any) -> str:
         return "a JSON object"
     if isinstance(value, list):
         return "a JSON array"
-    return f"a {type(value).__name__}"
+    return "a string" if isinstance(value, str) else f"a {type(value).__name__}"
 
 
 def _clip(text: str, n: int = 40) -> str:
@@ -861,9 +861,11 @@ def _percentile(sorted_values: list[int], q: float) -> int:
 def _check_tokens(splits, where, found: _Issues, report: CheckReport, model: str | None) -> None:
     if not any(splits.values()):
         return
-    tokenizer, context, model_name, overhead, note = _tokenizer_for(model)
+    started = time.perf_counter()
+    tokenizer, context, model_name, overhead, note = _tokenizer_for(model)  # cached for the process
     report.tokens = {"model": model_name, "context": context, "estimated": tokenizer is None,
-                     "template_overhead": overhead, "splits": {}}
+                     "template_overhead": overhead, "load_seconds": round(time.perf_counter() - started, 3),
+                     "splits": {}}
     if note:
         report.tokens["note"] = note
         found.add("note", "tokenizer", note)

@@ -188,7 +188,7 @@ def _print_report(report) -> None:
 
     console.print(f"check of {report.source} (format: {report.format}, outputs: {report.output_kind})",
                   markup=False, soft_wrap=True)
-    table = Table("split", "examples", "duplicates", "conflicts", "tokens p50", "p95", "max", "over context",
+    table = Table("split", "examples", "dupes", "conflicts", "tokens p50", "p95", "max", ">context",
                   title="splits")
     for s, n in report.splits.items():
         tok = report.tokens.get("splits", {}).get(s, {})
@@ -199,8 +199,9 @@ def _print_report(report) -> None:
     if report.tokens:
         est = " (estimated)" if report.tokens.get("estimated") else ""
         context = report.tokens.get("context")
-        console.print(f"tokens{est}: input + output rendered for {report.tokens.get('model')}, context "
-                      f"{context if context else 'unknown'}", markup=False, soft_wrap=True)
+        console.print(f"tokens{est}: input + output in {report.tokens.get('model')}'s chat template "
+                      f"(+{report.tokens.get('template_overhead', 0)}), context {context if context else 'unknown'}",
+                      markup=False, soft_wrap=True)
     if report.label_counts:
         splits = list(report.label_counts)
         labels_table = Table("label", *splits, title="labels")
@@ -212,5 +213,6 @@ def _print_report(report) -> None:
     if leaks:
         console.print("leakage (shared inputs): " + ", ".join(f"{k} {v}" for k, v in leaks.items()), markup=False)
     _print_issues(report.issues)
-    console.print(f"{len(report.errors)} errors, {len(report.warnings)} warnings ({report.seconds:.2f} s)",
-                  markup=False)
+    load = report.tokens.get("load_seconds", 0.0)
+    timing = f"{report.seconds - load:.2f} s" + (f" + {load:.1f} s loading the tokenizer" if load >= 0.05 else "")
+    console.print(f"{len(report.errors)} errors, {len(report.warnings)} warnings ({timing})", markup=False)
