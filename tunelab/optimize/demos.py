@@ -26,14 +26,15 @@ if TYPE_CHECKING:
 
     from tunelab.datasets import Example
 
-Strategy = Literal["none", "random", "stratified", "knn_tfidf", "knn_embed"]
+Strategy = Literal["none", "seed", "random", "stratified", "knn_tfidf", "knn_embed"]  # seed: the prompt's own
 FIXED = ("none", "random", "stratified")
 PER_INPUT = ("knn_tfidf", "knn_embed")
 
 
 @dataclass(frozen=True)
 class DemoSpec:
-    """How many demos, chosen how. `per_label` is for `stratified`; `k` for the others."""
+    """How many demos, chosen how. `per_label` is for `stratified`; `k` for the others
+    (`seed`: the seed prompt's own demos, as it has them)."""
 
     strategy: Strategy = "none"
     k: int = 0
@@ -53,6 +54,8 @@ class DemoSpec:
     def describe(self) -> str:
         if self.strategy == "none":
             return "0-shot"
+        if self.strategy == "seed":
+            return f"the seed's {self.k} demos"
         if self.strategy == "stratified":
             return f"{self.per_label}/label stratified"
         return f"{self.k} {self.strategy}"

@@ -1,0 +1,800 @@
+"""The optimizer: search instructions and few-shot demos on the validation split, keep the winner.
+
+    result = optimize(ws, "support", "support", budget=20, objective="macro_f1")
+    result.improved, result.version, result.winner["validation"], result.test
+
+Like a fine-tune, an optimization turns a train/validation split into a candidate, and the one
+evaluator (`tunelab.evaluate.evaluate`) scores every candidate it tries — on the **validation**
+split only. Demos come from the train split; the proposer's failures come from the train split;
+the test split is touched only after the search is over, to report the winner's (and the seed's)
+test score separately (`test=False` skips that).
+
+The search, in stages, within the budget (a number of candidates, or seconds):
+
+1. the seed prompt as it is;
+2. instruction variants without demos (`tunelab.optimize.space`);
+3. the best instructions x demo strategies: 1 and 2 per label (stratified), 4 and 8 at random,
+   4 and 8 nearest neighbours per input by TF-IDF, 4 by sentence embeddings;
+4. with a proposer model: rewrites of the best instruction from its failures on train examples.
+
+With enough validation examples (90 or more) each stage screens its candidates on the first
+third of the validation split and evaluates only the best few on all of it (successive halving;
+the response cache makes the first third free the second time).
+
+The winner: candidates over `max_prompt_tokens` (mean prompt tokens per request) are rejected;
+among the fully evaluated candidates whose score lies within the 95% interval of the best one,
+the one with the fewest prompt tokens per request wins. If that is the seed prompt, nothing beat
+it, and no version is committed. Otherwise the winner is committed as a new version of the prompt
+(demos written inline; per-input demos as a selector spec) with its provenance in the commit's
+meta, and the whole search — every candidate, the result, wall time, tokens and cost (the setup
+cost of prompt engineering in a comparison) — is stored in the `optimizations` table.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from tunelab.datasets import Example, parse_ref
+from tunelab.errors import UserError
+from tunelab.evaluate import PromptCandidate, ResponseCache, evaluate, run_rows, sha256
+from tunelab.optimize.demos import PER_INPUT, DemoSpec, NearestDemos, select_fixed
+from tunelab.optimize.space import InstructionVariant, instruction_variants
+
+if TYPE_CHECKING:
+    from tunelab.datasets import Dataset
+    from tunelab.models.base import Model
+    from tunelab.prompts import Prompt
+    from tunelab.workspace import Workspace
+
+DEFAULT_BUDGET = 20
+SCREEN_MIN_VALIDATION = 90  # screen on a third of validation when it has at least this many examples
+PROMOTE = 3  # candidates per stage promoted from the screen to the full validation split
+TOP_INSTRUCTIONS = 2  # instructions carried into the demo stage
+PROPOSER_ROUNDS = 3
+FAILURE_SAMPLE = 32  # train examples the proposer's failures are drawn from
+MAX_FAILURES = 6
+DEMO_STRATEGIES = ("stratified", "random", "knn_tfidf", "knn_embed")
+
+
+# -- budget ------------------------------------------------------------------------------------
+
+@dataclass
+class Budget:
+    """At most `evaluations` candidates, and/or at most `seconds` of wall time."""
+
+    evaluations: int | None = DEFAULT_BUDGET
+    seconds: float | None = None
+    used: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def parse(cls, value: int | str | None) -> "Budget":
+        """`20` (candidates), `"20"`, `"15m"`, `"90s"`, `"1h"`."""
+        if value is None:
+            return cls()
+        if isinstance(value, int):
+            if value < 1:
+                raise UserError(f"--budget must be at least 1 candidate (got {value})")
+            return cls(evaluations=value)
+        text = str(value).strip().lower()
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?", text)
+        if not m:
+            raise UserError(f"--budget '{value}': expected a number of candidates (20) or a time (15m, 90s, 1h)")
+        number, unit = float(m.group(1)), m.group(2)
+        if unit is None:
+            if number < 1 or number != int(number):
+                raise UserError(f"--budget '{value}': a number of candidates is a whole number of at least 1")
+            return cls(evaluations=int(number))
+        seconds = number * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[unit]
+        if seconds <= 0:
+            raise UserError(f"--budget '{value}' must be more than 0")
+        return cls(evaluations=None, seconds=seconds)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> int | None:
+        return None if self.evaluations is None else max(0, self.evaluations - self.used)
+
+    def exhausted(self) -> bool:
+        if self.evaluations is not None and self.used >= self.evaluations:
+            return True
+        return self.seconds is not None and self.elapsed >= self.seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"evaluations": self.evaluations, "seconds": self.seconds, "used": self.used,
+                "elapsed_s": round(self.elapsed, 3)}
+
+
+# -- candidates --------------------------------------------------------------------------------
+
+class NearestDemoCandidate(PromptCandidate):
+    """A prompt whose few-shot demos are chosen per input: the training examples nearest to it."""
+
+    def __init__(self, prompt: "Prompt", model: "Model", index: NearestDemos, k: int,
+                 selector: dict[str, Any], **kwargs: Any):
+        super().__init__(prompt, model, demos=[], **kwargs)
+        self.index = index
+        self.k = k
+        self.selector = selector  # {dataset, split, k, strategy}: what the fingerprint and front matter say
+
+    @property
+    def fingerprint(self) -> str:
+        return sha256({"base": super().fingerprint, "selector": self.selector})
+
+    def requests(self, examples: list[Example], repeat_index: int = 0):
+        extra = {"free_text": True} if self.free_text else {}
+        picks = self.index.neighbours([ex.input for ex in examples], self.k)
+        return [self.prompt.request(ex, [self.index.pool[i] for i in idx], seed=repeat_index, **extra)
+                for ex, idx in zip(examples, picks)]
+
+    def demos_for(self, example: Example) -> list[Example]:
+        return self.index.select(example, self.k)
+
+
+@dataclass
+class Trial:
+    """One candidate tried: what it is, and how it scored on validation."""
+
+    id: int
+    stage: str  # seed | instruction | demos | proposer
+    variant: InstructionVariant
+    demos: DemoSpec
+    prompt: "Prompt"
+    fixed_demos: list[Example]
+    status: str = "pending"  # ok | screened | too_long | failed | pending
+    score: float | None = None
+    lo: float | None = None
+    hi: float | None = None
+    n: int = 0
+    screen_score: float | None = None
+    prompt_tokens: float | None = None  # mean per request
+    completion_tokens: float | None = None
+    tokens_spent: int = 0  # tokens of the requests this trial really sent (cache misses)
+    cost: float = 0.0
+    wall_s: float = 0.0
+    run_ids: list[str] = field(default_factory=list)
+    note: str = ""
+    candidate: Any = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant.name} · {self.demos.describe()}"
+
+    def key(self) -> str:
+        sel = self.candidate.selector if isinstance(self.candidate, NearestDemoCandidate) else None
+        return sha256({"version": self.prompt.version, "placement": self.variant.placement,
+                       "demos": [d.to_dict() for d in self.fixed_demos], "selector": sel})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "stage": self.stage, "status": self.status,
+                "instruction": self.variant.to_dict(), "demos": self.demos.to_dict(),
+                "prompt_version": self.prompt.version, "score": self.score, "lo": self.lo, "hi": self.hi,
+                "n": self.n, "screen_score": self.screen_score, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "tokens_spent": self.tokens_spent,
+                "cost": self.cost, "wall_s": round(self.wall_s, 3), "run_ids": self.run_ids, "note": self.note}
+
+
+@dataclass
+class OptimizationResult:
+    """What `optimize` found. `winner` and `seed` are trial dicts (see `Trial.to_dict`)."""
+
+    id: str
+    prompt: str
+    seed_version: str
+    dataset: str
+    dataset_version: str
+    model: str
+    objective: str
+    improved: bool
+    version: str | None  # the committed version, None when nothing beat the seed
+    message: str  # the outcome in plain words
+    winner: dict[str, Any]
+    seed: dict[str, Any]
+    candidates: list[dict[str, Any]]
+    budget: dict[str, Any]
+    wall_s: float
+    tokens: int
+    cost: float
+    validation_n: int
+    test: dict[str, Any] | None = None  # {"split", "n", "seed": {...}, "winner": {...}} after the search
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+# -- building prompts --------------------------------------------------------------------------
+
+def has_system_part(prompt: "Prompt") -> bool:
+    return any(p.role == "system" for p in prompt.parts)
+
+
+def seed_task(prompt: "Prompt") -> str:
+    """The seed's own instruction (its system part), the task context every variant keeps."""
+    if has_system_part(prompt):
+        return prompt.instruction
+    return (prompt.description or "").strip()
+
+
+def build_prompt(seed: "Prompt", variant: InstructionVariant, demos: list[Example] | None,
+                 per_input: bool = False) -> "Prompt":
+    """The seed prompt with `variant`'s instruction and `demos` inline (None/[]: no demos).
+
+    In the user turn the instruction opens the user message when there are no demos, and is a
+    user message of its own before the demos otherwise (so it is not repeated in every demo)."""
+    from tunelab.prompts import Part, join_parts
+
+    if variant.name == "seed":
+        return seed.replace(demos=demos or None)
+    rest = [Part(p.role, p.text, p.line) for p in seed.parts if p.role != "system"]
+    if variant.placement == "system":
+        parts = [Part("system", variant.text, 0), *rest]
+    elif demos or per_input:
+        parts = [Part("user", variant.text, 0), *rest]
+    else:
+        last_user = max(i for i, p in enumerate(rest) if p.role == "user")
+        rest[last_user].text = variant.text.rstrip() + "\n\n" + rest[last_user].text.lstrip("\n")
+        parts = rest
+    return seed.replace(body=join_parts(parts), demos=demos or None)
+
+
+def rendered_instruction(seed: "Prompt", text: str) -> str:
+    """An instruction template rendered with the prompt's labels/schema (for the proposer)."""
+    try:
+        probe = seed.replace(body=f"system:\n{text}\nuser:\nx\n", demos=None)
+        return probe.render(Example("x", ""), [])[0]["content"]
+    except UserError:
+        return text
+
+
+def knn_storable() -> bool:
+    """Whether prompt front matter can say `demos: {strategy: knn_tfidf|knn_embed, ...}`."""
+    from pydantic import ValidationError
+
+    from tunelab.prompts import DemoSource
+
+    try:
+        DemoSource.model_validate({"dataset": "x", "strategy": "knn_tfidf", "k": 4})
+        return True
+    except ValidationError:
+        return False
+
+
+# -- the search --------------------------------------------------------------------------------
+
+class _Search:
+    """The state of one optimization; `optimize()` below reads top to bottom."""
+
+    def __init__(self, ws: "Workspace", seed: "Prompt", model: "Model", model_spec: str, ds: "Dataset",
+                 objective: str, budget: Budget, max_prompt_tokens: int | None, limit: int | None,
+                 seed_value: int, log: Callable[[str], None], free_text: bool):
+        self.ws, self.seed, self.model, self.model_spec, self.ds = ws, seed, model, model_spec, ds
+        self.objective, self.budget, self.max_prompt_tokens = objective, budget, max_prompt_tokens
+        self.rng_seed, self.log, self.free_text = seed_value, log, free_text
+        self.pool = ds.split("train") if "train" in ds.splits else []
+        self.validation = ds.split("validation")
+        self.n_full = min(len(self.validation), limit) if limit else len(self.validation)
+        self.limit = limit
+        self.screen_n = self.n_full // 3 if self.n_full >= SCREEN_MIN_VALIDATION else None
+        self.labels = list(seed.labels or ds.labels or []) if seed.output.type == "label" else []
+        self.trials: list[Trial] = []
+        self.seen: dict[str, Trial] = {}  # evaluated (or rejected) trials by key
+        self.made: set[str] = set()  # keys of every trial made, to never make one twice
+        self.indexes: dict[str, NearestDemos] = {}
+        self.data_val = f"{ds.name}@{ds.version}:validation"
+        self.on_trial: Callable[[Trial], None] = lambda t: None
+        self.notes: list[str] = []
+        self.tokens_spent = 0
+        self.cost = 0.0
+
+    # -- candidates ------------------------------------------------------------------------
+    def make_trial(self, stage: str, variant: InstructionVariant, spec: DemoSpec) -> Trial | None:
+        """A trial, or None when the same candidate was tried already or cannot be made."""
+        fixed: list[Example] = []
+        if spec.strategy == "seed":
+            fixed = list(self.seed.resolve_demos(self.ws))
+            prompt = self.seed if variant.name == "seed" else build_prompt(self.seed, variant, fixed)
+        elif spec.per_input:
+            prompt = build_prompt(self.seed, variant, None, per_input=True)
+        else:
+            fixed = select_fixed(self.pool, spec, self.labels, seed=self.rng_seed)
+            if spec.strategy != "none" and not fixed:
+                return None
+            prompt = build_prompt(self.seed, variant, fixed)
+        cand_name = f"{self.seed.name}@{prompt.version}" + (f"+{spec.strategy}{spec.k}" if spec.per_input else "")
+        kwargs = dict(name=cand_name, model_name=self.model_spec, free_text=self.free_text, workspace=self.ws)
+        if spec.per_input:
+            method = "tfidf" if spec.strategy == "knn_tfidf" else "embed"
+            if method not in self.indexes:
+                self.indexes[method] = NearestDemos(self.pool, method)
+            selector = {"dataset": f"{self.ds.name}@{self.ds.version}", "split": "train", "k": spec.k,
+                        "strategy": spec.strategy}
+            cand: PromptCandidate = NearestDemoCandidate(prompt, self.model, self.indexes[method], spec.k,
+                                                         selector, **kwargs)
+        else:
+            cand = PromptCandidate(prompt, self.model, fixed, **kwargs)
+        trial = Trial(0, stage, variant, spec, prompt, fixed, candidate=cand)
+        if trial.key() in self.made:
+            return None
+        self.made.add(trial.key())
+        return trial
+
+    def estimate_prompt_tokens(self, trial: Trial) -> float:
+        """Mean prompt tokens of the first few validation requests, by the model's tokenizer."""
+        sample = self.validation[: min(8, self.n_full)]
+        reqs = trial.candidate.requests(sample, 0)
+        counts = [sum(self.model.count_tokens(m["content"]) + 4 for m in r.messages) for r in reqs]
+        return sum(counts) / max(1, len(counts))
+
+    # -- evaluation ------------------------------------------------------------------------
+    def run(self, trial: Trial, n: int, baseline: bool = False) -> bool:
+        """Score `trial` on the first `n` validation examples through the evaluator. The
+        `baseline` (the seed prompt) is always scored, whatever the budget and its length."""
+        if trial.key() not in self.seen:
+            if self.budget.exhausted() and not baseline:
+                return False
+            self.seen[trial.key()] = trial
+            self.trials.append(trial)
+            trial.id = len(self.trials)
+            self.budget.used += 1
+            if self.max_prompt_tokens is not None and not baseline:
+                est = self.estimate_prompt_tokens(trial)
+                if est > self.max_prompt_tokens * 1.1:
+                    trial.status, trial.prompt_tokens = "too_long", est
+                    trial.note = f"about {est:.0f} prompt tokens per request > {self.max_prompt_tokens}"
+                    self.on_trial(trial)
+                    return False
+        start = time.perf_counter()
+        limit = n if n < len(self.validation) else None
+        try:
+            result = evaluate(self.ws, trial.candidate, self.data_val, limit=limit,
+                              metrics=[self.objective], progress=False)
+        except UserError as exc:
+            trial.status, trial.note = "failed", str(exc)
+            self.on_trial(trial)
+            return False
+        trial.wall_s += time.perf_counter() - start
+        trial.run_ids.append(result.id)
+        metric = result.metrics.get(self.objective) or {}
+        spent_tokens, spent_cost = self.spent(result)
+        trial.tokens_spent += spent_tokens
+        trial.cost += spent_cost
+        self.tokens_spent += spent_tokens
+        self.cost += spent_cost
+        trial.prompt_tokens = result.tokens.get("prompt")
+        trial.completion_tokens = result.tokens.get("completion")
+        value = metric.get("value")
+        if n >= self.n_full:
+            trial.score, trial.lo, trial.hi, trial.n = value, metric.get("lo"), metric.get("hi"), result.rows
+            trial.status = "ok"
+        else:
+            trial.screen_score = value
+            trial.status = "screened"
+        if value is None:
+            trial.status, trial.note = "failed", f"no value for {self.objective}"
+        elif self.max_prompt_tokens is not None and (trial.prompt_tokens or 0) > self.max_prompt_tokens:
+            trial.status = "ok" if baseline else "too_long"
+            trial.note = f"{trial.prompt_tokens:.0f} prompt tokens per request > {self.max_prompt_tokens}"
+        self.on_trial(trial)
+        return trial.status in ("ok", "screened")
+
+    def spent(self, result) -> tuple[int, float]:
+        """Tokens and cost of the requests a run really sent (cache hits and reused runs: none)."""
+        if result.reused:
+            return 0, 0.0
+        tokens, cost = 0, 0.0
+        for row in run_rows(self.ws, result.id):
+            if not (row.extra or {}).get("cached"):
+                tokens += row.prompt_tokens + row.completion_tokens
+                cost += row.cost
+        return tokens, cost
+
+    def stage(self, trials: Sequence[Trial], promote: int = PROMOTE) -> list[Trial]:
+        """Evaluate trials (screen first when validation is large); the fully scored ones."""
+        if self.screen_n is None:
+            for t in trials:
+                if self.budget.exhausted():
+                    break
+                self.run(t, self.n_full)
+            return [t for t in trials if t.status == "ok"]
+        screened = []
+        for t in trials:
+            if self.budget.exhausted():
+                break
+            if self.run(t, self.screen_n):
+                screened.append(t)
+        screened.sort(key=lambda t: (-(t.screen_score or 0), t.prompt_tokens or 0))
+        for t in screened[:promote]:
+            if self.budget.seconds is not None and self.budget.elapsed >= self.budget.seconds:
+                break
+            self.run(t, self.n_full)
+        return [t for t in trials if t.status == "ok"]
+
+    def full(self) -> list[Trial]:
+        return [t for t in self.trials if t.status == "ok" and t.score is not None]
+
+    def best(self) -> Trial | None:
+        done = self.full()
+        return max(done, key=lambda t: (t.score, -(t.prompt_tokens or 0), -t.id)) if done else None
+
+    # -- the proposer ----------------------------------------------------------------------
+    def failures(self, trial: Trial, seed_value: int):
+        from tunelab.optimize.proposer import Failure
+
+        shown = {d.input for d in trial.fixed_demos}
+        pool = [ex for ex in self.pool if ex.input not in shown]
+        sample = random.Random(seed_value).sample(pool, min(FAILURE_SAMPLE, len(pool)))
+        worker = trial.candidate.with_cache(ResponseCache(self.ws))
+        comps = worker.predict(sample, 0)
+        for comp in comps:
+            if not (comp.meta or {}).get("cached"):
+                self.tokens_spent += comp.prompt_tokens + comp.completion_tokens
+        wrong = [Failure(ex.input, ex.output, comp.text) for ex, comp in zip(sample, comps)
+                 if comp.text.strip() != ex.output.strip()]
+        return wrong[:MAX_FAILURES], len(sample)
+
+
+def _objective_for(output_type: str, objective: str | None) -> str:
+    from tunelab.metrics import PRIMARY, make_metric
+
+    name = objective or PRIMARY[output_type]
+    make_metric(name, None if output_type != "label" else {"type": "label", "labels": ["a"]})  # NotFound if unknown
+    return name
+
+
+def demo_specs(n_labels: int, strategies: Sequence[str]) -> list[DemoSpec]:
+    """The demo settings to try, the usually most useful first."""
+    out: list[DemoSpec] = []
+    for strategy, spec in (
+        ("stratified", DemoSpec("stratified", per_label=1)),
+        ("knn_tfidf", DemoSpec("knn_tfidf", k=4)),
+        ("knn_embed", DemoSpec("knn_embed", k=4)),
+        ("random", DemoSpec("random", k=4)),
+        ("stratified", DemoSpec("stratified", per_label=2)),
+        ("knn_tfidf", DemoSpec("knn_tfidf", k=8)),
+        ("random", DemoSpec("random", k=8)),
+    ):
+        if strategy not in strategies:
+            continue
+        if spec.strategy == "stratified" and (n_labels == 0 or spec.count(n_labels) > 16):
+            continue
+        out.append(spec)
+    return out
+
+
+def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | str | None = DEFAULT_BUDGET,
+             objective: str | None = None, max_prompt_tokens: int | None = None,
+             proposer: "str | Model | None" = None, model: "str | Model | None" = None, limit_validation: int | None = None, seed: int = 0,
+             demo_strategies: Sequence[str] = DEMO_STRATEGIES, test: bool = True, limit_test: int | None = None,
+             commit: bool = True, author: str | None = None, progress: bool | Any = True) -> OptimizationResult:
+    """Optimize prompt `prompt_ref` on dataset `data_name` (its train and validation splits).
+
+    `budget`: candidates to evaluate (int) or a time ("15m"). `objective`: a metric name (default
+    the output type's primary metric: accuracy for labels). `max_prompt_tokens`: reject candidates
+    with more prompt tokens per request. `proposer`: a model spec that rewrites the instruction
+    from failures. `model`: evaluate on this model instead of the prompt's. `limit_validation`:
+    use only the first N validation examples. `test`: after the search, evaluate the seed and the
+    winner on the test split (reported apart from validation). `progress`: True prints a line per
+    candidate on stderr, a rich Console prints there, False is silent.
+    """
+    from tunelab.datasets import get_dataset
+    from tunelab.models import load_model
+    from tunelab.prompts import commit_prompt, load_prompt
+    from tunelab.store.models import OptimizationRow, utcnow
+
+    started = time.perf_counter()
+    name, version, split = parse_ref(data_name)
+    if split:
+        raise UserError(f"--data '{data_name}': give the dataset without a split; the optimizer uses its "
+                        "train split for demos and its validation split to score candidates (never test)")
+    for what, value in (("--max-prompt-tokens", max_prompt_tokens), ("--limit", limit_validation),
+                        ("--test-limit", limit_test)):
+        if value is not None and value < 1:
+            raise UserError(f"{what} must be at least 1 (got {value})")
+    unknown = [s for s in demo_strategies if s not in DEMO_STRATEGIES]
+    if unknown:
+        raise UserError(f"unknown demo strategy '{unknown[0]}' (known: {', '.join(DEMO_STRATEGIES)})")
+    plan = Budget.parse(budget)
+    seed_prompt = load_prompt(ws, prompt_ref)
+    ds = get_dataset(ws, data_name)
+    if "validation" not in ds.splits:
+        raise UserError(f"dataset '{ds.name}' has no validation split (splits: {', '.join(ds.splits)}); "
+                        f"make one with: tunelab data split {ds.name}")
+    output_type = seed_prompt.output.type
+    objective = _objective_for(output_type, objective)
+    if model is not None and not isinstance(model, str):  # a Model object (tests, notebooks)
+        llm, model_spec = model, model.name
+    else:
+        model_spec = model or seed_prompt.model
+        llm = load_model(model_spec, ws)
+    log = _logger(progress)
+    free_text = objective in ("format_valid", "free_accuracy")
+    search = _Search(ws, seed_prompt, llm, model_spec, ds, objective, plan, max_prompt_tokens, limit_validation,
+                     seed, log, free_text)
+    if not search.pool:
+        search.notes.append(f"dataset '{ds.name}' has no train split: no few-shot demos were tried")
+    if any(s in PER_INPUT for s in demo_strategies) and not knn_storable():
+        search.notes.append("per-input (nearest-neighbour) demos are scored but cannot be stored in a prompt "
+                            "version by this tunelab.prompts, so they cannot win")
+
+    opt_id = uuid.uuid4().hex[:12]
+    config = {"prompt": prompt_ref, "seed_version": seed_prompt.version, "data": data_name,
+              "dataset_version": ds.version, "model": model_spec, "objective": objective,
+              "budget": plan.to_dict(), "max_prompt_tokens": max_prompt_tokens,
+              "proposer": proposer if proposer is None or isinstance(proposer, str) else proposer.name,
+              "limit_validation": limit_validation, "seed": seed, "demo_strategies": list(demo_strategies),
+              "validation_n": search.n_full, "screen_n": search.screen_n}
+    with ws.store.session() as s:
+        s.add(OptimizationRow(id=opt_id, prompt=seed_prompt.name, dataset=ds.name, status="running", config=config))
+
+    def store_progress(trial: Trial) -> None:
+        log(_trial_line(trial, objective, plan))
+        with ws.store.session() as s:
+            row = s.get(OptimizationRow, opt_id)
+            row.candidates = [t.to_dict() for t in search.trials]
+            row.wall_s = time.perf_counter() - started
+            row.tokens = search.tokens_spent
+            row.cost = search.cost
+
+    search.on_trial = store_progress
+    log(f"optimizing {seed_prompt.name}@{seed_prompt.version} on {ds.name}:validation "
+        f"({search.n_full} examples{f', screening on {search.screen_n}' if search.screen_n else ''}), "
+        f"model {model_spec}, objective {objective}, budget "
+        + (f"{plan.evaluations} candidates" if plan.evaluations else f"{plan.seconds:.0f} s"))
+    try:
+        # 1. the seed prompt, as it is
+        seed_demos = seed_prompt.resolve_demos(ws)
+        seed_spec = DemoSpec("seed", k=len(seed_demos)) if seed_demos else DemoSpec("none")
+        variants = instruction_variants(seed_task(seed_prompt), search.labels,
+                                        seed_placement="system" if has_system_part(seed_prompt) else "user")
+        seed_trial = search.make_trial("seed", variants[0], seed_spec)
+        search.run(seed_trial, search.n_full, baseline=True)
+        if seed_trial.status != "ok":
+            raise UserError(f"the seed prompt could not be scored: {seed_trial.note or seed_trial.status}")
+
+        # 2. instruction variants, no demos
+        proposer_share = min(PROPOSER_ROUNDS, max(1, (plan.left() or 0) // 5)) if proposer else 0
+        share = None if plan.left() is None else max(1, (plan.left() - proposer_share) // 2)
+        trials = [t for v in variants if (t := search.make_trial("instruction", v, DemoSpec("none")))]
+        search.stage(trials[:share] if share else trials)
+        ranked = sorted(search.full(), key=lambda t: (-t.score, t.prompt_tokens or 0))
+        top: list[InstructionVariant] = []
+        for t in ranked:
+            if t.variant not in top:
+                top.append(t.variant)
+        top = top[:TOP_INSTRUCTIONS] or [variants[0]]
+
+        # 3. the best instructions x demo strategies
+        specs = demo_specs(len(search.labels), demo_strategies) if search.pool else []
+        trials = [t for v in top for spec in specs if (t := search.make_trial("demos", v, spec))]
+        if proposer_share and plan.left() is not None:
+            trials = trials[: max(0, plan.left() - proposer_share)]
+        search.stage(trials)
+
+        # 4. reflective rewrites of the best instruction
+        if proposer:
+            _propose_rounds(search, proposer if not isinstance(proposer, str) else load_model(proposer, ws), seed)
+    except BaseException as exc:
+        with ws.store.session() as s:
+            row = s.get(OptimizationRow, opt_id)
+            row.status = "failed"
+            row.result = {"error": f"{type(exc).__name__}: {exc}"}
+            row.wall_s = time.perf_counter() - started
+        raise
+
+    # the winner: the shortest prompt within the best candidate's interval
+    winner, best = choose_winner(search.full(), max_prompt_tokens, knn_storable())
+    improved = winner is not None and winner is not seed_trial
+    message = _outcome(seed_trial, best, winner, improved, objective, max_prompt_tokens)
+    winner = winner or seed_trial
+    wall = time.perf_counter() - started
+
+    committed = None
+    if improved and commit:
+        committed = _commit(ws, search, seed_prompt, winner, seed_trial, opt_id, plan, wall, author,
+                            commit_prompt, model)
+        message += f" Committed as {seed_prompt.name}@{committed}."
+    elif improved:
+        message += " Not committed (commit=False)."
+    log(message)
+
+    result = OptimizationResult(
+        id=opt_id, prompt=seed_prompt.name, seed_version=seed_prompt.version, dataset=ds.name,
+        dataset_version=ds.version, model=model_spec, objective=objective, improved=improved, version=committed,
+        message=message, winner=winner.to_dict(), seed=seed_trial.to_dict(),
+        candidates=[t.to_dict() for t in search.trials], budget=plan.to_dict(), wall_s=wall,
+        tokens=search.tokens_spent, cost=search.cost, validation_n=search.n_full, notes=search.notes)
+    with ws.store.session() as s:
+        row = s.get(OptimizationRow, opt_id)
+        row.status = "done"
+        row.finished_at = utcnow()
+        row.candidates = result.candidates
+        row.wall_s, row.tokens, row.cost = wall, search.tokens_spent, search.cost
+        row.result = {k: v for k, v in result.to_dict().items() if k not in ("candidates",)}
+
+    # only now, with the search over: the test split, reported apart from validation
+    if test:
+        result.test = _test_scores(ws, search, seed_trial, winner, ds, limit_test, log, committed)
+        with ws.store.session() as s:
+            row = s.get(OptimizationRow, opt_id)
+            row.result = {**(row.result or {}), "test": result.test}
+    return result
+
+
+def _propose_rounds(search: _Search, proposer_model: "Model", seed_value: int) -> None:
+    from tunelab.optimize.proposer import propose
+
+    for round_ in range(1, PROPOSER_ROUNDS + 1):
+        if search.budget.exhausted():
+            return
+        base = search.best()
+        if base is None:
+            return
+        failures, sampled = search.failures(base, seed_value + round_)
+        if not failures:
+            search.notes.append(f"proposer round {round_}: the best candidate made no mistake on "
+                                f"{sampled} train examples; nothing to learn from")
+            return
+        shown = rendered_instruction(search.seed, base.variant.text)
+        text, p_tok, c_tok, raw = propose(proposer_model, shown, search.labels or None, failures,
+                                          seed=seed_value + round_)
+        search.tokens_spent += p_tok + c_tok
+        if text is None:
+            search.notes.append(f"proposer round {round_}: no usable instruction in the reply "
+                                f"({raw.strip()[:80]!r})")
+            continue
+        variant = InstructionVariant(f"proposed #{round_}", text, base.variant.placement)
+        spec = base.demos
+        trial = search.make_trial("proposer", variant, spec)
+        if trial is None:
+            search.notes.append(f"proposer round {round_}: proposed the same instruction again")
+            continue
+        trial.note = f"from #{base.id}"
+        search.run(trial, search.n_full)
+
+
+def choose_winner(trials: Sequence[Trial], max_prompt_tokens: int | None = None,
+                  per_input_storable: bool = True) -> tuple[Trial | None, Trial | None]:
+    """(winner, best). The best scores highest; the winner is the candidate with the fewest prompt
+    tokens per request among those scoring within the best's 95% interval. Candidates over
+    `max_prompt_tokens` (the seed included) and unstorable ones cannot win: (None, None) if none is left."""
+    eligible = [t for t in trials if t.status == "ok" and t.score is not None
+                and (max_prompt_tokens is None or (t.prompt_tokens or 0) <= max_prompt_tokens)
+                and (per_input_storable or not t.demos.per_input)]
+    if not eligible:
+        return None, None
+    best = max(eligible, key=lambda t: (t.score, -(t.prompt_tokens or 0), -t.id))
+    floor = best.lo if best.lo is not None else best.score
+    within = [t for t in eligible if t.score >= floor]
+    winner = min(within, key=lambda t: (t.prompt_tokens or 0, -t.score, t.id))
+    return winner, best
+
+
+def _outcome(seed: Trial, best: Trial | None, winner: Trial | None, improved: bool, objective: str,
+             max_prompt_tokens: int | None = None) -> str:
+    def fmt(t: Trial) -> str:
+        return f"{t.score:.3f} [{t.lo:.3f}, {t.hi:.3f}]" if t.lo is not None else f"{t.score:.3f}"
+
+    if winner is None or best is None:
+        return (f"No candidate fits within --max-prompt-tokens {max_prompt_tokens} (the seed prompt has "
+                f"{seed.prompt_tokens or 0:.0f} tokens per request). No new version.")
+    if not improved:
+        if best is seed:
+            return (f"Nothing beat the seed prompt: it scored {objective} {fmt(seed)} on validation, "
+                    "the best of every candidate tried. No new version.")
+        return (f"Nothing beat the seed prompt by more than the noise: the best candidate (#{best.id} "
+                f"{best.name}) scored {objective} {fmt(best)}, the seed {fmt(seed)} — within the best's 95% "
+                f"interval, and the seed is the shortest prompt there "
+                f"({seed.prompt_tokens or 0:.0f} tokens per request). No new version.")
+    gain = winner.score - seed.score
+    return (f"Candidate #{winner.id} ({winner.name}) scored {objective} {fmt(winner)} on validation vs the "
+            f"seed's {fmt(seed)} ({gain:+.3f}), {winner.prompt_tokens or 0:.0f} vs "
+            f"{seed.prompt_tokens or 0:.0f} prompt tokens per request.")
+
+
+def _commit(ws, search: _Search, seed_prompt, winner: Trial, seed_trial: Trial, opt_id: str, plan: Budget,
+            wall: float, author, commit_prompt, model_override: str | None) -> str:
+    from tunelab.prompts import current_version, prompt_path, prompt_versions
+
+    prompt = winner.prompt
+    if winner.demos.per_input:
+        prompt = prompt.replace(demos=dict(winner.candidate.selector))
+    if isinstance(model_override, str) and model_override != seed_prompt.model:
+        prompt = prompt.replace(model=model_override)
+    # the seed becomes the parent: commit the working file first when it is the seed and is new
+    name = seed_prompt.name
+    if (seed_prompt.version not in prompt_versions(ws, name) and prompt_path(ws, name).is_file()
+            and current_version(ws, name) != seed_prompt.version):
+        from tunelab.prompts import read_prompt_file
+
+        if read_prompt_file(prompt_path(ws, name), name, workspace=ws).version == seed_prompt.version:
+            commit_prompt(ws, name, "optimization seed", author=author, meta={"optimization": opt_id})
+    meta = {"optimization": {
+        "id": opt_id, "parent_version": seed_prompt.version, "strategy": winner.stage,
+        "candidate": winner.id, "name": winner.name, "instruction_variant": winner.variant.name,
+        "placement": winner.variant.placement, "demos": winner.demos.to_dict()
+        | ({"selector": winner.candidate.selector} if winner.demos.per_input else {}),
+        "dataset": search.ds.name, "dataset_version": search.ds.version, "model": search.model_spec,
+        "objective": search.objective,
+        "validation": {"split": "validation", "n": winner.n, "value": winner.score, "lo": winner.lo,
+                       "hi": winner.hi},
+        "seed_validation": {"n": seed_trial.n, "value": seed_trial.score, "lo": seed_trial.lo,
+                            "hi": seed_trial.hi},
+        "prompt_tokens": winner.prompt_tokens, "seed_prompt_tokens": seed_trial.prompt_tokens,
+        "budget": plan.to_dict(), "candidates": len(search.trials), "wall_s": round(wall, 3),
+        "tokens": search.tokens_spent, "cost": search.cost,
+    }}
+    from tunelab.prompts import parse_prompt
+
+    if parse_prompt(prompt.to_text(), name).version == current_version(ws, name):
+        return current_version(ws, name)  # the winner is already the current version
+    message = (f"optimize: {winner.name} — {search.objective} {seed_trial.score:.3f} -> {winner.score:.3f} "
+               f"on {search.ds.name}:validation")
+    return commit_prompt(ws, name, message, author=author, meta=meta, text=prompt.to_text())
+
+
+def _test_scores(ws, search: _Search, seed_trial: Trial, winner: Trial, ds, limit_test, log,
+                 committed: str | None) -> dict[str, Any] | None:
+    """The seed's and the winner's scores on the test split, after the search (same evaluator,
+    default metrics and free-text answers, as a comparison would run them)."""
+    if "test" not in ds.splits:
+        search.notes.append(f"dataset '{ds.name}' has no test split: no test score")
+        return None
+    out: dict[str, Any] = {"split": "test"}
+    data = f"{ds.name}@{ds.version}:test"
+    for label, trial in (("seed", seed_trial), ("winner", winner)):
+        if label == "winner" and trial is seed_trial:
+            out["winner"] = out["seed"]
+            break
+        cand = trial.candidate
+        final = object.__new__(type(cand))
+        final.__dict__.update(cand.__dict__)
+        final.free_text = search.seed.output.type == "label"
+        final.name = f"{search.seed.name}@{committed}" if label == "winner" and committed else cand.name
+        result = evaluate(ws, final, data, limit=limit_test, progress=False)
+        metric = result.metrics.get(search.objective) or {}
+        out[label] = {"trial": trial.id, "run_id": result.id, "n": result.rows, "value": metric.get("value"),
+                      "lo": metric.get("lo"), "hi": metric.get("hi"), "prompt_tokens": result.tokens.get("prompt"),
+                      "metrics": {k: {"value": v.get("value"), "lo": v.get("lo"), "hi": v.get("hi")}
+                                  for k, v in result.metrics.items()}}
+        out["n"] = result.rows
+        log(f"test ({label}, #{trial.id}): {search.objective} {_fmt(metric)} on {result.rows} examples, "
+            f"{result.tokens.get('prompt') or 0:.0f} prompt tokens per request")
+    return out
+
+
+def _fmt(metric: dict) -> str:
+    if metric.get("value") is None:
+        return "n/a"
+    if metric.get("lo") is None:
+        return f"{metric['value']:.3f}"
+    return f"{metric['value']:.3f} [{metric['lo']:.3f}, {metric['hi']:.3f}]"
+
+
+def _trial_line(t: Trial, objective: str, plan: Budget) -> str:
+    of = f"/{plan.evaluations}" if plan.evaluations else ""
+    if t.status == "ok":
+        what = f"{objective} {_fmt({'value': t.score, 'lo': t.lo, 'hi': t.hi})} (n={t.n})"
+    elif t.status == "screened":
+        what = f"screen {objective} {t.screen_score:.3f}"
+    else:
+        what = f"{t.status}: {t.note}"
+    tok = f", {t.prompt_tokens:.0f} tok" if t.prompt_tokens else ""
+    return f"[{t.id}{of}] {t.stage:<11} {t.name}: {what}{tok}"
+
+
+def _logger(progress: bool | Any) -> Callable[[str], None]:
+    if progress is False or progress is None:
+        return lambda line: None
+    from rich.console import Console
+
+    console = progress if isinstance(progress, Console) else Console(stderr=True, highlight=False)
+    return lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)
