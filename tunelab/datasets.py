@@ -222,13 +222,14 @@ class Issue:
     path: str | None = None
     line: int | None = None
     field: str | None = None
+    count: int = 1              # a summary issue stands for this many problems of its kind
 
     def format(self) -> str:
         return UserError(self.message, path=self.path, line=self.line, field=self.field).format()
 
     def to_dict(self) -> dict[str, Any]:
         return {"level": self.level, "kind": self.kind, "message": self.message, "path": self.path,
-                "line": self.line, "field": self.field}
+                "line": self.line, "field": self.field, "count": self.count}
 
 
 class _Issues(list):
@@ -248,7 +249,8 @@ class _Issues(list):
     def finish(self) -> "_Issues":
         for (level, kind, path), n in list(self._counts.items()):
             if n > MAX_ISSUES_PER_KIND:
-                self.append(Issue(level, kind, f"... and {n - MAX_ISSUES_PER_KIND} more '{kind}' {level}s", path))
+                more = n - MAX_ISSUES_PER_KIND
+                self.append(Issue(level, kind, f"... and {more} more '{kind}' {level}s", path, count=more))
         self._counts.clear()
         return self
 
@@ -634,18 +636,26 @@ class CheckReport:
         return [i for i in self.issues if i.level == "warning"]
 
     @property
+    def n_errors(self) -> int:
+        return sum(i.count for i in self.errors)
+
+    @property
+    def n_warnings(self) -> int:
+        return sum(i.count for i in self.warnings)
+
+    @property
     def ok(self) -> bool:
         return not self.errors
 
     def summary(self) -> str:
         n = sum(self.splits.values())
-        parts = [f"{n} examples", f"{len(self.errors)} errors", f"{len(self.warnings)} warnings"]
+        parts = [f"{n} examples", f"{self.n_errors} errors", f"{self.n_warnings} warnings"]
         return f"{self.source}: " + ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source, "format": self.format, "ok": self.ok, "splits": self.splits,
-            "n_errors": len(self.errors), "n_warnings": len(self.warnings),
+            "n_errors": self.n_errors, "n_warnings": self.n_warnings,
             "output_kind": self.output_kind, "labels": self.labels, "label_counts": self.label_counts,
             "imbalance": self.imbalance, "duplicates": self.duplicates, "conflicts": self.conflicts,
             "leakage": self.leakage, "tokens": self.tokens, "seconds": round(self.seconds, 3),
@@ -893,8 +903,8 @@ class CheckFailed(UserError):
     def __init__(self, report: CheckReport):
         self.report = report
         errors = report.errors
-        more = f" (and {len(errors) - 1} more errors; 'tunelab data check {report.source}' lists them)" \
-            if len(errors) > 1 else ""
+        more = f" (and {report.n_errors - 1} more errors; 'tunelab data check {report.source}' lists them)" \
+            if report.n_errors > 1 else ""
         super().__init__(f"{errors[0].format()}{more}; nothing was imported")
 
 

@@ -50,7 +50,7 @@ def import_(
                                     output_field=output_field, json_output=json_output,
                                     allow_empty_output=allow_empty_output)
     except CheckFailed as exc:
-        if not as_json:
+        if not as_json and exc.report.n_errors > 1:  # the last line (from the error handler) names the first
             _print_issues(exc.report.issues, levels=("error",), stderr=True, limit=10)
         raise
     if as_json:
@@ -59,7 +59,7 @@ def import_(
         return
     _print_issues(report.issues, levels=("warning",), stderr=True, limit=10)
     counts = ", ".join(f"{s} {len(v)}" for s, v in ds.splits.items())
-    console.print(f"imported {ds.ref} ({counts}); {len(report.warnings)} warnings", markup=False, soft_wrap=True)
+    console.print(f"imported {ds.ref} ({counts}); {report.n_warnings} warnings", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -92,7 +92,7 @@ def check(
         _print_report(report)
     if report.errors:
         first = report.errors[0].format()
-        n = len(report.errors)
+        n = report.n_errors
         raise UserError(f"{n} error{'s' if n > 1 else ''} in {report.source}; first: {first}")
 
 
@@ -215,4 +215,4 @@ def _print_report(report) -> None:
     _print_issues(report.issues)
     load = report.tokens.get("load_seconds", 0.0)
     timing = f"{report.seconds - load:.2f} s" + (f" + {load:.1f} s loading the tokenizer" if load >= 0.05 else "")
-    console.print(f"{len(report.errors)} errors, {len(report.warnings)} warnings ({timing})", markup=False)
+    console.print(f"{report.n_errors} errors, {report.n_warnings} warnings ({timing})", markup=False)
