@@ -34,6 +34,9 @@ the batch it ran in and repeats with different seeds are independent. Requests a
 and batched under a token budget (left padding, attention masks). Generation stops at the end of
 turn, at a `stop` string (cut from the text), and for JSON requests at the end of the first
 balanced JSON value.
+
+Threads: torch's default (one per core). `threads=` or `TUNELAB_THREADS` sets fewer; on a machine
+whose cores are busy with other work one thread avoids stalls of the second one.
 """
 
 from __future__ import annotations
@@ -216,7 +219,8 @@ class LocalModel(Model):
 
     def __init__(self, name: str = "smollm2-135m", path: str | os.PathLike | None = None,
                  precision: str = "auto", adapter: str | os.PathLike | None = None,
-                 batch_size: int | None = None, device: str | None = None, **_: Any):
+                 batch_size: int | None = None, device: str | None = None, threads: int | None = None,
+                 **_: Any):
         if precision not in PRECISIONS:
             raise UserError(f"unknown precision '{precision}' (expected one of: {', '.join(PRECISIONS)})",
                             field="precision")
@@ -230,6 +234,8 @@ class LocalModel(Model):
         if self.max_batch < 1:
             raise UserError("batch size must be at least 1", field="batch_size")
         self._device_arg = device
+        env_threads = os.environ.get("TUNELAB_THREADS")
+        self.threads = int(threads) if threads else int(env_threads) if env_threads else None
         self._lock = threading.RLock()
         self._tokenizer = None
         self._model = None
@@ -309,6 +315,8 @@ class LocalModel(Model):
         import torch
         from transformers import AutoModelForCausalLM
 
+        if self.threads:  # torch's default is one thread per core; fewer helps on a shared machine
+            torch.set_num_threads(self.threads)
         try:
             model = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype)
         except (OSError, ValueError) as exc:
