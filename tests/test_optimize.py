@@ -312,3 +312,30 @@ def test_cli_optimize(cli, workspace, tiny):
     assert res.exit_code == 2 and "without a split" in res.stderr and "Traceback" not in res.output
     res = cli("optimize", "spam", "--data", "tiny", "--budget", "lots")
     assert res.exit_code == 2 and "--budget" in res.stderr
+
+
+def test_choose_winner_prefers_the_shortest_within_the_best_interval():
+    from tunelab.optimize.demos import DemoSpec
+    from tunelab.optimize.search import Trial, choose_winner
+    from tunelab.optimize.space import InstructionVariant
+
+    def trial(i, score, lo, tokens, demos=DemoSpec("none"), status="ok"):
+        return Trial(i, "demos", InstructionVariant("v", "t", "user"), demos, prompt=None, fixed_demos=[],
+                     status=status, score=score, lo=lo, hi=min(1.0, score + 0.05), prompt_tokens=tokens)
+
+    best = trial(1, 0.90, 0.82, 300)
+    close = trial(2, 0.84, 0.75, 60)
+    closer_but_long = trial(3, 0.88, 0.80, 200)
+    far = trial(4, 0.70, 0.60, 20)
+    assert choose_winner([best, close, closer_but_long, far]) == (close, best)
+    assert choose_winner([best, far]) == (best, best)
+    # too long for the cap: neither the best nor anything over it can win
+    assert choose_winner([best, close, far], max_prompt_tokens=100) == (close, close)
+    assert choose_winner([best], max_prompt_tokens=100) == (None, None)
+    # per-input demos that a prompt version cannot store cannot win
+    knn = trial(5, 0.99, 0.95, 100, demos=DemoSpec("knn_tfidf", k=4))
+    assert choose_winner([best, knn], per_input_storable=False) == (best, best)
+    assert choose_winner([best, knn], per_input_storable=True) == (knn, knn)
+    # screened-only and rejected candidates never win
+    assert choose_winner([best, trial(6, 1.0, 0.9, 10, status="screened"),
+                          trial(7, 1.0, 0.9, 10, status="too_long")]) == (best, best)

@@ -695,9 +695,14 @@ def _outcome(seed: Trial, best: Trial | None, winner: Trial | None, improved: bo
                 f"interval, and the seed is the shortest prompt there "
                 f"({seed.prompt_tokens or 0:.0f} tokens per request). No new version.")
     gain = winner.score - seed.score
-    return (f"Candidate #{winner.id} ({winner.name}) scored {objective} {fmt(winner)} on validation vs the "
+    text = (f"Candidate #{winner.id} ({winner.name}) scored {objective} {fmt(winner)} on validation vs the "
             f"seed's {fmt(seed)} ({gain:+.3f}), {winner.prompt_tokens or 0:.0f} vs "
             f"{seed.prompt_tokens or 0:.0f} prompt tokens per request.")
+    if winner is not best:
+        text += (f" It won over the top scorer #{best.id} ({best.name}, {fmt(best)}) because it lies within "
+                 f"that 95% interval with fewer prompt tokens ({winner.prompt_tokens or 0:.0f} vs "
+                 f"{best.prompt_tokens or 0:.0f}).")
+    return text
 
 
 def _commit(ws, search: _Search, seed_prompt, winner: Trial, seed_trial: Trial, opt_id: str, plan: Budget,
