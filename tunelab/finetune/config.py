@@ -1,0 +1,160 @@
+"""The fine-tuning configuration: one typed schema for the YAML file (`--config FILE`) and the
+CLI flags (flags override the file). Unknown keys are errors that name the key.
+
+Fields left unset (None) are chosen from the dataset by `resolve()`, the way hosted fine-tuning
+services do: epochs scaled to the number of examples, a learning rate by method, a maximum length
+from the longest rendered example.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tunelab.errors import UserError
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MAX_AUTO_STEPS = 2000  # default epochs are lowered so that a run stays under this many steps
+MAX_AUTO_LENGTH = 1024
+
+
+class FineTuneConfig(BaseModel):
+    """What a user writes (a YAML file or flags). None means: chosen from the data."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    data: str | None = Field(None, description="dataset NAME[@VERSION]; trains on its train split, validates on its validation split")
+    prompt: str | None = Field(None, description="prompt NAME[@VERSION|@LABEL] that renders each example (the same prompt the fine-tuned candidate runs with)")
+    name: str | None = Field(None, description="name of the fine-tuned model: it becomes ft:NAME")
+    base: str = Field("smollm2-135m", description="base model: smollm2-135m (bundled) or a local Hugging Face model folder")
+    method: Literal["lora", "full"] = Field("lora", description="lora (train small adapter matrices) or full (train every weight)")
+    lr: float | None = Field(None, gt=0, description="peak learning rate (default: 2e-4 for lora, 2e-5 for full)")
+    batch_size: int = Field(8, ge=1, description="examples per batch")
+    grad_accum: int = Field(1, ge=1, description="batches per optimizer step (gradient accumulation)")
+    epochs: int | None = Field(None, ge=1, description="passes over the training split (default: 3 up to 1,000 examples, 2 up to 5,000, else 1)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (default: no limit beyond the epochs)")
+    lora_r: int = Field(8, ge=1, description="LoRA rank")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+                                      description="module names that get LoRA adapters (comma-separated on the command line)")
+    max_length: int | None = Field(None, ge=8, description="longest sequence in tokens; longer examples lose the middle of their prompt (default: the longest example, at most 1024)")
+    micro_batch_tokens: int = Field(2048, ge=64, description="most padded tokens in one forward pass; bigger batches are split and their gradients accumulated (bounds memory)")
+    seed: int = Field(0, description="seed for data order, dropout and initialization")
+    patience: int | None = Field(2, ge=1, description="stop after this many validations without improvement (none: never stop early)")
+    eval_every_steps: int | None = Field(None, ge=1, description="also validate every N optimizer steps (default: once per epoch)")
+    save_every_steps: int | None = Field(None, ge=1, description="write a crash-safe checkpoint every N optimizer steps (default: 25 for lora, each epoch only for full)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, about 30% slower")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast where the CPU/GPU supports it (fp32 master weights), else fp32")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming the learning rate up linearly")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this (none: no clipping)")
+    max_examples: int | None = Field(None, ge=1, description="train on at most this many examples (a seeded sample of the train split)")
+    max_val_examples: int | None = Field(None, ge=1, description="validate on at most this many examples (a seeded sample of the validation split)")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and not value:
+            raise ValueError("needs at least one module name, e.g. q_proj,v_proj")
+        return value
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr_positive(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and value <= 0:
+            raise ValueError(f"must be a positive learning rate such as 2e-4 (got {value})")
+        return value
+
+
+def field_help(name: str) -> str:
+    """A field's description (and its default): the CLI flags use it as their help text."""
+    info = FineTuneConfig.model_fields[name]
+    text = info.description or name
+    default = info.get_default(call_default_factory=True)
+    if "default" not in text and default is not None:
+        shown = ",".join(default) if isinstance(default, list) else default
+        text += f" (default: {shown})"
+    return text
+
+
+def validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(FineTuneConfig.model_fields)
+            parts.append(f"unknown key '{loc}' (known: {known})")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            value = err.get("input")
+            parts.append(f"field '{loc}': {msg}" + ("" if isinstance(value, (dict, list)) or value is None
+                                                      else f" (got {value!r})"))
+    return "; ".join(parts)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FineTuneConfig:
+    """The config from a YAML file (optional) with `overrides` (the flags that were given) on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError("config file not found", path=path) from None
+        except UnicodeDecodeError:
+            raise UserError("is not UTF-8 text", path=path) from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise UserError(f"YAML error: {getattr(exc, 'problem', exc)}", path=path,
+                            line=None if mark is None else mark.line + 1) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError("expected a mapping of fine-tuning settings (lr: 2e-4, epochs: 2, ...)", path=path)
+        data.update(loaded)
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return FineTuneConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(validation_message(exc), path=path) from None
+
+
+def default_epochs(n_train: int) -> int:
+    """Epochs by dataset size, as hosted fine-tuning services choose them."""
+    if n_train <= 1000:
+        return 3
+    if n_train <= 5000:
+        return 2
+    return 1
+
+
+def resolve(config: FineTuneConfig, n_train: int, longest: int) -> FineTuneConfig:
+    """A copy with every unset field chosen from the data (`n_train` examples, the longest
+    rendered example `longest` tokens)."""
+    changes: dict[str, Any] = {}
+    if config.lr is None:
+        changes["lr"] = 2e-4 if config.method == "lora" else 2e-5
+    if config.max_length is None:
+        changes["max_length"] = max(16, min(MAX_AUTO_LENGTH, longest))
+    batches = math.ceil(n_train / config.batch_size)
+    steps_per_epoch = max(1, math.ceil(batches / config.grad_accum))
+    if config.epochs is None:
+        epochs = default_epochs(n_train)
+        while epochs > 1 and epochs * steps_per_epoch > MAX_AUTO_STEPS:
+            epochs -= 1
+        changes["epochs"] = epochs
+        if config.max_steps is None and epochs * steps_per_epoch > MAX_AUTO_STEPS:
+            changes["max_steps"] = MAX_AUTO_STEPS
+    if config.save_every_steps is None and config.method == "lora":
+        changes["save_every_steps"] = 25
+    return config.model_copy(update=changes)

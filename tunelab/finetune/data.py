@@ -1,0 +1,142 @@
+"""Training data: examples rendered by the prompt as chat turns, tokenized, grouped by length.
+
+Each example becomes `prompt ids + completion ids`: the prompt is the chat template applied to the
+prompt's messages with the assistant header (exactly what the model sees when it answers), the
+completion is the example's output followed by the end-of-turn token. Only completion tokens
+carry a loss (the labels of prompt and padding are -100).
+
+Batches hold examples of similar length (sorted within seeded, shuffled mega-batches) so little
+padding is computed; a batch with more padded tokens than the token budget is split into
+micro-batches whose gradients are accumulated.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+IGNORE = -100
+MEGA_BATCH = 50  # batches per mega-batch in which examples are sorted by length
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    n_prompt: int  # the first n_prompt tokens are prompt (no loss); the rest is the completion
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_completion(self) -> int:
+        return len(self.input_ids) - self.n_prompt
+
+
+def end_of_turn(tokenizer) -> str:
+    """The special token the chat template puts after an assistant answer (`<|im_end|>` for
+    SmolLM2), found the way the local backend finds it; else the tokenizer's eos token."""
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\u2063XYZ\u2063"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+        after = text.split(marker, 1)[1] if marker in text else ""
+        ids = tokenizer(after, add_special_tokens=False).input_ids if after else []
+        if ids and ids[0] in set(tokenizer.all_special_ids):
+            return tokenizer.convert_ids_to_tokens(ids[0])
+    return tokenizer.eos_token or ""
+
+
+def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def completion_ids(tokenizer, output: str, eot: str | None = None) -> list[int]:
+    eot = end_of_turn(tokenizer) if eot is None else eot
+    return tokenizer(output + eot, add_special_tokens=False).input_ids
+
+
+def tokenize_pair(tokenizer, messages: list[dict[str, str]], output: str, eot: str | None = None) -> Tokenized:
+    prompt = prompt_ids(tokenizer, messages)
+    return Tokenized(prompt + completion_ids(tokenizer, output, eot), len(prompt))
+
+
+def truncate(item: Tokenized, max_length: int, keep_tail: int = 8) -> Tokenized:
+    """Fit `item` into `max_length` tokens: drop the middle of the prompt (its head holds the
+    instruction, its tail the assistant header), then, if still needed, the completion's end."""
+    if len(item) <= max_length:
+        return item
+    prompt, completion = item.input_ids[:item.n_prompt], item.input_ids[item.n_prompt:]
+    room = max_length - len(completion)
+    if room >= keep_tail + 1:
+        head = room - keep_tail
+        prompt = prompt[:head] + prompt[-keep_tail:]
+    else:
+        prompt = prompt[:1] + prompt[-keep_tail:]
+        completion = completion[:max(1, max_length - len(prompt))]
+    return Tokenized(prompt + completion, len(prompt), truncated=True)
+
+
+def sample(items: Sequence[Any], limit: int | None, seed: int) -> list[Any]:
+    """At most `limit` items, a seeded sample that keeps their order."""
+    items = list(items)
+    if limit is None or limit >= len(items):
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches (lists of example indices) of one epoch: a seeded shuffle, sorted by length
+    within mega-batches of MEGA_BATCH batches, then the batches shuffled. Same seed and epoch,
+    same batches: a resumed run sees the same order."""
+    rng = random.Random(f"{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = batch_size * MEGA_BATCH
+    batches: list[list[int]] = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i])
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def micro_batches(batch: list[int], lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Split a batch so that each piece pads to at most `token_budget` tokens (longest first)."""
+    ordered = sorted(batch, key=lambda i: -lengths[i])
+    pieces: list[list[int]] = []
+    current: list[int] = []
+    for i in ordered:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * longest > token_budget:
+            pieces.append(current)
+            current = []
+        current.append(i)
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def collate(items: Sequence[Tokenized], pad_id: int, torch_module=None) -> dict[str, Any]:
+    """Right-padded `input_ids`, `attention_mask` and `labels` (-100 on prompt and padding)."""
+    import torch
+
+    width = max(len(it) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    for row, it in enumerate(items):
+        n = len(it)
+        ids[row, :n] = torch.tensor(it.input_ids)
+        mask[row, :n] = 1
+        labels[row, it.n_prompt:n] = torch.tensor(it.input_ids[it.n_prompt:])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def render_examples(examples, render: Callable[[Any], list[dict[str, str]]], tokenizer) -> list[Tokenized]:
+    """Tokenize every example: `render(example)` gives its chat messages, its output the completion."""
+    eot = end_of_turn(tokenizer)
+    return [tokenize_pair(tokenizer, render(ex), ex.output, eot) for ex in examples]

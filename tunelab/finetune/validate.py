@@ -1,0 +1,104 @@
+"""Validation during training: the loss on the validation split and the task metric.
+
+The loss is the mean cross-entropy of the completion tokens, as in training. The task metric is the
+evaluator's: the training prompt on the model as it is at that step (merged into an inference copy,
+in the precision the fine-tuned model will be served in), answered by the local backend exactly as
+`tunelab eval ft:NAME` will answer it, scored with the metrics of `tunelab.metrics`. Training thus
+keeps the checkpoint that is best by the very number the comparison reports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from tunelab.finetune.data import Tokenized, collate, micro_batches
+
+EVAL_TOKEN_BUDGET = 4096
+SKIP_METRICS = ("format_valid", "free_accuracy")  # need free generation; not worth it every epoch
+
+
+def completion_logprobs(model, items: list[Tokenized], pad_id: int, bf16: bool) -> list[float]:
+    """Per item: the summed log-likelihood of its completion tokens."""
+    import torch
+
+    from tunelab.finetune.train import completion_loss
+
+    lengths = [len(it) for it in items]
+    sums = [0.0] * len(items)
+    for piece in micro_batches(list(range(len(items))), lengths, EVAL_TOKEN_BUDGET):
+        batch = collate([items[i] for i in piece], pad_id)
+        _, _, logits, select = completion_loss(model, batch, bf16)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        target = batch["labels"][:, 1:].to(logp.device)[select]
+        token_lp = logp.gather(1, target.unsqueeze(1)).squeeze(1)
+        offset = 0
+        for row, n in enumerate(select.sum(dim=1).tolist()):
+            sums[piece[row]] = float(token_lp[offset:offset + n].sum())
+            offset += n
+    return sums
+
+
+def make_validator(items: list[Tokenized], tokenizer, bf16: bool,
+                   task_metric: Callable[[Any], dict[str, Any]] | None = None):
+    """`validate(model) -> {loss, metric, metric_name, metrics}` over the validation items."""
+    n_tokens = sum(it.n_completion for it in items)
+
+    def validate(model) -> dict[str, Any]:
+        sums = completion_logprobs(model, items, tokenizer.pad_token_id, bf16)
+        result: dict[str, Any] = {"loss": round(-sum(sums) / max(1, n_tokens), 5)}
+        if task_metric is not None:
+            result.update(task_metric(model))
+        return result
+
+    return validate
+
+
+def inference_copy(model, precision: str):
+    """A copy of the training model as it would be served: LoRA merged, in `precision`."""
+    import copy
+
+    import torch
+
+    from tunelab.finetune.train import causal_lm
+
+    clone = copy.deepcopy(model)
+    if hasattr(clone, "merge_and_unload"):
+        clone = clone.merge_and_unload()
+    clone = causal_lm(clone)
+    if getattr(clone, "supports_gradient_checkpointing", False):
+        clone.gradient_checkpointing_disable()
+    clone.config.use_cache = True
+    clone.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    clone.eval()
+    return clone
+
+
+def evaluator_metric(prompt, demos, examples, base_dir: Path, precision: str, name: str):
+    """The task metric hook: `metric(model) -> {metric, metric_name, metrics}`."""
+    from tunelab.evaluate import PromptCandidate
+    from tunelab.metrics import Answer, OutputInfo, aggregate, default_metric_names, make_metrics, primary_metric
+    from tunelab.models.local import LocalModel
+
+    output = OutputInfo.of(prompt.output)
+    if output.type == "label" and not output.labels:
+        output.labels = sorted({ex.output for ex in examples})
+    metrics = make_metrics([n for n in default_metric_names(output) if n not in SKIP_METRICS], output)
+    primary = primary_metric(output)
+
+    def metric(model) -> dict[str, Any]:
+        served = LocalModel(name=f"ft:{name}@training", path=str(base_dir), precision=precision)
+        # LocalModel loads its weights lazily into `_model`; hand it the live copy instead.
+        served._model = inference_copy(model, served.precision)
+        candidate = PromptCandidate(prompt, served, demos, name=f"ft:{name}", kind="ft", free_text=False)
+        try:
+            completions = candidate.predict(list(examples))
+        finally:
+            served.close()
+        answers = [Answer(expected=ex.output, prediction=c.text, example=ex,
+                          extra={"label_logprobs": c.label_logprobs}) for ex, c in zip(examples, completions)]
+        values = aggregate(metrics, answers, resamples=200)
+        flat = {k: (None if v.value != v.value else round(float(v.value), 5)) for k, v in values.items()}
+        return {"metric": flat.get(primary), "metric_name": primary, "metrics": flat}
+
+    return metric
