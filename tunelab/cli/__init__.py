@@ -76,6 +76,10 @@ app.command(name="demo")(_compare.demo)
 from tunelab.cli import optimize as _optimize  # noqa: E402
 
 app.command(name="optimize")(_optimize.optimize)
+from tunelab.cli import finetune as _finetune  # noqa: E402
+
+app.command(name="finetune")(_finetune.finetune)
+app.command(name="export")(_finetune.export)
 # -------------------------------------------------------------------------------------------------
 
 
