@@ -1,0 +1,182 @@
+"""Evaluation throughput: the textbook loop against `tunelab eval`, in one process, on one model.
+
+The textbook loop answers one example at a time: render the chat messages, fp32 `model.generate`
+(greedy) of up to 8 new tokens, then parse (`match_label` for a label; for JSON up to 48 tokens and
+`json.loads`). `tunelab eval` is the library call `evaluate()` with its defaults (batched label
+scoring plus the free answer for the format-validity rate; batched generation for JSON), the
+response cache off. Both use the same prompt on the bundled SmolLM2-135M-Instruct.
+
+    python bench/eval_throughput.py                     # sms_spam (500) and restaurant8k_slots (100)
+    python bench/eval_throughput.py --textbook-n 30 --label-n 200 --json-n 50
+
+Goals: >= 15x for label outputs, >= 8x for JSON extraction. The textbook loop runs on a prefix of
+the examples (its examples/s is what is compared). Shared data: TUNELAB_SHARED_DATA, else
+../shared/data next to the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LABEL_PROMPT = """---
+output: {type: label, labels: [ham, spam]}
+---
+user:
+Is this SMS message spam or ham? Answer with one word: spam or ham.
+
+Message: {{ input }}
+"""
+
+SLOTS_SCHEMA = ('{type: object, additionalProperties: false, properties: {people: {type: string}, '
+                'date: {type: string}, time: {type: string}, first_name: {type: string}, last_name: {type: string}}}')
+
+JSON_PROMPT = f"""---
+max_tokens: 48
+output: {{type: json, schema: {SLOTS_SCHEMA}}}
+demos:
+  - {{input: "table for 4 people tomorrow at 7pm", output: '{{"people": "4 people", "date": "tomorrow", "time": "7pm"}}'}}
+  - {{input: "hi there", output: '{{}}'}}
+---
+user:
+Extract the booking slots (people, date, time, first_name, last_name) from the message as a JSON object. Use {{}} when there are none.
+
+Message: {{{{ input }}}}
+"""
+
+
+def shared_data() -> Path:
+    path = Path(os.environ.get("TUNELAB_SHARED_DATA") or REPO.parent / "shared" / "data")
+    if not path.is_dir():
+        sys.exit(f"shared data sets not found at {path} (set TUNELAB_SHARED_DATA)")
+    return path
+
+
+def load_examples(folder: Path, split: str, n: int):
+    from tunelab.datasets import Example
+
+    with (folder / f"{split}.jsonl").open(encoding="utf-8") as f:
+        return [Example.from_dict(json.loads(line)) for line, _ in zip(f, range(n))]
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def textbook_loop(hf_model, tokenizer, prompt, examples, max_new_tokens: int, parse) -> tuple[float, list]:
+    """One example at a time: render, generate greedily in fp32, parse. Returns (examples/s, answers)."""
+    import torch
+
+    answers = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for ex in examples:
+            text = tokenizer.apply_chat_template(prompt.render(ex), add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+            out = hf_model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            answers.append(parse(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
+    return len(examples) / (time.perf_counter() - start), answers
+
+
+def parse_json_answer(text: str):
+    try:
+        return json.loads(text.strip())
+    except json.JSONDecodeError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--label-n", type=int, default=500, help="sms_spam test examples for tunelab eval")
+    ap.add_argument("--textbook-n", type=int, default=60, help="sms_spam examples for the textbook loop")
+    ap.add_argument("--json-n", type=int, default=100, help="restaurant8k_slots examples for tunelab eval")
+    ap.add_argument("--json-textbook-n", type=int, default=20, help="slots examples for the textbook loop")
+    ap.add_argument("--skip-json", action="store_true", help="only the label benchmark")
+    ap.add_argument("--skip-label", action="store_true", help="only the JSON benchmark")
+    ap.add_argument("--no-free-text", action="store_true",
+                    help="tunelab without the free answer of label outputs (label scoring only)")
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.datasets import save_dataset
+    from tunelab.evaluate import evaluate, resolve_candidate
+    from tunelab.models.base import match_label
+    from tunelab.models.weights import bundled_model_dir
+    from tunelab.prompts import load_prompt
+    from tunelab.workspace import Workspace
+
+    data = shared_data()
+    tmp = tempfile.TemporaryDirectory(prefix="tunelab-bench-")
+    ws = Workspace.init(Path(tmp.name) / "ws")
+    (ws.prompts_dir / "spam.prompt").write_text(LABEL_PROMPT, encoding="utf-8")
+    (ws.prompts_dir / "slots.prompt").write_text(JSON_PROMPT, encoding="utf-8")
+
+    model_dir = bundled_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf_fp32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {load_average()}")
+    results = {}
+
+    def bench(kind: str, dataset: str, prompt_name: str, n_tool: int, n_text: int, max_new: int, parse, correct):
+        folder = data / dataset
+        examples = load_examples(folder, "test", max(n_tool, n_text))
+        save_dataset(ws, prompt_name, {"test": examples[:n_tool]})
+        prompt = load_prompt(ws, prompt_name)
+        cand = resolve_candidate(ws, prompt_name, free_text=not args.no_free_text)
+        cand.model.complete(cand.requests(examples[:2]))  # load the weights before timing
+        print(f"\n[{kind}] {dataset}: textbook loop on {n_text} examples (fp32 generate, <= {max_new} tokens) ...")
+        la0 = load_average()
+        text_rate, answers = textbook_loop(hf_fp32, tokenizer, prompt, examples[:n_text], max_new, parse)
+        text_acc = sum(correct(a, ex) for a, ex in zip(answers, examples)) / n_text
+        print(f"  textbook: {text_rate:.2f} examples/s (primary metric on its {n_text}: {text_acc:.3f}); "
+              f"load average {la0} -> {load_average()}")
+        print(f"[{kind}] tunelab eval on {n_tool} examples ({cand.model.precision}) ...")
+        la0 = load_average()
+        start = time.perf_counter()
+        result = evaluate(ws, cand, f"{prompt_name}:test", use_cache=False, rerun=True, progress=False)
+        wall = time.perf_counter() - start
+        rate = n_tool / wall
+        primary = result.primary_metric
+        print(f"  tunelab:  {rate:.2f} examples/s ({wall:.1f} s wall; {primary} "
+              f"{result.metrics[primary]['value']:.3f}); load average {la0} -> {load_average()}")
+        extra = {k: round(v["value"], 3) for k, v in result.metrics.items() if v.get("value") is not None}
+        print(f"  metrics: {extra}")
+        print(f"  ratio: {rate / text_rate:.1f}x")
+        results[kind] = {"textbook_examples_per_s": text_rate, "tunelab_examples_per_s": rate,
+                         "ratio": rate / text_rate, "n_tunelab": n_tool, "n_textbook": n_text}
+
+    if not args.skip_label:
+        bench("label", "sms_spam", "spam", args.label_n, args.textbook_n, 8,
+              lambda text: match_label(text, ["ham", "spam"]), lambda a, ex: a == ex.output)
+    if not args.skip_json:
+        def json_correct(a, ex):
+            return a is not None and a == json.loads(ex.output)
+
+        bench("json", "restaurant8k_slots", "slots", args.json_n, args.json_textbook_n, 48, parse_json_answer,
+              json_correct)
+    print("\nsummary:")
+    goals = {"label": 15, "json": 8}
+    for kind, r in results.items():
+        print(f"  {kind}: textbook {r['textbook_examples_per_s']:.2f} ex/s, tunelab {r['tunelab_examples_per_s']:.2f} "
+              f"ex/s, ratio {r['ratio']:.1f}x (goal >= {goals[kind]}x)")
+    print(json.dumps({"eval_throughput": results, "load_average": load_average()}))
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
