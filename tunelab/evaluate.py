@@ -31,6 +31,11 @@ index included)} is there, and stores what it computes. Re-running an unchanged 
 nothing; repeats have different seeds, so the cache never hands the first answer back K times.
 A cached completion keeps its measured latency and tokens, so its row (and cost) is as measured.
 
+A router (`tunelab.router.load_router(ws, name) -> Candidate`, kind "hybrid") should answer
+through `CachedModel` when `with_cache` is called, put the route it took in `Completion.meta`
+(stored in the row's extra["meta"]) and, since it mixes models, the request's price in
+`Completion.meta["cost"]` (see `request_cost`), which the run uses instead of its own pricing.
+
 Runs
 ----
 `evaluate()` keys a run by sha256 of (candidate fingerprint, dataset version, split, limit,

@@ -73,6 +73,9 @@ def print_summary(result) -> None:
     head = f"run {r.id}: {r.candidate} ({r.kind}) on {r.model}; {r.dataset}@{r.dataset_version}:{r.split}, " \
            f"{r.n_examples} examples" + (f" x {r.repeat} repeats" if r.repeat > 1 else "")
     notes = []
+    if r.status != "done":
+        notes.append(f"status {r.status}: {r.rows} of {r.n_examples * r.repeat} answers stored; run the same "
+                     "command again to resume")
     if r.reused:
         notes.append("finished earlier with this configuration; shown as stored (--rerun to run again)")
     if r.resumed:
