@@ -13,7 +13,7 @@ from tunelab.server.app import create_app
 
 
 def test_completes_a_batch_through_tunelabs_own_gateway(workspace):
-    with serve_app(create_app(workspace)) as url:
+    with serve_app(create_app(workspace, auth=False)) as url:
         model = OpenAIModel(name="gw", model="fake", base_url=f"{url}/v1", concurrency=4)
         reqs = [Request(messages=[{"role": "user", "content": f"hello number {i}"}], max_tokens=8) for i in range(6)]
         out = model.complete(reqs)
@@ -25,7 +25,7 @@ def test_completes_a_batch_through_tunelabs_own_gateway(workspace):
 
 
 def test_label_requests_match_the_generated_answer(workspace):
-    with serve_app(create_app(workspace)) as url:
+    with serve_app(create_app(workspace, auth=False)) as url:
         model = OpenAIModel(name="gw", model="fake", base_url=f"{url}/v1")
         out = model.complete([
             Request(messages=[{"role": "user", "content": "spam"}], labels=["ham", "spam"]),
@@ -149,7 +149,7 @@ def test_api_key_comes_from_the_named_environment_variable(monkeypatch):
 def test_gateway_streams_server_sent_events(workspace):
     import httpx
 
-    with serve_app(create_app(workspace)) as url:
+    with serve_app(create_app(workspace, auth=False)) as url:
         with httpx.stream("POST", f"{url}/v1/chat/completions",
                           json={"model": "fake", "stream": True,
                                 "messages": [{"role": "user", "content": "stream me"}]}) as resp:
@@ -166,7 +166,7 @@ def test_gateway_streams_server_sent_events(workspace):
 def test_gateway_unknown_deployment_is_404_in_openai_shape(workspace):
     import httpx
 
-    with serve_app(create_app(workspace)) as url:
+    with serve_app(create_app(workspace, auth=False)) as url:
         resp = httpx.post(f"{url}/v1/chat/completions",
                           json={"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]})
     assert resp.status_code == 404

@@ -57,6 +57,9 @@ def init(
 from tunelab.cli import serve as _serve  # noqa: E402
 
 app.command(name="serve")(_serve.serve)
+app.command(name="worker")(_serve.worker)
+app.add_typer(_serve.keys_app, name="keys")
+app.add_typer(_serve.logs_app, name="logs")
 from tunelab.cli import prompt as _prompt  # noqa: E402
 
 app.add_typer(_prompt.app, name="prompt")

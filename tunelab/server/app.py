@@ -10,11 +10,18 @@
 
 For a prompt deployment the template variables come from the extension field
 `tunelab_variables` (an object), or else the last user message becomes `input`.
+
+Every endpoint needs an API key (`Authorization: Bearer tl-...`, see `tunelab keys create`) or a
+web UI session, and a role (`tunelab.server.auth`); `create_app(ws, auth=False)` opts out (tests of
+the OpenAI wire format only). Each key is rate-limited (token bucket; 429 with Retry-After). Every
+gateway call is logged in the store (`tunelab.server.logs`). The web UI lives in
+`tunelab.server.ui`; background jobs in `tunelab.server.jobs`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -25,6 +32,7 @@ from tunelab.errors import NotFound, UserError
 from tunelab.models.base import Completion, Request
 
 
+from fastapi import Request as HttpRequest  # noqa: E402  (FastAPI reads annotations by name)
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 
@@ -50,12 +58,39 @@ class Deployment:
     name: str
     kind: str  # prompt | model | hybrid
     answer: Callable[[list[dict], dict, dict], Completion]
+    version: str | None = None  # the prompt version, for prompt deployments
+    pricing: Any = None  # the workspace pricing of the model that answers
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
+
+
+def check_deployment_name(workspace, name: str) -> None:
+    """Only names of this workspace's deployments: prompts, `ft:`/`hybrid:` names, configured models
+    and the built-in ones. Raw paths (`local:PATH`, `../x`) never reach the loader."""
+    from tunelab.models import load_model  # noqa: F401  (the names below are its specs)
+
+    if name == workspace.config.default_model or name in workspace.config.models or name in BUILTIN_MODELS:
+        return
+    base, _, at = name.partition("@")
+    kind, _, rest = base.partition(":") if ":" in base else ("", "", base)
+    ok = SAFE_NAME.fullmatch(rest) is not None and ".." not in rest and (not at or SAFE_NAME.fullmatch(at))
+    if kind not in ("", "ft", "hybrid"):
+        ok = False
+    if ok and not kind and not at:
+        ok = (workspace.prompts_dir / f"{rest}.prompt").is_file()
+    if not ok:
+        raise NotFound(f"unknown model or deployment '{name}' (see GET /v1/models)")
+
+
+BUILTIN_MODELS = {"fake", "smollm2-135m"}
 
 
 def resolve_deployment(workspace, name: str) -> Deployment:
     """The deployment called `name` (see the module doc)."""
     from tunelab.models import load_model
 
+    check_deployment_name(workspace, name)
     if name.startswith("hybrid:"):
         from tunelab.datasets import Example
         from tunelab.router import load_router
@@ -66,7 +101,7 @@ def resolve_deployment(workspace, name: str) -> Deployment:
             example = Example(input=variables.get("input", _last_user(messages)), output="", meta=variables)
             return router.predict([example], 0)[0]
 
-        return Deployment(name, "hybrid", answer_hybrid)
+        return Deployment(name, "hybrid", answer_hybrid, pricing=_free())
 
     prompt_name = name.split("@", 1)[0]
     if ("@" in name or (workspace.prompts_dir / f"{prompt_name}.prompt").is_file()) and not name.startswith("ft:"):
@@ -86,7 +121,7 @@ def resolve_deployment(workspace, name: str) -> Deployment:
             with lock:
                 return model.complete([request])[0]
 
-        return Deployment(name, "prompt", answer_prompt)
+        return Deployment(name, "prompt", answer_prompt, version=prompt.version, pricing=_pricing(workspace, model))
 
     model = load_model(name, workspace)
     lock = _model_lock(model)
@@ -96,7 +131,17 @@ def resolve_deployment(workspace, name: str) -> Deployment:
         with lock:
             return model.complete([request])[0]
 
-    return Deployment(name, "model", answer_model)
+    return Deployment(name, "model", answer_model, pricing=_pricing(workspace, model))
+
+
+def _pricing(workspace, model):
+    return workspace.pricing_for(getattr(model, "name", ""), getattr(model, "backend", ""))
+
+
+def _free():
+    from tunelab.workspace import Pricing
+
+    return Pricing()
 
 
 _locks: dict[int, threading.Lock] = {}
@@ -121,12 +166,24 @@ def _last_user(messages: list[dict]) -> str:
     return next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
 
 
-def create_app(workspace):
-    """The FastAPI app serving `workspace`'s deployments."""
-    from fastapi import FastAPI, HTTPException
+def create_app(workspace, *, auth: bool = True, rate: float = 20.0, burst: int = 200, ui: bool = True,
+               worker: bool = False):
+    """The FastAPI app serving `workspace`: the gateway, the JSON API and the web UI.
+
+    `auth=False` lets every request in as an admin (only for tests of the wire format);
+    `rate`/`burst`: the token bucket per key (`rate=0`: no limit); `worker`: run a background-job
+    worker thread while the app runs.
+    """
+    from fastapi import Depends, FastAPI, HTTPException
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    app = FastAPI(title="tunelab gateway", version="0.1.0")
+    from tunelab.server import auth as keys
+    from tunelab.server.logs import log_call
+
+    app = FastAPI(title="tunelab gateway", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.workspace = workspace
+    app.state.auth = auth
+    app.state.limiter = keys.RateLimiter(rate, burst)
     deployments: dict[str, Deployment] = {}
     deploy_lock = threading.Lock()
 
@@ -141,18 +198,36 @@ def create_app(workspace):
                     raise HTTPException(400, detail={"message": str(exc), "type": "invalid_request"}) from None
             return deployments[name]
 
+    app.state.forget_deployments = deployments.clear  # after a deploy, labels point elsewhere
+
     @app.exception_handler(HTTPException)
-    async def _openai_errors(_request, exc: HTTPException):
+    async def _openai_errors(request, exc: HTTPException):
+        if exc.status_code == 401 and request.url.path.startswith("/ui") and request.method == "GET":
+            from fastapi.responses import RedirectResponse
+
+            return RedirectResponse("/login", status_code=303)
         detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail)}
-        return JSONResponse({"error": detail}, status_code=exc.status_code)
+        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.middleware("http")
+    async def _security_headers(request, call_next):
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if not request.url.path.startswith("/ui/comparisons/"):
+            response.headers.setdefault("X-Frame-Options", "SAMEORIGIN")
+        return response
+
+    viewer = require("viewer")
+    app.state.require = require
 
     @app.get("/v1/models")
-    def list_models():
+    def list_models(key: keys.KeyInfo = Depends(viewer)):
         names = _deployment_names(workspace)
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "tunelab"} for n in names]}
 
     @app.post("/v1/chat/completions")
-    def chat_completions(body: ChatRequest):
+    def chat_completions(body: ChatRequest, key: keys.KeyInfo = Depends(viewer)):
         dep = deployment(body.model)
         params: dict[str, Any] = {}
         if body.temperature is not None:
@@ -164,10 +239,26 @@ def create_app(workspace):
         if body.stop:
             params["stop"] = [body.stop] if isinstance(body.stop, str) else body.stop
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        variables = dict(body.tunelab_variables or {})
+        record = {"key_name": key.name, "deployment": body.model, "kind": dep.kind, "prompt_version": dep.version,
+                  "messages": messages, "variables": _jsonable(variables), "meta": {"params": params,
+                                                                                   "stream": body.stream}}
+        started = time.perf_counter()
         try:
-            comp = dep.answer(messages, dict(body.tunelab_variables or {}), params)
+            comp = dep.answer(messages, variables, params)
         except UserError as exc:
+            log_call(workspace, **record, status="error", error=str(exc), latency_s=time.perf_counter() - started)
             raise HTTPException(400, detail={"message": str(exc), "type": "invalid_request"}) from None
+        except Exception as exc:  # a model that fails is logged and answered as a 500, never silently
+            log_call(workspace, **record, status="error", error=f"{type(exc).__name__}: {exc}",
+                     latency_s=time.perf_counter() - started)
+            raise HTTPException(500, detail={"message": "the deployment failed to answer", "type": "server_error"}) from None
+        from tunelab.evaluate import request_cost
+
+        cost = request_cost(dep.pricing, comp) if dep.pricing is not None else 0.0
+        log_call(workspace, **record, output=comp.text, prompt_tokens=comp.prompt_tokens,
+                 completion_tokens=comp.completion_tokens, latency_s=comp.latency_s or (time.perf_counter() - started),
+                 cost=cost, status="ok")
         created = int(time.time())
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         usage = {"prompt_tokens": comp.prompt_tokens, "completion_tokens": comp.completion_tokens,
@@ -188,10 +279,118 @@ def create_app(workspace):
             "choices": [{"index": 0, "message": {"role": "assistant", "content": comp.text},
                          "finish_reason": "stop"}],
             "usage": usage,
-            "tunelab": {"latency_s": comp.latency_s, "label_logprobs": comp.label_logprobs},
+            "tunelab": {"latency_s": comp.latency_s, "label_logprobs": comp.label_logprobs,
+                        "prompt_version": dep.version},
         }
 
+    from tunelab.server.api import router as api_router
+
+    app.include_router(api_router)
+    if ui:
+        from tunelab.server.ui import mount_ui
+
+        mount_ui(app)
+    if worker:
+        from tunelab.server.jobs import Worker
+
+        app.state.worker = Worker(workspace)
+
+        @app.on_event("startup")
+        def _start_worker():
+            app.state.worker.start()
+
+        @app.on_event("shutdown")
+        def _stop_worker():
+            app.state.worker.stop()
+
     return app
+
+
+def require(role: str):
+    """A FastAPI dependency: the caller's key, which must have at least `role`.
+
+    A key comes from `Authorization: Bearer tl-...`, or from the UI session cookie; a cookie
+    request that changes something (any method but GET/HEAD) must carry the session's CSRF token
+    (form field `csrf` or header `X-CSRF-Token`). Every accepted key takes a token from its bucket.
+    """
+    from fastapi import HTTPException
+
+    from tunelab.server import auth as keys
+
+    async def dependency(request: HttpRequest) -> keys.KeyInfo:
+        app = request.app
+        ws = app.state.workspace
+        if not app.state.auth:
+            return keys.KeyInfo(0, "anonymous", "admin")
+        header = request.headers.get("authorization", "")
+        key = None
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() == "bearer":
+                key = keys.authenticate(ws, token.strip())
+            if key is None:
+                raise HTTPException(401, detail={"message": "invalid API key", "type": "invalid_api_key"},
+                                    headers={"WWW-Authenticate": "Bearer"})
+        else:
+            found = keys.session_key(ws, request.cookies.get(SESSION_COOKIE))
+            if found is None:
+                raise HTTPException(401, detail={"message": "an API key is required (Authorization: Bearer KEY)",
+                                                 "type": "invalid_api_key"}, headers={"WWW-Authenticate": "Bearer"})
+            key, csrf = found
+            request.state.csrf = csrf
+            if request.method not in ("GET", "HEAD"):
+                sent = request.headers.get("x-csrf-token")
+                if sent is None:
+                    sent = (await form_fields(request)).get("csrf")
+                import hmac
+
+                if not sent or not hmac.compare_digest(str(sent), csrf):
+                    raise HTTPException(403, detail={"message": "missing or wrong CSRF token", "type": "csrf"})
+        wait = app.state.limiter.take(key.name)
+        if wait > 0:
+            import math
+
+            raise HTTPException(429, detail={"message": f"rate limit for key '{key.name}'", "type": "rate_limit"},
+                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        if not key.can(role):
+            raise HTTPException(403, detail={"message": f"this needs the {role} role (key '{key.name}' is "
+                                                        f"{key.role})", "type": "forbidden"})
+        request.state.key = key
+        return key
+
+    return dependency
+
+
+SESSION_COOKIE = "tunelab_session"
+MAX_FORM_BYTES = 2_000_000
+
+
+async def form_fields(request: HttpRequest) -> dict[str, str]:
+    """The fields of an `application/x-www-form-urlencoded` body (what HTML forms and HTMX send),
+    parsed once per request; other bodies have no fields."""
+    from urllib.parse import parse_qsl
+
+    from fastapi import HTTPException
+
+    cached = getattr(request.state, "form_fields", None)
+    if cached is not None:
+        return cached
+    fields: dict[str, str] = {}
+    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        body = await request.body()
+        if len(body) > MAX_FORM_BYTES:
+            raise HTTPException(413, detail={"message": "form too large", "type": "invalid_request"})
+        fields = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+    request.state.form_fields = fields
+    return fields
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return json.loads(json.dumps(value, default=str))
 
 
 def _deployment_names(workspace) -> list[str]:
@@ -214,7 +413,9 @@ def _deployment_names(workspace) -> list[str]:
     return names
 
 
-def serve(workspace, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def serve(workspace, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", *,
+          worker: bool = True, rate: float = 20.0, burst: int = 200) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(workspace), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(workspace, worker=worker, rate=rate, burst=burst), host=host, port=port,
+                log_level=log_level)

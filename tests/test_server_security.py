@@ -1,0 +1,221 @@
+"""Security of the team server: keys, roles, CSRF, workspace isolation, injection, sandbox, secrecy."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tunelab.prompts import commit_prompt, tag_prompt, write_text_atomic
+from tunelab.server.app import SESSION_COOKIE, create_app
+from tunelab.server.auth import create_key
+from tunelab.workspace import Workspace
+
+PROMPT = """---
+model: fake
+output: {type: text}
+---
+user:
+{{ input }}
+"""
+
+
+@pytest.fixture
+def server(workspace):
+    write_text_atomic(workspace.prompts_dir / "greet.prompt", PROMPT)
+    commit_prompt(workspace, "greet", "first")
+    tag_prompt(workspace, "greet@current", "production")
+    keys = {role: create_key(workspace, f"{role}-key", role)[1] for role in ("viewer", "editor", "admin")}
+    client = TestClient(create_app(workspace), base_url="http://127.0.0.1")
+    return workspace, client, keys
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def chat(client, key, content="hello", model="greet@production"):
+    return client.post("/v1/chat/completions", headers=bearer(key) if key else {},
+                       json={"model": model, "messages": [{"role": "user", "content": content}]})
+
+
+def login(client, key) -> str:
+    """Log the client in; returns the page's CSRF token."""
+    r = client.post("/login", data={"api_key": key}, follow_redirects=False)
+    assert r.status_code == 303 and SESSION_COOKIE in r.cookies
+    set_cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in set_cookie and "samesite=strict" in set_cookie
+    page = client.get("/ui/prompts")
+    return re.search(r'name="csrf" value="([^"]+)"', page.text).group(1) if 'name="csrf"' in page.text else \
+        re.search(r'"X-CSRF-Token": "([^"]+)"', page.text).group(1)
+
+
+def test_no_key_or_a_wrong_key_is_401_everywhere(server):
+    ws, client, keys = server
+    assert chat(client, None).status_code == 401
+    assert chat(client, "tl-not-a-real-key").status_code == 401
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/api/logs").status_code == 401
+    assert client.get("/api/jobs", headers={"Authorization": "Basic abc"}).status_code == 401
+    # pages send the browser to the login page; posts are refused
+    r = client.get("/ui/prompts", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    assert client.post("/ui/prompts/greet/commit", data={"text": PROMPT, "message": "x"}).status_code == 401
+    assert chat(client, keys["viewer"]).status_code == 200
+
+
+def test_a_revoked_key_is_401_and_its_sessions_end(server, cli):
+    ws, client, keys = server
+    login(client, keys["editor"])
+    assert cli("keys", "revoke", "editor-key").exit_code == 0
+    assert chat(client, keys["editor"]).status_code == 401
+    assert client.get("/ui/prompts", follow_redirects=False).status_code == 303
+
+
+def test_roles_viewer_cannot_edit_editor_cannot_deploy(server):
+    ws, client, keys = server
+    assert client.post("/api/jobs", headers=bearer(keys["viewer"]),
+                       json={"kind": "eval", "args": {"candidate": "greet", "data": "x"}}).status_code == 403
+    assert client.post("/api/logs/export", headers=bearer(keys["viewer"]), json={"name": "d"}).status_code == 403
+    # a viewer logged into the UI, with a valid CSRF token, still may not commit
+    csrf = login(client, keys["viewer"])
+    before = (ws.prompts_dir / "greet.prompt").read_text()
+    r = client.post("/ui/prompts/greet/commit", data={"csrf": csrf, "text": PROMPT + "x\n", "message": "m"})
+    assert r.status_code == 403
+    assert (ws.prompts_dir / "greet.prompt").read_text() == before
+    assert client.get("/ui/keys").status_code == 403
+    # an editor may commit but not deploy
+    client.cookies.clear()
+    csrf = login(client, keys["editor"])
+    r = client.post("/ui/prompts/greet/commit", data={"csrf": csrf, "text": PROMPT + "Be brief.\n", "message": "m"})
+    assert r.status_code == 200 and "committed" in r.text
+    r = client.post("/ui/prompts/greet/tag", data={"csrf": csrf, "version": "current", "label": "production"})
+    assert r.status_code == 403
+
+
+def test_bad_or_missing_csrf_token_is_403(server):
+    ws, client, keys = server
+    csrf = login(client, keys["admin"])
+    text = PROMPT + "changed\n"
+    assert client.post("/ui/prompts/greet/commit", data={"text": text, "message": "m"}).status_code == 403
+    assert client.post("/ui/prompts/greet/commit", data={"csrf": "forged", "text": text, "message": "m"}).status_code == 403
+    assert client.post("/ui/prompts/greet/commit", headers={"X-CSRF-Token": "forged"},
+                       data={"text": text, "message": "m"}).status_code == 403
+    assert client.post("/ui/prompts/greet/commit", headers={"X-CSRF-Token": csrf},
+                       data={"text": text, "message": "m"}).status_code == 200
+
+
+def test_another_workspaces_key_is_unknown_here(server, tmp_path):
+    ws, client, keys = server
+    other = Workspace.init(tmp_path / "other")
+    _, other_key = create_key(other, "admin-key", "admin")
+    assert chat(client, other_key).status_code == 401
+    assert client.post("/login", data={"api_key": other_key}).status_code == 401
+    with TestClient(create_app(other)) as other_client:
+        assert other_client.post("/v1/chat/completions", headers=bearer(keys["admin"]),
+                                 json={"model": "fake", "messages": [{"role": "user", "content": "x"}]}).status_code == 401
+
+
+@pytest.mark.parametrize("name", ["../x", "..%2Fx", "../../tunelab", "local:/etc", "local:../../x",
+                                  "/etc/passwd.prompt", "../greet.prompt", "greet@../../x", "ft:../x", "hybrid:../x"])
+def test_no_deployment_name_escapes_the_workspace(server, name):
+    ws, client, keys = server
+    (ws.root.parent / "x.prompt").write_text(PROMPT)
+    r = chat(client, keys["admin"], model=name)
+    assert r.status_code in (400, 404), r.text
+    assert "error" in r.json()
+
+
+@pytest.mark.parametrize("path", ["/ui/prompts/..%2F..%2Fx", "/ui/prompts/%2E%2E/history", "/ui/datasets/..%2Fx",
+                                  "/ui/prompts/greet/diff?a=..%2F..%2Fx&b=current", "/ui/runs/..%2F..%2Fx",
+                                  "/ui/comparisons/..%2Fx/report"])
+def test_no_page_takes_a_path_out_of_the_workspace(server, path):
+    ws, client, keys = server
+    (ws.root.parent / "x.prompt").write_text("---\nmodel: fake\n---\nSECRET OUTSIDE\n")
+    login(client, keys["admin"])
+    r = client.get(path, follow_redirects=False)
+    assert r.status_code == 404, (path, r.status_code)
+    assert "SECRET OUTSIDE" not in r.text
+
+
+INJECTIONS = ["'); DROP TABLE call_logs; --", "<script>alert('x')</script>", "\"><img src=x onerror=alert(1)>"]
+
+
+def test_sql_and_html_injection_strings_are_inert(server):
+    ws, client, keys = server
+    body = PROMPT + "".join(f"{s}\n" for s in INJECTIONS)
+    csrf = login(client, keys["admin"])
+    for s in INJECTIONS:
+        assert chat(client, keys["viewer"], content=s).status_code == 200
+    r = client.post("/ui/prompts/greet/commit", data={"csrf": csrf, "text": body, "message": INJECTIONS[0] + INJECTIONS[1]})
+    assert r.status_code == 200 and "committed" in r.text
+    r = client.post("/ui/prompts", data={"csrf": csrf, "name": INJECTIONS[1]})
+    assert r.status_code == 400 and "<script>" not in r.text and "&lt;script&gt;" in r.text
+    for page in ("/ui/logs", "/ui/prompts/greet"):
+        html = client.get(page).text
+        assert "<script>alert" not in html and "<img src=x" not in html
+        assert "&lt;script&gt;alert(" in html
+    preview = client.post("/ui/prompts/greet/render", headers={"X-CSRF-Token": csrf},
+                          data={"text": body, "sample": INJECTIONS[2]}).text
+    assert "<img src=x" not in preview and "&lt;img src=x" in preview
+    # the database is intact and holds the strings as plain text
+    from tunelab.server.logs import list_calls
+
+    calls = list_calls(ws)
+    assert {c.output for c in calls} >= set(INJECTIONS)
+    r = client.get("/api/logs", headers=bearer(keys["viewer"]))
+    assert r.status_code == 200 and len(r.json()["calls"]) == len(INJECTIONS)
+
+
+@pytest.mark.parametrize("payload", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ input.__class__.__init__.__globals__ }}",
+    "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    "{% set x = [].__class__.__base__.__subclasses__() %}{{ x }}",
+])
+def test_sandbox_escapes_in_a_prompt_body_fail_with_an_error(server, payload):
+    ws, client, keys = server
+    csrf = login(client, keys["admin"])
+    text = PROMPT.replace("{{ input }}", payload)
+    r = client.post("/ui/prompts/greet/render", headers={"X-CSRF-Token": csrf}, data={"text": text, "sample": "x"})
+    assert r.status_code == 200 and 'class="error"' in r.text
+    assert "uid=" not in r.text and "subprocess" not in r.text.lower() and "Popen" not in r.text
+    r = client.post("/ui/prompts/greet/run", headers={"X-CSRF-Token": csrf}, data={"text": text, "sample": "x"})
+    assert 'class="error"' in r.text and "uid=" not in r.text
+
+
+def test_keys_never_appear_in_logs_pages_or_the_database(server, cli, capsys):
+    ws, client, keys = server
+    for key in keys.values():
+        assert chat(client, key, content="ping").status_code == 200
+    csrf = login(client, keys["admin"])
+    r = client.post("/ui/keys", data={"csrf": csrf, "name": "newcomer", "role": "viewer"})
+    new_key = re.search(r'id="new-key">([^<]+)<', r.text).group(1)
+    assert r.headers["cache-control"] == "no-store"
+    all_keys = [*keys.values(), new_key]
+    pages = [client.get(p).text for p in ("/ui/keys", "/ui/logs", "/ui/prompts", "/ui/prompts/greet", "/ui/jobs")]
+    pages.append(client.get("/api/logs", headers=bearer(keys["admin"])).text)
+    listing = cli("keys", "list").output + cli("keys", "list", "--json").output + cli("logs", "list").output
+    db_bytes = b""
+    for path in ws.state_dir.glob("tunelab.db*"):
+        db_bytes += path.read_bytes()
+    logged = capsys.readouterr()
+    for key in all_keys:
+        secret = key[len("tl-"):]
+        for text in (*pages, listing, logged.out, logged.err):
+            assert secret not in text
+        assert secret.encode() not in db_bytes
+    assert "viewer-key" in pages[1]  # the logs name the key, not the key
+
+
+def test_rate_limit_per_key_is_429_with_retry_after(workspace):
+    write_text_atomic(workspace.prompts_dir / "greet.prompt", PROMPT)
+    _, a = create_key(workspace, "a", "viewer")
+    _, b = create_key(workspace, "b", "viewer")
+    client = TestClient(create_app(workspace, rate=0.5, burst=3))
+    codes = [chat(client, a, model="greet").status_code for _ in range(5)]
+    assert codes == [200, 200, 200, 429, 429]
+    r = chat(client, a, model="greet")
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert chat(client, b, model="greet").status_code == 200  # buckets are per key

@@ -1,0 +1,115 @@
+"""The JSON API beside the gateway (Bearer key or UI session; roles as in `tunelab.server.auth`).
+
+    GET  /api/prompts                 viewer   the prompts and their status
+    GET  /api/logs?deployment=D       viewer   the newest call logs
+    POST /api/logs/export             editor   {"name": DATASET, "deployment": D} -> a dataset
+    GET  /api/jobs, /api/jobs/{id}    viewer   background jobs
+    POST /api/jobs                    editor   {"kind": "eval"|"optimize"|"finetune", "args": {...}}
+    GET  /api/whoami                  viewer   the caller's key name and role
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel, ConfigDict
+
+from tunelab.errors import NotFound, UserError
+from tunelab.server.app import require
+from tunelab.server.auth import KeyInfo
+
+router = APIRouter(prefix="/api")
+
+
+def _ws(request: Request):
+    return request.app.state.workspace
+
+
+def user_errors(fn):
+    """Turn library errors into 400/404 JSON answers."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NotFound as exc:
+            raise HTTPException(404, detail={"message": str(exc), "type": "not_found"}) from None
+        except UserError as exc:
+            raise HTTPException(400, detail={"message": str(exc), "type": "invalid_request"}) from None
+
+    return wrapper
+
+
+@router.get("/whoami")
+def whoami(key: KeyInfo = Depends(require("viewer"))):
+    return {"name": key.name, "role": key.role}
+
+
+@router.get("/prompts")
+@user_errors
+def prompts(request: Request, key: KeyInfo = Depends(require("viewer"))):
+    from tunelab.prompts import list_prompts
+
+    return {"prompts": [p.to_dict() for p in list_prompts(_ws(request))]}
+
+
+def call_dict(r) -> dict[str, Any]:
+    return {"id": r.id, "created_at": r.created_at.isoformat(timespec="seconds"), "key_name": r.key_name,
+            "deployment": r.deployment, "kind": r.kind, "prompt_version": r.prompt_version, "messages": r.messages,
+            "variables": r.variables, "output": r.output, "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens, "latency_s": r.latency_s, "cost": r.cost,
+            "status": r.status, "error": r.error}
+
+
+@router.get("/logs")
+def logs(request: Request, deployment: str | None = None, limit: int = 200,
+         key: KeyInfo = Depends(require("viewer"))):
+    from tunelab.server.logs import list_calls
+
+    return {"calls": [call_dict(r) for r in list_calls(_ws(request), deployment, limit=max(1, min(limit, 5000)))]}
+
+
+class ExportBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    deployment: str | None = None
+
+
+@router.post("/logs/export")
+@user_errors
+def export_logs(request: Request, body: ExportBody, key: KeyInfo = Depends(require("editor"))):
+    from tunelab.server.logs import logs_to_dataset
+
+    ds = logs_to_dataset(_ws(request), body.name, body.deployment)
+    return {"dataset": ds.name, "version": ds.version, "examples": sum(len(v) for v in ds.splits.values())}
+
+
+class JobBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+    args: dict[str, Any] = {}
+
+
+@router.post("/jobs")
+@user_errors
+def start_job(request: Request, body: JobBody, key: KeyInfo = Depends(require("editor"))):
+    from tunelab.server.jobs import enqueue_job, job_dict
+
+    return job_dict(enqueue_job(_ws(request), body.kind, body.args, created_by=key.name))
+
+
+@router.get("/jobs")
+def jobs(request: Request, key: KeyInfo = Depends(require("viewer"))):
+    from tunelab.server.jobs import job_dict, list_jobs
+
+    return {"jobs": [job_dict(j) for j in list_jobs(_ws(request))]}
+
+
+@router.get("/jobs/{job_id}")
+@user_errors
+def job(request: Request, job_id: str, key: KeyInfo = Depends(require("viewer"))):
+    from tunelab.server.jobs import get_job, job_dict
+
+    return job_dict(get_job(_ws(request), job_id))

@@ -1,0 +1,184 @@
+"""API keys, roles, UI sessions and rate limits of the team server.
+
+A key looks like `tl-<43 url-safe characters>`; the store keeps only its sha256 (the key is shown
+once, when it is made). Roles are ordered: viewer (read, call the gateway) < editor (edit, commit,
+run, evaluate, start jobs) < admin (keys, deploy: tag labels). A server serves one workspace and
+reads keys from that workspace's database, so a key of another workspace is unknown here.
+
+    key, secret = create_key(ws, "alice", "editor")   # secret: "tl-...", never stored
+    authenticate(ws, secret)  -> KeyInfo(name="alice", role="editor") | None
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from tunelab.errors import NotFound, UserError
+
+if TYPE_CHECKING:
+    from tunelab.workspace import Workspace
+
+ROLES = ("viewer", "editor", "admin")
+KEY_PREFIX = "tl-"
+SESSION_HOURS = 12
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: int
+    name: str
+    role: str
+
+    def can(self, role: str) -> bool:
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def check_role(role: str) -> str:
+    if role not in ROLES:
+        raise UserError(f"unknown role '{role}': expected one of {', '.join(ROLES)}", field="role")
+    return role
+
+
+def create_key(ws: "Workspace", name: str, role: str = "viewer") -> tuple[dict, str]:
+    """Make an API key; returns (its public description, the secret key — shown only now)."""
+    from sqlalchemy import select
+
+    from tunelab.store.models import ApiKeyRow
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@\-]{0,99}", name or ""):
+        raise UserError(f"invalid key name '{name}': use letters, digits, '-', '_', '.', '@' (at most 100)",
+                        field="name")
+    check_role(role)
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    with ws.store.session() as s:
+        if s.scalar(select(ApiKeyRow.id).where(ApiKeyRow.name == name)) is not None:
+            raise UserError(f"a key named '{name}' exists already (revoke it or pick another name)")
+        row = ApiKeyRow(name=name, key_hash=hash_key(secret), prefix=secret[:7], role=role, meta={})
+        s.add(row)
+        s.flush()
+        info = _describe(row)
+    return info, secret
+
+
+def _describe(row) -> dict:
+    return {"id": row.id, "name": row.name, "role": row.role, "prefix": row.prefix,
+            "created_at": row.created_at, "last_used_at": row.last_used_at, "revoked": row.revoked_at is not None}
+
+
+def list_keys(ws: "Workspace") -> list[dict]:
+    from sqlalchemy import select
+
+    from tunelab.store.models import ApiKeyRow
+
+    with ws.store.session() as s:
+        return [_describe(r) for r in s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.id))]
+
+
+def revoke_key(ws: "Workspace", name: str) -> None:
+    """Revoke the key called `name` (its sessions end too)."""
+    from sqlalchemy import delete, select
+
+    from tunelab.store.models import ApiKeyRow, UiSessionRow, utcnow
+
+    with ws.store.session() as s:
+        row = s.scalar(select(ApiKeyRow).where(ApiKeyRow.name == name))
+        if row is None:
+            raise NotFound(f"unknown key '{name}' (see: tunelab keys list)")
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
+        s.execute(delete(UiSessionRow).where(UiSessionRow.key_id == row.id))
+
+
+def authenticate(ws: "Workspace", secret: str | None) -> KeyInfo | None:
+    """The key `secret` names, unless it is unknown or revoked."""
+    from sqlalchemy import select, update
+
+    from tunelab.store.models import ApiKeyRow, utcnow
+
+    if not secret or not secret.startswith(KEY_PREFIX) or len(secret) > 200:
+        return None
+    with ws.store.session() as s:
+        row = s.scalar(select(ApiKeyRow).where(ApiKeyRow.key_hash == hash_key(secret)))
+        if row is None or row.revoked_at is not None:
+            return None
+        now = utcnow()
+        if row.last_used_at is None or now - row.last_used_at > timedelta(seconds=60):
+            s.execute(update(ApiKeyRow).where(ApiKeyRow.id == row.id).values(last_used_at=now))
+        return KeyInfo(row.id, row.name, row.role)
+
+
+# -- UI sessions ------------------------------------------------------------------------------
+def create_session(ws: "Workspace", key: KeyInfo) -> tuple[str, str]:
+    """A login for `key`: returns (cookie token, CSRF token). Only the token's sha256 is stored."""
+    from tunelab.store.models import UiSessionRow, utcnow
+
+    token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    with ws.store.session() as s:
+        s.add(UiSessionRow(id=hash_key(token), key_id=key.id, csrf=csrf,
+                           expires_at=utcnow() + timedelta(hours=SESSION_HOURS)))
+    return token, csrf
+
+
+def session_key(ws: "Workspace", token: str | None) -> tuple[KeyInfo, str] | None:
+    """(key, CSRF token) of a live session, or None."""
+    from tunelab.store.models import ApiKeyRow, UiSessionRow, utcnow
+
+    if not token or len(token) > 200:
+        return None
+    with ws.store.session() as s:
+        sess = s.get(UiSessionRow, hash_key(token))
+        if sess is None or sess.expires_at < utcnow():
+            return None
+        row = s.get(ApiKeyRow, sess.key_id)
+        if row is None or row.revoked_at is not None:
+            return None
+        return KeyInfo(row.id, row.name, row.role), sess.csrf
+
+
+def end_session(ws: "Workspace", token: str | None) -> None:
+    from sqlalchemy import delete
+
+    from tunelab.store.models import UiSessionRow
+
+    if token:
+        with ws.store.session() as s:
+            s.execute(delete(UiSessionRow).where(UiSessionRow.id == hash_key(token)))
+
+
+# -- rate limits ------------------------------------------------------------------------------
+class RateLimiter:
+    """A token bucket per key: `rate` requests a second on average, bursts up to `burst`."""
+
+    def __init__(self, rate: float = 20.0, burst: int = 200):
+        self.rate, self.burst = float(rate), float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, who: str) -> float:
+        """0 when a request may go now, else the seconds to wait before retrying."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(who, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[who] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[who] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+
+def utc_text(value: datetime | None) -> str:
+    return value.isoformat(sep=" ", timespec="seconds") if value else "-"

@@ -1,0 +1,86 @@
+"""Call logs: one row per gateway call, and logs turned into a dataset.
+
+A row keeps the time, the key's name (never the key), the deployment and prompt version, the
+messages and template variables, the output, tokens, latency, cost (from the workspace pricing) and
+status. `logs_to_dataset` makes a dataset of successful calls (`input` = the variables' input or the
+last user message, `output` = the answer) for the next evaluation or fine-tune; review the outputs
+before training on them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tunelab.errors import UserError
+
+if TYPE_CHECKING:
+    from tunelab.workspace import Workspace
+
+
+def log_call(ws: "Workspace", **fields: Any) -> int:
+    from tunelab.store.models import CallLogRow
+
+    with ws.store.session() as s:
+        row = CallLogRow(**fields)
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def list_calls(ws: "Workspace", deployment: str | None = None, limit: int | None = 200,
+               status: str | None = None) -> list:
+    """The newest calls first."""
+    from sqlalchemy import select
+
+    from tunelab.store.models import CallLogRow
+
+    q = select(CallLogRow).order_by(CallLogRow.id.desc())
+    if deployment:
+        q = q.where(CallLogRow.deployment == deployment)
+    if status:
+        q = q.where(CallLogRow.status == status)
+    if limit:
+        q = q.limit(limit)
+    with ws.store.session() as s:
+        return list(s.scalars(q))
+
+
+def count_calls(ws: "Workspace", deployment: str | None = None) -> int:
+    from sqlalchemy import func, select
+
+    from tunelab.store.models import CallLogRow
+
+    q = select(func.count(CallLogRow.id))
+    if deployment:
+        q = q.where(CallLogRow.deployment == deployment)
+    with ws.store.session() as s:
+        return int(s.scalar(q) or 0)
+
+
+def call_input(row) -> str:
+    variables = row.variables or {}
+    if variables.get("input") is not None:
+        return str(variables["input"])
+    for m in reversed(row.messages or []):
+        if m.get("role") == "user":
+            return str(m.get("content", ""))
+    return ""
+
+
+def logs_to_dataset(ws: "Workspace", name: str, deployment: str | None = None, limit: int | None = None):
+    """Save the successful calls (of `deployment`, or all) as dataset `name` (split `train`)."""
+    from tunelab.datasets import Example, save_dataset
+
+    rows = list(reversed(list_calls(ws, deployment, limit=limit, status="ok")))
+    if not rows:
+        what = f" of deployment '{deployment}'" if deployment else ""
+        raise UserError(f"no successful calls{what} to export")
+    examples = []
+    for r in rows:
+        meta = {k: v for k, v in (r.variables or {}).items() if k != "input"}
+        meta.update({"deployment": r.deployment, "call_id": r.id})
+        if r.prompt_version:
+            meta["prompt_version"] = r.prompt_version
+        examples.append(Example(input=call_input(r), output=r.output, meta=meta))
+    source = f"call logs{' of ' + deployment if deployment else ''} ({len(examples)} calls)"
+    return save_dataset(ws, name, {"train": examples}, source=source)
