@@ -232,9 +232,12 @@ def finetune(ws: "Workspace", config: FineTuneConfig, *, resume: bool = False, p
         log(f"nothing to resume for ft:{config.name}: starting a new fine-tune")
         resume = False
     p = plan(ws, config)
+    from tunelab.finetune.train import load_for_training
+
+    model, _ = load_for_training(p.base_dir, p.config)  # may still fail on bad input: before registering
     for line in describe(p):
         log(line)
-    return _run(ws, p, row, progress=progress, log=log)
+    return _run(ws, p, model, row, progress=progress, log=log)
 
 
 def _register(ws: "Workspace", p: Plan) -> None:
@@ -267,13 +270,12 @@ def _update(ws: "Workspace", name: str, **values: Any) -> None:
             setattr(row, k, v)
 
 
-def _run(ws: "Workspace", p: Plan, row: FineTuneRow | None, *, progress: bool, log) -> FineTuneResult:
+def _run(ws: "Workspace", p: Plan, model, row: FineTuneRow | None, *, progress: bool, log) -> FineTuneResult:
     from tunelab.finetune import train as tr
     from tunelab.finetune.validate import evaluator_metric, make_validator
 
     c = p.config
     folder = run_dir(ws, c.name)
-    model, _ = tr.load_for_training(p.base_dir, c)  # may still fail on bad input: before registering
     if row is None:
         if folder.exists():  # leftovers of a run that never registered
             shutil.rmtree(folder)

@@ -66,7 +66,15 @@ def load_for_training(base_dir: Path, config: FineTuneConfig):
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" would clutter the job's own output
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.config.use_cache = False
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -83,7 +91,11 @@ def load_for_training(base_dir: Path, config: FineTuneConfig):
             raise UserError(f"{exc} (linear modules of this model: {', '.join(names)})",
                             field="target_modules") from None
     if config.gradient_checkpointing:
-        causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm = causal_lm(model)
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5 names it so
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device())
     return model, tokenizer
 

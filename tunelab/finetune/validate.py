@@ -66,8 +66,10 @@ def inference_copy(model, precision: str):
     if hasattr(clone, "merge_and_unload"):
         clone = clone.merge_and_unload()
     clone = causal_lm(clone)
-    if getattr(clone, "supports_gradient_checkpointing", False):
-        clone.gradient_checkpointing_disable()
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in clone.modules()):
+        disable = (getattr(clone, "activation_checkpointing_disable", None)
+                   or getattr(clone, "gradient_checkpointing_disable"))
+        disable()
     clone.config.use_cache = True
     clone.to(torch.bfloat16 if precision == "bf16" else torch.float32)
     clone.eval()
