@@ -352,7 +352,7 @@ def _finish(ws: "Workspace", p: Plan, model, trained, per_hour: float) -> FineTu
         steps=int(state["step"]), epochs_run=round(state["step"] / max(1, _per_epoch(p)), 3), wall_s=round(wall, 2),
         train_s=round(float(state["train_s"]), 2), tokens_trained=int(state["tokens"]),
         tokens_per_s=round(state["tokens"] / max(1e-9, state["train_s"]), 1),
-        cost=round(per_hour * wall / 3600, 6), path=str(Path("finetunes") / c.name), curves=curves)
+        cost=per_hour * round(wall, 2) / 3600, path=str(Path("finetunes") / c.name), curves=curves)
     write_json(folder / "curves.json", curves)
     try:
         plot_curves(curves, folder / "curves.png", title=f"ft:{c.name}")
