@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.tunelab-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-llamacpp bench browser clean
+.PHONY: setup demo test test-fast test-llamacpp bench browser postgres clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,12 @@ browser:
 	@test -x /usr/bin/chromium || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium missing: run 'sudo apt-get install chromium' (browser tests will be skipped)"; fi; }
+
+# Debian's postgresql for tests/test_store_postgres.py (the test starts its own throwaway cluster).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "postgresql missing: run 'sudo apt-get install postgresql' (PostgreSQL store tests will be skipped)"; fi; }
 
 demo: setup
 	$(BIN)/tunelab demo
