@@ -539,9 +539,8 @@ def run_learning_curve(ws: "Workspace", ft_name: str, ref: str, metric: str, *, 
                 n = max(1, int(round(frac * n_full)))
                 say(f"learning curve: fine-tuning {name} on {n:,} of {n_full:,} training examples")
                 config = dict(base.config or {})
-                config.update(name=name, max_examples=n)
-                config.setdefault("data", f"{base.dataset}@{base.dataset_version}")
-                config.setdefault("prompt", f"{base.prompt}@{base.prompt_version}")
+                config.update(name=name, max_examples=n, data=f"{base.dataset}@{base.dataset_version}",
+                              prompt=f"{base.prompt}@{base.prompt_version}")
                 ft.finetune(ws, ft.FineTuneConfig.model_validate(_config_fields(config)), resume=row is not None)
         with ws.store.session() as s:
             row = s.scalar(select(FineTuneRow).where(FineTuneRow.name == name))

@@ -114,7 +114,7 @@ def run_demo(directory: str | Path = "demo-workspace", *, quick: bool = False, v
     _report_run(log, base_result)
 
     steps("prompt optimization on the validation split (instructions, few-shot demos)")
-    optimized = _optimize(ws, baseline, data_ref, budget=optimize_budget or (4 if quick else 10), quick=quick,
+    optimized = _optimize(ws, baseline, data_ref, budget=optimize_budget or (2 if quick else 10),
                           progress=progress, log=log)
 
     steps(f"fine-tuning: LoRA on SmolLM2-135M with the short prompt '{SHORT_PROMPT}' -> ft:{FINETUNE}")
@@ -160,8 +160,8 @@ def _import_data(ws, quick: bool, log) -> str:
         report, splits = check_path(src)
         if report.errors:
             raise UserError(f"the demo data has errors: {report.summary()}")
-        small = {"train": _stratified(splits["train"], 48), "validation": _stratified(splits["validation"], 24),
-                 "test": _stratified(splits["test"], 24)}
+        small = {"train": _stratified(splits["train"], 24), "validation": _stratified(splits["validation"], 16),
+                 "test": _stratified(splits["test"], 16)}
         ds = save_dataset(ws, DATASET, small, source=f"{src} (quick subset)", check=report.to_dict())
         log(f"checked {report.summary()}; quick subset: " + ", ".join(f"{k} {len(v)}" for k, v in small.items()))
     else:
@@ -200,7 +200,7 @@ def _ensure_prompt(ws, name: str, text: str) -> str:
     return f"{name}@{prompt.version}"
 
 
-def _optimize(ws, baseline: str, data_ref: str, *, budget: int, quick: bool, progress, log) -> str:
+def _optimize(ws, baseline: str, data_ref: str, *, budget: int, progress, log) -> str:
     """The optimized prompt version (a finished optimization of this seed on this data is reused)."""
     from sqlalchemy import select
 
@@ -220,8 +220,7 @@ def _optimize(ws, baseline: str, data_ref: str, *, budget: int, quick: bool, pro
             log(f"reusing optimization {row.id}: " + ((row.result or {}).get("message") or ""))
             return f"{name}@{new}" if new else baseline
     result = optimize(ws, baseline, data_ref.split(":")[0],
-                      **_accepts(optimize, budget=budget, test=False, progress=progress,
-                                 limit_validation=None))
+                      **_accepts(optimize, budget=budget, test=False, progress=progress))
     log(result.message)
     return f"{name}@{result.version}" if result.version else baseline
 
@@ -241,12 +240,12 @@ def _finetune(ws, data_ref: str, *, quick: bool, log, progress) -> None:
                                 "method": "lora", "lora_r": 16, "lora_alpha": 32.0, "lr": 1e-3,
                                 "epochs": 2, "batch_size": 8}
     if quick:
-        settings.update(epochs=1, max_steps=4, batch_size=4, max_val_examples=8)
+        settings.update(epochs=1, max_steps=3, batch_size=4, max_val_examples=8)
     config = ft.FineTuneConfig(**{k: v for k, v in settings.items() if k in ft.FineTuneConfig.model_fields})
     resume = row is not None
     log(("resuming" if resume else "training") + f" ft:{FINETUNE}: " +
         ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("data", "prompt", "name")))
-    ft.finetune(ws, config, **_accepts(ft.finetune, resume=resume, progress=progress))
+    ft.finetune(ws, config, **_accepts(ft.finetune, resume=resume, progress=True, log=log))
     with ws.store.session() as s:
         row = s.scalar(select(FineTuneRow).where(FineTuneRow.name == FINETUNE))
     if row is not None:

@@ -1,0 +1,73 @@
+"""`tunelab demo`: the whole flow, and that running it again reuses the finished work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from tunelab.demo import SHORT_PROMPT_TEXT, _ensure_prompt, _stratified, examples_dir
+
+
+def test_demo_data_and_prompts_are_valid(workspace):
+    from tunelab.datasets import check_path
+    from tunelab.prompts import load_prompt, parse_prompt
+
+    report, splits = check_path(examples_dir())
+    assert report.ok and set(splits) == {"train", "validation", "test"}
+    labels = sorted({ex.output for ex in splits["train"]})
+    short = parse_prompt(SHORT_PROMPT_TEXT, "support-short")
+    bundled = parse_prompt((examples_dir() / "support-router.prompt").read_text(), "support-router")
+    assert sorted(short.output.labels) == sorted(bundled.output.labels) == labels
+
+    ref = _ensure_prompt(workspace, "support-short", SHORT_PROMPT_TEXT)
+    assert _ensure_prompt(workspace, "support-short", SHORT_PROMPT_TEXT) == ref  # idempotent
+    assert load_prompt(workspace, ref).version == short.version
+
+
+def test_stratified_subset_is_balanced_and_deterministic():
+    from tunelab.datasets import Example
+
+    exs = [Example(f"x{i}", "ab"[i % 3 == 0]) for i in range(30)]
+    sub = _stratified(exs, 10)
+    assert len(sub) == 10 and sub == _stratified(exs, 10)
+    assert sum(e.output == "b" for e in sub) == 5
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+def test_quick_demo_end_to_end_and_resumable(tmp_path, monkeypatch):
+    from tunelab.demo import run_demo
+    from tunelab.store.models import FineTuneRow, RunRow
+    from tunelab.workspace import Workspace
+
+    monkeypatch.delenv("TUNELAB_WORKSPACE", raising=False)
+    monkeypatch.delenv("TUNELAB_DATABASE_URL", raising=False)
+    lines: list[str] = []
+    out = run_demo(tmp_path / "demo", quick=True, volume=50_000, log=lines.append)
+    comp = out["comparison"]
+    kinds = [c["kind"] for c in comp["candidates"]]
+    assert kinds[0] == "prompt" and kinds[-2:] == ["ft", "hybrid"]
+    assert all(c["metric"]["value"] is not None for c in comp["candidates"])
+    assert out["advice"]["recommendation"] in ("prompt", "finetune", "hybrid", "none")
+    assert out["advice"]["reasons"]
+    report = Path(out["report"])
+    assert report.is_file() and json.loads((report.parent / "report.json").read_text())["id"] == comp["id"]
+    assert any(line.startswith("[7/7] advice") for line in [s.strip() for s in lines])
+    hybrid = next(c for c in comp["candidates"] if c["kind"] == "hybrid")
+    assert hybrid["routing"] is not None and hybrid["routing"]["primary"] + hybrid["routing"]["fallback"] == pytest.approx(1)
+
+    ws = Workspace(tmp_path / "demo")
+    with ws.store.session() as s:
+        runs = s.scalar(select(func.count()).select_from(RunRow))
+        fts = s.scalar(select(func.count()).select_from(FineTuneRow))
+    lines.clear()
+    again = run_demo(tmp_path / "demo", quick=True, volume=50_000, log=lines.append)
+    with ws.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(RunRow)) == runs
+        assert s.scalar(select(func.count()).select_from(FineTuneRow)) == fts
+    assert all(c["reused_run"] for c in again["comparison"]["candidates"])
+    assert any("reusing fine-tune" in line for line in lines) and any("reusing optimization" in line for line in lines)
+    assert [c["metric"] for c in again["comparison"]["candidates"]] == [c["metric"] for c in comp["candidates"]]
