@@ -339,3 +339,23 @@ def test_choose_winner_prefers_the_shortest_within_the_best_interval():
     # screened-only and rejected candidates never win
     assert choose_winner([best, trial(6, 1.0, 0.9, 10, status="screened"),
                           trial(7, 1.0, 0.9, 10, status="too_long")]) == (best, best)
+
+
+def test_large_validation_screens_then_promotes(workspace):
+    save_dataset(workspace, "big", {"train": examples(30, 0), "validation": examples(90, 1000)})
+    (workspace.prompts_dir / "spam.prompt").write_text(SEED_PROMPT, encoding="utf-8")
+    model = Sensitive(name="sensitive")
+    result = optimize(workspace, "spam", "big", budget=8, model=model, demo_strategies=FAST, test=False,
+                      progress=False)
+    by_status = {}
+    for c in result.candidates:
+        by_status.setdefault(c["status"], []).append(c)
+    assert result.seed["n"] == 90
+    assert by_status.get("screened"), "some candidates stop after the screen"
+    assert all(c["screen_score"] is not None and c["score"] is None for c in by_status["screened"])
+    promoted = [c for c in by_status["ok"] if c["id"] != result.seed["id"]]
+    assert promoted and all(c["n"] == 90 and c["screen_score"] is not None for c in promoted)
+    assert result.winner["score"] == 1.0
+    # the screen is the first third; promoted candidates reuse its answers from the cache
+    screened_all = len(result.candidates) - 1
+    assert len(model.calls) == 90 + 30 * screened_all + 60 * len(promoted)

@@ -18,8 +18,9 @@ The search, in stages, within the budget (a number of candidates, or seconds):
 4. with a proposer model: rewrites of the best instruction from its failures on train examples.
 
 With enough validation examples (90 or more) each stage screens its candidates on the first
-third of the validation split and evaluates only the best few on all of it (successive halving;
-the response cache makes the first third free the second time).
+third of the validation split and evaluates only the best few on all of it — none whose screen
+score is already below the 95% interval of the best so far (successive halving; the response
+cache makes the first third free the second time).
 
 The winner: candidates over `max_prompt_tokens` (mean prompt tokens per request) are rejected;
 among the fully evaluated candidates whose score lies within the 95% interval of the best one,
@@ -412,7 +413,10 @@ class _Search:
             if self.run(t, self.screen_n):
                 screened.append(t)
         screened.sort(key=lambda t: (-(t.screen_score or 0), t.prompt_tokens or 0))
-        for t in screened[:promote]:
+        # promote the best few, but none that is already clearly below the best so far
+        best = self.best()
+        floor = best.lo if best is not None and best.lo is not None else float("-inf")
+        for t in [t for t in screened if (t.screen_score or 0) >= floor][:promote]:
             if self.budget.seconds is not None and self.budget.elapsed >= self.budget.seconds:
                 break
             self.run(t, self.n_full)
