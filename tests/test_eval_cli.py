@@ -129,14 +129,14 @@ def test_eval_help_lists_commands(cli):
 
 # -- SIGKILL halfway, then resume ------------------------------------------------------------------
 
-# The real `tunelab` entry point, with the fake model slowed down (5 ms per request) so that a
+# The real `tunelab` entry point, with the fake model slowed down (10 ms per request) so that a
 # run of 500 examples takes a few seconds and can be killed in the middle.
 SLOW_TUNELAB = (
     "import sys, time\n"
     "from tunelab.models.fake import FakeModel\n"
     "_complete = FakeModel.complete\n"
     "def slow(self, requests):\n"
-    "    time.sleep(0.005 * len(requests))\n"
+    "    time.sleep(0.01 * len(requests))\n"
     "    return _complete(self, requests)\n"
     "FakeModel.complete = slow\n"
     "from tunelab.cli import main\n"
