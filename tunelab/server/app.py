@@ -178,12 +178,13 @@ def create_app(workspace, *, auth: bool = True, rate: float = 20.0, burst: int =
     from fastapi.responses import JSONResponse, StreamingResponse
 
     from tunelab.server import auth as keys
-    from tunelab.server.logs import log_call
+    from tunelab.server.logs import LogWriter
 
     app = FastAPI(title="tunelab gateway", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.workspace = workspace
     app.state.auth = auth
     app.state.limiter = keys.RateLimiter(rate, burst)
+    log_call = LogWriter(workspace).write
     deployments: dict[str, Deployment] = {}
     deploy_lock = threading.Lock()
 
@@ -208,15 +209,6 @@ def create_app(workspace, *, auth: bool = True, rate: float = 20.0, burst: int =
             return RedirectResponse("/login", status_code=303)
         detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail)}
         return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.middleware("http")
-    async def _security_headers(request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        if not request.url.path.startswith("/ui/comparisons/"):
-            response.headers.setdefault("X-Frame-Options", "SAMEORIGIN")
-        return response
 
     viewer = require("viewer")
     app.state.require = require
@@ -247,16 +239,16 @@ def create_app(workspace, *, auth: bool = True, rate: float = 20.0, burst: int =
         try:
             comp = dep.answer(messages, variables, params)
         except UserError as exc:
-            log_call(workspace, **record, status="error", error=str(exc), latency_s=time.perf_counter() - started)
+            log_call(**record, status="error", error=str(exc), latency_s=time.perf_counter() - started)
             raise HTTPException(400, detail={"message": str(exc), "type": "invalid_request"}) from None
         except Exception as exc:  # a model that fails is logged and answered as a 500, never silently
-            log_call(workspace, **record, status="error", error=f"{type(exc).__name__}: {exc}",
+            log_call(**record, status="error", error=f"{type(exc).__name__}: {exc}",
                      latency_s=time.perf_counter() - started)
             raise HTTPException(500, detail={"message": "the deployment failed to answer", "type": "server_error"}) from None
         from tunelab.evaluate import request_cost
 
         cost = request_cost(dep.pricing, comp) if dep.pricing is not None else 0.0
-        log_call(workspace, **record, output=comp.text, prompt_tokens=comp.prompt_tokens,
+        log_call(**record, output=comp.text, prompt_tokens=comp.prompt_tokens,
                  completion_tokens=comp.completion_tokens, latency_s=comp.latency_s or (time.perf_counter() - started),
                  cost=cost, status="ok")
         created = int(time.time())
@@ -303,7 +295,34 @@ def create_app(workspace, *, auth: bool = True, rate: float = 20.0, burst: int =
         def _stop_worker():
             app.state.worker.stop()
 
+    app.add_middleware(SecurityHeaders)
     return app
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware adding defensive headers to every HTTP response (cheaper than
+    Starlette's BaseHTTPMiddleware)."""
+
+    HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        framed = scope.get("path", "").startswith("/ui/comparisons/")
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {k.lower() for k, _ in headers}
+                extra = self.HEADERS + ([] if framed else [(b"x-frame-options", b"SAMEORIGIN")])
+                headers.extend((k, v) for k, v in extra if k not in names)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def require(role: str):
@@ -314,6 +333,7 @@ def require(role: str):
     (form field `csrf` or header `X-CSRF-Token`). Every accepted key takes a token from its bucket.
     """
     from fastapi import HTTPException
+    from starlette.concurrency import run_in_threadpool
 
     from tunelab.server import auth as keys
 
@@ -327,12 +347,12 @@ def require(role: str):
         if header:
             scheme, _, token = header.partition(" ")
             if scheme.lower() == "bearer":
-                key = keys.authenticate(ws, token.strip())
+                key = await run_in_threadpool(keys.authenticate, ws, token.strip())
             if key is None:
                 raise HTTPException(401, detail={"message": "invalid API key", "type": "invalid_api_key"},
                                     headers={"WWW-Authenticate": "Bearer"})
         else:
-            found = keys.session_key(ws, request.cookies.get(SESSION_COOKIE))
+            found = await run_in_threadpool(keys.session_key, ws, request.cookies.get(SESSION_COOKIE))
             if found is None:
                 raise HTTPException(401, detail={"message": "an API key is required (Authorization: Bearer KEY)",
                                                  "type": "invalid_api_key"}, headers={"WWW-Authenticate": "Bearer"})

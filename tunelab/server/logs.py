@@ -84,3 +84,50 @@ def logs_to_dataset(ws: "Workspace", name: str, deployment: str | None = None, l
         examples.append(Example(input=call_input(r), output=r.output, meta=meta))
     source = f"call logs{' of ' + deployment if deployment else ''} ({len(examples)} calls)"
     return save_dataset(ws, name, {"train": examples}, source=source)
+
+
+class LogWriter:
+    """Group commit for call logs: concurrent callers hand their rows to one writer thread, which
+    inserts everything pending in one transaction and then releases them. A call returns only once
+    its row is committed (nothing is lost if the server dies), but 200 concurrent calls cost a few
+    transactions instead of 200 competing SQLite writers."""
+
+    def __init__(self, ws: "Workspace"):
+        import queue
+        import threading
+
+        self.ws = ws
+        self._queue: "queue.Queue" = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tunelab-log-writer")
+        self._thread.start()
+
+    def write(self, **fields: Any) -> None:
+        import threading
+
+        item = {"fields": fields, "done": threading.Event(), "error": None}
+        self._queue.put(item)
+        if not item["done"].wait(60):
+            raise TimeoutError("the call log writer did not answer in 60 s")
+        if item["error"] is not None:
+            raise item["error"]
+
+    def _run(self) -> None:
+        import queue
+
+        from tunelab.store.models import CallLogRow
+
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < 500:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                with self.ws.store.session() as s:
+                    s.add_all([CallLogRow(**item["fields"]) for item in batch])
+            except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
+                for item in batch:
+                    item["error"] = exc
+            for item in batch:
+                item["done"].set()
