@@ -359,3 +359,17 @@ def test_large_validation_screens_then_promotes(workspace):
     # the screen is the first third; promoted candidates reuse its answers from the cache
     screened_all = len(result.candidates) - 1
     assert len(model.calls) == 90 + 30 * screened_all + 60 * len(promoted)
+
+
+def test_label_definitions_reach_the_instruction_variants(workspace, tiny, cli):
+    defs = {"spam": "unsolicited advertising or a scam", "ham": "a normal personal message"}
+    model = Sensitive(name="sensitive")
+    result = optimize(workspace, "spam", "tiny", budget=8, model=model, label_definitions=defs, demo_strategies=(),
+                      test=False, progress=False)
+    texts = [c["instruction"]["text"] for c in result.candidates]
+    assert any("- spam: unsolicited advertising or a scam" in t for t in texts)
+    with pytest.raises(UserError, match="not a label"):
+        optimize(workspace, "spam", "tiny", model=model, label_definitions={"eggs": "x"}, progress=False)
+    (workspace.root / "defs.yaml").write_text("- not a mapping\n", encoding="utf-8")
+    res = cli("optimize", "spam", "--data", "tiny", "--model", "fake", "--label-definitions", "defs.yaml")
+    assert res.exit_code == 2 and "defs.yaml" in res.stderr and "mapping" in res.stderr

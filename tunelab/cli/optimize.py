@@ -30,6 +30,9 @@ def optimize(
     demos: str = typer.Option("stratified,random,knn_tfidf,knn_embed", "--demos",
                               help="Demo strategies to try, comma-separated: stratified, random, knn_tfidf, "
                                    "knn_embed (or 'none')."),
+    label_definitions: Optional[str] = typer.Option(None, "--label-definitions",
+                                                    help="A YAML or JSON file mapping each label to what it "
+                                                         "means, used by the instruction variants."),
     seed: int = typer.Option(0, "--seed", help="Seed of the demo draws and the proposer's samples."),
     no_test: bool = typer.Option(False, "--no-test",
                                  help="Do not score the seed and the winner on the test split afterwards."),
@@ -44,12 +47,31 @@ def optimize(
     strategies = tuple(s.strip() for s in demos.split(",") if s.strip() and s.strip() != "none")
     result = run_optimize(workspace(), prompt, data, budget=budget, objective=objective,
                           max_prompt_tokens=max_prompt_tokens, proposer=proposer, model=model,
-                          limit_validation=limit, seed=seed, demo_strategies=strategies, test=not no_test,
+                          limit_validation=limit, seed=seed, demo_strategies=strategies,
+                          label_definitions=read_definitions(label_definitions) if label_definitions else None,
+                          test=not no_test,
                           limit_test=test_limit, commit=not no_commit, progress=False if as_json else err_console)
     if as_json:
         print_json(result.to_dict())
         return
     print_result(result)
+
+
+def read_definitions(path: str) -> dict[str, str]:
+    """{label: definition} from a YAML/JSON mapping file; errors name the file."""
+    import yaml
+
+    from tunelab.errors import UserError
+
+    try:
+        data = yaml.safe_load(open(path, encoding="utf-8").read())
+    except FileNotFoundError:
+        raise UserError("not found", path=path) from None
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"not a YAML/JSON mapping: {str(exc).splitlines()[0]}", path=path) from None
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise UserError("expected a mapping of each label to its definition (label: text)", path=path)
+    return {str(k): v for k, v in data.items()}
 
 
 def _pct(v) -> str:

@@ -477,7 +477,8 @@ def demo_specs(n_labels: int, strategies: Sequence[str]) -> list[DemoSpec]:
 def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | str | None = DEFAULT_BUDGET,
              objective: str | None = None, max_prompt_tokens: int | None = None,
              proposer: "str | Model | None" = None, model: "str | Model | None" = None, limit_validation: int | None = None, seed: int = 0,
-             demo_strategies: Sequence[str] = DEMO_STRATEGIES, test: bool = True, limit_test: int | None = None,
+             demo_strategies: Sequence[str] = DEMO_STRATEGIES, label_definitions: dict[str, str] | None = None,
+             test: bool = True, limit_test: int | None = None,
              commit: bool = True, author: str | None = None, progress: bool | Any = True) -> OptimizationResult:
     """Optimize prompt `prompt_ref` on dataset `data_name` (its train and validation splits).
 
@@ -485,7 +486,8 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
     the output type's primary metric: accuracy for labels). `max_prompt_tokens`: reject candidates
     with more prompt tokens per request. `proposer`: a model spec that rewrites the instruction
     from failures. `model`: evaluate on this model instead of the prompt's. `limit_validation`:
-    use only the first N validation examples. `test`: after the search, evaluate the seed and the
+    use only the first N validation examples. `label_definitions`: {label: what it means}, for the
+    variants that define each label (else they list the names). `test`: after the search, evaluate the seed and the
     winner on the test split (reported apart from validation). `progress`: True prints a line per
     candidate on stderr, a rich Console prints there, False is silent.
     """
@@ -513,6 +515,11 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
         raise UserError(f"dataset '{ds.name}' has no validation split (splits: {', '.join(ds.splits)}); "
                         f"make one with: tunelab data split {ds.name}")
     output_type = seed_prompt.output.type
+    if label_definitions:
+        unknown_labels = sorted(set(label_definitions) - set(seed_prompt.labels or []))
+        if unknown_labels:
+            raise UserError(f"label definitions name '{unknown_labels[0]}', which is not a label of prompt "
+                            f"'{seed_prompt.name}' (labels: {', '.join(seed_prompt.labels or []) or 'none'})")
     objective = _objective_for(output_type, objective)
     if model is not None and not isinstance(model, str):  # a Model object (tests, notebooks)
         llm, model_spec = model, model.name
@@ -535,6 +542,7 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
               "budget": plan.to_dict(), "max_prompt_tokens": max_prompt_tokens,
               "proposer": proposer if proposer is None or isinstance(proposer, str) else proposer.name,
               "limit_validation": limit_validation, "seed": seed, "demo_strategies": list(demo_strategies),
+              "label_definitions": label_definitions,
               "validation_n": search.n_full, "screen_n": search.screen_n}
     with ws.store.session() as s:
         s.add(OptimizationRow(id=opt_id, prompt=seed_prompt.name, dataset=ds.name, status="running", config=config))
@@ -557,7 +565,7 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
         # 1. the seed prompt, as it is
         seed_demos = seed_prompt.resolve_demos(ws)
         seed_spec = DemoSpec("seed", k=len(seed_demos)) if seed_demos else DemoSpec("none")
-        variants = instruction_variants(seed_task(seed_prompt), search.labels,
+        variants = instruction_variants(seed_task(seed_prompt), search.labels, definitions=label_definitions,
                                         seed_placement="system" if has_system_part(seed_prompt) else "user")
         seed_trial = search.make_trial("seed", variants[0], seed_spec)
         search.run(seed_trial, search.n_full, baseline=True)
@@ -565,8 +573,11 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
             raise UserError(f"the seed prompt could not be scored: {seed_trial.note or seed_trial.status}")
 
         # 2. instruction variants, no demos
+        specs = demo_specs(len(search.labels), demo_strategies) if search.pool else []
         proposer_share = min(PROPOSER_ROUNDS, max(1, (plan.left() or 0) // 5)) if proposer else 0
-        share = None if plan.left() is None else max(1, (plan.left() - proposer_share) // 2)
+        share = None if plan.left() is None else max(1, plan.left() - proposer_share)
+        if share is not None and specs:
+            share = max(1, share // 2)  # half for instructions, half for demos
         trials = [t for v in variants if (t := search.make_trial("instruction", v, DemoSpec("none")))]
         search.stage(trials[:share] if share else trials)
         ranked = sorted(search.full(), key=lambda t: (-t.score, t.prompt_tokens or 0))
@@ -577,7 +588,6 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
         top = top[:TOP_INSTRUCTIONS] or [variants[0]]
 
         # 3. the best instructions x demo strategies
-        specs = demo_specs(len(search.labels), demo_strategies) if search.pool else []
         trials = [t for v in top for spec in specs if (t := search.make_trial("demos", v, spec))]
         if proposer_share and plan.left() is not None:
             trials = trials[: max(0, plan.left() - proposer_share)]
