@@ -373,3 +373,38 @@ def test_label_definitions_reach_the_instruction_variants(workspace, tiny, cli):
     (workspace.root / "defs.yaml").write_text("- not a mapping\n", encoding="utf-8")
     res = cli("optimize", "spam", "--data", "tiny", "--model", "fake", "--label-definitions", "defs.yaml")
     assert res.exit_code == 2 and "defs.yaml" in res.stderr and "mapping" in res.stderr
+
+
+class NeighbourCopier(FakeModel):
+    """Answers what the demo right before the question answered (so only nearest demos help)."""
+
+    def _answer(self, req):
+        answers = [m["content"] for m in req.messages if m["role"] == "assistant"]
+        return answers[-1] if answers else "spam"
+
+
+def test_nearest_demos_are_chosen_per_input(workspace, tiny):
+    from tunelab.optimize.demos import NearestDemos
+    from tunelab.optimize.search import NearestDemoCandidate
+
+    seed = load_prompt(workspace, "spam")
+    index = NearestDemos(tiny.split("train"), "tfidf")
+    cand = NearestDemoCandidate(seed, FakeModel(), index, 2, {"dataset": "tiny", "split": "train", "k": 2,
+                                                                 "strategy": "knn_tfidf"}, free_text=False)
+    a, b = cand.requests([Example("win a cash prize now", ""), Example("lunch at noon with bob", "")])
+    demo_inputs = lambda req: [m["content"] for m in req.messages[1:-1] if m["role"] == "user"]  # noqa: E731
+    assert all("prize" in t for t in demo_inputs(a)) and all("lunch" in t for t in demo_inputs(b))
+    plain = NearestDemoCandidate(seed, FakeModel(), index, 4, {**cand.selector, "k": 4}, free_text=False)
+    assert cand.fingerprint != plain.fingerprint  # the selector is part of what is cached and keyed
+
+
+def test_unstorable_nearest_demos_cannot_win_but_are_reported(workspace, tiny, monkeypatch):
+    import tunelab.optimize.search as search
+
+    monkeypatch.setattr(search, "knn_storable", lambda: False)
+    result = optimize(workspace, "spam", "tiny", budget=12, model=NeighbourCopier(name="copier"),
+                      demo_strategies=("random", "knn_tfidf"), test=False, progress=False)
+    knn = [c for c in result.candidates if c["demos"]["strategy"] == "knn_tfidf" and c["status"] == "ok"]
+    assert knn and max(c["score"] for c in knn) == 1.0
+    assert result.winner["demos"]["strategy"] != "knn_tfidf"
+    assert any("per-input demos cannot be stored" in n for n in result.notes)

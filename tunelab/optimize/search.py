@@ -606,6 +606,10 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
 
     # the winner: the shortest prompt within the best candidate's interval
     winner, best = choose_winner(search.full(), max_prompt_tokens, knn_storable())
+    overall, _ = choose_winner(search.full(), max_prompt_tokens, True)
+    if overall is not None and overall is not winner and overall.demos.per_input:
+        search.notes.append(f"candidate #{overall.id} ({overall.name}, {objective} {overall.score:.3f}) would have "
+                            "won, but its per-input demos cannot be stored in a prompt version yet")
     improved = winner is not None and winner is not seed_trial
     message = _outcome(seed_trial, best, winner, improved, objective, max_prompt_tokens)
     winner = winner or seed_trial
