@@ -187,3 +187,40 @@ def test_every_page_renders_for_a_viewer(ws, cli):
         assert r.status_code == 200 and text in r.text, path
     assert client.get("/ui/keys").status_code == 403
     assert client.get("/static/htmx.min.js").text.startswith("/* htmx")
+
+
+def test_playground_runs_on_dataset_examples_and_marks_failures(ws):
+    client, _ = _client(ws)
+    _, editor = create_key(ws, "ed", "editor")
+    client.post("/login", data={"api_key": editor})
+    csrf = client.cookies and __import__("re").search(r'"X-CSRF-Token": "([^"]+)"', client.get("/ui/prompts").text).group(1)
+    r = client.post("/ui/prompts/sms/run", headers={"X-CSRF-Token": csrf},
+                    data={"text": PROMPT, "data": "sms:test", "limit": "5"})
+    assert r.status_code == 200
+    assert r.text.count('class="pass"') == 4 and r.text.count('class="fail"') == 1  # "hello" is no label
+
+
+def test_finetune_curves_comparison_report_and_worker_cli(ws, cli):
+    from tunelab.store.models import ComparisonRow, FineTuneRow
+
+    curves = {"train_curve": [{"step": i, "loss": 2.0 / i} for i in range(1, 6)],
+              "eval_curve": [{"step": 2, "loss": 1.1}, {"step": 4, "loss": 0.8}]}
+    report = ws.artifact_path("comparisons", "c1", "report.html")
+    report.write_text("<html><body><h1>the report</h1></body></html>")
+    with ws.store.session() as s:
+        s.add(FineTuneRow(name="sms-lora", status="done", base="smollm2-135m", method="lora", dataset="sms",
+                          dataset_version="v", prompt="sms", prompt_version="v", result={"curves": curves}))
+        s.add(ComparisonRow(id="c1", dataset="sms", split="test", candidates=["sms"], result={},
+                            report_path=str(report.relative_to(ws.artifacts_dir))))
+        s.add(ComparisonRow(id="c2", dataset="sms", split="test", candidates=["sms"], result={},
+                            report_path="../../../../etc/passwd"))
+    client, h = _client(ws)
+    page = client.get("/ui/jobs", headers=h).text
+    assert page.count("<polyline") == 2 and "ft:sms-lora" in page
+    r = client.get("/ui/comparisons/c1/report", headers=h)
+    assert r.status_code == 200 and "the report" in r.text and "sandbox" in r.headers["content-security-policy"]
+    assert client.get("/ui/comparisons/c2/report", headers=h).status_code == 404
+    enqueue_job(ws, "eval", {"candidate": "sms", "data": "sms:test", "limit": 2})
+    res = cli("worker", "--once")
+    assert res.exit_code == 0 and "finished" in res.output
+    assert [j.status for j in __import__("tunelab.server.jobs", fromlist=["list_jobs"]).list_jobs(ws)] == ["done"]

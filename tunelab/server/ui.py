@@ -8,12 +8,11 @@ labels) and manage keys. Templates autoescape everything.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from tunelab.errors import NotFound, UserError
 from tunelab.server.app import SESSION_COOKIE, form_fields, require
@@ -365,7 +364,8 @@ def comparisons_page(request: Request, key: KeyInfo = Depends(viewer)):
 
 @router.get("/ui/comparisons/{cid}/report")
 def comparison_report(request: Request, cid: str, key: KeyInfo = Depends(viewer)):
-    """The comparison's self-contained HTML report (only a file inside the artifacts folder)."""
+    """The comparison's self-contained HTML report: only an .html file inside the workspace, served
+    in a CSP sandbox (an opaque origin: its scripts cannot reach the UI's session)."""
     from tunelab.store.models import ComparisonRow
 
     ws = _ws(request)
@@ -376,7 +376,7 @@ def comparison_report(request: Request, cid: str, key: KeyInfo = Depends(viewer)
     root = ws.artifacts_dir.resolve()
     path = Path(row.report_path)
     path = (path if path.is_absolute() else root / path).resolve()
-    if not path.is_relative_to(root) and not path.is_relative_to(ws.root):
+    if path.suffix.lower() not in (".html", ".htm") or not (path.is_relative_to(root) or path.is_relative_to(ws.root)):
         raise HTTPException(404, detail={"message": "no such report", "type": "not_found"})
     if not path.is_file():
         raise HTTPException(404, detail={"message": "the report file is gone", "type": "not_found"})
@@ -499,10 +499,3 @@ def mount_ui(app) -> None:
 
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-
-
-def unified_diff(a: str, b: str) -> list[str]:
-    return list(difflib.unified_diff(a.splitlines(), b.splitlines(), lineterm=""))
-
-
-__all__ = ["mount_ui", "router", "Response"]
