@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 from tunelab.models.base import Request
 
 if TYPE_CHECKING:
-    from tunelab.models.base import Model
+    from tunelab.models.base import Completion, Model
 
 MAX_INSTRUCTION_CHARS = 2000
 _TAGGED = re.compile(r"<instruction>(.*?)(?:</instruction>|$)", re.S | re.I)
@@ -64,10 +64,9 @@ def parse_instruction(text: str) -> str | None:
 
 
 def propose(model: "Model", instruction: str, labels: Sequence[str] | None, failures: Sequence[Failure],
-            *, max_tokens: int = 400, seed: int = 0) -> tuple[str | None, int, int, str]:
-    """Ask `model` for a rewrite. Returns (instruction or None, prompt tokens, completion tokens,
-    the raw reply)."""
+            *, max_tokens: int = 400, seed: int = 0) -> tuple[str | None, "Completion"]:
+    """Ask `model` for a rewrite: (the instruction, or None when the reply holds none; the reply)."""
     req = Request(messages=reflection_messages(instruction, labels, failures), max_tokens=max_tokens,
                   temperature=0.0, seed=seed)
     (comp,) = model.complete([req])
-    return parse_instruction(comp.text), comp.prompt_tokens, comp.completion_tokens, comp.text
+    return parse_instruction(comp.text), comp

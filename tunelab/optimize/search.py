@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from tunelab.datasets import Example, parse_ref
 from tunelab.errors import UserError
-from tunelab.evaluate import PromptCandidate, ResponseCache, evaluate, run_rows, sha256
+from tunelab.evaluate import PromptCandidate, ResponseCache, evaluate, request_cost, run_rows, sha256
 from tunelab.optimize.demos import PER_INPUT, DemoSpec, NearestDemos, select_fixed
 from tunelab.optimize.space import InstructionVariant, instruction_variants
 
@@ -438,9 +438,11 @@ class _Search:
         sample = random.Random(seed_value).sample(pool, min(FAILURE_SAMPLE, len(pool)))
         worker = trial.candidate.with_cache(ResponseCache(self.ws))
         comps = worker.predict(sample, 0)
+        pricing = self.ws.pricing_for(self.model_spec, self.model.backend)
         for comp in comps:
             if not (comp.meta or {}).get("cached"):
                 self.tokens_spent += comp.prompt_tokens + comp.completion_tokens
+                self.cost += request_cost(pricing, comp)
         wrong = [Failure(ex.input, ex.output, comp.text) for ex, comp in zip(sample, comps)
                  if comp.text.strip() != ex.output.strip()]
         return wrong[:MAX_FAILURES], len(sample)
@@ -662,9 +664,10 @@ def _propose_rounds(search: _Search, proposer_model: "Model", seed_value: int) -
                                 f"{sampled} train examples; nothing to learn from")
             return
         shown = rendered_instruction(search.seed, base.variant.text)
-        text, p_tok, c_tok, raw = propose(proposer_model, shown, search.labels or None, failures,
-                                          seed=seed_value + round_)
-        search.tokens_spent += p_tok + c_tok
+        text, reply = propose(proposer_model, shown, search.labels or None, failures, seed=seed_value + round_)
+        raw = reply.text
+        search.tokens_spent += reply.prompt_tokens + reply.completion_tokens
+        search.cost += request_cost(search.ws.pricing_for(proposer_model.name, proposer_model.backend), reply)
         if text is None:
             search.notes.append(f"proposer round {round_}: no usable instruction in the reply "
                                 f"({raw.strip()[:80]!r})")
