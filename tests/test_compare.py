@@ -78,12 +78,17 @@ def test_compare_reuses_identical_runs(hybrid_ws):  # noqa: F811
 
 
 def test_setup_cost_from_optimization_and_engineer_rate(hybrid_ws):  # noqa: F811
-    from tunelab.prompts import commit_prompt
+    from tunelab.prompts import commit_prompt, load_prompt
 
     version = commit_prompt(hybrid_ws, "fall", "seed")
     with hybrid_ws.store.session() as s:
         s.add(OptimizationRow(id="opt1", prompt="fall", dataset="tickets", status="done",
-                              result={"winner": {"version": version}}, wall_s=1800.0, tokens=5000, cost=0.25))
+                              result={"seed_version": "0" * 12, "version": version}, wall_s=1800.0, tokens=5000,
+                              cost=0.25))
+        # a search around prim's version that found nothing better: still prim's setup
+        prim_version = load_prompt(hybrid_ws, "prim").version
+        s.add(OptimizationRow(id="opt2", prompt="prim", dataset="tickets", status="done",
+                              result={"seed_version": prim_version, "version": None}, wall_s=60.0, cost=0.01))
     hybrid_ws.config.engineer_hourly_rate = 60.0
     comp = compare(hybrid_ws, "tickets:test", ["prim", f"fall@{version}"], volume=1000, progress=False,
                    engineer_hours={"prompt": 0.0})
@@ -92,7 +97,12 @@ def test_setup_cost_from_optimization_and_engineer_rate(hybrid_ws):  # noqa: F81
     assert fall["setup"]["engineer_cost"] == 0.0 and fall["setup"]["total_cost"] == 0.25
     assert "optimization opt1" in fall["setup"]["sources"][0]
     prim = next(c for c in comp["candidates"] if c["name"].startswith("prim"))
-    assert prim["setup"]["total_cost"] == 0.0 and "hand-written" in prim["setup"]["sources"][0]
+    assert prim["setup"]["compute_cost"] == 0.01 and "optimization opt2" in prim["setup"]["sources"][0]
+    # the seed of an optimization that committed a better version does not carry its cost
+    with hybrid_ws.store.session() as s:
+        s.get(OptimizationRow, "opt2").result = {"seed_version": prim_version, "version": "e" * 12}
+    seed = compare(hybrid_ws, "tickets:test", ["prim"], progress=False)["candidates"][0]
+    assert seed["setup"]["total_cost"] == 0.0 and "hand-written" in seed["setup"]["sources"][0]
     assert fall["cost_horizon"] == pytest.approx(0.25 + 12 * 1000 * fall["cost_per_request"])
     assert comp["engineer_hourly_rate"] == 60.0
 

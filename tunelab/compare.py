@@ -287,7 +287,7 @@ def _candidate_entry(ws: "Workspace", cand, result, volume: float, rate: float,
     setup["engineer_cost"] = setup["engineer_hours"] * rate
     setup["total_cost"] = setup["compute_cost"] + setup["engineer_cost"]
     per_request = float(result.cost.get("per_request") or 0.0)
-    eval_wall = float(result.throughput.get("wall_s") or 0.0)
+    eval_wall = _eval_seconds(result)
     cons = result.consistency or {}
     lat = result.latency or {}
     entry = {
@@ -321,11 +321,21 @@ def _value(x: Any) -> float | None:
 
 
 def _throughput(result) -> float | None:
+    """Requests a second: from the run's wall time, or (when some answers came from the response
+    cache, which keeps their measured latency) from the mean measured latency."""
     t = result.throughput or {}
-    if t.get("examples_per_s"):
-        return float(t["examples_per_s"])
     mean = (result.latency or {}).get("mean")
+    if t.get("examples_per_s") and not result.cached_rows:
+        return float(t["examples_per_s"])
     return 1.0 / mean if mean else None
+
+
+def _eval_seconds(result) -> float:
+    """The measured time of one evaluation of the split: the wall time, or the sum of the measured
+    per-request times when answers came from the response cache."""
+    t = result.throughput or {}
+    wall, model_s = float(t.get("wall_s") or 0.0), float(t.get("model_s") or 0.0)
+    return model_s if result.cached_rows else (wall or model_s)
 
 
 def flexibility(kind: str, setup: dict[str, Any], eval_wall_s: float) -> dict[str, Any]:
@@ -440,9 +450,13 @@ def optimization_of(ws: "Workspace", cand):
             row = s.get(OptimizationRow, oid)
             if row is not None:
                 return row
-        for row in s.scalars(select(OptimizationRow).where(OptimizationRow.prompt == prompt.name)
+        for row in s.scalars(select(OptimizationRow).where(OptimizationRow.prompt == prompt.name,
+                                                           OptimizationRow.status == "done")
                              .order_by(OptimizationRow.created_at.desc())):
-            if prompt.version in json.dumps(row.result or {}, default=str):
+            result = row.result or {}
+            # the version it committed; or, when nothing beat the seed, the seed it searched around
+            if result.get("version") == prompt.version or (
+                    not result.get("version") and result.get("seed_version") == prompt.version):
                 return row
     return None
 

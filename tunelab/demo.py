@@ -70,10 +70,10 @@ class Steps:
         self._t = self.started
         self._name = ""
 
-    def __call__(self, title: str) -> None:
+    def __call__(self, key: str, title: str) -> None:
         self._close()
         self.n += 1
-        self._name = title
+        self._name = key
         self._t = time.perf_counter()
         self.log(f"\n[{self.n}/{self.total}] {title}  (elapsed {self.elapsed():.0f} s)")
 
@@ -102,29 +102,29 @@ def run_demo(directory: str | Path = "demo-workspace", *, quick: bool = False, v
     steps = Steps(8 if learning_curve else 7, log)
     progress = console if console is not None else True
 
-    steps("workspace and data: import and check examples/support")
+    steps("data", "workspace and data: import and check examples/support")
     ws = Workspace.init(directory, name="tunelab-demo")
     log(f"workspace: {ws.root}")
     data_ref = _import_data(ws, quick, log)
 
-    steps(f"baseline prompt '{BASE_PROMPT}': evaluate on the test split")
+    steps("baseline", f"baseline prompt '{BASE_PROMPT}': evaluate on the test split")
     baseline = _ensure_prompt(ws, BASE_PROMPT, (examples_dir() / f"{BASE_PROMPT}.prompt").read_text(encoding="utf-8"))
     _ensure_prompt(ws, SHORT_PROMPT, SHORT_PROMPT_TEXT)
     base_result = evaluate(ws, baseline, f"{data_ref}:test", progress=progress)
     _report_run(log, base_result)
 
-    steps("prompt optimization on the validation split (instructions, few-shot demos)")
+    steps("optimization", "prompt optimization on the validation split (instructions, few-shot demos)")
     optimized = _optimize(ws, baseline, data_ref, budget=optimize_budget or (2 if quick else 10),
                           progress=progress, log=log)
 
-    steps(f"fine-tuning: LoRA on SmolLM2-135M with the short prompt '{SHORT_PROMPT}' -> ft:{FINETUNE}")
+    steps("fine-tuning", f"fine-tuning: LoRA on SmolLM2-135M with the short prompt '{SHORT_PROMPT}' -> ft:{FINETUNE}")
     _finetune(ws, data_ref, quick=quick, log=log, progress=progress)
 
-    steps(f"hybrid: ft:{FINETUNE} first, {optimized} where it is unsure or the input is unusual")
+    steps("hybrid", f"hybrid: ft:{FINETUNE} first, {optimized} where it is unsure or the input is unusual")
     _hybrid(ws, optimized, log=log, progress=progress)
 
     candidates = [baseline] + ([optimized] if optimized != baseline else []) + [f"ft:{FINETUNE}", f"hybrid:{HYBRID}"]
-    steps("comparison on the test split" + (" with the learning curve (fine-tunes on 10/25/50% of train)"
+    steps("comparison", "comparison on the test split" + (" with the learning curve (fine-tunes on 10/25/50% of train)"
                                             if learning_curve else ""))
     comparison = compare(ws, f"{data_ref}:test", candidates, volume=volume, learning_curve=learning_curve,
                          progress=progress, log=log)
@@ -133,15 +133,14 @@ def run_demo(directory: str | Path = "demo-workspace", *, quick: bool = False, v
 
         print_table({**comparison, "recommendation": None}, console)
 
-    steps("advice")
+    steps("advice", "advice")
     advice = advise(comparison, Constraints(volume=volume))
     log(f"{advice['headline']}")
     for reason in advice["reasons"]:
         log(f"  - {reason}")
     steps.done()
     log(f"\nreport: {comparison['report']}")
-    log(f"demo finished in {steps.elapsed():.0f} s (" + ", ".join(f"{k.split(':')[0]} {v:.0f} s"
-                                                             for k, v in steps.times.items()) + ")")
+    log(f"demo finished in {steps.elapsed():.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in steps.times.items()) + ")")
     return {"workspace": str(ws.root), "comparison": comparison, "advice": advice, "report": comparison["report"],
             "times": dict(steps.times), "wall_s": steps.elapsed()}
 
