@@ -224,3 +224,27 @@ def test_finetune_curves_comparison_report_and_worker_cli(ws, cli):
     res = cli("worker", "--once")
     assert res.exit_code == 0 and "finished" in res.output
     assert [j.status for j in __import__("tunelab.server.jobs", fromlist=["list_jobs"]).list_jobs(ws)] == ["done"]
+
+
+def test_jobs_started_from_the_ui_run_in_the_servers_worker_thread(ws):
+    from tunelab.server.jobs import list_jobs
+
+    _, editor = create_key(ws, "ed", "editor")
+    with TestClient(create_app(ws, worker=True)) as client:  # the context runs startup: the worker starts
+        client.post("/login", data={"api_key": editor})
+        csrf = __import__("re").search(r'"X-CSRF-Token": "([^"]+)"', client.get("/ui/jobs").text).group(1)
+        r = client.post("/ui/jobs", data={"csrf": csrf, "kind": "optimize", "candidate": "sms", "data": "sms",
+                                          "limit": "3"}, follow_redirects=False)
+        assert r.status_code == 303
+        r = client.post("/ui/jobs", data={"csrf": csrf, "kind": "finetune", "candidate": "sms", "data": "sms",
+                                          "limit": "abc"})
+        assert r.status_code == 400
+        import time
+
+        deadline = time.time() + 120
+        while time.time() < deadline and list_jobs(ws)[0].status in ("queued", "running"):
+            time.sleep(0.2)
+    (job,) = list_jobs(ws)
+    assert job.kind == "optimize" and job.created_by == "ed"
+    assert job.status == "done", job.error
+    assert job.result["optimization"] and "message" in job.result

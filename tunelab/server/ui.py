@@ -410,7 +410,11 @@ def start_job(request: Request, form: dict = Depends(form_fields), key: KeyInfo 
     try:
         args: dict[str, Any] = {"data": data.strip()}
         args["candidate" if kind == "eval" else "prompt"] = candidate.strip()
-        if limit.strip():
+        if kind == "finetune":
+            args["name"] = form.get("name", "").strip() or None
+            if limit.strip():
+                args["max_steps"] = int(limit)
+        elif limit.strip():
             args["limit" if kind == "eval" else "limit_validation"] = int(limit)
         enqueue_job(ws, kind, args, created_by=key.name)
         error = None
