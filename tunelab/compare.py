@@ -614,7 +614,8 @@ def load_comparison(ws: "Workspace", ref: str = "latest") -> dict[str, Any]:
             return row.result
         rows = list(s.scalars(select(ComparisonRow).where(ComparisonRow.id.startswith(ref)).limit(3)))
     if not rows:
-        raise NotFound(f"unknown comparison '{ref}' (tunelab compare list shows them)")
+        known = [r.id for r in list_comparisons(ws)[:5]]
+        raise NotFound(f"unknown comparison '{ref}' (latest: {', '.join(known) or 'none yet'})")
     if len(rows) > 1:
         raise UserError(f"comparison '{ref}' is ambiguous: give more of the id")
     return rows[0].result
