@@ -9,6 +9,10 @@ response cache off. Both use the same prompt on the bundled SmolLM2-135M-Instruc
     python bench/eval_throughput.py                     # sms_spam (500) and restaurant8k_slots (100)
     python bench/eval_throughput.py --textbook-n 30 --label-n 200 --json-n 50
 
+On a shared machine, `--threads 1` keeps both loops out of each other's way and out of thread
+contention with other processes; the CPU-time ratio (examples per CPU-second) is printed too, as
+it is much less sensitive to the machine's load than the wall-clock ratio.
+
 Goals: >= 15x for label outputs, >= 8x for JSON extraction. The textbook loop runs on a prefix of
 the examples (its examples/s is what is compared). Shared data: TUNELAB_SHARED_DATA, else
 ../shared/data next to the repository.
@@ -47,7 +51,7 @@ demos:
   - {{input: "hi there", output: '{{}}'}}
 ---
 user:
-Extract the booking slots (people, date, time, first_name, last_name) from the message as a JSON object. Use {{}} when there are none.
+Extract the booking slots (people, date, time, first_name, last_name) from the message as a JSON object.
 
 Message: {{{{ input }}}}
 """
@@ -79,7 +83,7 @@ def textbook_loop(hf_model, tokenizer, prompt, examples, max_new_tokens: int, pa
     import torch
 
     answers = []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for ex in examples:
             text = tokenizer.apply_chat_template(prompt.render(ex), add_generation_prompt=True, tokenize=False)
@@ -87,7 +91,7 @@ def textbook_loop(hf_model, tokenizer, prompt, examples, max_new_tokens: int, pa
             out = hf_model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             answers.append(parse(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
-    return len(examples) / (time.perf_counter() - start), answers
+    return len(examples) / (time.perf_counter() - start), len(examples) / (time.process_time() - cpu), answers
 
 
 def parse_json_answer(text: str):
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-textbook-n", type=int, default=20, help="slots examples for the textbook loop")
     ap.add_argument("--skip-json", action="store_true", help="only the label benchmark")
     ap.add_argument("--skip-label", action="store_true", help="only the JSON benchmark")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for both loops (default: torch's; 1 is fairest on a loaded machine)")
     ap.add_argument("--no-free-text", action="store_true",
                     help="tunelab without the free answer of label outputs (label scoring only)")
     args = ap.parse_args(argv)
@@ -119,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     from tunelab.prompts import load_prompt
     from tunelab.workspace import Workspace
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = shared_data()
     tmp = tempfile.TemporaryDirectory(prefix="tunelab-bench-")
     ws = Workspace.init(Path(tmp.name) / "ws")
@@ -140,24 +148,26 @@ def main(argv: list[str] | None = None) -> int:
         cand.model.complete(cand.requests(examples[:2]))  # load the weights before timing
         print(f"\n[{kind}] {dataset}: textbook loop on {n_text} examples (fp32 generate, <= {max_new} tokens) ...")
         la0 = load_average()
-        text_rate, answers = textbook_loop(hf_fp32, tokenizer, prompt, examples[:n_text], max_new, parse)
+        text_rate, text_cpu_rate, answers = textbook_loop(hf_fp32, tokenizer, prompt, examples[:n_text], max_new, parse)
         text_acc = sum(correct(a, ex) for a, ex in zip(answers, examples)) / n_text
-        print(f"  textbook: {text_rate:.2f} examples/s (primary metric on its {n_text}: {text_acc:.3f}); "
+        print(f"  textbook: {text_rate:.2f} examples/s, {text_cpu_rate:.2f} per CPU-second (primary metric on its {n_text}: {text_acc:.3f}); "
               f"load average {la0} -> {load_average()}")
         print(f"[{kind}] tunelab eval on {n_tool} examples ({cand.model.precision}) ...")
         la0 = load_average()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = evaluate(ws, cand, f"{prompt_name}:test", use_cache=False, rerun=True, progress=False)
         wall = time.perf_counter() - start
+        cpu_rate = n_tool / (time.process_time() - cpu)
         rate = n_tool / wall
         primary = result.primary_metric
-        print(f"  tunelab:  {rate:.2f} examples/s ({wall:.1f} s wall; {primary} "
+        print(f"  tunelab:  {rate:.2f} examples/s, {cpu_rate:.2f} per CPU-second ({wall:.1f} s wall; {primary} "
               f"{result.metrics[primary]['value']:.3f}); load average {la0} -> {load_average()}")
         extra = {k: round(v["value"], 3) for k, v in result.metrics.items() if v.get("value") is not None}
         print(f"  metrics: {extra}")
-        print(f"  ratio: {rate / text_rate:.1f}x")
+        print(f"  ratio: {rate / text_rate:.1f}x (wall clock), {cpu_rate / text_cpu_rate:.1f}x (CPU time)")
         results[kind] = {"textbook_examples_per_s": text_rate, "tunelab_examples_per_s": rate,
-                         "ratio": rate / text_rate, "n_tunelab": n_tool, "n_textbook": n_text}
+                         "ratio": rate / text_rate, "cpu_ratio": cpu_rate / text_cpu_rate,
+                         "n_tunelab": n_tool, "n_textbook": n_text}
 
     if not args.skip_label:
         bench("label", "sms_spam", "spam", args.label_n, args.textbook_n, 8,
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     goals = {"label": 15, "json": 8}
     for kind, r in results.items():
         print(f"  {kind}: textbook {r['textbook_examples_per_s']:.2f} ex/s, tunelab {r['tunelab_examples_per_s']:.2f} "
-              f"ex/s, ratio {r['ratio']:.1f}x (goal >= {goals[kind]}x)")
+              f"ex/s, ratio {r['ratio']:.1f}x (goal >= {goals[kind]}x; CPU-time ratio {r['cpu_ratio']:.1f}x)")
     print(json.dumps({"eval_throughput": results, "load_average": load_average()}))
     tmp.cleanup()
     return 0
