@@ -167,3 +167,59 @@ def test_cli_compare_advise_hybrid(hybrid_ws, cli):  # noqa: F811
         res = cli(*args)
         assert res.exit_code == 2, (args, res.output)
         assert message in res.stderr and "Traceback" not in res.output and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_learning_curve_trains_on_shares_of_train_and_reuses_them(hybrid_ws, monkeypatch):  # noqa: F811
+    """The learning curve with the training itself faked: configs, names, reuse and the points."""
+    from tunelab import finetune as ft
+    from tunelab.models.fake import FakeModel
+    from tunelab.prompts import commit_prompt
+    from tunelab.store.models import FineTuneRow
+
+    version = commit_prompt(hybrid_ws, "prim", "for the fine-tune")
+    ds_version = tickets_version(hybrid_ws)
+    with hybrid_ws.store.session() as s:
+        s.add(FineTuneRow(name="tk", status="done", base="smollm2-135m", method="lora", dataset="tickets",
+                          dataset_version=ds_version, prompt="prim", prompt_version=version,
+                          config={"lr": 0.001, "epochs": 2, "data": "tickets", "name": "tk"},
+                          result={"n_train": 40}, wall_s=100.0, cost=0.01, tokens_trained=4000))
+    right = {"card": "billing", "crash": "bug", "refund": "billing", "freeze": "bug"}
+    known = {"tk": 4, "tk-lc50": 3, "tk-lc25": 2, "tk-lc10": 1}  # how many of the 4 kinds each one gets right
+    trained = []
+
+    def fake_finetune(ws, config, resume=False, **_):
+        trained.append(config)
+        with ws.store.session() as s:
+            s.add(FineTuneRow(name=config.name, status="done", base="smollm2-135m", method="lora", dataset="tickets",
+                              dataset_version=ds_version, prompt="prim", prompt_version=version,
+                              config=config.model_dump(mode="json"), result={"n_train": config.max_examples},
+                              wall_s=config.max_examples * 2.5, cost=0.0))
+
+    def fake_load(ws, name, **_):
+        n = known[name]
+        return FakeModel(name=f"ft:{name}", rules={w: (lab if i < n else ("bug" if lab == "billing" else "billing"))
+                                                   for i, (w, lab) in enumerate(right.items())})
+
+    monkeypatch.setattr(ft, "finetune", fake_finetune)
+    monkeypatch.setattr(ft, "load_finetuned", fake_load)
+    comp = compare(hybrid_ws, "tickets:test", ["prim", "ft:tk"], learning_curve=True, progress=False)
+    curve = comp["learning_curve"]
+    assert curve["candidate"] == "ft:tk"
+    assert [p["n_train"] for p in curve["points"]] == [4, 10, 20, 40]
+    assert [p["metric"]["value"] for p in curve["points"]] == [0.25, 0.5, 0.75, 1.0]
+    assert [c.name for c in trained] == ["tk-lc10", "tk-lc25", "tk-lc50"]
+    assert all(c.data == f"tickets@{ds_version}" and c.prompt == f"prim@{version}" and c.lr == 0.001 and c.epochs == 2
+               for c in trained)
+    ft_entry = next(c for c in comp["candidates"] if c["kind"] == "ft")
+    assert ft_entry["examples_trained"] == 40 and ft_entry["setup"]["compute_cost"] == 0.01
+    assert ft_entry["flexibility"]["how"] == "retrain + re-evaluation" and ft_entry["flexibility"]["change_s"] >= 100
+    # again: nothing is trained twice
+    trained.clear()
+    again = compare(hybrid_ws, "tickets:test", ["prim", "ft:tk"], learning_curve=True, progress=False)
+    assert trained == [] and again["learning_curve"]["points"] == curve["points"]
+
+
+def tickets_version(ws) -> str:
+    from tunelab.datasets import get_dataset
+
+    return get_dataset(ws, "tickets").version
