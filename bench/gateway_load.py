@@ -9,7 +9,7 @@
 The server is a real `tunelab serve` subprocess (its own process, rate limit off, no worker) on
 a fresh temporary workspace, authenticated with an API key, exactly as an application calls it.
 
-    python bench/gateway_load.py                    # 200 fake + 16 real (concurrency 4)
+    python bench/gateway_load.py                    # 200 fake + 16 real (concurrency 8)
     python bench/gateway_load.py --n 500 --real-n 0
 """
 
@@ -122,7 +122,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=200, help="requests against the fake-model deployment")
     parser.add_argument("--concurrency", type=int, default=200, help="requests in flight at once (fake model)")
     parser.add_argument("--real-n", type=int, default=16, help="requests against the real-model deployment (0: skip)")
-    parser.add_argument("--real-concurrency", type=int, default=4, help="requests in flight at once (real model)")
+    parser.add_argument("--real-concurrency", type=int, default=8, help="requests in flight at once (real model)")
     args = parser.parse_args()
 
     from tunelab.prompts import commit_prompt, tag_prompt, write_text_atomic

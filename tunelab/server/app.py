@@ -14,7 +14,9 @@ For a prompt deployment the template variables come from the extension field
 Every endpoint needs an API key (`Authorization: Bearer tl-...`, see `tunelab keys create`) or a
 web UI session, and a role (`tunelab.server.auth`); `create_app(ws, auth=False)` opts out (tests of
 the OpenAI wire format only). Each key is rate-limited (token bucket; 429 with Retry-After). Every
-gateway call is logged in the store (`tunelab.server.logs`). The web UI lives in
+gateway call is logged in the store (`tunelab.server.logs`, group-committed: a call returns once
+its row is written). Concurrent calls to a local model are micro-batched (`Batcher`): requests
+that arrive while the model is busy share its next batched forward pass. The web UI lives in
 `tunelab.server.ui`; background jobs in `tunelab.server.jobs`.
 """
 
@@ -111,25 +113,21 @@ def resolve_deployment(workspace, name: str) -> Deployment:
         prompt = load_prompt(workspace, name)
         model = load_model(prompt.model or workspace.config.default_model, workspace)
         demos = prompt.resolve_demos(workspace)
-        lock = _model_lock(model)
+        complete = _completer(model)
 
         def answer_prompt(messages, variables, params):
             fields = dict(variables)
             inp = fields.pop("input", None)
             example = Example(input=inp if inp is not None else _last_user(messages), output="", meta=fields)
-            request = prompt.request(example, demos, **params)
-            with lock:
-                return model.complete([request])[0]
+            return complete(prompt.request(example, demos, **params))
 
         return Deployment(name, "prompt", answer_prompt, version=prompt.version, pricing=_pricing(workspace, model))
 
     model = load_model(name, workspace)
-    lock = _model_lock(model)
+    complete = _completer(model)
 
     def answer_model(messages, variables, params):
-        request = Request(messages=messages, **params)
-        with lock:
-            return model.complete([request])[0]
+        return complete(Request(messages=messages, **params))
 
     return Deployment(name, "model", answer_model, pricing=_pricing(workspace, model))
 
@@ -144,22 +142,59 @@ def _free():
     return Pricing()
 
 
-_locks: dict[int, threading.Lock] = {}
+_batchers: dict[int, "Batcher"] = {}
+_batchers_lock = threading.Lock()
 
 
-def _model_lock(model) -> threading.Lock:
-    """Local models run one batch at a time; remote ones take concurrent calls."""
+def _completer(model) -> Callable[[Request], Completion]:
+    """How a deployment calls its model: remote and fake models take concurrent calls directly;
+    a local model gets one `Batcher`, so concurrent calls share batched forward passes."""
     if getattr(model, "backend", "") in {"openai", "fake"}:
-        return _NoLock()
-    return _locks.setdefault(id(model), threading.Lock())
+        return lambda request: model.complete([request])[0]
+    with _batchers_lock:
+        if id(model) not in _batchers:
+            _batchers[id(model)] = Batcher(model)
+        return _batchers[id(model)].complete
 
 
-class _NoLock:
-    def __enter__(self):
-        return self
+class Batcher:
+    """Micro-batching: calls that arrive while the model is busy are answered together in the
+    next `model.complete(batch)` (at most `max_batch`), one batch at a time."""
 
-    def __exit__(self, *exc):
-        return False
+    def __init__(self, model, max_batch: int = 32):
+        import queue
+
+        self.model, self.max_batch = model, max_batch
+        self._queue: "queue.Queue" = queue.Queue()
+        threading.Thread(target=self._run, daemon=True, name=f"tunelab-batcher-{getattr(model, 'name', '')}").start()
+
+    def complete(self, request: Request) -> Completion:
+        item = {"request": request, "done": threading.Event(), "result": None, "error": None}
+        self._queue.put(item)
+        item["done"].wait()
+        if item["error"] is not None:
+            raise item["error"]
+        return item["result"]
+
+    def _run(self) -> None:
+        import queue
+
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                results = self.model.complete([item["request"] for item in batch])
+                for item, result in zip(batch, results):
+                    item["result"] = result
+            except BaseException as exc:  # noqa: BLE001 - every waiting call gets the error
+                for item in batch:
+                    item["error"] = exc
+            for item in batch:
+                item["done"].set()
 
 
 def _last_user(messages: list[dict]) -> str:
