@@ -248,3 +248,33 @@ def test_jobs_started_from_the_ui_run_in_the_servers_worker_thread(ws):
     assert job.kind == "optimize" and job.created_by == "ed"
     assert job.status == "done", job.error
     assert job.result["optimization"] and "message" in job.result
+
+
+def test_concurrent_calls_to_a_local_model_share_batches():
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tunelab.models.base import Request
+    from tunelab.models.fake import FakeModel
+    from tunelab.server.app import Batcher
+
+    class SlowLocal(FakeModel):
+        backend = "local"
+        sizes: list[int] = []
+
+        def complete(self, requests):
+            self.sizes.append(len(requests))
+            time.sleep(0.2)
+            if any(r.messages[-1]["content"] == "boom" for r in requests):
+                raise RuntimeError("model failed")
+            return super().complete(requests)
+
+    model = SlowLocal("slow")
+    batcher = Batcher(model, max_batch=8)
+    with ThreadPoolExecutor(9) as pool:
+        texts = [f"message {i}" for i in range(9)]
+        out = list(pool.map(lambda t: batcher.complete(Request(messages=[{"role": "user", "content": t}])), texts))
+    assert [c.text for c in out] == texts  # every caller gets its own answer
+    assert sum(model.sizes) == 9 and max(model.sizes) > 1 and len(model.sizes) < 9
+    with pytest.raises(RuntimeError, match="model failed"):
+        batcher.complete(Request(messages=[{"role": "user", "content": "boom"}]))
