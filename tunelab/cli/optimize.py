@@ -93,17 +93,18 @@ def print_result(result) -> None:
     r = result
     table = Table(title=f"optimize {r.prompt}@{r.seed_version} on {r.dataset}:validation "
                         f"({r.validation_n} examples, {r.objective}, model {r.model})")
-    for col, just in (("#", "right"), ("stage", "left"), ("instruction", "left"), ("placement", "left"),
-                      ("demos", "left"), (f"{r.objective} [95% CI]", "left"), ("prompt tok", "right"),
-                      ("status", "left")):
-        table.add_column(col, justify=just)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("candidate: instruction · demos", ratio=1, min_width=24)
+    table.add_column(f"{r.objective} [95% CI]", no_wrap=True)
+    table.add_column("tok/req", justify="right", no_wrap=True)
+    table.add_column("status")
     for c in r.candidates:
         score = (_interval({"value": c["score"], "lo": c["lo"], "hi": c["hi"]}) if c["score"] is not None
                  else f"screen {_pct(c['screen_score'])}" if c["screen_score"] is not None else "-")
-        mark = " ← winner" if c["id"] == r.winner["id"] else " (seed)" if c["id"] == r.seed["id"] else ""
+        mark = " ← winner" if c["id"] == r.winner["id"] else ""
+        mark += " (seed)" if c["id"] == r.seed["id"] else ""
         status = c["status"] + (f": {c['note']}" if c["note"] else "") + mark
-        table.add_row(str(c["id"]), c["stage"], c["instruction"]["name"], c["instruction"]["placement"],
-                      c["name"].split(" · ", 1)[-1], score,
+        table.add_row(str(c["id"]), c["name"], score,
                       "-" if c["prompt_tokens"] is None else f"{c['prompt_tokens']:.0f}", status)
     console.print(table)
     console.print(r.message, markup=False)
