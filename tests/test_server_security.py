@@ -219,3 +219,27 @@ def test_rate_limit_per_key_is_429_with_retry_after(workspace):
     r = chat(client, a, model="greet")
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert chat(client, b, model="greet").status_code == 200  # buckets are per key
+
+
+def test_users_log_in_with_a_password_and_act_with_their_role(server, cli):
+    ws, client, keys = server
+    assert cli("users", "add", "--name", "dora", "--role", "editor", "--password", "short").exit_code == 2
+    assert cli("users", "add", "--name", "dora", "--role", "editor", "--password", "correct horse").exit_code == 0
+    assert client.post("/login", data={"user": "dora", "password": "wrong password"}).status_code == 401
+    assert client.post("/login", data={"user": "nobody", "password": "correct horse"}).status_code == 401
+    r = client.post("/login", data={"user": "dora", "password": "correct horse"}, follow_redirects=False)
+    assert r.status_code == 303
+    page = client.get("/ui/prompts").text
+    assert "dora (editor)" in page
+    csrf = re.search(r'"X-CSRF-Token": "([^"]+)"', page).group(1)
+    r = client.post("/ui/prompts/greet/commit", data={"csrf": csrf, "text": PROMPT + "Hi.\n", "message": "by dora"})
+    assert "committed" in r.text
+    from tunelab.prompts import prompt_log
+
+    assert prompt_log(ws, "greet")[0].author == "dora"
+    assert client.get("/ui/keys").status_code == 403
+    db = b"".join(p.read_bytes() for p in ws.state_dir.glob("tunelab.db*"))
+    assert b"correct horse" not in db
+    assert cli("users", "disable", "dora").exit_code == 0
+    assert client.get("/ui/prompts", follow_redirects=False).status_code == 303
+    assert "dora" in cli("users", "list").stdout

@@ -60,6 +60,7 @@ app.command(name="serve")(_serve.serve)
 app.command(name="worker")(_serve.worker)
 app.add_typer(_serve.keys_app, name="keys")
 app.add_typer(_serve.logs_app, name="logs")
+app.add_typer(_serve.users_app, name="users")
 from tunelab.cli import prompt as _prompt  # noqa: E402
 
 app.add_typer(_prompt.app, name="prompt")

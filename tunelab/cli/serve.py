@@ -113,3 +113,44 @@ def logs_export(
     ds = logs_to_dataset(workspace(), to_dataset, deployment, limit=limit)
     console.print(f"saved dataset {ds.name}@{ds.version} ({sum(len(v) for v in ds.splits.values())} examples)",
                   markup=False)
+
+
+users_app = typer.Typer(help="Web UI users (name + password, scrypt-hashed; roles viewer < editor < admin).",
+                        no_args_is_help=True)
+
+
+@users_app.command("add")
+def users_add(
+    name: str = typer.Option(..., "--name", help="The user's login name."),
+    role: str = typer.Option("viewer", "--role", help="viewer (read), editor (edit, run), admin (deploy, keys)."),
+    password: str = typer.Option(..., "--password", prompt=True, hide_input=True, confirmation_prompt=True,
+                                 envvar="TUNELAB_PASSWORD", help="The password (asked when not given; at least 8 characters)."),
+) -> None:
+    """Add a web UI user, or set an existing user's password and role."""
+    from tunelab.server.auth import add_user
+
+    info = add_user(workspace(), name, password, role)
+    console.print(f"user '{info['name']}' ({info['role']}) ready", markup=False)
+
+
+@users_app.command("list")
+def users_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the web UI users."""
+    from tunelab.server.auth import list_users, utc_text
+
+    rows = list_users(workspace())
+    if as_json:
+        print_json(rows)
+        return
+    for u in rows:
+        state = "disabled" if u["disabled"] else "active"
+        console.print(f"{u['name']:<24} {u['role']:<7} {state:<8} last login {utc_text(u['last_login_at'])}", markup=False)
+
+
+@users_app.command("disable")
+def users_disable(name: str = typer.Argument(..., help="The user's name.")) -> None:
+    """Disable a web UI user (their sessions end)."""
+    from tunelab.server.auth import disable_user
+
+    disable_user(workspace(), name)
+    console.print(f"user '{name}' disabled", markup=False)

@@ -401,7 +401,7 @@ def require(role: str):
 
                 if not sent or not hmac.compare_digest(str(sent), csrf):
                     raise HTTPException(403, detail={"message": "missing or wrong CSRF token", "type": "csrf"})
-        wait = app.state.limiter.take(key.name)
+        wait = app.state.limiter.take(f"{key.kind}:{key.name}")
         if wait > 0:
             import math
 

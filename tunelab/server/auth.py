@@ -7,6 +7,9 @@ reads keys from that workspace's database, so a key of another workspace is unkn
 
     key, secret = create_key(ws, "alice", "editor")   # secret: "tl-...", never stored
     authenticate(ws, secret)  -> KeyInfo(name="alice", role="editor") | None
+
+Users log into the web UI with a name and password (scrypt-hashed, `add_user`); applications use
+API keys. Both carry a role; a user's UI session acts with the user's role.
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ SESSION_HOURS = 12
 
 @dataclass(frozen=True)
 class KeyInfo:
+    """Who is calling: an API key or a logged-in user (`kind`), with a role."""
+
     id: int
     name: str
     role: str
+    kind: str = "key"  # key | user
 
     def can(self, role: str) -> bool:
         return ROLES.index(self.role) >= ROLES.index(role)
@@ -118,21 +124,108 @@ def authenticate(ws: "Workspace", secret: str | None) -> KeyInfo | None:
         return KeyInfo(row.id, row.name, row.role)
 
 
+# -- users -------------------------------------------------------------------------------------
+SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    salt = salt or secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, dklen=32, **SCRYPT)
+    return f"scrypt${SCRYPT['n']}${SCRYPT['r']}${SCRYPT['p']}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    import hmac
+
+    try:
+        _, n, r, p, salt, digest = stored.split("$")
+        got = hashlib.scrypt(password.encode("utf-8"), salt=bytes.fromhex(salt), dklen=32, n=int(n), r=int(r),
+                             p=int(p))
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got.hex(), digest)
+
+
+def add_user(ws: "Workspace", name: str, password: str, role: str = "viewer") -> dict:
+    """Add a web UI user (or set an existing user's password and role)."""
+    from sqlalchemy import select
+
+    from tunelab.store.models import UserRow
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@\-]{0,99}", name or ""):
+        raise UserError(f"invalid user name '{name}': use letters, digits, '-', '_', '.', '@' (at most 100)",
+                        field="name")
+    check_role(role)
+    if len(password or "") < 8:
+        raise UserError("a password needs at least 8 characters", field="password")
+    with ws.store.session() as s:
+        row = s.scalar(select(UserRow).where(UserRow.name == name))
+        if row is None:
+            row = UserRow(name=name, password_hash=hash_password(password), role=role)
+            s.add(row)
+        else:
+            row.password_hash, row.role, row.disabled_at = hash_password(password), role, None
+        s.flush()
+        return {"id": row.id, "name": row.name, "role": row.role}
+
+
+def list_users(ws: "Workspace") -> list[dict]:
+    from sqlalchemy import select
+
+    from tunelab.store.models import UserRow
+
+    with ws.store.session() as s:
+        return [{"name": r.name, "role": r.role, "created_at": r.created_at, "last_login_at": r.last_login_at,
+                 "disabled": r.disabled_at is not None} for r in s.scalars(select(UserRow).order_by(UserRow.id))]
+
+
+def disable_user(ws: "Workspace", name: str) -> None:
+    """Disable a user (their sessions end)."""
+    from sqlalchemy import delete, select
+
+    from tunelab.store.models import UiSessionRow, UserRow, utcnow
+
+    with ws.store.session() as s:
+        row = s.scalar(select(UserRow).where(UserRow.name == name))
+        if row is None:
+            raise NotFound(f"unknown user '{name}' (see: tunelab users list)")
+        row.disabled_at = row.disabled_at or utcnow()
+        s.execute(delete(UiSessionRow).where(UiSessionRow.user_id == row.id))
+
+
+def login_user(ws: "Workspace", name: str, password: str) -> KeyInfo | None:
+    """The user `name` when `password` is right and the user is not disabled."""
+    from sqlalchemy import select
+
+    from tunelab.store.models import UserRow, utcnow
+
+    with ws.store.session() as s:
+        row = s.scalar(select(UserRow).where(UserRow.name == name))
+        if row is None:
+            hash_password(password)  # the same work as for a real user: no timing oracle for names
+            return None
+        if row.disabled_at is not None or not verify_password(password, row.password_hash):
+            return None
+        row.last_login_at = utcnow()
+        return KeyInfo(row.id, row.name, row.role, kind="user")
+
+
 # -- UI sessions ------------------------------------------------------------------------------
-def create_session(ws: "Workspace", key: KeyInfo) -> tuple[str, str]:
-    """A login for `key`: returns (cookie token, CSRF token). Only the token's sha256 is stored."""
+def create_session(ws: "Workspace", who: KeyInfo) -> tuple[str, str]:
+    """A login for a key or a user: returns (cookie token, CSRF token). Only the token's sha256 is
+    stored."""
     from tunelab.store.models import UiSessionRow, utcnow
 
     token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    ids = {"user_id": who.id} if who.kind == "user" else {"key_id": who.id}
     with ws.store.session() as s:
-        s.add(UiSessionRow(id=hash_key(token), key_id=key.id, csrf=csrf,
-                           expires_at=utcnow() + timedelta(hours=SESSION_HOURS)))
+        s.add(UiSessionRow(id=hash_key(token), csrf=csrf, expires_at=utcnow() + timedelta(hours=SESSION_HOURS), **ids))
     return token, csrf
 
 
 def session_key(ws: "Workspace", token: str | None) -> tuple[KeyInfo, str] | None:
-    """(key, CSRF token) of a live session, or None."""
-    from tunelab.store.models import ApiKeyRow, UiSessionRow, utcnow
+    """(who, CSRF token) of a live session, or None."""
+    from tunelab.store.models import ApiKeyRow, UiSessionRow, UserRow, utcnow
 
     if not token or len(token) > 200:
         return None
@@ -140,6 +233,11 @@ def session_key(ws: "Workspace", token: str | None) -> tuple[KeyInfo, str] | Non
         sess = s.get(UiSessionRow, hash_key(token))
         if sess is None or sess.expires_at < utcnow():
             return None
+        if sess.user_id is not None:
+            user = s.get(UserRow, sess.user_id)
+            if user is None or user.disabled_at is not None:
+                return None
+            return KeyInfo(user.id, user.name, user.role, kind="user"), sess.csrf
         row = s.get(ApiKeyRow, sess.key_id)
         if row is None or row.revoked_at is not None:
             return None

@@ -99,13 +99,17 @@ def login_page(request: Request):
 
 @router.post("/login")
 def login(request: Request, form: dict = Depends(form_fields)):
-    api_key = _field(form, "api_key")
     from tunelab.server import auth
 
     ws = _ws(request)
-    key = auth.authenticate(ws, api_key.strip())
+    if form.get("user"):
+        key = auth.login_user(ws, form["user"].strip(), form.get("password", ""))
+        error = "wrong user name or password"
+    else:
+        key = auth.authenticate(ws, form.get("api_key", "").strip())
+        error = "unknown or revoked API key"
     if key is None:
-        return page(request, "login.html", status=401, error="unknown or revoked API key")
+        return page(request, "login.html", status=401, error=error)
     token, _csrf = auth.create_session(ws, key)
     response = RedirectResponse("/ui/prompts", status_code=303)
     response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", max_age=auth.SESSION_HOURS * 3600,

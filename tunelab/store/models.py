@@ -197,12 +197,28 @@ class ApiKeyRow(Base):
     meta: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
+class UserRow(Base):
+    """A person who logs into the web UI with a password (scrypt hash; never the password)."""
+
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(300))
+    role: Mapped[str] = mapped_column(String(20))  # viewer | editor | admin
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    disabled_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
 class UiSessionRow(Base):
-    """A web UI login: the cookie holds a random token whose sha256 is `id`."""
+    """A web UI login (by API key or by user): the cookie holds a random token whose sha256 is `id`."""
 
     __tablename__ = "ui_sessions"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True,
+                                               nullable=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True,
+                                                nullable=True)
     csrf: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column()

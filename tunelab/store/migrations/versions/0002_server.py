@@ -1,4 +1,4 @@
-"""server: api keys, ui sessions, call logs, jobs
+"""server: users, api keys, ui sessions, call logs, jobs
 
 Revision ID: 0002
 Revises: 0001
@@ -72,17 +72,31 @@ def upgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_jobs_status'), ['status'], unique=False)
 
+    op.create_table('users',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('name', sa.String(length=200), nullable=False),
+    sa.Column('password_hash', sa.String(length=300), nullable=False),
+    sa.Column('role', sa.String(length=20), nullable=False),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.Column('last_login_at', sa.DateTime(), nullable=True),
+    sa.Column('disabled_at', sa.DateTime(), nullable=True),
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('name')
+    )
     op.create_table('ui_sessions',
     sa.Column('id', sa.String(length=64), nullable=False),
-    sa.Column('key_id', sa.Integer(), nullable=False),
+    sa.Column('key_id', sa.Integer(), nullable=True),
+    sa.Column('user_id', sa.Integer(), nullable=True),
     sa.Column('csrf', sa.String(length=64), nullable=False),
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.Column('expires_at', sa.DateTime(), nullable=False),
     sa.ForeignKeyConstraint(['key_id'], ['api_keys.id'], ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['user_id'], ['users.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('ui_sessions', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_ui_sessions_key_id'), ['key_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_ui_sessions_user_id'), ['user_id'], unique=False)
 
 
 
@@ -90,9 +104,11 @@ def upgrade() -> None:
 def downgrade() -> None:
 
     with op.batch_alter_table('ui_sessions', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_ui_sessions_user_id'))
         batch_op.drop_index(batch_op.f('ix_ui_sessions_key_id'))
 
     op.drop_table('ui_sessions')
+    op.drop_table('users')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_jobs_status'))
 
