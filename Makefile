@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.tunelab-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-llamacpp bench browser postgres clean
+.PHONY: setup demo test test-fast test-llamacpp bench browser postgres system-deps clean
 
 setup: $(STAMP)
 
@@ -20,22 +20,23 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
-# Debian's chromium for the browser tests (Playwright drives /usr/bin/chromium).
-browser:
-	@test -x /usr/bin/chromium || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "chromium missing: run 'sudo apt-get install chromium' (browser tests will be skipped)"; fi; }
+# Debian packages some tests need: chromium (Playwright drives /usr/bin/chromium) and postgresql
+# (tests/test_store_postgres.py starts its own throwaway cluster). Installed in one apt run when
+# missing and running as root; otherwise those tests are skipped with a reason.
+SYSTEM_PKGS = $(if $(wildcard /usr/bin/chromium),,chromium) $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql)
 
-# Debian's postgresql for tests/test_store_postgres.py (the test starts its own throwaway cluster).
-postgres:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
-	  else echo "postgresql missing: run 'sudo apt-get install postgresql' (PostgreSQL store tests will be skipped)"; fi; }
+system-deps:
+	@if [ -n "$(strip $(SYSTEM_PKGS))" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing Debian packages: $(strip $(SYSTEM_PKGS))"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null; \
+	  else echo "missing Debian packages: $(strip $(SYSTEM_PKGS)) (run 'sudo make system-deps'; their tests will be skipped)"; fi; fi
+
+browser postgres: system-deps
 
 demo: setup
 	$(BIN)/tunelab demo
 
-test: setup browser
+test: setup system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
