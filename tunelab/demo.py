@@ -7,7 +7,8 @@
 3. prompt optimization (instruction variants and few-shot demos, a small budget, on validation);
 4. a LoRA fine-tune of SmolLM2-135M with a short prompt (`support-short`);
 5. a hybrid: the fine-tuned model first, the optimized prompt where it is unsure;
-6. the comparison of all of them on the test split (+ the learning curve), its HTML report;
+6. the comparison of all of them on the test split (with `learning_curve=True`, also fine-tunes on
+   10/25/50% of train for the data-requirements curve), its HTML report;
 7. the advice.
 
 Every step is idempotent: a finished run, optimization, fine-tune or hybrid is reused, an
@@ -30,6 +31,7 @@ BASE_PROMPT = "support-router"
 SHORT_PROMPT = "support-short"
 FINETUNE = "support-ft"
 HYBRID = "support-hybrid"
+MAX_PROMPT_TOKENS = 900  # few-shot candidates longer than this are not tried (they cost time on every request)
 
 SHORT_PROMPT_TEXT = """---
 model: smollm2-135m
@@ -98,7 +100,7 @@ def run_demo(directory: str | Path = "demo-workspace", *, quick: bool = False, v
     from tunelab.evaluate import evaluate
     from tunelab.workspace import Workspace
 
-    learning_curve = (not quick) if learning_curve is None else learning_curve
+    learning_curve = bool(learning_curve)
     steps = Steps(8 if learning_curve else 7, log)
     progress = console if console is not None else True
 
@@ -219,7 +221,8 @@ def _optimize(ws, baseline: str, data_ref: str, *, budget: int, progress, log) -
             log(f"reusing optimization {row.id}: " + ((row.result or {}).get("message") or ""))
             return f"{name}@{new}" if new else baseline
     result = optimize(ws, baseline, data_ref.split(":")[0],
-                      **_accepts(optimize, budget=budget, test=False, progress=progress))
+                      **_accepts(optimize, budget=budget, test=False, progress=progress,
+                                 max_prompt_tokens=MAX_PROMPT_TOKENS))
     log(result.message)
     return f"{name}@{result.version}" if result.version else baseline
 

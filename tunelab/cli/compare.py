@@ -176,7 +176,7 @@ def demo(
     directory: Path = typer.Option(Path("demo-workspace"), "--dir", help="The demo workspace (made if missing, reused if there)."),
     quick: bool = typer.Option(False, "--quick", help="A tiny version: few examples, a few training steps (for tests)."),
     volume: float = typer.Option(100_000, "--volume", help="Expected requests a month for the cost model and advice."),
-    learning_curve: Optional[bool] = typer.Option(None, "--learning-curve/--no-learning-curve", help="Fine-tune on 10/25/50% of train too, for the data-requirements curve (default: on, off with --quick)."),
+    learning_curve: bool = typer.Option(False, "--learning-curve", help="Also fine-tune on 10/25/50% of train, for the data-requirements curve (adds a few minutes)."),
 ) -> None:
     """Run the whole flow on the bundled support-ticket data: check the data, a baseline prompt,
     optimization, fine-tuning, a hybrid, the comparison and the advice; prints where the report is.
