@@ -9,9 +9,11 @@ import pytest
 
 from tunelab.errors import UserError
 from tunelab.models.base import Request
+from tunelab.models import local
 from tunelab.models.local import (
     LocalModel,
     build_trie,
+    common_prefix_len,
     find_stop,
     json_end,
     make_batches,
@@ -44,6 +46,23 @@ def test_make_batches_respects_budget_and_keeps_every_index_once():
 def test_make_batches_max_batch_and_empty():
     assert make_batches([], 100) == []
     assert [len(b) for b in make_batches([1] * 10, token_budget=10**6, max_batch=4)] == [4, 4, 2]
+
+
+def test_make_batches_limits_padding():
+    lengths = [100, 95, 90, 50, 48, 10]
+    batches = make_batches(lengths, token_budget=10**6, max_padding=0.1)
+    assert batches == [[0, 1, 2], [3, 4], [5]]
+    for batch in batches:
+        padded = len(batch) * max(lengths[i] for i in batch)
+        assert padded - sum(lengths[i] for i in batch) <= 0.1 * padded
+    assert make_batches(lengths, token_budget=10**6) == [[0, 1, 2, 3, 4, 5]]  # padding unlimited
+
+
+def test_common_prefix_len():
+    assert common_prefix_len([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_len([[1, 2], [1, 2]]) == 2
+    assert common_prefix_len([[7], [1, 2]]) == 0
+    assert common_prefix_len([]) == 0
 
 
 def test_find_stop_and_trim_output():
@@ -175,19 +194,35 @@ def test_label_scores_match_the_naive_full_sequence_computation(fp32_model):
     # "Unilateral change" / "Unilateral termination" share their first tokens but not their scores
     raw = results[0].meta["label_logprobs_raw"]
     assert raw["Unilateral change"] != pytest.approx(raw["Unilateral termination"], abs=1e-3)
+    assert results[0].meta["shared_prefix_tokens"] > 10  # the system prompt ran once for all three
     # requests with different label sets in one call are scored as if alone
     alone = fp32_model.complete([requests[2]])[0]
     assert alone.meta["label_logprobs_raw"] == pytest.approx(results[2].meta["label_logprobs_raw"], abs=1e-3)
 
 
 @pytest.mark.realmodel
+def test_label_scores_without_a_shared_prefix_are_the_same(fp32_model, monkeypatch):
+    requests = [Request(messages=chat(f"Is '{t}' spam or ham?"), labels=["ham", "spam"])
+                for t in ("see you at 5", "WIN cash now, txt 80082")]
+    shared = fp32_model.complete(requests)
+    monkeypatch.setattr(local, "MIN_SHARED_PREFIX", 10**6)
+    plain = fp32_model.complete(requests)
+    assert plain[0].meta["shared_prefix_tokens"] == 0 < shared[0].meta["shared_prefix_tokens"]
+    for a, b in zip(shared, plain):
+        assert a.meta["label_logprobs_raw"] == pytest.approx(b.meta["label_logprobs_raw"], abs=1e-3)
+
+
+@pytest.mark.realmodel
 def test_free_text_alongside_labels_is_the_plain_generation(fp32_model):
     msgs = chat("Is this message spam or ham? 'Call now to claim your prize'")
     scored = fp32_model.complete([Request(messages=msgs, labels=["ham", "spam"], free_text=True, max_tokens=10),
-                                  Request(messages=msgs, labels=["ham", "spam"], max_tokens=10)])
+                                  Request(messages=msgs, labels=["ham", "spam"], max_tokens=10),
+                                  Request(messages=msgs, max_tokens=10)])
     plain = fp32_model.complete([Request(messages=msgs, max_tokens=10)])[0]
     assert scored[0].text in {"ham", "spam"}
-    assert scored[0].free_text == plain.text and plain.text
+    assert scored[0].free_text == plain.text == scored[2].text and plain.text
+    assert scored[0].meta["free_text_tokens"] == plain.completion_tokens
+    assert scored[0].meta["label_logprobs_raw"] == pytest.approx(scored[1].meta["label_logprobs_raw"], abs=1e-3)
     assert scored[1].free_text is None
 
 

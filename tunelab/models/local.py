@@ -24,7 +24,10 @@ prefixes of one another ("spam" vs "spammy"). All labels of a request are scored
 pass together with the prompt: the labels' tokens form a trie laid out after the prompt, and a
 tree-shaped attention mask lets each trie node see the prompt and its own ancestors only. The
 prompt is computed once, shared label prefixes ("Unilateral change" / "Unilateral termination")
-once, and only the last position and the trie nodes go through the vocabulary projection.
+once, and only the last position and the trie nodes go through the vocabulary projection. The
+prefix all prompts of a call share (system prompt, instruction, few-shot demos) runs once too: its
+KV cache is expanded over every batch. Batches are small with little padding (a prompt pass costs
+per token; a batch of a few prompts already fills the matrix units).
 `Completion.label_logprobs` holds the scores renormalized over the labels (log-softmax);
 `meta["label_logprobs_raw"]` the raw sums.
 
@@ -57,29 +60,50 @@ PRECISIONS = ("auto", "bf16", "fp32")
 # Padded tokens per forward pass. Label scoring runs one pass per batch; generation keeps a KV
 # cache of batch x (prompt + max_tokens). Measured on 2 CPU cores (bench/local_model_speed.py).
 SCORE_TOKEN_BUDGET = 4096
+SCORE_MAX_PADDING = 0.15  # a prompt pass costs per token, so small batches with little padding win
 GENERATE_TOKEN_BUDGET = 16384
 MAX_BATCH = 64
+MIN_SHARED_PREFIX = 8  # tokens all prompts of a call share (system prompt, instruction, demos)
 
 
 # -- pure helpers (no torch) ------------------------------------------------------------------
 
-def make_batches(lengths: list[int], token_budget: int, max_batch: int = MAX_BATCH) -> list[list[int]]:
+def make_batches(lengths: list[int], token_budget: int, max_batch: int = MAX_BATCH,
+                 max_padding: float = 1.0) -> list[list[int]]:
     """Indices grouped into batches, longest first, so that a batch's padded size
-    (len(batch) x its longest item) stays within `token_budget` and padding stays small.
-
-    An item longer than the budget gets a batch of its own.
+    (len(batch) x its longest item) stays within `token_budget` and at most `max_padding` of it
+    is padding. An item longer than the budget gets a batch of its own.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
+    total = 0
     for i in order:
-        if current and (len(current) >= max_batch or (len(current) + 1) * lengths[current[0]] > token_budget):
-            batches.append(current)
-            current = []
+        if current:
+            longest = lengths[current[0]]
+            padded = (len(current) + 1) * longest
+            if (len(current) >= max_batch or padded > token_budget
+                    or padded - total - lengths[i] > max_padding * padded):
+                batches.append(current)
+                current, total = [], 0
         current.append(i)
+        total += lengths[i]
     if current:
         batches.append(current)
     return batches
+
+
+def common_prefix_len(sequences: list[list[int]]) -> int:
+    """Length of the longest prefix all sequences share."""
+    if not sequences:
+        return 0
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for k in range(n):
+        tok = first[k]
+        if any(s[k] != tok for s in sequences):
+            return k
+    return n
 
 
 def find_stop(text: str, stops: list[str] | None) -> int | None:
@@ -141,6 +165,7 @@ class LabelTrie:
     depths: list[int]
     paths: list[list[int]]
     targets: list[list[int]]
+    sees: Any = None  # ancestry() as a bool tensor, set by the backend
 
     def ancestry(self) -> list[list[bool]]:
         """sees[j][k]: node j may attend to node k (k is j or one of its ancestors)."""
@@ -400,159 +425,250 @@ class LocalModel(Model):
             return []
         with self._lock, torch.inference_mode():
             prompt_ids = self._prompt_ids(requests)
+            jobs = [self._job(i, r, prompt_ids[i]) for i, r in enumerate(requests)]
             out: list[Completion | None] = [None] * len(requests)
-            scored = [i for i, r in enumerate(requests) if r.labels]
-            free = [i for i, r in enumerate(requests) if not r.labels or r.free_text]
-            if scored:
-                self._score_labels(requests, prompt_ids, scored, out)
-            if free:
-                self._generate_all(requests, prompt_ids, free, out)
-            return [c for c in out if c is not None]
+            start = time.perf_counter()
+            # The prefix every prompt shares (system prompt, instruction, demos) runs once.
+            shared = common_prefix_len(prompt_ids)
+            shared = min(shared, min(len(p) for p in prompt_ids) - 1)
+            prefix = self._prefix_cache(prompt_ids[0][:shared]) if shared >= MIN_SHARED_PREFIX else None
+            C = prefix[0] if prefix else 0
+            prefix_share = (time.perf_counter() - start) / len(requests)
+            # Scoring-only rows cost one pass: batch them tightly. Generating rows batch loosely, as
+            # their decoding steps gain from wide batches.
+            groups = [([j for j in jobs if not j.generates], SCORE_TOKEN_BUDGET, SCORE_MAX_PADDING),
+                      ([j for j in jobs if j.generates], GENERATE_TOKEN_BUDGET, 1.0)]
+            for group, budget, padding in groups:
+                lengths = [len(j.prompt) - C + len(j.trie.tokens if j.trie else ()) + j.max_new for j in group]
+                for batch in make_batches(lengths, budget, self.max_batch, padding):
+                    rows = [group[b] for b in batch]
+                    start = time.perf_counter()
+                    self._run_batch(rows, prefix)
+                    share = (time.perf_counter() - start) / len(rows) + prefix_share
+                    for job in rows:
+                        out[job.index] = self._completion(job, requests[job.index], share, len(rows), C)
+            return out  # type: ignore[return-value]
 
-    # -- label scoring ---------------------------------------------------------------------------
+    def _job(self, index: int, req: Request, prompt: list[int]) -> "_Job":
+        trie = label_lengths = None
+        if req.labels:
+            trie, label_lengths = self._label_trie(req.labels)
+        generates = not req.labels or req.free_text
+        limit = self.context_length or 10**9
+        self._check_length(len(prompt) + (len(trie.tokens) if trie else 0) + 1, index)
+        max_new = max(1, min(req.max_tokens, limit - len(prompt))) if generates else 0
+        return _Job(index=index, prompt=prompt, trie=trie, label_lengths=label_lengths, max_new=max_new,
+                    temperature=req.temperature, seed=req.seed, stop=req.stop or None,
+                    json=req.json_schema is not None)
+
+    def _completion(self, job: "_Job", req: Request, share: float, batch_size: int, shared: int) -> Completion:
+        meta: dict[str, Any] = {"precision": self.precision, "batch_size": batch_size, "shared_prefix_tokens": shared}
+        text = job.text or ""
+        if job.sums is not None:
+            best = max(range(len(job.sums)), key=lambda k: job.sums[k])
+            meta["label_logprobs_raw"] = dict(zip(req.labels, job.sums))
+            comp = Completion(text=req.labels[best], prompt_tokens=len(job.prompt),
+                              completion_tokens=job.label_lengths[best], latency_s=share,
+                              label_logprobs=dict(zip(req.labels, _log_softmax(job.sums))), meta=meta)
+            if job.max_new:
+                comp.free_text = text
+                meta["free_text_tokens"] = job.n_generated
+            return comp
+        if job.cut:
+            meta["stopped"] = True
+        return Completion(text=text, prompt_tokens=len(job.prompt), completion_tokens=job.n_generated,
+                          latency_s=share, meta=meta)
+
+    # -- label tries and the shared prefix ---------------------------------------------------------
     def _label_trie(self, labels: list[str]) -> tuple[LabelTrie, list[int]]:
         key = "\x00".join(labels)
         cache = self.__dict__.setdefault("_tries", {})
         if key not in cache:
+            import torch
+
             eot = self.end_of_turn_ids()
             seqs = [ids + eot for ids in self.tokenizer(list(labels), add_special_tokens=False)["input_ids"]]
-            cache[key] = (build_trie(seqs), [len(s) - len(eot) for s in seqs])
+            trie = build_trie(seqs)
+            trie.sees = torch.tensor(trie.ancestry(), dtype=torch.bool)
+            cache[key] = (trie, [len(s) - len(eot) for s in seqs])
         return cache[key]
 
-    def _score_labels(self, requests, prompt_ids, indices, out) -> None:
-        tries = {i: self._label_trie(requests[i].labels) for i in indices}
-        lengths = [len(prompt_ids[i]) + len(tries[i][0].tokens) for i in indices]
-        for pos, n in zip(indices, lengths):
-            self._check_length(n, pos)
-        for batch in make_batches(lengths, SCORE_TOKEN_BUDGET, self.max_batch):
-            rows = [indices[b] for b in batch]
-            start = time.perf_counter()
-            raw = self._score_batch([prompt_ids[i] for i in rows], [tries[i][0] for i in rows])
-            share = (time.perf_counter() - start) / len(rows)
-            for i, sums in zip(rows, raw):
-                req = requests[i]
-                best = max(range(len(sums)), key=lambda k: sums[k])
-                norm = _log_softmax(sums)
-                out[i] = Completion(
-                    text=req.labels[best], prompt_tokens=len(prompt_ids[i]),
-                    completion_tokens=tries[i][1][best], latency_s=share,
-                    label_logprobs=dict(zip(req.labels, norm)),
-                    meta={"label_logprobs_raw": dict(zip(req.labels, sums)), "precision": self.precision,
-                          "batch_size": len(rows)})
-
-    def _score_batch(self, prompts: list[list[int]], tries: list[LabelTrie]) -> list[list[float]]:
-        """Sum of log-probs of every label sequence after every prompt, in one forward pass.
-
-        Row layout: [left padding | prompt | trie nodes | right padding]. All prompts end in the
-        same column P-1, so the logits kept are those of columns P-1 .. P+N-1."""
+    def _prefix_cache(self, prefix: list[int]):
+        """(length, per-layer (key, value) of shape (1, heads, length, dim)) for a shared prompt
+        prefix; the last one is kept, since consecutive calls of an evaluation share it."""
         import torch
 
-        dev = self.device
+        key = tuple(prefix)
+        cached = self.__dict__.get("_last_prefix")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
+        cache = self.hf_model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        layers = getattr(cache, "layers", None)
+        if not layers or not all(getattr(layer, "keys", None) is not None for layer in layers):
+            return None  # an unusual cache: run without sharing the prefix
+        value = (len(prefix), [(layer.keys, layer.values) for layer in layers])
+        self._last_prefix = (key, value)
+        return value
+
+    # -- one batch: a prompt pass that scores the labels, then decoding ----------------------------
+    def _run_batch(self, jobs: list["_Job"], prefix) -> None:
+        """One forward pass over the batch's prompts (minus the shared prefix, already cached) and
+        the label tries laid out after them; then greedy or sampled decoding of the rows that
+        generate, continuing from the prompt pass's KV cache.
+
+        Row layout: [left padding | rest of prompt | trie nodes | right padding]; all prompts end in
+        the same column S-1. The 4D attention mask is causal over the prompts and tree-shaped over
+        the tries (a node sees the prompt, its ancestors and itself)."""
+        import torch
+        from transformers import DynamicCache
+
+        model, dev = self.hf_model, self.device
         pad = self.tokenizer.pad_token_id
-        B = len(prompts)
-        P = max(len(p) for p in prompts)
-        N = max(len(t.tokens) for t in tries)
-        T = P + N
+        C = prefix[0] if prefix else 0
+        rests = [j.prompt[C:] for j in jobs]
+        B = len(jobs)
+        S = max(len(r) for r in rests)
+        N = max((len(j.trie.tokens) for j in jobs if j.trie), default=0)
+        T = S + N
         ids = torch.full((B, T), pad, dtype=torch.long)
         pos = torch.zeros((B, T), dtype=torch.long)
-        allow = torch.zeros((B, T, T), dtype=torch.bool)
-        causal = torch.ones((P, P), dtype=torch.bool).tril()
-        for b, (prompt, trie) in enumerate(zip(prompts, tries)):
-            n_pad, L, n = P - len(prompt), len(prompt), len(trie.tokens)
-            ids[b, n_pad:P] = torch.tensor(prompt, dtype=torch.long)
-            pos[b, n_pad:P] = torch.arange(L)
-            allow[b, :P, :P] = causal
-            allow[b, :, :n_pad] = False
+        allow = torch.zeros((B, T, C + T), dtype=torch.bool)
+        allow[:, :, :C] = True  # everything sees the shared prefix
+        causal = torch.ones((S, S), dtype=torch.bool).tril()
+        idx = torch.arange(T)
+        for b, (rest, job) in enumerate(zip(rests, jobs)):
+            n_pad, L = S - len(rest), C + len(rest)
+            ids[b, n_pad:S] = torch.tensor(rest, dtype=torch.long)
+            pos[b, n_pad:S] = torch.arange(C, L)
+            allow[b, :S, C:C + S] = causal
+            allow[b, :, C:C + n_pad] = False
+            n = len(job.trie.tokens) if job.trie else 0
             if n:
-                ids[b, P:P + n] = torch.tensor(trie.tokens, dtype=torch.long)
-                pos[b, P:P + n] = L - 1 + torch.tensor(trie.depths, dtype=torch.long)
-                allow[b, P:P + n, n_pad:P] = True  # every node sees the whole prompt
-                allow[b, P:P + n, P:P + n] = self._ancestry(trie)  # ... and its ancestors and itself
-            idx = torch.arange(T)
-            allow[b, idx, idx] = True  # padding rows see themselves only (no all-masked rows)
-        model = self.hf_model
-        mask = torch.zeros((B, 1, T, T), dtype=self.dtype)
+                ids[b, S:S + n] = torch.tensor(job.trie.tokens, dtype=torch.long)
+                pos[b, S:S + n] = L - 1 + torch.tensor(job.trie.depths, dtype=torch.long)
+                allow[b, S:S + n, C + n_pad:C + S] = True
+                allow[b, S:S + n, C + S:C + S + n] = job.trie.sees
+            allow[b, idx, C + idx] = True  # padding sees itself (no all-masked rows)
+        mask = torch.zeros((B, 1, T, C + T), dtype=self.dtype)
         mask.masked_fill_(~allow[:, None], torch.finfo(self.dtype).min)
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                       use_cache=False, logits_to_keep=N + 1).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()  # (B, N+1, V); column 0 = prompt end
-        results = []
-        for b, trie in enumerate(tries):
-            sums = []
-            for path, target in zip(trie.paths, trie.targets):
-                cols = torch.tensor([p + 1 for p in path])
-                sums.append(float(logprobs[b, cols, torch.tensor(target)].sum()))
-            results.append(sums)
-        return results
+        kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix[1]] if prefix else None
+        cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache(config=model.config)
+        body = getattr(model, "model", None)
+        head = model.get_output_embeddings()
+        if body is not None and head is not None:  # run the body; project only the positions needed
+            hidden = body(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                          past_key_values=cache, use_cache=True).last_hidden_state[:, S - 1:]
+            project = head
+        else:
+            hidden = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                           past_key_values=cache, use_cache=True, logits_to_keep=N + 1).logits
+            project = None
+        # label scores, a few rows at a time (logits are rows x nodes x vocabulary)
+        scored = [b for b, j in enumerate(jobs) if j.trie]
+        step = max(1, (1 << 24) // ((N + 1) * max(1, self.hf_model.config.vocab_size)))
+        for lo in range(0, len(scored), step):
+            chunk = scored[lo:lo + step]
+            h = hidden[chunk]
+            logprobs = torch.log_softmax((project(h) if project else h).float(), dim=-1).cpu()
+            for row, b in enumerate(chunk):
+                trie = jobs[b].trie
+                jobs[b].sums = [float(logprobs[row, torch.tensor([p + 1 for p in path]), torch.tensor(target)].sum())
+                                for path, target in zip(trie.paths, trie.targets)]
+        gen = [b for b, j in enumerate(jobs) if j.max_new]
+        if not gen:
+            return
+        first = hidden[gen, 0]
+        first = (project(first) if project else first).float()
+        if N:
+            cache.crop(-N)  # drop the trie nodes: decoding continues right after the prompts
+        if len(gen) < B:
+            cache.batch_select_indices(torch.tensor(gen, device=dev))
+        attn = torch.ones((len(gen), C + S), dtype=torch.long)
+        for row, b in enumerate(gen):
+            attn[row, C:C + S - len(rests[b])] = 0
+        self._decode([jobs[b] for b in gen], first, cache, attn.to(dev),
+                     torch.tensor([len(jobs[b].prompt) for b in gen], device=dev))
 
-    def _ancestry(self, trie: LabelTrie):
+    def _decode(self, jobs: list["_Job"], logits, cache, attn, next_pos) -> None:
+        """Greedy (temperature 0) or per-row seeded sampling, one token per step for every row
+        still running; finished rows leave the batch."""
         import torch
 
-        cache = self.__dict__.setdefault("_ancestries", {})
-        if id(trie) not in cache:
-            cache[id(trie)] = (trie, torch.tensor(trie.ancestry(), dtype=torch.bool))
-        return cache[id(trie)][1]
-
-    # -- generation ------------------------------------------------------------------------------
-    def _generate_all(self, requests, prompt_ids, indices, out) -> None:
-        limit = self.context_length or 10**9
-        max_new = {}
-        for i in indices:
-            self._check_length(len(prompt_ids[i]) + 1, i)
-            max_new[i] = max(1, min(requests[i].max_tokens, limit - len(prompt_ids[i])))
-        lengths = [len(prompt_ids[i]) + max_new[i] for i in indices]
-        for batch in make_batches(lengths, GENERATE_TOKEN_BUDGET, self.max_batch):
-            rows = [indices[b] for b in batch]
-            start = time.perf_counter()
-            results = self._generate_batch([prompt_ids[i] for i in rows], [requests[i] for i in rows],
-                                           [max_new[i] for i in rows])
-            share = (time.perf_counter() - start) / len(rows)
-            for i, (text, n_tokens, cut) in zip(rows, results):
-                if out[i] is not None:  # a label request that also asked for its free answer
-                    out[i].free_text = text
-                    out[i].latency_s += share
-                    out[i].meta["free_text_tokens"] = n_tokens
-                else:
-                    meta = {"precision": self.precision, "batch_size": len(rows)}
-                    if cut:
-                        meta["stopped"] = True
-                    out[i] = Completion(text=text, prompt_tokens=len(prompt_ids[i]),
-                                        completion_tokens=n_tokens, latency_s=share, meta=meta)
-
-    def _generate_batch(self, prompts: list[list[int]], reqs: list[Request],
-                        max_new: list[int]) -> list[tuple[str, int, bool]]:
-        import torch
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-
-        dev = self.device
+        model, dev = self.hf_model, self.device
         tok = self.tokenizer
-        pad = tok.pad_token_id
-        B, P = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, P), pad, dtype=torch.long)
-        attn = torch.zeros((B, P), dtype=torch.long)
-        for b, prompt in enumerate(prompts):
-            ids[b, P - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            attn[b, P - len(prompt):] = 1
-        stop_ids = self._stop_token_ids()
-        stopper = _RowStopper(tok, P, reqs, max_new)
-        processors = LogitsProcessorList()
-        if any(r.temperature > 0 for r in reqs):
-            processors.append(_RowSampler(reqs, dev))
-        config = GenerationConfig(max_new_tokens=max(max_new), do_sample=False, num_beams=1,
-                                  pad_token_id=pad, eos_token_id=stop_ids, bos_token_id=None)
-        seqs = self.hf_model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), generation_config=config,
-                                      logits_processor=processors,
-                                      stopping_criteria=StoppingCriteriaList([stopper])).cpu()
-        results = []
-        stop_set = set(stop_ids)
-        for b, req in enumerate(reqs):
-            gen = seqs[b, P:].tolist()
-            n = next((k for k, t in enumerate(gen) if t in stop_set), len(gen))
-            n = min(n, stopper.done_at[b] or len(gen), max_new[b])
-            text = tok.decode(gen[:n], skip_special_tokens=True)
-            text, cut = trim_output(text, req.stop, req.json_schema is not None)
-            results.append((text.strip(), n, cut))
-        return results
+        stop_ids = torch.tensor(self._stop_token_ids(), device=dev)
+        gens = {}
+        for job in jobs:
+            job.tokens = []
+            if job.temperature > 0:
+                g = torch.Generator(device=dev)
+                g.manual_seed(int(job.seed or 0))
+                gens[id(job)] = g
+        live = list(range(len(jobs)))
+        step = 0
+        while True:
+            choice = logits.argmax(dim=-1)
+            for row, j in enumerate(live):
+                job = jobs[j]
+                if job.temperature > 0:
+                    probs = torch.softmax(logits[row] / job.temperature, dim=-1)
+                    choice[row] = torch.multinomial(probs, 1, generator=gens[id(job)])[0]
+            finished = torch.isin(choice, stop_ids).tolist()
+            keep = []
+            for row, j in enumerate(live):
+                job = jobs[j]
+                if finished[row]:
+                    continue
+                job.tokens.append(int(choice[row]))
+                done = len(job.tokens) >= job.max_new
+                if not done and (job.stop or job.json):
+                    text = tok.decode(job.tokens, skip_special_tokens=True)
+                    done = find_stop(text, job.stop) is not None or (job.json and json_end(text) is not None)
+                if not done:
+                    keep.append(row)
+            step += 1
+            if not keep:
+                break
+            if len(keep) < len(live):
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                attn, next_pos, choice = attn[sel], next_pos[sel], choice[sel]
+                live = [live[r] for r in keep]
+            attn = torch.cat([attn, attn.new_ones((len(live), 1))], dim=1)
+            out = model(input_ids=choice[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1].float()
+            next_pos = next_pos + 1
+        for job in jobs:
+            text = tok.decode(job.tokens, skip_special_tokens=True)
+            text, job.cut = trim_output(text, job.stop, job.json)
+            job.text = text.strip()
+            job.n_generated = len(job.tokens)
+
+
+@dataclass
+class _Job:
+    """One request on its way through a batch."""
+
+    index: int
+    prompt: list[int]
+    trie: LabelTrie | None
+    label_lengths: list[int] | None
+    max_new: int  # 0: no generation (label scoring only)
+    temperature: float
+    seed: int | None
+    stop: list[str] | None
+    json: bool
+    sums: list[float] | None = None
+    tokens: list[int] | None = None
+    text: str | None = None
+    n_generated: int = 0
+    cut: bool = False
+
+    @property
+    def generates(self) -> bool:
+        return self.max_new > 0
 
 
 def _log_softmax(values: list[float]) -> list[float]:
@@ -561,60 +677,3 @@ def _log_softmax(values: list[float]) -> list[float]:
     top = max(values)
     total = math.log(sum(math.exp(v - top) for v in values)) + top
     return [v - total for v in values]
-
-
-class _RowStopper:
-    """Stops each row on its own: at its max_tokens, its stop strings, or (JSON requests) at the
-    end of the first balanced JSON value. Records where each row stopped."""
-
-    def __init__(self, tokenizer, prompt_len: int, reqs: list[Request], max_new: list[int]):
-        self.tokenizer = tokenizer
-        self.prompt_len = prompt_len
-        self.max_new = max_new
-        self.stops = [r.stop or None for r in reqs]
-        self.json = [r.json_schema is not None for r in reqs]
-        self.done_at: list[int | None] = [None] * len(reqs)
-
-    def __call__(self, input_ids, scores, **_):
-        import torch
-
-        n = input_ids.shape[1] - self.prompt_len
-        flags = []
-        for b in range(input_ids.shape[0]):
-            if self.done_at[b] is None:
-                stop = n >= self.max_new[b]
-                if not stop and (self.stops[b] or self.json[b]):
-                    text = self.tokenizer.decode(input_ids[b, self.prompt_len:].tolist(), skip_special_tokens=True)
-                    stop = find_stop(text, self.stops[b]) is not None or (self.json[b] and json_end(text) is not None)
-                if stop:
-                    self.done_at[b] = n
-            flags.append(self.done_at[b] is not None)
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
-
-
-class _RowSampler:
-    """Sampling with one seeded generator per row, as a logits processor: for a row at
-    temperature > 0 it draws the next token and leaves only that token possible, so the greedy
-    step of `generate` takes it. Rows at temperature 0 are left to the greedy step."""
-
-    def __init__(self, reqs: list[Request], device: str):
-        import torch
-
-        self.temps = [r.temperature for r in reqs]
-        self.generators = []
-        for r in reqs:
-            g = torch.Generator(device=device)
-            g.manual_seed(int(r.seed or 0))
-            self.generators.append(g)
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        for b, temp in enumerate(self.temps):
-            if temp > 0:
-                probs = torch.softmax(scores[b].float() / temp, dim=-1)
-                choice = torch.multinomial(probs, 1, generator=self.generators[b])
-                row = torch.full_like(scores[b], float("-inf"))
-                row[choice] = 0.0
-                scores[b] = row
-        return scores
