@@ -378,7 +378,8 @@ def test_gradient_checkpointing_trains_the_same(tiny_base):
     batch = collate(items, pad_id=2)
     grads = []
     for ckpt in (False, True):
-        model, _ = load_for_training(tiny_base, FineTuneConfig(gradient_checkpointing=ckpt, lora_dropout=0.0))
+        model, _ = load_for_training(tiny_base, FineTuneConfig(gradient_checkpointing=ckpt, lora_dropout=0.0,
+                                                                   precision="fp32"))
         model.train()
         loss, n, _, _ = completion_loss(model, batch, bf16=False)
         (loss / n).backward()

@@ -280,9 +280,10 @@ def _run(ws: "Workspace", p: Plan, model, row: FineTuneRow | None, *, progress: 
         if folder.exists():  # leftovers of a run that never registered
             shutil.rmtree(folder)
         _register(ws, p)
-    else:
-        _update(ws, c.name, status="running")
     folder.mkdir(parents=True, exist_ok=True)
+    lock = _lock(folder, c.name)
+    if row is not None:
+        _update(ws, c.name, status="running")
     bf16 = tr.use_bf16(c.precision)
     precision = "bf16" if bf16 else "fp32"
     metric = evaluator_metric(p.prompt, p.demos, p.val_examples, p.base_dir, precision, c.name)
@@ -306,9 +307,25 @@ def _run(ws: "Workspace", p: Plan, model, row: FineTuneRow | None, *, progress: 
                 r.result = {**(r.result or {}), "error": message}
         finally:
             raise
+    finally:
+        lock.close()
     log(f"ft:{c.name} done in {result.wall_s:.0f} s: {result.tokens_trained:,} tokens at "
         f"{result.tokens_per_s:.0f} tokens/s" + (f"; best validation {_best_text(result.best)}" if result.best else ""))
     return result
+
+
+def _lock(folder: Path, name: str):
+    """Hold `folder/.lock` while training: a second process on the same fine-tune is refused. The
+    lock goes with its process, even a killed one."""
+    import fcntl
+
+    handle = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UserError(f"fine-tune 'ft:{name}' is being trained by another process right now") from None
+    return handle
 
 
 def _best_text(best: dict[str, Any]) -> str:

@@ -24,6 +24,8 @@ from tunelab.finetune import checkpoint
 from tunelab.finetune.config import FineTuneConfig
 from tunelab.finetune.data import IGNORE, Tokenized, collate, epoch_batches, micro_batches
 
+MATH_ATTENTION_MAX = 1024
+
 
 def bf16_supported() -> bool:
     """Whether bf16 matmuls are fast here (CUDA with bf16, or a CPU with AVX512-BF16 / AMX)."""
@@ -90,6 +92,8 @@ def load_for_training(base_dir: Path, config: FineTuneConfig):
                             if isinstance(m, torch.nn.Linear)})
             raise UserError(f"{exc} (linear modules of this model: {', '.join(names)})",
                             field="target_modules") from None
+    if config.method == "lora" and use_bf16(config.precision):
+        frozen_linears_to_bf16(model)
     if config.gradient_checkpointing:
         lm = causal_lm(model)
         if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5 names it so
@@ -100,9 +104,37 @@ def load_for_training(base_dir: Path, config: FineTuneConfig):
     return model, tokenizer
 
 
+def frozen_linears_to_bf16(model) -> int:
+    """Store the frozen weights of linear layers in bf16 once, instead of autocast casting them
+    again in every forward pass: the same values reach the matmuls, with half the memory and no
+    copies. Embeddings (and an output layer tied to them) and norms stay fp32, so the residual
+    stream is fp32 as under autocast; trainable weights stay fp32 (master weights)."""
+    import torch
+
+    embedding = model.get_input_embeddings().weight
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, torch.nn.Linear) and weight is not None and not weight.requires_grad
+                and weight is not embedding and weight.dtype == torch.float32):
+            module.weight.data = weight.data.to(torch.bfloat16)
+            count += 1
+    return count
+
+
 def causal_lm(model):
     """The transformers causal LM inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def attention_kernel(length: int):
+    """On CPU, for sequences up to MATH_ATTENTION_MAX tokens, plain-matmul attention: its backward
+    is faster there than the CPU flash kernel's (longer ones keep flash: its memory stays linear)."""
+    if device() != "cpu" or not 0 < length <= MATH_ATTENTION_MAX:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def completion_loss(model, batch: dict[str, Any], bf16: bool):
@@ -120,7 +152,10 @@ def completion_loss(model, batch: dict[str, Any], bf16: bool):
     labels = batch["labels"].to(dev)
     target = labels[:, 1:]
     select = target != IGNORE
-    with autocast(bf16):
+    # recomputed activations must come from the same kernel: checkpointing keeps the default one
+    checkpointing = (lm.is_activation_checkpointing if hasattr(lm, "is_activation_checkpointing")
+                     else lm.is_gradient_checkpointing)
+    with autocast(bf16), attention_kernel(0 if checkpointing else ids.shape[1]):
         hidden = lm.base_model(input_ids=ids, attention_mask=None if bool(mask.all()) else mask,
                                use_cache=False).last_hidden_state
         logits = lm.get_output_embeddings()(hidden[:, :-1][select])
@@ -222,8 +257,6 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
             state.segments += 1
             log(f"resuming at step {state.step}/{total_steps} (epoch {state.epoch + 1}, "
                 f"{state.step_in_epoch} steps into it)")
-        else:
-            torch.manual_seed(config.seed)
     started = time.perf_counter()
     wall_before = state.wall_s
 
