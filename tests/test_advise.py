@@ -109,6 +109,9 @@ CASES = [
                 cand("hybrid:h", "hybrid", 0.85, setup=0, per_req=0.0001)),
      Constraints(), "prompt", "p@1"),
     ("only a prompt", comparison(cand("p@1", "prompt", 0.5, **P)), Constraints(), "prompt", "p@1"),
+    ("a candidate without a metric is left out",
+     comparison(cand("p@1", "prompt", 0.5, **P), {**cand("ft:a", "ft", 0.9, **F), "metric": {"value": None}}),
+     Constraints(), "prompt", "p@1"),
     ("empty comparison", comparison(), Constraints(), "none", None),
 ]
 

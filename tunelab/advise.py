@@ -167,6 +167,9 @@ def advise(comparison: dict[str, Any], constraints: Constraints | None = None) -
     remaining = []
     for c in cands:
         setup = c.get("setup") or {}
+        if (c.get("metric") or {}).get("value") is None:
+            drop(c, "metric", f"{c['name']} has no measured {metric}")
+            continue
         # 1. locality
         if cons.data_must_stay_local and not c.get("local", True):
             drop(c, "local", f"{c['name']} sends data to a remote server ({c.get('model', '?')}); your data must stay local")

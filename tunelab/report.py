@@ -205,7 +205,7 @@ def plot_metric(comparison: dict[str, Any]) -> str | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(cands) + 1.2))
     names = [c["name"] for c in cands]
-    values = [c["metric"]["value"] for c in cands]
+    values = [c["metric"]["value"] or 0.0 for c in cands]  # None: no value (e.g. nothing scored)
     lows = [c["metric"].get("low") if c["metric"].get("low") is not None else v for c, v in zip(cands, values)]
     highs = [c["metric"].get("high") if c["metric"].get("high") is not None else v for c, v in zip(cands, values)]
     ys = list(range(len(cands)))[::-1]
@@ -283,13 +283,13 @@ def plot_learning_curve(comparison: dict[str, Any]) -> str | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [p["n_train"] for p in points]
-    ys = [p["metric"]["value"] for p in points]
+    ys = [p["metric"]["value"] or 0.0 for p in points]
     lo = [p["metric"].get("low", v) if p["metric"].get("low") is not None else v for p, v in zip(points, ys)]
     hi = [p["metric"].get("high", v) if p["metric"].get("high") is not None else v for p, v in zip(points, ys)]
     ax.plot(xs, ys, marker="o", color=COLORS["ft"], label=f"fine-tuned ({curve.get('candidate', '')})")
     ax.fill_between(xs, lo, hi, color=COLORS["ft"], alpha=0.15)
     for c, col in zip(comparison.get("candidates") or [], _colors(comparison.get("candidates") or [])):
-        if c["kind"] == "prompt":
+        if c["kind"] == "prompt" and c["metric"]["value"] is not None:
             ax.axhline(c["metric"]["value"], color=col, linestyle="--", linewidth=1, label=c["name"])
     ax.set_xlabel("training examples")
     ax.set_ylabel(comparison.get("metric", "metric"))
