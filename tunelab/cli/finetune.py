@@ -44,6 +44,9 @@ def finetune(
     max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help=h("max_grad_norm")),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help=h("max_examples")),
     max_val_examples: Optional[int] = typer.Option(None, "--max-val-examples", help=h("max_val_examples")),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help=h("launcher")),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", help=h("num_processes")),
+    accelerate_config: Optional[str] = typer.Option(None, "--accelerate-config", help=h("accelerate_config")),
     config: Optional[Path] = typer.Option(None, "--config", "-c",
                                           help="YAML file with any of these settings (flags given here override it)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted fine-tune of this name from its "
@@ -63,13 +66,19 @@ def finetune(
                  eval_every_steps=eval_every_steps, save_every_steps=save_every_steps,
                  gradient_checkpointing=gradient_checkpointing, precision=precision, warmup_ratio=warmup_ratio,
                  weight_decay=weight_decay, max_grad_norm=max_grad_norm, max_examples=max_examples,
-                 max_val_examples=max_val_examples)
+                 max_val_examples=max_val_examples, launcher=launcher, num_processes=num_processes,
+                 accelerate_config=accelerate_config)
     cfg = load_config(config, flags)
 
     def log(line: str) -> None:
         err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-    result = run_finetune(workspace(), cfg, resume=resume, progress=not as_json, log=log)
+    if cfg.launcher == "accelerate":
+        from tunelab.finetune.launch import launch
+
+        result = launch(workspace(), cfg, resume=resume, progress=not as_json, log=log)
+    else:
+        result = run_finetune(workspace(), cfg, resume=resume, progress=not as_json, log=log)
     if as_json:
         print_json(result.to_dict(curves=False))
         return

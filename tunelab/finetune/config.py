@@ -54,6 +54,9 @@ class FineTuneConfig(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this (none: no clipping)")
     max_examples: int | None = Field(None, ge=1, description="train on at most this many examples (a seeded sample of the train split)")
     max_val_examples: int | None = Field(None, ge=1, description="validate on at most this many examples (a seeded sample of the validation split)")
+    launcher: Literal["local", "accelerate"] = Field("local", description="local (this process) or accelerate (several processes through `accelerate launch`: DDP, one replica per process; batch_size stays the global batch)")
+    num_processes: int = Field(1, ge=1, description="processes (GPUs, or CPU workers with gloo) for --launcher accelerate")
+    accelerate_config: str | None = Field(None, description="an accelerate config file (from `accelerate config`: multi-node, FSDP, DeepSpeed) passed through to `accelerate launch`")
 
     @field_validator("target_modules", mode="before")
     @classmethod

@@ -257,11 +257,18 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
             state.segments += 1
             log(f"resuming at step {state.step}/{total_steps} (epoch {state.epoch + 1}, "
                 f"{state.step_in_epoch} steps into it)")
+    from tunelab.finetune import launch as dist  # data-parallel when started by `accelerate launch`
+
+    rank, world = dist.world()
+    if world > 1:
+        dist.broadcast_params(model)  # every replica starts from rank 0's weights
     started = time.perf_counter()
     wall_before = state.wall_s
 
     def save_checkpoint() -> None:
         state.wall_s = wall_before + time.perf_counter() - started
+        if rank != 0:  # rank 0 alone writes
+            return
         checkpoint.save(last_dir, model, optimizer, scheduler, state.to_dict())
         if on_checkpoint:
             on_checkpoint(state.to_dict())
@@ -272,7 +279,9 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
         model.eval()
         t0 = time.perf_counter()
         with torch.no_grad():
-            result = validate(model)
+            result = validate(model) if rank == 0 else None
+        if world > 1:
+            result = dist.from_rank0(result)
         model.train()
         checkpoint.set_rng_state(rng)
         entry = {"step": state.step, "epoch": round(state.step / per_epoch, 3), **result,
@@ -282,7 +291,8 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
         if result.get("metric") is not None:
             msg += f", {result.get('metric_name', 'metric')} {result['metric']:.4f}"
         if improved(result, state.best):
-            checkpoint.save_weights(best_dir, model, {"step": state.step})
+            if rank == 0:
+                checkpoint.save_weights(best_dir, model, {"step": state.step})
             state.best = {"step": state.step, "epoch": entry["epoch"], "loss": result["loss"],
                           "metric": result.get("metric"), "metric_name": result.get("metric_name")}
             state.bad_evals = 0
@@ -299,7 +309,7 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=state.step, unit="step", file=sys.stderr, dynamic_ncols=True,
-               disable=not progress, desc="fine-tuning")
+               disable=not progress or rank != 0, desc="fine-tuning")
     model.train()
     seg_tokens, seg_train_s = 0, 0.0
     try:
@@ -310,8 +320,9 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
             while state.step_in_epoch < len(groups) and state.step < total_steps:
                 t0 = time.perf_counter()
                 group = groups[state.step_in_epoch]
-                pieces = [p for b in group for p in micro_batches(b, lengths, config.micro_batch_tokens)]
-                n_loss = sum(items[i].n_completion for p in pieces for i in p)
+                n_loss = sum(items[i].n_completion for b in group for i in b)  # global: the loss is a mean over every rank's tokens
+                pieces = [p for b in group
+                          for p in micro_batches(dist.shard(b, rank, world), lengths, config.micro_batch_tokens)]
                 loss_total, tokens = 0.0, 0
                 for piece in pieces:
                     batch = collate([items[i] for i in piece], pad_id)
@@ -319,6 +330,10 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
                     (loss_sum / n_loss).backward()
                     loss_total += float(loss_sum.detach())
                     tokens += int(batch["attention_mask"].sum())
+                if world > 1:
+                    dist.sum_gradients(model)
+                    loss_total, tokens = dist.sum_values(loss_total, tokens)
+                    tokens = int(tokens)
                 if config.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                    config.max_grad_norm)

@@ -1,0 +1,69 @@
+"""One process of a fine-tune started by `accelerate launch` (see `tunelab.finetune.launch`).
+
+    python -m tunelab.finetune.worker PAYLOAD.json
+
+Rank 0 runs the whole job (`job.finetune`: checks, the store row, validation, checkpoints,
+artifacts); the other ranks load the same plan and model and take part in the training steps only.
+A UserError is written to `error-RANK.json` in the payload's `error_dir` for the launcher to report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(payload_path: str) -> int:
+    payload = json.loads(Path(payload_path).read_text(encoding="utf-8"))
+    from tunelab.errors import UserError
+    from tunelab.finetune.launch import init_distributed
+
+    rank, size = init_distributed()
+    try:
+        run(payload, rank)
+    except UserError as exc:
+        error = Path(payload["error_dir"]) / f"error-{rank}.json"
+        tmp = error.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rank": rank, "message": str(exc)}), encoding="utf-8")
+        os.replace(tmp, error)
+        print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+def run(payload: dict, rank: int) -> None:
+    from tunelab.finetune.config import FineTuneConfig
+    from tunelab.workspace import Workspace
+
+    ws = Workspace(Path(payload["workspace"]))
+    config = FineTuneConfig.model_validate(payload["config"])
+    if rank == 0:
+        from tunelab.finetune.job import finetune
+
+        def log(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        finetune(ws, config, resume=payload["resume"], progress=payload["progress"], log=log)
+        return
+    from tunelab.finetune import train as tr
+    from tunelab.finetune.job import plan, run_dir
+
+    p = plan(ws, config)
+    model, _ = tr.load_for_training(p.base_dir, p.config)
+    tr.train(model, p.tokenizer, p.train_items, _no_validation, p.config, run_dir(ws, p.config.name),
+             resume=payload["continuing"], progress=False)
+
+
+def _no_validation(model):  # only rank 0 validates; the others receive its result
+    raise AssertionError("validation runs on rank 0")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
