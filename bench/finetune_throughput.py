@@ -18,6 +18,7 @@ The machine may be shared: the load average is printed; run it twice and trust f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -95,7 +96,8 @@ def run_trl(rows: list[dict], args, bf16: bool) -> dict:
     trainer.train_dataset  # (tokenized at construction, before the clock starts)
     reset_peak()
     start = time.perf_counter()
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs on stdout
+        trainer.train()
     seconds = time.perf_counter() - start
     return {"tokens": counted["tokens"], "loss_tokens": counted["loss_tokens"], "seconds": seconds,
             "tokens_per_s": counted["tokens"] / seconds, "peak_mib": peak_mib(), "steps": args.steps}

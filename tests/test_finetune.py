@@ -360,6 +360,12 @@ def test_interrupted_run_needs_resume_and_resume_finishes_it(ws, cli, tiny_base,
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     r = cli(*args)
     assert r.exit_code == 2 and "--resume" in r.stderr
+    import fcntl
+
+    with open(ws.artifacts_dir / row.path / ".lock", "a+") as held:  # another trainer at work
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = cli(*args, "--resume")
+        assert r.exit_code == 2 and "being trained by another process" in r.stderr
     r = cli(*args, "--resume", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
