@@ -503,7 +503,7 @@ PRIMARY = {"label": "accuracy", "json": "json_match", "text": "exact_match"}
 
 
 def metric_names() -> list[str]:
-    return sorted(SIMPLE) + ["regex:PATTERN", "module:function"]
+    return sorted(SIMPLE) + ["regex:PATTERN", "judge[:MODEL]", "module:function"]
 
 
 def default_metric_names(output: Any) -> list[str]:
@@ -530,6 +530,10 @@ def make_metric(name: str, output: Any = None) -> Metric:
         return SIMPLE[name](out)
     if name.startswith("regex:"):
         return Regex(name[len("regex:"):])
+    if name == "judge" or name.startswith("judge:"):  # LLM-as-judge (tunelab.judge)
+        from tunelab.judge import judge_metric
+
+        return judge_metric(name)
     if ":" in name:
         return Custom(name, load_custom(name))
     raise NotFound(f"unknown metric '{name}' (known: {', '.join(metric_names())})")

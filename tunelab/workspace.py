@@ -45,6 +45,15 @@ class ModelConfig(BaseModel):
     pricing: Pricing | None = None
 
 
+class JudgeConfig(BaseModel):
+    """`judge:` in tunelab.yaml: the LLM-as-judge of `--metric judge` and `tunelab eval judge`."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="the judge model (a model spec or a name under models:)")
+    rubric: str | None = Field(None, description="what a good answer is; the judge grades against it")
+    scale: tuple[int, int] = Field((1, 5), description="lowest and highest grade, e.g. [1, 5]")
+
+
 class WorkspaceConfig(BaseModel):
     """`tunelab.yaml`. Unknown keys are errors, so a typo is never silently ignored."""
 
@@ -58,6 +67,7 @@ class WorkspaceConfig(BaseModel):
     )
     engineer_hourly_rate: float = Field(0.0, ge=0, description="$ per engineer hour, for setup cost")
     author: str | None = None
+    judge: JudgeConfig | None = Field(None, description="the LLM-as-judge: model, rubric, scale")
 
 
 DEFAULT_CONFIG_TEXT = f"""\

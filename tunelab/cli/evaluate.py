@@ -297,3 +297,60 @@ def list_(
                   str(r["n"]) + (f"x{r['repeat']}" if r["repeat"] > 1 else ""), r["status"],
                   f"{r['metric']} {_fmt(r['value'])}" if r["metric"] else "-")
     console.print(t)
+
+
+@app.command("judge")
+def judge(
+    data: str = typer.Argument(..., help="DATASET[@VERSION][:SPLIT] whose outputs the judge grades; examples with "
+                                         "meta.human_score or meta.human_label also give the judge's agreement."),
+    judge_model: Optional[str] = typer.Option(None, "--judge", help="The judge model (default: tunelab.yaml's "
+                                                                   "judge.model, else the default model)."),
+    rubric: Optional[str] = typer.Option(None, "--rubric", help="What a good answer is (default: tunelab.yaml's "
+                                                               "judge.rubric, else a generic rubric)."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Only the first N examples."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Grade a labelled sample with the LLM judge: its mean score, and its agreement with the human
+    grades (Cohen's kappa, weighted kappa, MCC of pass/fail), so you know how far to trust it."""
+    from tunelab.judge import judge_sample, make_judge
+
+    ws = workspace()
+    j = make_judge(judge_model, ws)
+    if rubric:
+        j.rubric = rubric
+    report = judge_sample(ws, data, j, limit=limit)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    console.print(f"judge {report.judge} on {report.data}: mean score {_fmt(report.mean)} "
+                  f"[{_fmt(report.lo)}, {_fmt(report.hi)}] (scale {report.scale[0]}-{report.scale[1]} as 0-100%), "
+                  f"{report.n_graded}/{report.n} graded", markup=False)
+    a = report.agreement
+    if not a:
+        console.print("agreement: no example carries meta.human_score or meta.human_label", markup=False)
+        return
+    parts = [f"{k} {a[k]:.3f}" for k in ("kappa", "weighted_kappa", "exact", "mcc", "pass_kappa", "pass_agreement")
+             if a.get(k) is not None and a[k] == a[k]]
+    console.print(f"agreement with humans on {a['n']} examples: " + ", ".join(parts), markup=False)
+
+
+@app.command("judge-pairwise")
+def judge_pairwise(
+    run_a: str = typer.Argument(..., help="Run A (id, prefix, or 'last')."),
+    run_b: str = typer.Argument(..., help="Run B, on the same split."),
+    judge_model: Optional[str] = typer.Option(None, "--judge", help="The judge model (default: tunelab.yaml's "
+                                                                   "judge.model, else the default model)."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Only the first N shared examples."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Which run's answers the LLM judge prefers, example by example (each pair asked in both orders)."""
+    from tunelab.judge import make_judge, pairwise
+
+    ws = workspace()
+    result = pairwise(ws, run_a, run_b, make_judge(judge_model, ws), limit=limit)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    console.print(f"judge {result.judge}: A={result.a} wins {result.a_wins}, B={result.b} wins {result.b_wins}, "
+                  f"ties {result.ties} of {result.n} (order-dependent choices: {result.position_flips}); "
+                  f"A's win rate {_fmt(result.a_win_rate)}", markup=False)

@@ -73,6 +73,10 @@ def finetune(
     def log(line: str) -> None:
         err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
+    if cfg.num_processes > 1 and cfg.launcher == "local":
+        from tunelab.errors import UserError
+
+        raise UserError(f"--num-processes {cfg.num_processes} needs --launcher accelerate", field="num_processes")
     if cfg.launcher == "accelerate":
         from tunelab.finetune.launch import launch
 
