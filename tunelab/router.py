@@ -385,8 +385,9 @@ def create_hybrid(ws: "Workspace", name: str, primary: str, fallback: str, *,
     Router(spec)  # validates the rules' regular expressions before any work
 
     val_ref = f"{ds.name}@{ds.version}:validation"
-    p_run = evaluate(ws, p_cand, val_ref, limit=limit, progress=progress)
-    f_run = evaluate(ws, f_cand, val_ref, limit=limit, progress=progress)
+    # tuning needs each side's scores and margins only: no free-text answers (they cost generation)
+    p_run = evaluate(ws, resolve_candidate(ws, p_cand.name, free_text=False), val_ref, limit=limit, progress=progress)
+    f_run = evaluate(ws, resolve_candidate(ws, f_cand.name, free_text=False), val_ref, limit=limit, progress=progress)
     metric = p_run.primary_metric
     p_rows = {r.example_index: r for r in run_rows(ws, p_run.id) if r.repeat_index == 0}
     f_rows = {r.example_index: r for r in run_rows(ws, f_run.id) if r.repeat_index == 0}
