@@ -171,7 +171,7 @@ def test_batch_of_8_equals_one_at_a_time_in_fp32(fp32_model, shared_data):
     assert len({c.prompt_tokens for c in batched}) > 1  # the batch really was left-padded
     assert all(c.prompt_tokens == fp32_model.count_tokens(fp32_model.render(r.messages))
                for c, r in zip(batched, requests))
-    assert all(c.latency_s > 0 and c.meta["batch_size"] == 8 for c in batched)
+    assert all(c.latency_s > 0 and c.meta["decode_batch_size"] == 8 for c in batched)
 
 
 @pytest.mark.realmodel

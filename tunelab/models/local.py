@@ -434,20 +434,67 @@ class LocalModel(Model):
             prefix = self._prefix_cache(prompt_ids[0][:shared]) if shared >= MIN_SHARED_PREFIX else None
             C = prefix[0] if prefix else 0
             prefix_share = (time.perf_counter() - start) / len(requests)
-            # Scoring-only rows cost one pass: batch them tightly. Generating rows batch loosely, as
-            # their decoding steps gain from wide batches.
-            groups = [([j for j in jobs if not j.generates], SCORE_TOKEN_BUDGET, SCORE_MAX_PADDING),
-                      ([j for j in jobs if j.generates], GENERATE_TOKEN_BUDGET, 1.0)]
-            for group, budget, padding in groups:
-                lengths = [len(j.prompt) - C + len(j.trie.tokens if j.trie else ()) + j.max_new for j in group]
-                for batch in make_batches(lengths, budget, self.max_batch, padding):
-                    rows = [group[b] for b in batch]
-                    start = time.perf_counter()
-                    self._run_batch(rows, prefix)
-                    share = (time.perf_counter() - start) / len(rows) + prefix_share
-                    for job in rows:
-                        out[job.index] = self._completion(job, requests[job.index], share, len(rows), C)
-            return out  # type: ignore[return-value]
+            # Prompt passes cost per token: small batches with little padding. Decoding steps gain
+            # from wide batches: the generating rows of several prompt passes decode together.
+            lengths = [len(j.prompt) - C + (len(j.trie.tokens) if j.trie else 0) for j in jobs]
+            pending: list[_Prefilled] = []
+            for batch in make_batches(lengths, SCORE_TOKEN_BUDGET, self.max_batch, SCORE_MAX_PADDING):
+                rows = [jobs[b] for b in batch]
+                start = time.perf_counter()
+                state = self._prefill(rows, prefix)
+                share = (time.perf_counter() - start) / len(rows)
+                for job in rows:
+                    job.latency += share + prefix_share
+                    job.batch_size = len(rows)
+                if state is None:
+                    continue
+                if pending and not self._fits(pending + [state]):
+                    self._decode_merged(pending)
+                    pending = []
+                pending.append(state)
+            if pending:
+                self._decode_merged(pending)
+            return [self._completion(job, requests[job.index], C) for job in jobs]
+
+    def _fits(self, states: list["_Prefilled"]) -> bool:
+        rows = sum(len(s.jobs) for s in states)
+        width = max(s.attn.shape[1] for s in states) + max(j.max_new for s in states for j in s.jobs)
+        return rows <= self.max_batch and rows * width <= GENERATE_TOKEN_BUDGET
+
+    def _decode_merged(self, states: list["_Prefilled"]) -> None:
+        """Decode the generating rows of several prompt passes as one batch: their KV caches are
+        left-padded to one length (padding masked out) and stacked."""
+        import torch
+        from transformers import DynamicCache
+
+        start = time.perf_counter()
+        width = max(s.attn.shape[1] for s in states)
+
+        def padded(t, dim):
+            missing = width - t.shape[dim]
+            if not missing:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        extra = max(j.max_new for s in states for j in s.jobs)
+        layers = []
+        for li in range(len(states[0].cache.layers)):
+            keys = [padded(s.cache.layers[li].keys, 2) for s in states]
+            values = [padded(s.cache.layers[li].values, 2) for s in states]
+            layers.append(growing_layer(keys, values, extra))
+        cache = DynamicCache()
+        cache.layers = layers
+        jobs = [j for s in states for j in s.jobs]
+        logits = torch.cat([s.logits for s in states])
+        attn = torch.cat([padded(s.attn, 1) for s in states])
+        pos = torch.cat([s.next_pos for s in states])
+        self._decode(jobs, logits, cache, attn, pos)
+        share = (time.perf_counter() - start) / len(jobs)
+        for job in jobs:
+            job.latency += share
+            job.decode_batch_size = len(jobs)
 
     def _job(self, index: int, req: Request, prompt: list[int]) -> "_Job":
         trie = label_lengths = None
@@ -461,8 +508,10 @@ class LocalModel(Model):
                     temperature=req.temperature, seed=req.seed, stop=req.stop or None,
                     json=req.json_schema is not None)
 
-    def _completion(self, job: "_Job", req: Request, share: float, batch_size: int, shared: int) -> Completion:
-        meta: dict[str, Any] = {"precision": self.precision, "batch_size": batch_size, "shared_prefix_tokens": shared}
+    def _completion(self, job: "_Job", req: Request, shared: int) -> Completion:
+        share = job.latency
+        meta: dict[str, Any] = {"precision": self.precision, "batch_size": job.batch_size,
+                                "shared_prefix_tokens": shared}
         text = job.text or ""
         if job.sums is not None:
             best = max(range(len(job.sums)), key=lambda k: job.sums[k])
@@ -473,9 +522,11 @@ class LocalModel(Model):
             if job.max_new:
                 comp.free_text = text
                 meta["free_text_tokens"] = job.n_generated
+                meta["decode_batch_size"] = job.decode_batch_size
             return comp
         if job.cut:
             meta["stopped"] = True
+        meta["decode_batch_size"] = job.decode_batch_size
         return Completion(text=text, prompt_tokens=len(job.prompt), completion_tokens=job.n_generated,
                           latency_s=share, meta=meta)
 
@@ -512,10 +563,10 @@ class LocalModel(Model):
         return value
 
     # -- one batch: a prompt pass that scores the labels, then decoding ----------------------------
-    def _run_batch(self, jobs: list["_Job"], prefix) -> None:
+    def _prefill(self, jobs: list["_Job"], prefix) -> "_Prefilled | None":
         """One forward pass over the batch's prompts (minus the shared prefix, already cached) and
-        the label tries laid out after them; then greedy or sampled decoding of the rows that
-        generate, continuing from the prompt pass's KV cache.
+        the label tries laid out after them. Scores the labels; returns what decoding needs for
+        the rows that generate (their first-token logits and KV cache), or None.
 
         Row layout: [left padding | rest of prompt | trie nodes | right padding]; all prompts end in
         the same column S-1. The 4D attention mask is causal over the prompts and tree-shaped over
@@ -577,7 +628,7 @@ class LocalModel(Model):
                                 for path, target in zip(trie.paths, trie.targets)]
         gen = [b for b, j in enumerate(jobs) if j.max_new]
         if not gen:
-            return
+            return None
         first = hidden[gen, 0]
         first = (project(first) if project else first).float()
         if N:
@@ -587,8 +638,8 @@ class LocalModel(Model):
         attn = torch.ones((len(gen), C + S), dtype=torch.long)
         for row, b in enumerate(gen):
             attn[row, C:C + S - len(rests[b])] = 0
-        self._decode([jobs[b] for b in gen], first, cache, attn.to(dev),
-                     torch.tensor([len(jobs[b].prompt) for b in gen], device=dev))
+        return _Prefilled([jobs[b] for b in gen], first, cache, attn.to(dev),
+                          torch.tensor([len(jobs[b].prompt) for b in gen], device=dev))
 
     def _decode(self, jobs: list["_Job"], logits, cache, attn, next_pos) -> None:
         """Greedy (temperature 0) or per-row seeded sampling, one token per step for every row
@@ -665,10 +716,94 @@ class _Job:
     text: str | None = None
     n_generated: int = 0
     cut: bool = False
+    latency: float = 0.0
+    batch_size: int = 0  # rows of its prompt pass
+    decode_batch_size: int = 0  # rows it was decoded with
 
     @property
     def generates(self) -> bool:
         return self.max_new > 0
+
+
+def _growing_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A KV cache layer that writes into a preallocated buffer instead of concatenating (which
+        copies the whole cache at every decoding step)."""
+
+        @classmethod
+        def of(cls, keys: list, values: list, extra: int) -> "GrowingLayer":
+            import torch
+
+            layer = cls()
+            n = keys[0].shape[2]
+            rows = sum(k.shape[0] for k in keys)
+            shape = (rows, keys[0].shape[1], n + extra, keys[0].shape[3])
+            layer._kbuf = torch.empty(shape, dtype=keys[0].dtype, device=keys[0].device)
+            layer._vbuf = torch.empty(shape, dtype=values[0].dtype, device=values[0].device)
+            row = 0
+            for k, v in zip(keys, values):
+                layer._kbuf[row:row + k.shape[0], :, :n] = k
+                layer._vbuf[row:row + k.shape[0], :, :n] = v
+                row += k.shape[0]
+            layer.dtype, layer.device = keys[0].dtype, keys[0].device
+            layer.is_initialized = True
+            layer._set(n)
+            return layer
+
+        def _set(self, n: int) -> None:
+            self.n = n
+            self.keys = self._kbuf[:, :, :n]
+            self.values = self._vbuf[:, :, :n]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            import torch
+
+            q = key_states.shape[2]
+            if self.n + q > self._kbuf.shape[2]:  # out of room: grow (rare)
+                grow = max(q, self._kbuf.shape[2] // 2)
+                pad = list(self._kbuf.shape)
+                pad[2] = grow
+                self._kbuf = torch.cat([self._kbuf, self._kbuf.new_zeros(pad)], dim=2)
+                self._vbuf = torch.cat([self._vbuf, self._vbuf.new_zeros(pad)], dim=2)
+            self._kbuf[:, :, self.n:self.n + q] = key_states
+            self._vbuf[:, :, self.n:self.n + q] = value_states
+            self._set(self.n + q)
+            return self.keys, self.values
+
+        def crop(self, tokens_to_remove: int) -> None:
+            self._set(self.n - abs(tokens_to_remove))
+
+        def batch_select_indices(self, indices) -> None:
+            self._kbuf = self._kbuf[indices]
+            self._vbuf = self._vbuf[indices]
+            self._set(self.n)
+
+    return GrowingLayer
+
+
+_growing_layer: Any = None
+
+
+def growing_layer(keys: list, values: list, extra: int):
+    """A cache layer holding `keys`/`values` stacked over the batch, with room for `extra` tokens
+    (the class is made on first use: transformers is imported lazily)."""
+    global _growing_layer
+    if _growing_layer is None:
+        _growing_layer = _growing_layer_class()
+    return _growing_layer.of(keys, values, extra)
+
+
+@dataclass
+class _Prefilled:
+    """Rows of one prompt pass that go on to decoding."""
+
+    jobs: list[_Job]
+    logits: Any  # (rows, vocabulary): the first generated token's logits
+    cache: Any  # DynamicCache over [shared prefix | padding | rest of prompt]
+    attn: Any  # (rows, cache length): 1 for real tokens, 0 for padding
+    next_pos: Any  # (rows,): the position of the next token
 
 
 def _log_softmax(values: list[float]) -> list[float]:
