@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,9 @@ def load_for_training(base_dir: Path, config: FineTuneConfig):
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=list(config.target_modules), task_type="CAUSAL_LM")
         try:
-            model = get_peft_model(model, lora)
+            with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; not ours to fix
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                model = get_peft_model(model, lora)
         except ValueError as exc:
             from tunelab.errors import UserError
 
