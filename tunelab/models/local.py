@@ -16,27 +16,37 @@ answer. In bf16 a few answers may differ with the batch they ran in.
 Prompts are rendered with the model's own chat template (SmolLM2's template adds its default
 system prompt when the messages have none; that is the model's behaviour and is kept).
 
-Label requests (`Request.labels`) are not generated: every label is scored as a continuation of
-the prompt. A label's score is the sum of the log-probabilities of its tokens (tokenized without a
-leading space) followed by the end-of-turn token (`<|im_end|>` for SmolLM2), i.e. the probability
-that the model's whole answer is exactly that label. The end-of-turn token settles labels that are
-prefixes of one another ("spam" vs "spammy"). All labels of a request are scored in ONE forward
-pass together with the prompt: the labels' tokens form a trie laid out after the prompt, and a
-tree-shaped attention mask lets each trie node see the prompt and its own ancestors only. The
-prompt is computed once, shared label prefixes ("Unilateral change" / "Unilateral termination")
-once, and only the last position and the trie nodes go through the vocabulary projection. The
-prefix all prompts of a call share (system prompt, instruction, few-shot demos) runs once too: its
-KV cache is expanded over every batch. Batches are small with little padding (a prompt pass costs
-per token; a batch of a few prompts already fills the matrix units).
-`Completion.label_logprobs` holds the scores renormalized over the labels (log-softmax);
-`meta["label_logprobs_raw"]` the raw sums.
+How a call runs (`complete`):
+
+1. Every prompt is rendered and tokenized. The prefix all prompts of the call share (system
+   prompt, instruction, few-shot demos) runs once; its KV cache is kept for the next call and
+   expanded over every batch.
+2. Prompt passes: requests sorted by length, in small batches with little padding (a pass costs
+   per token; a few prompts already fill the matrix units). Layout of a row:
+   [left padding | rest of the prompt | label trie]. Label requests (`Request.labels`) are scored
+   in this same pass: the labels' tokens form a trie laid out after the prompt, and a tree-shaped
+   4D attention mask lets each trie node see the prompt and its own ancestors only, so the prompt
+   and shared label prefixes ("Unilateral change" / "Unilateral termination") are computed once,
+   and only the prompt's last position and the trie nodes go through the vocabulary projection.
+3. Decoding: the rows that generate (free text, JSON, and label requests with `free_text=True`)
+   of several prompt passes are merged into one wide batch (their KV caches left-padded, with the
+   trie dropped) and decoded one token per step into preallocated KV buffers; a row leaves the
+   batch when it ends (end of turn / eos, `max_tokens`, a `stop` string, or for JSON requests the
+   end of the first balanced JSON value).
+
+A label's score is the sum of the log-probabilities of its tokens (tokenized without a leading
+space) followed by the end-of-turn token (`<|im_end|>` for SmolLM2): the probability that the
+model's whole answer is exactly that label. The end-of-turn token settles labels that are prefixes
+of one another ("spam" vs "spammy"). `Completion.label_logprobs` holds the scores renormalized over
+the labels (log-softmax), `meta["label_logprobs_raw"]` the raw sums; `completion_tokens` is the
+chosen label's token count. `latency_s` is the request's share of its prompt pass, its decoding
+batch and the shared prefix.
 
 Free generation is greedy at temperature 0; at temperature > 0 each request samples with its own
 `torch.Generator` seeded from `Request.seed` (None counts as 0), so an answer does not depend on
-the batch it ran in and repeats with different seeds are independent. Requests are sorted by length
-and batched under a token budget (left padding, attention masks). Generation stops at the end of
-turn, at a `stop` string (cut from the text), and for JSON requests at the end of the first
-balanced JSON value.
+the batch it ran in and repeats with different seeds are independent. `completion_tokens` counts
+the generated tokens without the end-of-turn token; the text is decoded without special tokens,
+cut at a stop string (or after the JSON value) and stripped.
 
 Threads: torch's default (one per core). `threads=` or `TUNELAB_THREADS` sets fewer; on a machine
 whose cores are busy with other work one thread avoids stalls of the second one.
@@ -57,10 +67,10 @@ from tunelab.models.base import Completion, Model, Request
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
-# Padded tokens per forward pass. Label scoring runs one pass per batch; generation keeps a KV
-# cache of batch x (prompt + max_tokens). Measured on 2 CPU cores (bench/local_model_speed.py).
+# Prompt passes: at most this many padded tokens, at most this share of them padding.
 SCORE_TOKEN_BUDGET = 4096
-SCORE_MAX_PADDING = 0.15  # a prompt pass costs per token, so small batches with little padding win
+SCORE_MAX_PADDING = 0.15
+# Decoding batches: rows x (cache length + max_tokens) KV slots at most.
 GENERATE_TOKEN_BUDGET = 16384
 MAX_BATCH = 64
 MIN_SHARED_PREFIX = 8  # tokens all prompts of a call share (system prompt, instruction, demos)
