@@ -116,7 +116,7 @@ def run_demo(directory: str | Path = "demo-workspace", *, quick: bool = False, v
     _report_run(log, base_result)
 
     steps("optimization", "prompt optimization on the validation split (instructions, few-shot demos)")
-    optimized = _optimize(ws, baseline, data_ref, budget=optimize_budget or (2 if quick else 10),
+    optimized = _optimize(ws, baseline, data_ref, budget=optimize_budget or (2 if quick else 8),
                           progress=progress, log=log)
 
     steps("fine-tuning", f"fine-tuning: LoRA on SmolLM2-135M with the short prompt '{SHORT_PROMPT}' -> ft:{FINETUNE}")
