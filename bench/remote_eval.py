@@ -12,7 +12,7 @@ candidate's model an `OpenAIModel(base_url=gateway, concurrency=C)`; the evaluat
 batch of 64 examples to `Model.complete`, which sends them concurrently up to C at a time.
 Prints examples/s and the ratio to concurrency 1 (same process, same server, same split).
 
-    python bench/remote_eval.py                       # 96 fake examples at 50 ms, 24 real ones
+    python bench/remote_eval.py                       # 96 fake examples at 50 ms, 8 real ones
     python bench/remote_eval.py --n 200 --latency 0.1 --real-n 0
 """
 
@@ -65,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=96, help="examples for the simulated-latency deployment")
     parser.add_argument("--latency", type=float, default=0.05, help="simulated seconds per request")
-    parser.add_argument("--real-n", type=int, default=24, help="examples for the real SmolLM2 deployment (0: skip)")
+    parser.add_argument("--real-n", type=int, default=8, help="examples for the real SmolLM2 deployment (0: skip)")
     parser.add_argument("--levels", default="1,4,16", help="concurrency levels")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
