@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.tunelab-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-llamacpp bench browser postgres system-deps clean
+.PHONY: setup demo test test-fast bench browser postgres system-deps clean
 
 setup: $(STAMP)
 
@@ -41,10 +41,6 @@ test: setup system-deps
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not realmodel and not slow and not browser" $(PYTEST_ARGS)
-
-test-llamacpp: setup
-	$(PIP) install -q -e '.[llamacpp]'
-	$(BIN)/python -m pytest -m llamacpp $(PYTEST_ARGS)
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
