@@ -89,7 +89,7 @@ def test_every_field_has_help_and_a_cli_flag():
 def test_defaults_come_from_the_data():
     assert [default_epochs(n) for n in (200, 1000, 1001, 5000, 20000)] == [3, 3, 2, 2, 1]
     small = resolve(FineTuneConfig(), n_train=400, longest=90)
-    assert (small.epochs, small.lr, small.max_length, small.max_steps) == (3, 2e-4, 90, None)
+    assert (small.epochs, small.lr, small.max_length, small.max_steps) == (3, 1e-3, 90, None)
     assert resolve(FineTuneConfig(method="full"), 400, 90).lr == 2e-5
     assert resolve(FineTuneConfig(), 400, 5000).max_length == 1024
     huge = resolve(FineTuneConfig(batch_size=1), n_train=50_000, longest=60)
