@@ -10,6 +10,7 @@ A prompt file is YAML front matter and a body:
     demos:                       # few-shot demos: inline ...
       - {input: "WIN a prize", output: spam}
     # demos: {dataset: sms, split: train, k: 4, strategy: stratified, seed: 0}   # ... or drawn
+    # demos: {dataset: sms@3f2a9c81d0e4, split: train, k: 4, strategy: knn_tfidf}  # ... or per input
     description: free text
     ---
     system:
@@ -25,6 +26,20 @@ dicts with `input`, `output` and the demo's other fields). The expected `output`
 being answered is never visible. Block tags trim their own line (`trim_blocks`, `lstrip_blocks`),
 so `{% for %}` loops do not leave blank lines; each rendered part is stripped. Few-shot demos become user/assistant turns placed after the
 system part and before the final user turn, unless the template uses `demos` itself.
+
+Demos drawn from a dataset split (`demos: {dataset: NAME[@VERSION], split, k, strategy, seed}`):
+`random` and `stratified` (labels in turn) draw `k` examples once, with `seed`; the nearest-neighbour
+strategies choose per input the `k` examples of the split most similar to the input being answered,
+the most similar one last (next to the question): `knn_tfidf` by TF-IDF cosine (unigrams and
+bigrams), `knn_embed` by the sentence embeddings of the bundled all-MiniLM-L6-v2 encoder. Their
+choice is deterministic (ties go to the earlier example of the split), never shows an example whose
+input is exactly the input being answered (so a train example is never its own demo), and takes no
+`seed`. The optimizer commits its nearest-neighbour winners this way, with the dataset version
+pinned (`NAME@VERSION`); a dataset without a version means its newest version. A missing dataset or
+split, or `k` larger than the split, is an error naming the prompt file and the field `demos`.
+`Prompt.resolve_demos(ws)` gives a list of Examples for inline and drawn demos, and a
+`DemoSelector` (`.select(example) -> list[Example]`, its index built once per process per dataset
+version) for per-input ones; `render` and `request` take either.
 
 Versions are content hashes (sha256 of the canonical front matter JSON plus the body, first 12 hex
 digits): the same content gets the same version on any machine. A commit records which version
@@ -43,6 +58,7 @@ import os
 import random
 import re
 import subprocess
+import threading
 import traceback
 from collections import defaultdict
 from dataclasses import dataclass
@@ -51,8 +67,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from tunelab.datasets import Example, validate_name
 from tunelab.errors import NotFound, UserError
@@ -122,15 +138,40 @@ class OutputSpec(BaseModel):
         return self
 
 
+PER_INPUT_STRATEGIES = ("knn_tfidf", "knn_embed")
+
+
 class DemoSource(BaseModel):
-    """Few-shot demos drawn from a dataset split."""
+    """Few-shot demos drawn from a dataset split: once (`random`, `stratified`), or per input
+    (`knn_tfidf`, `knn_embed`: the `k` examples nearest to the input being answered)."""
 
     model_config = ConfigDict(extra="forbid")
     dataset: str = Field(description="dataset name, optionally NAME@VERSION")
     split: str = Field("train", description="the split to draw from (never the test split you report)")
+    strategy: Literal["random", "stratified", "knn_tfidf", "knn_embed"] = Field(
+        "random", description="random, stratified (one label at a time), or per input: knn_tfidf, knn_embed")
     k: int = Field(4, ge=0, le=64, description="how many demos")
-    strategy: Literal["random", "stratified"] = Field("random", description="random, or one label at a time")
-    seed: int = Field(0, description="seed of the draw")
+    seed: int = Field(0, description="seed of the draw (random and stratified only)")
+
+    @property
+    def per_input(self) -> bool:
+        return self.strategy in PER_INPUT_STRATEGIES
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, k: int, info: ValidationInfo) -> int:
+        strategy = info.data.get("strategy")
+        if strategy in PER_INPUT_STRATEGIES and k < 1:
+            raise ValueError(f"strategy {strategy} needs k of at least 1 (got {k})")
+        return k
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, seed: int, info: ValidationInfo) -> int:
+        strategy = info.data.get("strategy")
+        if strategy in PER_INPUT_STRATEGIES and seed != 0:
+            raise ValueError(f"strategy {strategy} chooses its demos deterministically and takes no seed")
+        return seed
 
 
 class Demo(BaseModel):
@@ -236,6 +277,70 @@ def split_body(body: str, first_line: int, where: str = "") -> list[Part]:
     return parts
 
 
+# -- per-input demos ---------------------------------------------------------------------------
+_INDEXES: "dict[tuple[str, str, str, str], Any]" = {}  # (dataset, version, split, method) -> NearestDemos
+_INDEX_LOCK = threading.Lock()
+MAX_INDEXES = 16
+
+
+def nearest_index(dataset: str, version: str, split: str, pool: list[Example], method: str):
+    """The nearest-neighbour index (`tunelab.optimize.demos.NearestDemos`) over one dataset
+    version's split, built once per process: every prompt version and the optimizer share it."""
+    from tunelab.optimize.demos import NearestDemos
+
+    key = (dataset, version, split, method)
+    with _INDEX_LOCK:
+        index = _INDEXES.get(key)
+        if index is None:
+            if len(_INDEXES) >= MAX_INDEXES:
+                _INDEXES.pop(next(iter(_INDEXES)))
+            index = _INDEXES[key] = NearestDemos(pool, method)
+        return index
+
+
+class DemoSelector:
+    """Per-input few-shot demos (`strategy: knn_tfidf | knn_embed`): `select(example)` gives the
+    `k` examples of the dataset split nearest to the example's input, the nearest last; never an
+    example whose input is the example's own. Deterministic; ties go to the earlier example.
+
+    Not a list: code that needs the same demos for every input must call `select`."""
+
+    def __init__(self, source: DemoSource, dataset: str, version: str, pool: list[Example],
+                 index: Any = None):
+        if not source.per_input:
+            raise ValueError(f"strategy {source.strategy} draws its demos once; use draw_demos")
+        self.source = source
+        self.dataset, self.version, self.split = dataset, version, source.split
+        self.strategy, self.k = source.strategy, source.k
+        method = "tfidf" if source.strategy == "knn_tfidf" else "embed"
+        self.index = index if index is not None else nearest_index(dataset, version, source.split, pool, method)
+
+    @property
+    def pool(self) -> list[Example]:
+        return self.index.pool
+
+    def select(self, example: Example | dict | str) -> list[Example]:
+        return self.index.select(as_example(example), self.k)
+
+    def select_many(self, examples: "list[Example]") -> list[list[Example]]:
+        picks = self.index.neighbours([as_example(ex).input for ex in examples], self.k)
+        return [[self.index.pool[i] for i in idx] for idx in picks]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What identifies the choice (for fingerprints): strategy, dataset@version, split, k."""
+        return {"strategy": self.strategy, "dataset": f"{self.dataset}@{self.version}", "split": self.split,
+                "k": self.k}
+
+    def __len__(self) -> int:  # how many demos each input gets (fewer only when the split is smaller)
+        return self.k
+
+    def __iter__(self):
+        raise TypeError(f"demos {self.strategy} are chosen per input: call .select(example), not list()")
+
+    def __repr__(self) -> str:
+        return f"DemoSelector({self.strategy}, k={self.k}, {self.dataset}@{self.version}:{self.split})"
+
+
 # -- the prompt --------------------------------------------------------------------------------
 class Prompt:
     """A parsed prompt. Build one with `parse_prompt` or `load_prompt`; it is immutable."""
@@ -250,7 +355,7 @@ class Prompt:
         self.path = path
         self.workspace = workspace
         self.version = content_hash(front, body)
-        self._demo_cache: list[Example] | None = None
+        self._demo_cache: list[Example] | DemoSelector | None = None
         variables: set[str] = set()
         from jinja2 import meta
 
@@ -330,24 +435,47 @@ class Prompt:
         return "demos" in self.variables
 
     # -- demos -----------------------------------------------------------------------------
-    def resolve_demos(self, workspace: "Workspace | None" = None) -> list[Example]:
-        """The few-shot demos as Examples; a DemoSource is drawn from its dataset split."""
+    def resolve_demos(self, workspace: "Workspace | None" = None) -> "list[Example] | DemoSelector":
+        """The few-shot demos: a list of Examples (inline, or drawn once from a DemoSource), or
+        for a per-input source (`knn_tfidf`, `knn_embed`) a `DemoSelector` whose `.select(example)`
+        gives each input its demos. `render` and `request` take either."""
         d = self.demos
         if not isinstance(d, DemoSource):
             return d
         if self._demo_cache is not None and workspace in (None, self.workspace):
-            return list(self._demo_cache)
+            return self._demo_cache if isinstance(self._demo_cache, DemoSelector) else list(self._demo_cache)
         ws = workspace or self.workspace
         if ws is None:
             raise UserError(f"prompt '{self.name}' draws its demos from dataset '{d.dataset}'; "
                             "load it through a workspace (load_prompt) or pass demos=")
-        from tunelab.datasets import get_split
+        from tunelab.datasets import get_dataset
 
-        _, _, examples = get_split(ws, f"{d.dataset}:{d.split}")
-        drawn = draw_demos(examples, d.k, d.strategy, d.seed)
+        try:
+            ds = get_dataset(ws, d.dataset)
+            examples = ds.split(d.split)
+        except UserError as exc:  # NotFound included: name the prompt file and the field
+            raise type(exc)(exc.raw_message, path=self.where, line=self._front_line(("demos",)),
+                            field="demos") from None
+        resolved: list[Example] | DemoSelector
+        if d.per_input:
+            if d.k > len(examples):
+                raise UserError(f"k {d.k} is larger than the {len(examples)} examples of "
+                                f"{ds.name}@{ds.version}:{d.split}", path=self.where,
+                                line=self._front_line(("demos", "k")), field="demos.k")
+            resolved = DemoSelector(d, ds.name, ds.version, examples)
+        else:
+            resolved = draw_demos(examples, d.k, d.strategy, d.seed)
         if ws is self.workspace:
-            self._demo_cache = drawn
-        return list(drawn)
+            self._demo_cache = resolved
+        return resolved if isinstance(resolved, DemoSelector) else list(resolved)
+
+    def _front_line(self, loc: tuple) -> int | None:
+        """The file line of a front-matter key (for errors found after parsing)."""
+        lines = self.text.replace("\r\n", "\n").split("\n")
+        if not lines or not _FENCE.match(lines[0].lstrip("\ufeff")):
+            return None
+        end = next((i for i in range(1, len(lines)) if _FENCE.match(lines[i])), None)
+        return None if end is None else _yaml_line("\n".join(lines[1:end]), loc)
 
     # -- rendering ------------------------------------------------------------------------
     def variables_for(self, example: Example | dict | str, demos: list[Example]) -> dict[str, Any]:
@@ -361,10 +489,14 @@ class Prompt:
         values["demos"] = [d.fields() for d in demos]
         return values
 
-    def render(self, example: Example | dict | str, demos: list[Example] | None = None) -> list[Message]:
-        """The chat messages for `example`. `demos=None` uses the prompt's own demos."""
+    def render(self, example: Example | dict | str,
+               demos: "list[Example] | DemoSelector | None" = None) -> list[Message]:
+        """The chat messages for `example`. `demos=None` uses the prompt's own demos; a
+        `DemoSelector` chooses the demos for this example."""
         if demos is None:
             demos = self.resolve_demos()
+        if isinstance(demos, DemoSelector):
+            demos = demos.select(as_example(example))
         demos = [as_example(d) for d in demos]
         values = self.variables_for(example, demos)
         messages = [{"role": p.role, "content": self._render_part(p, values)} for p in self.parts]
@@ -386,7 +518,7 @@ class Prompt:
             messages[last_user:last_user] = turns
         return messages
 
-    def request(self, example: Example | dict | str, demos: list[Example] | None = None,
+    def request(self, example: Example | dict | str, demos: "list[Example] | DemoSelector | None" = None,
                 **overrides: Any) -> Request:
         """The model request for `example`: messages plus labels / json_schema / limits."""
         params: dict[str, Any] = {

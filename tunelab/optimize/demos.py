@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Sequence
@@ -184,7 +185,12 @@ def embed(texts: Sequence[str], batch_size: int = 64) -> "np.ndarray":
 
 class NearestDemos:
     """Per-input demos: the `k` train examples most similar to the input (cosine), the most
-    similar one last, next to the question."""
+    similar one last, next to the question. Deterministic: ties go to the earlier pool example,
+    and an input is embedded on its own (no padding next to other inputs), so the same input gets
+    the same demos in a batch, alone, and in another process. Shared by the optimizer's candidates
+    and by prompt versions with `demos: {strategy: knn_tfidf|knn_embed}` (`tunelab.prompts`)."""
+
+    MEMO_MAX = 20_000  # inputs whose neighbours are remembered (a gateway sees unbounded inputs)
 
     def __init__(self, pool: Sequence["Example"], method: Literal["tfidf", "embed"] = "tfidf"):
         if method not in ("tfidf", "embed"):
@@ -193,6 +199,8 @@ class NearestDemos:
         self.method = method
         self._matrix = None  # built on first use: an index nobody queries costs nothing
         self._memo: dict[str, list[int]] = {}
+        self._want = 32  # neighbours remembered per input (grows with the largest k asked for)
+        self._lock = threading.Lock()
 
     def _index(self):
         if self._matrix is None:
@@ -205,23 +213,38 @@ class NearestDemos:
         return self._matrix
 
     def _vectors(self, texts: Sequence[str]):
-        return self._tfidf.transform(texts) if self.method == "tfidf" else embed(texts)
+        if self.method == "tfidf":
+            return self._tfidf.transform(texts)  # rows are independent
+        import numpy as np
+
+        return np.concatenate([embed([t]) for t in texts]) if texts else embed([])
 
     def neighbours(self, texts: Sequence[str], k: int) -> list[list[int]]:
         """Indices into the pool of each text's `k` nearest examples, nearest last. An input
         that is itself in the pool never gets itself as a demo."""
         import numpy as np
 
-        todo = [t for t in dict.fromkeys(texts) if t not in self._memo]
-        if todo and self.pool:
-            matrix = self._index()
-            sims = self._vectors(todo) @ matrix.T
-            sims = sims.toarray() if hasattr(sims, "toarray") else np.asarray(sims)
-            want = min(len(self.pool), 32)
-            for text, row in zip(todo, sims):
-                order = np.lexsort((np.arange(len(row)), -row))[: want + 1]  # stable: ties by index
-                self._memo[text] = [int(i) for i in order if self.pool[i].input != text][:want]
-        return [list(reversed(self._memo.get(t, [])[:k])) for t in texts]
+        with self._lock:
+            if k > self._want or len(self._memo) + len(texts) > self.MEMO_MAX:
+                self._want = max(self._want, k)
+                self._memo.clear()
+            todo = [t for t in dict.fromkeys(texts) if t not in self._memo]
+            if todo and self.pool:
+                matrix = self._index()
+                sims = self._vectors(todo) @ matrix.T
+                sims = sims.toarray() if hasattr(sims, "toarray") else np.asarray(sims)
+                want = min(len(self.pool), self._want)
+                for text, row in zip(todo, sims):
+                    row = np.round(row.astype(np.float64), 6)  # float noise never reorders near-ties
+                    order = np.lexsort((np.arange(len(row)), -row))  # stable: ties by index
+                    picked: list[int] = []
+                    for i in order:
+                        if self.pool[i].input != text:
+                            picked.append(int(i))
+                            if len(picked) == want:
+                                break
+                    self._memo[text] = picked
+            return [list(reversed(self._memo.get(t, [])[:k])) for t in texts]
 
     def select(self, example: "Example", k: int) -> list["Example"]:
         return [self.pool[i] for i in self.neighbours([example.input], k)[0]]

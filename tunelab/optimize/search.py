@@ -117,14 +117,22 @@ class Budget:
 # -- candidates --------------------------------------------------------------------------------
 
 class NearestDemoCandidate(PromptCandidate):
-    """A prompt whose few-shot demos are chosen per input: the training examples nearest to it."""
+    """A prompt whose few-shot demos are chosen per input: the training examples nearest to it.
+
+    It answers exactly as the committed version would: its demos come from the same
+    `tunelab.prompts.DemoSelector` a prompt with `demos: {strategy: knn_..., ...}` resolves to."""
 
     def __init__(self, prompt: "Prompt", model: "Model", index: NearestDemos, k: int,
                  selector: dict[str, Any], **kwargs: Any):
+        from tunelab.prompts import DemoSelector, DemoSource
+
         super().__init__(prompt, model, demos=[], **kwargs)
         self.index = index
         self.k = k
         self.selector = selector  # {dataset, split, k, strategy}: what the fingerprint and front matter say
+        name, _, version = selector["dataset"].partition("@")
+        self.demo_selector = DemoSelector(DemoSource.model_validate(selector), name, version, index.pool,
+                                          index=index)
 
     @property
     def fingerprint(self) -> str:
@@ -132,12 +140,11 @@ class NearestDemoCandidate(PromptCandidate):
 
     def requests(self, examples: list[Example], repeat_index: int = 0):
         extra = {"free_text": True} if self.free_text else {}
-        picks = self.index.neighbours([ex.input for ex in examples], self.k)
-        return [self.prompt.request(ex, [self.index.pool[i] for i in idx], seed=repeat_index, **extra)
-                for ex, idx in zip(examples, picks)]
+        self.demo_selector.select_many(examples)  # one batched pass; the requests then hit the memo
+        return [self.prompt.request(ex, self.demo_selector, seed=repeat_index, **extra) for ex in examples]
 
     def demos_for(self, example: Example) -> list[Example]:
-        return self.index.select(example, self.k)
+        return self.demo_selector.select(example)
 
 
 @dataclass
@@ -256,6 +263,15 @@ def rendered_instruction(seed: "Prompt", text: str) -> str:
         return text
 
 
+def describe_selector(selector: dict[str, Any]) -> str:
+    """One sentence on per-input demos as a committed version stores them."""
+    how = "TF-IDF similarity" if selector["strategy"] == "knn_tfidf" else "sentence-embedding similarity"
+    return (f"Its demos are chosen per input: the {selector['k']} examples of {selector['dataset']}:"
+            f"{selector['split']} nearest to each input by {how} (front matter demos: "
+            f"{{dataset: {selector['dataset']}, split: {selector['split']}, k: {selector['k']}, "
+            f"strategy: {selector['strategy']}}}).")
+
+
 def knn_storable() -> bool:
     """Whether prompt front matter can say `demos: {strategy: knn_tfidf|knn_embed, ...}`."""
     from pydantic import ValidationError
@@ -299,10 +315,19 @@ class _Search:
     # -- candidates ------------------------------------------------------------------------
     def make_trial(self, stage: str, variant: InstructionVariant, spec: DemoSpec) -> Trial | None:
         """A trial, or None when the same candidate was tried already or cannot be made."""
+        from tunelab.prompts import DemoSelector, nearest_index
+
         fixed: list[Example] = []
+        seed_selector = None  # the seed's own per-input demos, when it has them
         if spec.strategy == "seed":
-            fixed = list(self.seed.resolve_demos(self.ws))
-            prompt = self.seed if variant.name == "seed" else build_prompt(self.seed, variant, fixed)
+            demos = self.seed.resolve_demos(self.ws)
+            if isinstance(demos, DemoSelector):
+                seed_selector = demos
+                prompt = self.seed if variant.name == "seed" else build_prompt(
+                    self.seed, variant, None, per_input=True).replace(demos=self.seed.demos)
+            else:
+                fixed = list(demos)
+                prompt = self.seed if variant.name == "seed" else build_prompt(self.seed, variant, fixed)
         elif spec.per_input:
             prompt = build_prompt(self.seed, variant, None, per_input=True)
         else:
@@ -312,14 +337,17 @@ class _Search:
             prompt = build_prompt(self.seed, variant, fixed)
         cand_name = f"{self.seed.name}@{prompt.version}" + (f"+{spec.strategy}{spec.k}" if spec.per_input else "")
         kwargs = dict(name=cand_name, model_name=self.model_spec, free_text=self.free_text, workspace=self.ws)
+        cand: PromptCandidate
         if spec.per_input:
             method = "tfidf" if spec.strategy == "knn_tfidf" else "embed"
-            if method not in self.indexes:
-                self.indexes[method] = NearestDemos(self.pool, method)
-            selector = {"dataset": f"{self.ds.name}@{self.ds.version}", "split": "train", "k": spec.k,
-                        "strategy": spec.strategy}
-            cand: PromptCandidate = NearestDemoCandidate(prompt, self.model, self.indexes[method], spec.k,
-                                                         selector, **kwargs)
+            if method not in self.indexes:  # the index a committed version of this data will use too
+                self.indexes[method] = nearest_index(self.ds.name, self.ds.version, "train", self.pool, method)
+            selector = {"dataset": f"{self.ds.name}@{self.ds.version}", "split": "train",
+                        "strategy": spec.strategy, "k": spec.k}
+            cand = NearestDemoCandidate(prompt, self.model, self.indexes[method], spec.k, selector, **kwargs)
+        elif seed_selector is not None:
+            cand = NearestDemoCandidate(prompt, self.model, seed_selector.index, seed_selector.k,
+                                        seed_selector.to_dict(), **kwargs)
         else:
             cand = PromptCandidate(prompt, self.model, fixed, **kwargs)
         trial = Trial(0, stage, variant, spec, prompt, fixed, candidate=cand)
@@ -622,6 +650,8 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
         committed = _commit(ws, search, seed_prompt, winner, seed_trial, opt_id, plan, wall, author,
                             commit_prompt, model)
         message += f" Committed as {seed_prompt.name}@{committed}."
+        if winner.demos.per_input:
+            message += " " + describe_selector(winner.candidate.selector)
     elif improved:
         message += " Not committed (commit=False)."
     log(message)
@@ -764,6 +794,9 @@ def _commit(ws, search: _Search, seed_prompt, winner: Trial, seed_trial: Trial, 
         return current_version(ws, name)  # the winner is already the current version
     message = (f"optimize: {winner.name} — {search.objective} {seed_trial.score:.3f} -> {winner.score:.3f} "
                f"on {search.ds.name}:validation")
+    if winner.demos.per_input:
+        sel = winner.candidate.selector
+        message += f"; demos per input: {sel['k']} nearest ({sel['strategy']}) from {sel['dataset']}:{sel['split']}"
     return commit_prompt(ws, name, message, author=author, meta=meta, text=prompt.to_text())
 
 
