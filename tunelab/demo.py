@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +47,35 @@ Route this customer message to a team.
 
 Message: {{ input }}
 """
+
+
+@dataclass
+class Flow:
+    """What the whole flow runs on: a dataset folder (train/validation/test JSONL), the baseline
+    prompt, the short prompt the fine-tuned model is trained and run with, and the names and
+    settings of what it makes. `demo_flow()` is the bundled support-ticket flow;
+    `bench/full_flow.py` builds one for any labelled dataset folder."""
+
+    data_dir: Path
+    dataset: str = DATASET
+    base_prompt: str = BASE_PROMPT
+    base_prompt_text: str = ""
+    short_prompt: str = SHORT_PROMPT
+    short_prompt_text: str = SHORT_PROMPT_TEXT
+    finetune: str = FINETUNE
+    hybrid: str = HYBRID
+    finetune_settings: dict[str, Any] = field(default_factory=lambda: {
+        "method": "lora", "lora_r": 16, "lora_alpha": 32.0, "lr": 1e-3, "epochs": 2, "batch_size": 8})
+    optimize_budget: int = 8
+    limit_validation: int | None = None   # optimize on the first N validation examples only
+    label_definitions: dict[str, str] | None = None
+    extra_candidates: list[str] = field(default_factory=list)  # more candidates for the comparison
+
+
+def demo_flow() -> Flow:
+    """The bundled demo: `examples/support` with its `support-router` prompt."""
+    src = examples_dir()
+    return Flow(data_dir=src, base_prompt_text=(src / f"{BASE_PROMPT}.prompt").read_text(encoding="utf-8"))
 
 
 def examples_dir() -> Path:
@@ -91,10 +121,15 @@ class Steps:
         self._name = ""
 
 
-def run_demo(directory: str | Path = "demo-workspace", *, quick: bool = False, volume: float = 100_000,
+def run_demo(directory: str | Path = "demo-workspace", **options: Any) -> dict[str, Any]:
+    """Run the demo flow (see the module doc); returns {"workspace", "comparison", "advice", "report", "times"}."""
+    return run_flow(directory, demo_flow(), **options)
+
+
+def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: float = 100_000,
              log: Callable[[str], None] = print, console: Any = None, learning_curve: bool | None = None,
-             optimize_budget: int | None = None) -> dict[str, Any]:
-    """Run the flow (see the module doc); returns {"workspace", "comparison", "advice", "report", "times"}."""
+             optimize_budget: int | None = None, workspace_name: str = "tunelab-demo") -> dict[str, Any]:
+    """Run the whole flow of `flow` in the workspace at `directory` (made if missing)."""
     from tunelab.advise import Constraints, advise
     from tunelab.compare import compare
     from tunelab.evaluate import evaluate
@@ -104,28 +139,29 @@ def run_demo(directory: str | Path = "demo-workspace", *, quick: bool = False, v
     steps = Steps(8 if learning_curve else 7, log)
     progress = console if console is not None else True
 
-    steps("data", "workspace and data: import and check examples/support")
-    ws = Workspace.init(directory, name="tunelab-demo")
+    steps("data", f"workspace and data: import and check {flow.data_dir}")
+    ws = Workspace.init(directory, name=workspace_name)
     log(f"workspace: {ws.root}")
-    data_ref = _import_data(ws, quick, log)
+    data_ref = _import_data(ws, flow, quick, log)
 
-    steps("baseline", f"baseline prompt '{BASE_PROMPT}': evaluate on the test split")
-    baseline = _ensure_prompt(ws, BASE_PROMPT, (examples_dir() / f"{BASE_PROMPT}.prompt").read_text(encoding="utf-8"))
-    _ensure_prompt(ws, SHORT_PROMPT, SHORT_PROMPT_TEXT)
+    steps("baseline", f"baseline prompt '{flow.base_prompt}': evaluate on the test split")
+    baseline = _ensure_prompt(ws, flow.base_prompt, flow.base_prompt_text)
+    short = _ensure_prompt(ws, flow.short_prompt, flow.short_prompt_text)
     base_result = evaluate(ws, baseline, f"{data_ref}:test", progress=progress)
     _report_run(log, base_result)
 
     steps("optimization", "prompt optimization on the validation split (instructions, few-shot demos)")
-    optimized = _optimize(ws, baseline, data_ref, budget=optimize_budget or (2 if quick else 8),
+    optimized = _optimize(ws, baseline, data_ref, flow, budget=optimize_budget or (2 if quick else flow.optimize_budget),
                           progress=progress, log=log)
 
-    steps("fine-tuning", f"fine-tuning: LoRA on SmolLM2-135M with the short prompt '{SHORT_PROMPT}' -> ft:{FINETUNE}")
-    _finetune(ws, data_ref, quick=quick, log=log, progress=progress)
+    steps("fine-tuning", f"fine-tuning: LoRA on SmolLM2-135M with the short prompt '{flow.short_prompt}' -> ft:{flow.finetune}")
+    _finetune(ws, data_ref, flow, quick=quick, log=log, progress=progress)
 
-    steps("hybrid", f"hybrid: ft:{FINETUNE} first, {optimized} where it is unsure or the input is unusual")
-    _hybrid(ws, optimized, log=log, progress=progress)
+    steps("hybrid", f"hybrid: ft:{flow.finetune} first, {optimized} where it is unsure or the input is unusual")
+    _hybrid(ws, flow, optimized, log=log, progress=progress)
 
-    candidates = [baseline] + ([optimized] if optimized != baseline else []) + [f"ft:{FINETUNE}", f"hybrid:{HYBRID}"]
+    candidates = [baseline] + ([optimized] if optimized != baseline else []) + [f"ft:{flow.finetune}", f"hybrid:{flow.hybrid}"]
+    candidates += [c.replace("{short}", short) for c in flow.extra_candidates]
     steps("comparison", "comparison on the test split" + (" with the learning curve (fine-tunes on 10/25/50% of train)"
                                             if learning_curve else ""))
     comparison = compare(ws, f"{data_ref}:test", candidates, volume=volume, learning_curve=learning_curve,
@@ -142,7 +178,7 @@ def run_demo(directory: str | Path = "demo-workspace", *, quick: bool = False, v
         log(f"  - {reason}")
     steps.done()
     log(f"\nreport: {comparison['report']}")
-    log(f"demo finished in {steps.elapsed():.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in steps.times.items()) + ")")
+    log(f"finished in {steps.elapsed():.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in steps.times.items()) + ")")
     return {"workspace": str(ws.root), "comparison": comparison, "advice": advice, "report": comparison["report"],
             "times": dict(steps.times), "wall_s": steps.elapsed()}
 
@@ -153,10 +189,11 @@ def _report_run(log, result) -> None:
         f"{result.tokens['total']:.0f} tokens/request" + (" (reused run)" if result.reused else ""))
 
 
-def _import_data(ws, quick: bool, log) -> str:
+def _import_data(ws, flow: Flow, quick: bool, log) -> str:
     from tunelab.datasets import check_path, get_dataset, import_dataset, save_dataset
 
-    src = examples_dir()
+    src = flow.data_dir
+    DATASET = flow.dataset
     if quick:
         report, splits = check_path(src)
         if report.errors:
@@ -201,7 +238,7 @@ def _ensure_prompt(ws, name: str, text: str) -> str:
     return f"{name}@{prompt.version}"
 
 
-def _optimize(ws, baseline: str, data_ref: str, *, budget: int, progress, log) -> str:
+def _optimize(ws, baseline: str, data_ref: str, flow: Flow, *, budget: int, progress, log) -> str:
     """The optimized prompt version (a finished optimization of this seed on this data is reused)."""
     from sqlalchemy import select
 
@@ -222,25 +259,26 @@ def _optimize(ws, baseline: str, data_ref: str, *, budget: int, progress, log) -
             return f"{name}@{new}" if new else baseline
     result = optimize(ws, baseline, data_ref.split(":")[0],
                       **_accepts(optimize, budget=budget, test=False, progress=progress,
-                                 max_prompt_tokens=MAX_PROMPT_TOKENS))
+                                 max_prompt_tokens=MAX_PROMPT_TOKENS, limit_validation=flow.limit_validation,
+                                 label_definitions=flow.label_definitions))
     log(result.message)
     return f"{name}@{result.version}" if result.version else baseline
 
 
-def _finetune(ws, data_ref: str, *, quick: bool, log, progress) -> None:
+def _finetune(ws, data_ref: str, flow: Flow, *, quick: bool, log, progress) -> None:
     from sqlalchemy import select
 
     from tunelab import finetune as ft
     from tunelab.store.models import FineTuneRow
 
+    FINETUNE = flow.finetune
     with ws.store.session() as s:
         row = s.scalar(select(FineTuneRow).where(FineTuneRow.name == FINETUNE))
     if row is not None and row.status == "done":
         log(f"reusing fine-tune ft:{FINETUNE} ({row.wall_s:.0f} s, {row.tokens_trained:,} tokens trained)")
         return
-    settings: dict[str, Any] = {"data": data_ref.split(":")[0], "prompt": SHORT_PROMPT, "name": FINETUNE,
-                                "method": "lora", "lora_r": 16, "lora_alpha": 32.0, "lr": 1e-3,
-                                "epochs": 2, "batch_size": 8}
+    settings: dict[str, Any] = {"data": data_ref.split(":")[0], "prompt": flow.short_prompt, "name": FINETUNE,
+                                **flow.finetune_settings}
     if quick:
         settings.update(epochs=1, max_steps=3, batch_size=4, max_val_examples=8)
     config = ft.FineTuneConfig(**{k: v for k, v in settings.items() if k in ft.FineTuneConfig.model_fields})
@@ -254,9 +292,10 @@ def _finetune(ws, data_ref: str, *, quick: bool, log, progress) -> None:
         log(f"ft:{FINETUNE}: {row.wall_s:.0f} s, {row.tokens_trained:,} tokens trained, cost ${row.cost:.4f}")
 
 
-def _hybrid(ws, fallback: str, *, log, progress) -> None:
+def _hybrid(ws, flow: Flow, fallback: str, *, log, progress) -> None:
     from tunelab.router import create_hybrid, hybrid_path, load_hybrid
 
+    FINETUNE, HYBRID = flow.finetune, flow.hybrid
     if hybrid_path(ws, HYBRID).is_file():
         spec = load_hybrid(ws, HYBRID)
         if spec.fallback == fallback and spec.primary == f"ft:{FINETUNE}":

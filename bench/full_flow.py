@@ -1,0 +1,114 @@
+"""The whole tunelab flow on a labelled dataset of `../shared/data`: the comparison JSON issue 6 asks for.
+
+The same steps as `tunelab demo` (tunelab.demo.run_flow): import and check the data, a zero-shot
+baseline prompt, prompt optimization on validation, a LoRA fine-tune of SmolLM2-135M on the FULL
+train split with a short prompt, the hybrid, and the comparison on the full test split — baseline,
+optimized prompt, the short prompt zero-shot (the prompt the fine-tuned model runs with, i.e. the
+fine-tune's own zero-shot starting point), the fine-tuned model and the hybrid — then the advice.
+
+    python bench/full_flow.py sms_spam            --dir /tmp/flow-spam
+    python bench/full_flow.py tweeteval_emotion   --dir /tmp/flow-emotion --epochs 1
+    python bench/full_flow.py sms_spam --quick    # a tiny version (a few examples, a few steps)
+
+Every step is reused or resumed when run again in the same --dir, so an interrupted run continues.
+Prints the comparison table and the wall time of each step; writes the comparison JSON and the
+HTML report into --dir (the paths are printed). Shared data: TUNELAB_SHARED_DATA, else
+../shared/data next to the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# What each task asks, in the words a user would write in the baseline prompt.
+TASKS = {
+    "sms_spam": ("Is this SMS message spam (unsolicited advertising, prizes, scams) or ham (a normal "
+                 "personal message)?", "Message"),
+    "tweeteval_emotion": ("Which emotion does this tweet express most: anger, joy, optimism or sadness?", "Tweet"),
+    "legal_unfair_tos": ("Which kind of potentially unfair clause is this sentence from terms of service?", "Sentence"),
+}
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("TUNELAB_SHARED_DATA") or REPO.parent / "shared" / "data")
+
+
+def prompts_for(name: str, labels: list[str]) -> tuple[str, str]:
+    """(baseline prompt text, short prompt text) for dataset `name` with `labels`."""
+    task, field = TASKS.get(name, ("Which label fits this text?", "Text"))
+    labels_yaml = "[" + ", ".join(labels) + "]"
+    base = f"""---
+model: smollm2-135m
+temperature: 0
+output:
+  type: label
+  labels: {labels_yaml}
+description: baseline zero-shot prompt for {name} (bench/full_flow.py)
+---
+user:
+{task} Answer with one word: {{{{ labels | join(", ") }}}}.
+
+{field}: {{{{ input }}}}
+"""
+    short = f"""---
+model: smollm2-135m
+temperature: 0
+output:
+  type: label
+  labels: {labels_yaml}
+description: the short prompt the fine-tuned model is trained and run with (bench/full_flow.py)
+---
+user:
+Label this {field.lower()}.
+
+{field}: {{{{ input }}}}
+"""
+    return base, short
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dataset", nargs="?", default="sms_spam", help="a folder name under the shared data")
+    ap.add_argument("--dir", default=None, help="workspace folder (default /tmp/tunelab-flow-DATASET)")
+    ap.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs over the full train split")
+    ap.add_argument("--budget", type=int, default=8, help="prompt optimization: candidates to evaluate")
+    ap.add_argument("--limit-validation", type=int, default=150,
+                    help="prompt optimization: score candidates on the first N validation examples")
+    ap.add_argument("--volume", type=float, default=100_000, help="requests per month for the cost comparison")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (TUNELAB_THREADS)")
+    ap.add_argument("--quick", action="store_true", help="a tiny version: a few examples, a few steps")
+    args = ap.parse_args()
+    if args.threads:
+        os.environ["TUNELAB_THREADS"] = str(args.threads)
+
+    from tunelab.demo import Flow, run_flow
+
+    src = shared_data() / args.dataset
+    labels = [x.strip() for x in (src / "labels.txt").read_text(encoding="utf-8").splitlines() if x.strip()]
+    base, short = prompts_for(args.dataset, labels)
+    stem = args.dataset.split("_")[-1]
+    flow = Flow(data_dir=src, dataset=stem, base_prompt=f"{stem}-zero-shot", base_prompt_text=base,
+                short_prompt=f"{stem}-short", short_prompt_text=short, finetune=f"{stem}-ft", hybrid=f"{stem}-hybrid",
+                finetune_settings={"method": "lora", "lora_r": 16, "lora_alpha": 32.0, "lr": 1e-3,
+                                   "epochs": args.epochs, "batch_size": 8},
+                optimize_budget=args.budget, limit_validation=args.limit_validation,
+                extra_candidates=["{short}"])
+    directory = Path(args.dir or f"/tmp/tunelab-flow-{args.dataset}")
+    out = run_flow(directory, flow, quick=args.quick, volume=args.volume, workspace_name=f"flow-{stem}")
+    comparison = out["comparison"]
+    path = directory / "comparison.json"
+    path.write_text(json.dumps(comparison, indent=2, default=str), encoding="utf-8")
+    print(f"\ncomparison JSON: {path}\nreport: {out['report']}")
+    print("times: " + json.dumps({k: round(v, 1) for k, v in out["times"].items()}) + f"; wall {out['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
