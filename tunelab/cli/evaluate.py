@@ -12,9 +12,8 @@ does the work.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, List, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -26,12 +25,12 @@ class DefaultGroup(TyperGroup):
 
     default_command = "run"
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
 
-    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_usage(self, ctx: Any, formatter: Any) -> None:
         formatter.write_usage(ctx.command_path, "CANDIDATE --data NAME:SPLIT [OPTIONS] | COMMAND [ARGS]...")
 
 
