@@ -10,8 +10,8 @@ from sqlalchemy import func, select
 
 from tunelab.datasets import Example, save_dataset
 from tunelab.errors import NotFound, UserError
-from tunelab.evaluate import (Candidate, PromptCandidate, diff_runs, evaluate, export_run, failure_groups, load_run,
-                              resolve_candidate, run_rows, sample_label)
+from tunelab.evaluate import (Candidate, PromptCandidate, diff_runs, evaluate, export_run, failure_groups,
+                              free_answer_count, free_answer_key, load_run, resolve_candidate, run_rows, sample_label)
 from tunelab.store.models import CacheRow, RunExampleRow, RunRow
 
 N = 120
@@ -81,7 +81,7 @@ def expected_accuracy(examples: list[Example]) -> float:
 
 def test_rows_are_stored_with_scores_tokens_latency_cost(spam_ws):
     cand = candidate(spam_ws)
-    result = evaluate(spam_ws, cand, "sms:test", progress=False)
+    result = evaluate(spam_ws, cand, "sms:test", progress=False, free_answers="all")
     rows = run_rows(spam_ws, result.id)
     assert len(rows) == N == result.rows
     assert sorted(r.example_index for r in rows) == list(range(N))
@@ -122,6 +122,9 @@ class Crashing(Candidate):
         if self.batches == self.crash_on:
             raise RuntimeError("simulated crash")
         return self.inner.predict(examples, repeat_index)
+
+    def with_free_answers(self, pick):
+        return Crashing(self.inner.with_free_answers(pick), self.crash_on)
 
 
 def test_resume_after_a_crash_gives_exactly_n_rows_and_the_same_metrics(spam_ws):
@@ -345,3 +348,64 @@ def test_unknown_names_are_not_found(spam_ws):
         load_run(spam_ws, "ffffffff")
     with pytest.raises(UserError, match="--repeat"):
         evaluate(spam_ws, candidate(spam_ws), "sms:test", repeat=0, progress=False)
+
+
+def test_free_answers_on_a_seeded_sample_of_the_examples(spam_ws):
+    big = spam_examples(300)
+    save_dataset(spam_ws, "big", {"test": big})
+    cand = candidate(spam_ws)
+    cand.model.calls.clear()
+    result = evaluate(spam_ws, cand, "big:test", progress=False, use_cache=False)
+    rows = run_rows(spam_ws, result.id)
+    asked = [req for req in cand.model.calls if req.free_text]
+    assert len(cand.model.calls) == 300 and len(asked) == 100  # default: max(100, 20%) of 300
+    with_free = [r for r in rows if "free_text" in r.extra]
+    skipped = [r for r in rows if r.extra.get("free_text_skipped")]
+    assert len(with_free) == 100 and len(skipped) == 200
+    # the sample: the 100 examples with the smallest input hashes, whatever their order
+    chosen = sorted(range(300), key=lambda i: free_answer_key(big[i]))[:100]
+    assert sorted(r.example_index for r in with_free) == sorted(chosen)
+    for r in skipped:
+        assert r.extra["format_valid"] is None and "format_valid" not in r.scores and "free_accuracy" not in r.scores
+        assert "accuracy" in r.scores
+    valid = sum(r.extra["format_valid"] for r in with_free)
+    assert result.metrics["format_valid"]["value"] == pytest.approx(valid / 100)
+    assert result.metrics["format_valid"]["n"] == 100 and result.metrics["free_accuracy"]["n"] == 100
+    fv = result.consistency["format_valid"]
+    assert fv["n"] == 100 and fv["rows"] == 100 and fv["of"] == 300 and fv["value"] == pytest.approx(valid / 100)
+    assert result.metrics["accuracy"]["n"] == 300
+    # the same sample in another order; a different sample size is another run
+    save_dataset(spam_ws, "big", {"test": big[::-1]})
+    again = evaluate(spam_ws, candidate(spam_ws), "big:test", progress=False, use_cache=False)
+    rows2 = run_rows(spam_ws, again.id)
+    assert sorted(r.input for r in rows2 if "free_text" in r.extra) == sorted(r.input for r in with_free)
+    every = evaluate(spam_ws, cand, "big:test", progress=False, free_answers="all")
+    assert every.id != again.id and every.consistency["format_valid"]["n"] == 300
+
+
+def test_every_row_gets_the_free_answer_when_repeating_or_asked(spam_ws):
+    save_dataset(spam_ws, "big", {"test": spam_examples(150)})
+    cand = candidate(spam_ws)
+    cand.model.calls.clear()
+    result = evaluate(spam_ws, cand, "big:test", repeat=2, progress=False, use_cache=False)
+    assert sum(req.free_text for req in cand.model.calls) == 300
+    assert result.consistency["format_valid"]["rows"] == 300 and result.metrics["format_valid"]["n"] == 150
+    cand.model.calls.clear()
+    result = evaluate(spam_ws, cand, "big:test", free_answers="10%", progress=False, use_cache=False)
+    assert sum(req.free_text for req in cand.model.calls) == 15 and result.metrics["format_valid"]["n"] == 15
+    # a candidate without free answers keeps "the prediction is a label" for every row
+    cand = resolve_candidate(spam_ws, "spam", free_text=False)
+    cand.model.calls.clear()
+    result = evaluate(spam_ws, cand, "big:test", progress=False, use_cache=False)
+    assert len(cand.model.calls) == 150 and not any(req.free_text for req in cand.model.calls)
+    assert result.metrics["format_valid"]["n"] == 150 and result.metrics["format_valid"]["value"] == 1.0
+
+
+def test_free_answer_count():
+    assert free_answer_count(None, 500) == 100 and free_answer_count("auto", 1000) == 200
+    assert free_answer_count(None, 60) == 60 and free_answer_count(None, 500, repeat=3) == 500
+    assert free_answer_count("all", 500) == 500 and free_answer_count("20%", 501) == 101
+    assert free_answer_count("7", 500) == 7 and free_answer_count(700, 500) == 500 and free_answer_count(0, 5) == 0
+    for bad in ("some", "-3", "120%"):
+        with pytest.raises(UserError, match="--free-answers"):
+            free_answer_count(bad, 500)

@@ -68,6 +68,25 @@ def test_format_valid_and_free_accuracy_use_the_free_answer():
     assert vals["free_accuracy"].n == 3
 
 
+def test_format_valid_does_not_count_rows_outside_the_free_answer_sample():
+    ans = [
+        Answer("a", "a", extra={"free_text": "The answer is a."}),
+        Answer("b", "b", extra={"free_text": "no idea"}),
+        Answer("c", "c", extra={"free_text_skipped": True}),
+        Answer("a", "b", extra={"free_text_skipped": True}),
+    ]
+    fmt = make_metric("format_valid", LABELS)
+    assert [fmt.score(a) for a in ans] == [1.0, 0.0, None, None]
+    assert "format_valid" not in score_answer([fmt], ans[2])
+    vals = aggregate(make_metrics(["format_valid", "free_accuracy"], LABELS), ans)
+    assert vals["format_valid"].value == pytest.approx(1 / 2) and vals["format_valid"].n == 2
+    assert vals["free_accuracy"].n == 2
+    lo, hi = vals["format_valid"].lo, vals["format_valid"].hi
+    from tunelab.stats import wilson
+
+    assert (lo, hi) == pytest.approx(wilson(1.0, 2))  # the interval is from the 2 measured rows
+
+
 def test_text_metrics():
     out = OutputInfo(type="text")
     ans = answers([("Paris", "Paris"), ("Paris", " paris. "), ("New York", "I think new york!"), ("Rome", "Milan")])

@@ -118,6 +118,11 @@ class Candidate(ABC):
         """This candidate answering through the response cache (default: no caching)."""
         return self
 
+    def with_free_answers(self, pick: Callable[["Example"], bool]) -> "Candidate":
+        """This candidate asking for the free answer of label outputs only for the examples
+        `pick` selects (default: the candidate does as it always does)."""
+        return self
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "model": self.model_name, "backend": self.backend,
                 "temperature": self.temperature, "fingerprint": self.fingerprint,
@@ -159,6 +164,10 @@ class PromptCandidate(Candidate):
 
     def predict(self, examples: list["Example"], repeat_index: int = 0) -> list[Completion]:
         reqs = self.requests(examples, repeat_index)
+        pick = self.__dict__.get("_free_pick")
+        if pick is not None:  # free answers on a sample of the examples only
+            reqs = [req if not req.free_text or pick(ex) else replace(req, free_text=False)
+                    for ex, req in zip(examples, reqs)]
         comps = self.model.complete(reqs)
         if len(comps) != len(reqs):
             raise RuntimeError(f"model {self.model_name} answered {len(comps)} of {len(reqs)} requests")
@@ -177,6 +186,14 @@ class PromptCandidate(Candidate):
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
         clone.model = CachedModel(self.model, cache)
+        return clone
+
+    def with_free_answers(self, pick: Callable[["Example"], bool]) -> "PromptCandidate":
+        if not self.free_text:
+            return self
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone._free_pick = pick
         return clone
 
 
@@ -400,9 +417,56 @@ def _clean(data: Any) -> Any:
 # -- the run loop --------------------------------------------------------------------------------
 
 def run_key(candidate: Candidate, dataset: str, version: str, split: str, limit: int | None, repeat: int,
-            metrics: list[str]) -> str:
-    return sha256({"candidate": candidate.fingerprint, "dataset": dataset, "version": version, "split": split,
-                   "limit": limit, "repeat": repeat, "metrics": sorted(metrics)})
+            metrics: list[str], free_answers: int | None = None) -> str:
+    data = {"candidate": candidate.fingerprint, "dataset": dataset, "version": version, "split": split,
+            "limit": limit, "repeat": repeat, "metrics": sorted(metrics)}
+    if free_answers is not None:  # free answers on a sample of the examples only
+        data["free_answers"] = free_answers
+    return sha256(data)
+
+
+FREE_ANSWERS_MIN = 100  # default sample: at least this many examples ...
+FREE_ANSWERS_SHARE = 0.2  # ... or this share of them, whichever is more
+
+
+def free_answer_count(spec: int | str | None, n: int, repeat: int = 1) -> int:
+    """How many of `n` examples get the free answer of a label output (the format-validity rate).
+
+    `spec`: None or "auto" (the default: every example when repeating, else at least
+    FREE_ANSWERS_MIN examples or FREE_ANSWERS_SHARE of them, whichever is more), "all", a count
+    N ("100") or a share ("20%"). Which examples: `free_answer_sample`."""
+    text = str(spec).strip().lower() if spec is not None else "auto"
+    if text == "auto":
+        if repeat > 1:
+            return n
+        return min(n, max(FREE_ANSWERS_MIN, math.ceil(FREE_ANSWERS_SHARE * n)))
+    if text == "all":
+        return n
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 <= share <= 100:
+                raise ValueError
+            return min(n, math.ceil(share / 100 * n))
+        count = int(text)
+        if count < 0:
+            raise ValueError
+        return min(n, count)
+    except ValueError:
+        raise UserError(f"--free-answers: expected all, auto, a count (100) or a share (20%), got '{spec}'",
+                        field="free_answers") from None
+
+
+def free_answer_key(example: "Example") -> str:
+    """What the free-answer sample is drawn by: the sha256 of the example's input."""
+    return hashlib.sha256(example.input.encode("utf-8")).hexdigest()
+
+
+def free_answer_sample(examples: list["Example"], k: int) -> set[str]:
+    """The `free_answer_key`s of the k examples with the smallest keys: a sample that depends on
+    the examples' content only (not on their order), so two runs on one split measure the same rows."""
+    keys = sorted((free_answer_key(ex), i) for i, ex in enumerate(examples))
+    return {key for key, _ in keys[:k]}
 
 
 def request_cost(pricing, completion: Completion) -> float:
@@ -417,11 +481,16 @@ def request_cost(pricing, completion: Completion) -> float:
 def evaluate(ws: "Workspace", candidate: Candidate | str, data: str, *, limit: int | None = None, repeat: int = 1,
              metrics: list[str] | None = None, batch_size: int | None = None, use_cache: bool = True,
              rerun: bool = False, progress: bool | Any = True, model: str | None = None,
-             on_batch: Callable[[int, int], None] | None = None) -> RunResult:
+             on_batch: Callable[[int, int], None] | None = None,
+             free_answers: int | str | None = None) -> RunResult:
     """Evaluate `candidate` on `data` ("DATASET[@VERSION][:SPLIT]", default split test).
 
     Returns the finished run's summary. `progress`: True for a bar on stderr, False for none, or a
     rich Console to draw it on. `on_batch(done, total)` is called after each stored batch.
+    `free_answers` (label outputs of a candidate asking for free answers): on how many examples
+    the free answer is generated, see `free_answer_count` (default: at least 100 examples or 20%,
+    every example with `repeat` > 1). Rows without one are marked `free_text_skipped` and do not
+    count in format_valid / free_accuracy.
     """
     from tunelab.datasets import get_split
 
@@ -441,7 +510,14 @@ def evaluate(ws: "Workspace", candidate: Candidate | str, data: str, *, limit: i
         output.labels = ds.labels
     metric_objs = make_metrics(metrics, output)
     names = [m.name for m in metric_objs]
-    key = run_key(candidate, ds.name, ds.version, split, len(examples), repeat, names)
+    n_free = free_answer_count(free_answers, len(examples), repeat)
+    sampler = candidate
+    if n_free < len(examples):
+        chosen = free_answer_sample(examples, n_free)
+        sampler = candidate.with_free_answers(lambda ex: free_answer_key(ex) in chosen)
+    sampling = sampler is not candidate
+    key = run_key(candidate, ds.name, ds.version, split, len(examples), repeat, names,
+                  n_free if sampling else None)
 
     run_id, resumed = None, False
     with ws.store.session() as s:
@@ -462,11 +538,12 @@ def evaluate(ws: "Workspace", candidate: Candidate | str, data: str, *, limit: i
                          n_examples=len(examples), repeat=repeat, status="running",
                          params={"metrics": names, "output": output.to_dict(), "limit": limit,
                                  "data": data, "temperature": candidate.temperature, "cache": use_cache,
-                                 "candidate": candidate.describe()}))
+                                 "candidate": candidate.describe(),
+                                 **({"free_answers": n_free} if sampling else {})}))
         done = set(s.execute(select(RunExampleRow.example_index, RunExampleRow.repeat_index)
                              .where(RunExampleRow.run_id == run_id)).all())
 
-    worker = candidate.with_cache(ResponseCache(ws)) if use_cache else candidate
+    worker = sampler.with_cache(ResponseCache(ws)) if use_cache else sampler
     pricing = ws.pricing_for(candidate.model_name, candidate.backend)
     format_metric = FormatValid(output)
     size = batch_size or DEFAULT_BATCH
@@ -487,7 +564,7 @@ def evaluate(ws: "Workspace", candidate: Candidate | str, data: str, *, limit: i
                 comps = worker.predict(exs, r)
                 rows = []
                 for i, ex, comp in zip(batch, exs, comps):
-                    rows.append(_row(run_id, i, r, ex, comp, metric_objs, format_metric, pricing))
+                    rows.append(_row(run_id, i, r, ex, comp, metric_objs, format_metric, pricing, sampling))
                 elapsed = time.perf_counter() - start
                 with ws.store.session() as s:
                     s.execute(_insert_ignore(s, RunExampleRow), rows)
@@ -515,7 +592,7 @@ def evaluate(ws: "Workspace", candidate: Candidate | str, data: str, *, limit: i
 
 
 def _row(run_id: str, index: int, repeat_index: int, ex: "Example", comp: Completion, metrics: list[Metric],
-         format_metric: FormatValid, pricing) -> dict[str, Any]:
+         format_metric: FormatValid, pricing, sampling: bool = False) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if comp.label_logprobs:
         extra["label_logprobs"] = comp.label_logprobs
@@ -524,6 +601,8 @@ def _row(run_id: str, index: int, repeat_index: int, ex: "Example", comp: Comple
         extra["free_text"] = comp.free_text
         labels = list(comp.label_logprobs or format_metric.output.labels or [])
         extra["free_valid"] = match_label(comp.free_text, labels) is not None if labels else None
+    elif sampling and format_metric.output.type == "label":
+        extra["free_text_skipped"] = True  # not in the free-answer sample: no format validity
     meta = dict(comp.meta or {})
     meta.pop("label_logprobs_raw", None)
     if meta.pop("cached", False):
@@ -531,7 +610,8 @@ def _row(run_id: str, index: int, repeat_index: int, ex: "Example", comp: Comple
     if meta:
         extra["meta"] = _clean(meta)
     answer = Answer(expected=ex.output, prediction=comp.text, example=ex, extra=extra)
-    extra["format_valid"] = bool(format_metric.score(answer))
+    valid = format_metric.score(answer)
+    extra["format_valid"] = None if valid is None else bool(valid)
     return {
         "run_id": run_id, "example_index": index, "repeat_index": repeat_index,
         "input": ex.input, "expected": ex.output, "prediction": comp.text,
@@ -707,12 +787,16 @@ def consistency(rows: list[RunExampleRow], primary: str, repeat: int, temperatur
     by_example: dict[int, list[RunExampleRow]] = defaultdict(list)
     for r in rows:
         by_example[r.example_index].append(r)
-    fmt = np.array([float(bool((r.extra or {}).get("format_valid", True))) for r in rows])
-    fmt_groups = [r.example_index for r in rows]
+    # rows outside the free-answer sample (format_valid None) do not count
+    measured = [r for r in rows if (r.extra or {}).get("format_valid", True) is not None]
+    fmt = np.array([float(bool((r.extra or {}).get("format_valid", True))) for r in measured])
+    fmt_groups = [r.example_index for r in measured]
     out: dict[str, Any] = {"repeat": repeat, "temperature": temperature, "agreement": None,
                            "pairwise_agreement": None, "pass_k": None, "format_valid": None, "note": None}
-    if rows:
+    if measured:
         out["format_valid"] = _interval_of(fmt, fmt_groups)
+        out["format_valid"]["rows"] = len(measured)  # rows measured (n: examples), of
+        out["format_valid"]["of"] = len(rows)  # all the run's rows
     complete = [rs for rs in by_example.values() if len(rs) >= 2]
     if repeat < 2 or not complete:
         return _clean(out)

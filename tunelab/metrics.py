@@ -11,7 +11,7 @@ Names (unknown -> NotFound):
 |---|---|---|---|
 | label | accuracy | prediction == expected | mean, Wilson interval |
 | label | macro_f1 | - | mean of per-label F1 (labels seen in expected or predicted), bootstrap |
-| label | format_valid | the free answer names a valid label (else: prediction is a label) | mean |
+| label | format_valid | the free answer names a valid label (rows outside the free-answer sample: not counted; no free answer asked for: prediction is a label) | mean |
 | label | free_accuracy | the label named by the free answer == expected | mean |
 | json | json_valid | the prediction parses as JSON | mean |
 | json | json_schema | it also validates against the output schema (jsonschema) | mean |
@@ -243,19 +243,23 @@ class Regex(Metric):
 
 class FormatValid(Metric):
     """Would the answer be usable as is? label: the free answer names exactly one valid label
-    (without a free answer: the prediction is a label); json: it parses; text: it is not empty."""
+    (None, not counted, for a row outside the free-answer sample (`extra["free_text_skipped"]`);
+    without a free answer asked for: the prediction is a label); json: it parses; text: it is not
+    empty."""
 
     name = "format_valid"
 
     def __init__(self, output: OutputInfo):
         self.output = output
 
-    def score(self, a: Answer) -> float:
+    def score(self, a: Answer) -> float | None:
         if self.output.type == "label":
             labels = self.output.labels or []
             free = a.extra.get("free_text")
             if free is not None:
                 return float(match_label(free, labels) is not None)
+            if a.extra.get("free_text_skipped"):
+                return None
             return float(a.prediction in labels) if labels else float(bool(a.prediction.strip()))
         if self.output.type == "json":
             return float(parse_json(a.prediction)[0])
