@@ -273,16 +273,24 @@ def describe_selector(selector: dict[str, Any]) -> str:
 
 
 def knn_storable() -> bool:
-    """Whether prompt front matter can say `demos: {strategy: knn_tfidf|knn_embed, ...}`."""
+    """Whether a per-input (nearest-neighbour) winner can be committed: prompt front matter takes
+    `demos: {strategy: knn_tfidf|knn_embed, ...}` and the evaluator keeps the `DemoSelector` such a
+    version resolves to (so the committed version can be evaluated, compared and served)."""
     from pydantic import ValidationError
 
-    from tunelab.prompts import DemoSource
+    from tunelab.models.fake import FakeModel
+    from tunelab.prompts import DemoSelector, DemoSource, parse_prompt
 
     try:
-        DemoSource.model_validate({"dataset": "x", "strategy": "knn_tfidf", "k": 4})
-        return True
+        source = DemoSource.model_validate({"dataset": "probe", "strategy": "knn_tfidf", "k": 1})
     except ValidationError:
         return False
+    selector = DemoSelector(source, "probe", "0", [], index=NearestDemos([], "tfidf"))
+    try:
+        PromptCandidate(parse_prompt("{{ input }}", "probe"), FakeModel(), selector, free_text=False).fingerprint
+    except TypeError:  # a PromptCandidate that lists its demos cannot hold a selector
+        return False
+    return True
 
 
 # -- the search --------------------------------------------------------------------------------
@@ -563,8 +571,9 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
     if not search.pool:
         search.notes.append(f"dataset '{ds.name}' has no train split: no few-shot demos were tried")
     if any(s in PER_INPUT for s in demo_strategies) and not knn_storable():
-        search.notes.append("per-input (nearest-neighbour) demos are scored but cannot be stored in a prompt "
-                            "version by this tunelab.prompts, so they cannot win")
+        search.notes.append("per-input (nearest-neighbour) demos are scored but cannot win: a prompt version "
+                            "with them could not be evaluated by this tunelab.evaluate (its PromptCandidate "
+                            "lists its demos)")
 
     opt_id = uuid.uuid4().hex[:12]
     config = {"prompt": prompt_ref, "seed_version": seed_prompt.version, "data": data_name,
@@ -639,9 +648,12 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
     overall, _ = choose_winner(search.full(), max_prompt_tokens, True)
     if overall is not None and overall is not winner and overall.demos.per_input:
         search.notes.append(f"candidate #{overall.id} ({overall.name}, {objective} {overall.score:.3f}) would have "
-                            "won, but its per-input demos cannot be stored in a prompt version yet")
+                            "won, but its per-input demos cannot be committed by this tunelab (see knn_storable)")
     improved = winner is not None and winner is not seed_trial
     message = _outcome(seed_trial, best, winner, improved, objective, max_prompt_tokens)
+    if overall is not None and overall is not winner and overall.demos.per_input:
+        message += (f" (Candidate #{overall.id}, {overall.name}, scored {objective} {overall.score:.3f} but was "
+                    "not eligible: its per-input demos cannot be committed by this tunelab.)")
     winner = winner or seed_trial
     wall = time.perf_counter() - started
 
@@ -740,7 +752,7 @@ def _outcome(seed: Trial, best: Trial | None, winner: Trial | None, improved: bo
     if not improved:
         if best is seed:
             return (f"Nothing beat the seed prompt: it scored {objective} {fmt(seed)} on validation, "
-                    "the best of every candidate tried. No new version.")
+                    "the best of every eligible candidate tried. No new version.")
         return (f"Nothing beat the seed prompt by more than the noise: the best candidate (#{best.id} "
                 f"{best.name}) scored {objective} {fmt(best)}, the seed {fmt(seed)} — within the best's 95% "
                 f"interval, and the seed is the shortest prompt there "
