@@ -34,3 +34,31 @@ class UserError(Exception):
 
 class NotFound(UserError):
     """An unknown name: dataset, split, prompt, version, model, metric, run."""
+
+
+def read_text(path, *, missing: str = "not found", missing_error: type[UserError] = UserError) -> str:
+    """The UTF-8 text of a file the user named; a missing file, a folder or bytes that are not
+    UTF-8 are a `UserError` naming the path (`missing`: the message for a missing file)."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise missing_error(missing, path=path) from None
+    except IsADirectoryError:
+        raise UserError("is a folder, not a file", path=path) from None
+    except UnicodeDecodeError:
+        raise UserError("is not UTF-8 text", path=path) from None
+
+
+def load_yaml(text: str, path: object = None):
+    """`yaml.safe_load(text)`; a syntax error is a `UserError` with the file and line."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise UserError(f"YAML error: {getattr(exc, 'problem', exc)}", path=path,
+                        line=None if mark is None else mark.line + 1) from None

@@ -12,10 +12,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, load_yaml, read_text
 
 CONFIG_NAME = "tunelab.yaml"
 DEFAULT_MODEL = "smollm2-135m"
@@ -189,18 +188,7 @@ class Workspace:
 
 def load_config(path: Path) -> WorkspaceConfig:
     """Read and validate `tunelab.yaml`; errors name the file and the field."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError("not found", path=path) from None
-    except UnicodeDecodeError:
-        raise UserError("is not UTF-8 text", path=path) from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        raise UserError(f"YAML error: {getattr(exc, 'problem', exc)}", path=path,
-                        line=None if line is None else line + 1) from None
+    data = load_yaml(read_text(path), path) or {}
     if not isinstance(data, dict):
         raise UserError("expected a mapping of settings at the top level", path=path)
     try:

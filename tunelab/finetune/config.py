@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, load_yaml, read_text
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MAX_AUTO_STEPS = 2000  # default epochs are lowered so that a run stays under this many steps
@@ -105,21 +105,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """The config from a YAML file (optional) with `overrides` (the flags that were given) on top."""
     data: dict[str, Any] = {}
     if path is not None:
-        import yaml
-
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError("config file not found", path=path) from None
-        except UnicodeDecodeError:
-            raise UserError("is not UTF-8 text", path=path) from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise UserError(f"YAML error: {getattr(exc, 'problem', exc)}", path=path,
-                            line=None if mark is None else mark.line + 1) from None
+        loaded = load_yaml(read_text(path, missing="config file not found"), path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
