@@ -143,7 +143,10 @@ class PromptCandidate(Candidate):
                  free_text: bool = True, workspace: "Workspace | None" = None):
         self.prompt = prompt
         self.model = model
-        self.demos = list(demos) if demos is not None else list(prompt.resolve_demos(workspace))
+        from tunelab.prompts import DemoSelector
+
+        demos = prompt.resolve_demos(workspace) if demos is None else demos
+        self.demos = demos if isinstance(demos, DemoSelector) else list(demos)  # a selector picks per input
         self.name = name or f"{prompt.name}@{prompt.version}"
         self.kind = kind
         self.model_name = model_name or getattr(model, "name", "model")
@@ -155,8 +158,15 @@ class PromptCandidate(Candidate):
     @property
     def fingerprint(self) -> str:
         return sha256({"kind": self.kind, "prompt": self.prompt.name, "version": self.prompt.version,
-                       "model": self.model.fingerprint, "demos": [d.to_dict() for d in self.demos],
+                       "model": self.model.fingerprint, "demos": self._demos_fingerprint(),
                        "free_text": self.free_text})
+
+    def _demos_fingerprint(self) -> Any:
+        from tunelab.prompts import DemoSelector
+
+        if isinstance(self.demos, DemoSelector):
+            return self.demos.to_dict()
+        return [d.to_dict() for d in self.demos]
 
     def requests(self, examples: list["Example"], repeat_index: int = 0) -> list[Request]:
         extra = {"free_text": True} if self.free_text else {}
