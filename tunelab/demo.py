@@ -79,10 +79,11 @@ def demo_flow() -> Flow:
 
 
 def examples_dir() -> Path:
-    """`examples/support` of this tunelab checkout."""
-    here = Path(__file__).resolve().parent.parent / "examples" / "support"
+    """The bundled demo data: `tunelab/examples/support`, shipped in the package (the checkout's
+    `examples/support` is a link to it)."""
+    here = Path(__file__).resolve().parent / "examples" / "support"
     if not (here / "train.jsonl").is_file():
-        raise UserError(f"the demo data is missing: {here} has no train.jsonl (run the demo from a tunelab checkout)")
+        raise UserError(f"the demo data is missing: {here} has no train.jsonl (reinstall tunelab)")
     return here
 
 
