@@ -278,3 +278,23 @@ def test_concurrent_calls_to_a_local_model_share_batches():
     assert sum(model.sizes) == 9 and max(model.sizes) > 1 and len(model.sizes) < 9
     with pytest.raises(RuntimeError, match="model failed"):
         batcher.complete(Request(messages=[{"role": "user", "content": "boom"}]))
+
+
+def test_a_finetune_job_trains_through_the_launcher_its_config_names(ws, monkeypatch):
+    """The worker runs a fine-tune job as the CLI would: `launcher: accelerate` goes through
+    `accelerate launch`, and --num-processes without it is a clear error in the job."""
+    import tunelab.finetune.launch as launch_mod
+    from tunelab.server.jobs import run_job
+
+    calls = []
+    monkeypatch.setattr(launch_mod, "launch", lambda ws_, cfg, **kw: calls.append((cfg.launcher, cfg.num_processes,
+                                                                                   kw["resume"])) or "launched")
+    job = enqueue_job(ws, "finetune", {"data": "sms", "prompt": "sms", "name": "multi",
+                                       "launcher": "accelerate", "num_processes": 2})
+    run_job(ws, job)
+    assert calls == [("accelerate", 2, False)]
+    from tunelab.errors import UserError
+
+    bad = enqueue_job(ws, "finetune", {"data": "sms", "prompt": "sms", "name": "bad", "num_processes": 2})
+    with pytest.raises(UserError, match="needs --launcher accelerate"):
+        run_job(ws, bad)

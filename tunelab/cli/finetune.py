@@ -56,7 +56,6 @@ def finetune(
     """Fine-tune a model (LoRA or full) on a dataset, rendered by a prompt: the result is the model
     ft:NAME that run, eval, compare and serve accept. Unset settings are chosen from the data and
     printed before training starts."""
-    from tunelab.finetune import finetune as run_finetune
     from tunelab.finetune import load_config
 
     flags = dict(data=data, prompt=prompt, name=name, base=base, method=method, lr=lr, batch_size=batch_size,
@@ -73,16 +72,9 @@ def finetune(
     def log(line: str) -> None:
         err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-    if cfg.num_processes > 1 and cfg.launcher == "local":
-        from tunelab.errors import UserError
+    from tunelab.finetune.launch import run
 
-        raise UserError(f"--num-processes {cfg.num_processes} needs --launcher accelerate", field="num_processes")
-    if cfg.launcher == "accelerate":
-        from tunelab.finetune.launch import launch
-
-        result = launch(workspace(), cfg, resume=resume, progress=not as_json, log=log)
-    else:
-        result = run_finetune(workspace(), cfg, resume=resume, progress=not as_json, log=log)
+    result = run(workspace(), cfg, resume=resume, progress=not as_json, log=log)
     if as_json:
         print_json(result.to_dict(curves=False))
         return

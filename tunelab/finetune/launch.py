@@ -227,3 +227,16 @@ def launch(ws: "Workspace", config: "FineTuneConfig", *, resume: bool = False, p
 
     names = {f.name for f in fields(FineTuneResult)}
     return FineTuneResult(**{k: v for k, v in row.result.items() if k in names})
+
+
+def run(ws: "Workspace", config: "FineTuneConfig", *, resume: bool = False, progress: bool = True,
+        log: Callable[[str], None] | None = None) -> "FineTuneResult":
+    """Train as `config.launcher` says: in this process (`local`) or through `accelerate launch`.
+    The one entry point of the CLI and the server's job worker."""
+    if config.num_processes > 1 and config.launcher == "local":
+        raise UserError(f"--num-processes {config.num_processes} needs --launcher accelerate", field="num_processes")
+    if config.launcher == "accelerate":
+        return launch(ws, config, resume=resume, progress=progress, log=log)
+    from tunelab.finetune.job import finetune
+
+    return finetune(ws, config, resume=resume, progress=progress, log=log)

@@ -171,8 +171,8 @@ def run_job(ws: "Workspace", job) -> dict[str, Any]:
         return {"optimization": result.id, "improved": result.improved, "version": result.version,
                 "message": result.message}
     if job.kind == "finetune":
-        from tunelab.finetune import finetune
         from tunelab.finetune.config import FineTuneConfig
+        from tunelab.finetune.launch import run
 
         lines: list[str] = []
 
@@ -180,7 +180,7 @@ def run_job(ws: "Workspace", job) -> dict[str, Any]:
             lines.append(line)
             progress(log=lines[-20:])
 
-        result = finetune(ws, FineTuneConfig.model_validate(args), resume=job.attempts > 1, progress=False, log=log)
+        result = run(ws, FineTuneConfig.model_validate(args), resume=job.attempts > 1, progress=False, log=log)
         return {"name": args.get("name"), "result": getattr(result, "to_dict", lambda: {"status": "done"})()}
     raise UserError(f"unknown job kind '{job.kind}'")
 
