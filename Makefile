@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.tunelab-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench browser postgres system-deps clean
+.PHONY: setup demo test test-fast test-llamacpp bench browser postgres system-deps clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,12 @@ test: setup system-deps
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not realmodel and not slow and not browser" $(PYTEST_ARGS)
+
+# The optional llama.cpp extra (builds llama.cpp from source, ~5 min the first time) and its tests,
+# which `make test` skips.
+test-llamacpp: setup
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-$$(nproc)} $(PIP) install -q -e '.[llamacpp]'
+	$(BIN)/python -m pytest -m llamacpp --llamacpp $(PYTEST_ARGS)
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

@@ -83,9 +83,21 @@ def bundled_model_dir():
     return find()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--llamacpp", action="store_true", default=False,
+                     help="run the tests marked llamacpp (they need the optional llama.cpp extra; "
+                          "make test-llamacpp installs it and passes this; env TUNELAB_TEST_LLAMACPP=1 too)")
+
+
 def pytest_collection_modifyitems(config, items):
     # Real-model and slow tests run last, so a quick failure shows first.
     def weight(item):
         return ("slow" in item.keywords) * 2 + ("realmodel" in item.keywords)
 
     items.sort(key=weight)
+    # The llama.cpp extra's tests run only when asked for, even where the extra is installed.
+    if not (config.getoption("--llamacpp") or os.environ.get("TUNELAB_TEST_LLAMACPP") == "1"):
+        skip = pytest.mark.skip(reason="llama.cpp extra tests run with 'make test-llamacpp' (or pytest --llamacpp)")
+        for item in items:
+            if "llamacpp" in item.keywords:
+                item.add_marker(skip)

@@ -96,13 +96,14 @@ def finetune(
 def export(
     model: str = typer.Argument(..., help="The fine-tuned model: ft:NAME (or NAME)."),
     format: str = typer.Option("merged", "--format", "-f",
-                               help="adapter (the LoRA adapter), merged (a standalone Hugging Face folder) "
-                                    "or gguf (for llama.cpp; needs its converter)."),
+                               help="adapter (the LoRA adapter), merged (a standalone Hugging Face folder), "
+                                    "gguf (the merged model as one f16 GGUF file for llama.cpp) or gguf-lora "
+                                    "(the LoRA adapter as a llama.cpp adapter GGUF, to load over the base GGUF)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (must not exist or be empty); "
-                                                      "for gguf a .gguf file or a folder."),
+                                                      "for gguf and gguf-lora a .gguf file or a folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the written path as JSON on stdout."),
 ) -> None:
-    """Export a fine-tuned model as an adapter, merged weights or a GGUF file."""
+    """Export a fine-tuned model as an adapter, merged weights or GGUF files (model or LoRA adapter)."""
     from tunelab.finetune import export as run_export
 
     path = run_export(workspace(), model, format, out)
