@@ -72,6 +72,26 @@ def test_converter_refuses_other_architectures_with_a_clear_error(tmp_path):
     assert not list(tmp_path.glob("*.gguf*"))
 
 
+def test_gguf_export_of_another_architecture_without_llama_cpp_says_how(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from tunelab.errors import UserError
+    from tunelab.finetune import exporter
+
+    monkeypatch.setenv("TUNELAB_LLAMA_CPP", str(tmp_path / "no-llama.cpp"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    model = tmp_path / "ft" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    row = SimpleNamespace(name="g", method="full", base="gpt2")
+    with pytest.raises(UserError) as err:
+        exporter.write_gguf(tmp_path / "ft", row, tmp_path / "g.gguf")
+    message = str(err.value)
+    assert "GPT2LMHeadModel" in message and "convert_hf_to_gguf.py" in message and "tunelab[llamacpp]" in message
+    assert "\n" not in message and not list(tmp_path.glob("*.gguf"))
+
+
 def test_missing_extra_is_one_line_and_exit_2(workspace, cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if the extra were not installed
     save_dataset(workspace, "sms", {"test": [Example("Free prize! Call now", "spam"), Example("see you", "ham")]})
@@ -111,8 +131,8 @@ def test_labels_are_scored_and_constrained(llama):
 
 @pytest.mark.llamacpp
 def test_label_logprobs_match_the_local_backend(llama, bundled_model_dir):
-    """The same weights (the bundled Q4_1 GGUF; the local backend runs its fp32 dequantization)
-    give the same labels and nearly the same log-probabilities."""
+    """The same weights (the bundled model as f16 GGUF; the local backend runs it in fp32) give the
+    same prompt tokens, the same labels and nearly the same log-probabilities."""
     from tunelab.models import load_model
     from tunelab.models.local import LocalModel
 
@@ -124,7 +144,7 @@ def test_label_logprobs_match_the_local_backend(llama, bundled_model_dir):
     for x, y in zip(a, b):
         assert x.text == y.text
         for label in ("ham", "spam"):
-            assert abs(x.meta["label_logprobs_raw"][label] - y.meta["label_logprobs_raw"][label]) < 0.5
+            assert abs(x.meta["label_logprobs_raw"][label] - y.meta["label_logprobs_raw"][label]) < 0.1
 
 
 @pytest.mark.llamacpp
@@ -229,8 +249,9 @@ def test_lora_gguf_loads_over_the_base_and_moves_the_scores(tuned, tmp_path):
 
     fields = gguf.GGUFReader(str(lora)).fields
     assert fields["general.type"].contents() == "adapter" and fields["adapter.type"].contents() == "lora"
-    base = LlamaCppModel(path=None, name="llamacpp:smollm2-135m")
-    tuned_cpp = LlamaCppModel(name="llamacpp:smollm2-135m", lora=lora)
+    # over the Q4_1 GGUF file the bundled model ships as (the adapter was trained on its fp32 weights)
+    base = LlamaCppModel(name="llamacpp:smollm2-135m-q4")
+    tuned_cpp = LlamaCppModel(name="llamacpp:smollm2-135m-q4", lora=lora)
     reqs = [spam_request(t) for t in SPAM_TEXTS]
     a, b = base.complete(reqs), tuned_cpp.complete(reqs)
     shift = [abs(x.label_logprobs["spam"] - y.label_logprobs["spam"]) for x, y in zip(a, b)]

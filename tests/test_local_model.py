@@ -15,6 +15,7 @@ from tunelab.models.local import (
     build_trie,
     common_prefix_len,
     find_stop,
+    greedy_label,
     json_end,
     make_batches,
     trim_output,
@@ -137,6 +138,36 @@ def test_load_model_builds_the_local_backend_lazily():
 
 # -- the bundled model --------------------------------------------------------------------------
 
+def test_greedy_label_reads_the_free_answer_off_the_label_trie():
+    EOT = 0
+    # labels "spam" = [5, 6], "spammy" = [5, 6, 7], "ham" = [8], each followed by the end of turn
+    labels = [[5, 6], [5, 6, 7], [8]]
+    trie = build_trie([ids + [EOT] for ids in labels])
+    lengths = [len(ids) for ids in labels]
+    assert trie.tokens == [5, 6, 7, 8] and trie.parents == [-1, 0, 1, -1]
+
+    def top(**after):  # the argmax after the prompt ("prompt") and after each node ("n0".."n3")
+        out = [99] * (len(trie.tokens) + 1)
+        for key, tok in after.items():
+            out[0 if key == "prompt" else int(key[1:]) + 1] = tok
+        return out
+
+    stops = {EOT, 1}
+    assert greedy_label(trie, lengths, top(prompt=8, n3=EOT), stops, 16) == (2, [8])
+    assert greedy_label(trie, lengths, top(prompt=8, n3=1), stops, 16) == (2, [8])  # any stop token ends it
+    assert greedy_label(trie, lengths, top(prompt=5, n0=6, n1=EOT), stops, 16) == (0, [5, 6])
+    assert greedy_label(trie, lengths, top(prompt=5, n0=6, n1=7, n2=EOT), stops, 16) == (1, [5, 6, 7])
+    # greedy leaves the labels: the answer has to be generated
+    assert greedy_label(trie, lengths, top(prompt=8, n3=5), stops, 16) is None  # "ham" and more
+    assert greedy_label(trie, lengths, top(prompt=5, n0=42), stops, 16) is None
+    assert greedy_label(trie, lengths, top(prompt=42), stops, 16) is None
+    assert greedy_label(trie, lengths, top(prompt=5, n0=6, n1=7, n2=9), stops, 16) is None
+    # max_tokens reached inside or right at the end of a label: no stop token needed
+    assert greedy_label(trie, lengths, top(prompt=5, n0=6, n1=7), stops, 2) == (0, [5, 6])
+    assert greedy_label(trie, lengths, top(prompt=5, n0=9), stops, 1) == (0, [5])
+    assert greedy_label(trie, lengths, top(prompt=8), stops, 1) == (2, [8])
+
+
 @pytest.fixture(scope="module")
 def fp32_model(bundled_model_dir):
     model = LocalModel(precision="fp32")
@@ -224,6 +255,28 @@ def test_free_text_alongside_labels_is_the_plain_generation(fp32_model):
     assert scored[0].meta["free_text_tokens"] == plain.completion_tokens
     assert scored[0].meta["label_logprobs_raw"] == pytest.approx(scored[1].meta["label_logprobs_raw"], abs=1e-3)
     assert scored[1].free_text is None
+
+
+def few_shot_spam(text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "Classify SMS messages. Answer with exactly one word: spam or ham."},
+            {"role": "user", "content": "WINNER!! Claim your free prize now, call 0800"},
+            {"role": "assistant", "content": "spam"},
+            {"role": "user", "content": "ok see you at lunch"}, {"role": "assistant", "content": "ham"},
+            {"role": "user", "content": text}]
+
+
+@pytest.mark.realmodel
+def test_free_answer_read_off_the_scoring_pass_is_the_plain_greedy_generation(fp32_model, shared_data):
+    lines = (shared_data / "sms_spam" / "test.jsonl").read_text().splitlines()[:5]
+    texts = [json.loads(line)["input"] for line in lines]
+    fast = fp32_model.complete([Request(messages=few_shot_spam(t), labels=["ham", "spam"], free_text=True,
+                                        max_tokens=12) for t in texts])
+    plain = fp32_model.complete([Request(messages=few_shot_spam(t), max_tokens=12) for t in texts])
+    assert [f.free_text for f in fast] == [p.text for p in plain]
+    assert [f.meta["free_text_tokens"] for f in fast] == [p.completion_tokens for p in plain]
+    reused = [f for f in fast if f.meta.get("free_text_from_scoring")]
+    assert reused and len(reused) < len(fast)  # both paths ran: some answers are a label, some are not
+    assert all(f.free_text in ("ham", "spam") for f in reused)
 
 
 @pytest.mark.realmodel

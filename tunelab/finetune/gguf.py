@@ -116,7 +116,7 @@ def _finish(writer, partial: Path, target: Path) -> Path:
 
 def _partial(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    return target.with_name(f".{target.name}.partial")
+    return target.with_name(f".{target.name}.{os.getpid()}.partial")  # concurrent writers: last rename wins
 
 
 def _array(tensor, outtype: str):

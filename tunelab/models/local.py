@@ -69,7 +69,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 # Prompt passes: at most this many padded tokens, at most this share of them padding.
 SCORE_TOKEN_BUDGET = 4096
-SCORE_MAX_PADDING = 0.15
+SCORE_MAX_PADDING = 0.06
 # Decoding batches: rows x (cache length + max_tokens) KV slots at most.
 GENERATE_TOKEN_BUDGET = 16384
 MAX_BATCH = 64
@@ -211,6 +211,27 @@ def build_trie(sequences: list[list[int]]) -> LabelTrie:
     return LabelTrie(tokens, parents, depths, paths, [list(s) for s in sequences])
 
 
+def greedy_label(trie: LabelTrie, label_lengths: list[int], top: list[int], stop_ids: set[int],
+                 max_new: int) -> tuple[int, list[int]] | None:
+    """The free (greedy) answer read off the label-scoring pass, when greedy decoding would write
+    one of the labels: `top[0]` is the most likely token after the prompt, `top[j + 1]` the one
+    after trie node j. Label k is the greedy answer when the argmax follows its tokens and then
+    picks a stop token (or `max_new` tokens are reached first). Returns (k, the tokens greedy
+    decoding generates), or None when greedy leaves the labels (then it has to be generated)."""
+    for k, (path, target) in enumerate(zip(trie.paths, trie.targets)):
+        n = label_lengths[k]
+        m = min(n, max_new)
+        tokens = target[:m]
+        if any(t in stop_ids for t in tokens):
+            continue
+        if any(top[path[i] + 1] != tokens[i] for i in range(m)):
+            continue
+        if m == n < max_new and top[path[n] + 1] not in stop_ids:
+            continue
+        return k, tokens
+    return None
+
+
 def cpu_supports_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
     and slower than fp32."""
@@ -251,6 +272,7 @@ def _stat_digest(folder: Path) -> str:
 
 class LocalModel(Model):
     backend = "local"
+    reuse_greedy = True  # read a free answer that is a label off the scoring pass (False: always generate)
 
     def __init__(self, name: str = "smollm2-135m", path: str | os.PathLike | None = None,
                  precision: str = "auto", adapter: str | os.PathLike | None = None,
@@ -532,7 +554,10 @@ class LocalModel(Model):
             if job.max_new:
                 comp.free_text = text
                 meta["free_text_tokens"] = job.n_generated
-                meta["decode_batch_size"] = job.decode_batch_size
+                if job.from_scoring:
+                    meta["free_text_from_scoring"] = True
+                else:
+                    meta["decode_batch_size"] = job.decode_batch_size
             return comp
         if job.cut:
             meta["stopped"] = True
@@ -611,8 +636,11 @@ class LocalModel(Model):
                 allow[b, S:S + n, C + n_pad:C + S] = True
                 allow[b, S:S + n, C + S:C + S + n] = job.trie.sees
             allow[b, idx, C + idx] = True  # padding sees itself (no all-masked rows)
-        mask = torch.zeros((B, 1, T, C + T), dtype=self.dtype)
-        mask.masked_fill_(~allow[:, None], torch.finfo(self.dtype).min)
+        if getattr(model.config, "_attn_implementation", None) == "sdpa":
+            mask = allow[:, None]  # SDPA on CPU is faster with a boolean mask than an additive one, same numbers
+        else:  # eager attention adds the mask to the scores
+            mask = torch.zeros((B, 1, T, C + T), dtype=self.dtype)
+            mask.masked_fill_(~allow[:, None], torch.finfo(self.dtype).min)
         kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix[1]] if prefix else None
         cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache(config=model.config)
         body = getattr(model, "model", None)
@@ -628,15 +656,24 @@ class LocalModel(Model):
         # label scores, a few rows at a time (logits are rows x nodes x vocabulary)
         scored = [b for b, j in enumerate(jobs) if j.trie]
         step = max(1, (1 << 24) // ((N + 1) * max(1, self.hf_model.config.vocab_size)))
+        stop_ids = set(self._stop_token_ids())
         for lo in range(0, len(scored), step):
             chunk = scored[lo:lo + step]
             h = hidden[chunk]
             logprobs = torch.log_softmax((project(h) if project else h).float(), dim=-1).cpu()
             for row, b in enumerate(chunk):
-                trie = jobs[b].trie
-                jobs[b].sums = [float(logprobs[row, torch.tensor([p + 1 for p in path]), torch.tensor(target)].sum())
-                                for path, target in zip(trie.paths, trie.targets)]
-        gen = [b for b, j in enumerate(jobs) if j.max_new]
+                job = jobs[b]
+                trie = job.trie
+                job.sums = [float(logprobs[row, torch.tensor([p + 1 for p in path]), torch.tensor(target)].sum())
+                            for path, target in zip(trie.paths, trie.targets)]
+                if job.max_new and job.temperature <= 0 and self.reuse_greedy:
+                    # the free answer is a label followed by a stop token: no generation needed
+                    top = logprobs[row, :len(trie.tokens) + 1].argmax(dim=-1).tolist()
+                    found = greedy_label(trie, job.label_lengths, top, stop_ids, job.max_new)
+                    if found is not None:
+                        self._finish_text(job, found[1])
+                        job.from_scoring = True
+        gen = [b for b, j in enumerate(jobs) if j.max_new and not j.from_scoring]
         if not gen:
             return None
         first = hidden[gen, 0]
@@ -702,10 +739,16 @@ class LocalModel(Model):
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
         for job in jobs:
-            text = tok.decode(job.tokens, skip_special_tokens=True)
-            text, job.cut = trim_output(text, job.stop, job.json)
-            job.text = text.strip()
-            job.n_generated = len(job.tokens)
+            self._finish_text(job, job.tokens)
+
+    def _finish_text(self, job: "_Job", tokens: list[int]) -> None:
+        """A generated answer's text: decoded without special tokens, cut at a stop string (or
+        after the JSON value) and stripped."""
+        job.tokens = list(tokens)
+        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        text, job.cut = trim_output(text, job.stop, job.json)
+        job.text = text.strip()
+        job.n_generated = len(job.tokens)
 
 
 @dataclass
@@ -729,6 +772,7 @@ class _Job:
     latency: float = 0.0
     batch_size: int = 0  # rows of its prompt pass
     decode_batch_size: int = 0  # rows it was decoded with
+    from_scoring: bool = False  # the free answer was read off the label-scoring pass
 
     @property
     def generates(self) -> bool:
