@@ -267,7 +267,11 @@ def test_lora_gguf_loads_over_the_base_and_moves_the_scores(tuned, tmp_path):
     a, b = base.complete(reqs), tuned_cpp.complete(reqs)
     shift = [abs(x.label_logprobs["spam"] - y.label_logprobs["spam"]) for x, y in zip(a, b)]
     assert max(shift) > 0.05  # the adapter changes the output distribution
-    # ... in the direction torch's ft:spam moves it (base Q4_1 + LoRA vs the fp32 merged model)
+    # ... as torch's ft:spam does: over the f16 base the adapter (q/k rows of lora_b permuted like the
+    # base's) reproduces the fp32 model's scores; over Q4_1 it picks the same labels
     ft = load_model("ft:spam", tuned, cached=False, precision="fp32").complete(reqs)
     assert [x.text for x in b] == [y.text for y in ft]
+    f16 = LlamaCppModel(name="llamacpp:smollm2-135m", lora=lora).complete(reqs)
+    for x, y in zip(f16, ft):
+        assert abs(x.meta["label_logprobs_raw"]["spam"] - y.meta["label_logprobs_raw"]["spam"]) < 0.1
     assert tuned_cpp.fingerprint != base.fingerprint
