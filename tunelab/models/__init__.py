@@ -15,6 +15,7 @@ A backend class is constructed as `cls(name=..., **settings)` where settings are
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from importlib.metadata import entry_points
@@ -93,6 +94,8 @@ def _build(spec: str, workspace: "Workspace | None", **options: Any) -> Model:
             settings.update(options)
             return backend_class("openai")(name=spec, **settings)
         cls = backend_class(backend)
+        if workspace is not None and "workspace" in inspect.signature(cls).parameters:
+            options = {"workspace": workspace, **options}  # e.g. llamacpp:ft:NAME finds its fine-tune there
         return cls(name=rest if backend == "fake" else spec, **options)
     if Path(spec).is_dir():
         return backend_class("local")(name=os.path.basename(os.path.normpath(spec)), path=spec, **options)
