@@ -3,8 +3,15 @@
 The textbook loop answers one example at a time: render the chat messages, fp32 `model.generate`
 (greedy) of up to 8 new tokens, then parse (`match_label` for a label; for JSON up to 48 tokens and
 `json.loads`). `tunelab eval` is the library call `evaluate()` with its defaults (batched label
-scoring plus the free answer for the format-validity rate; batched generation for JSON), the
-response cache off. Both use the same prompt on the bundled SmolLM2-135M-Instruct.
+scoring, plus the free answer for the format-validity rate on a seeded sample of max(100, 20%) of
+the examples; batched generation for JSON), the response cache off. Both use the same prompt on
+the bundled SmolLM2-135M-Instruct.
+
+Printed besides the rates: the accuracy of both sides (the textbook on its examples; tunelab on
+all of its examples and on the textbook's), how often they agree, that every tunelab prediction is
+the argmax of its label scores, the format-validity rate and over how many rows it was measured,
+and (`--fp32-check`, after the timing) how often tunelab's predictions (bf16 where the CPU has
+native bf16) agree with fp32 label scoring, with the fp32 accuracy.
 
     python bench/eval_throughput.py                     # sms_spam (500) and restaurant8k_slots (100)
     python bench/eval_throughput.py --textbook-n 30 --label-n 200 --json-n 50
@@ -94,6 +101,26 @@ def textbook_loop(hf_model, tokenizer, prompt, examples, max_new_tokens: int, pa
     return len(examples) / (time.perf_counter() - start), len(examples) / (time.process_time() - cpu), answers
 
 
+def check_fp32(cand, examples, rows) -> None:
+    """Score `examples` with fp32 label scoring and compare with the run's predictions."""
+    from tunelab.models.local import LocalModel
+
+    if getattr(cand.model, "precision", "fp32") == "fp32":
+        print("  fp32 check: tunelab ran in fp32 already")
+        return
+    fp32 = LocalModel(precision="fp32", threads=None)
+    reqs = [cand.prompt.request(ex, cand.demos) for ex in examples]
+    comps = []
+    for k in range(0, len(reqs), 64):
+        comps += fp32.complete(reqs[k:k + 64])
+    agree = sum(c.text == rows[i].prediction for i, c in enumerate(comps))
+    acc32 = sum(c.text == ex.output for c, ex in zip(comps, examples)) / len(examples)
+    acc = sum(rows[i].prediction == ex.output for i, ex in enumerate(examples)) / len(examples)
+    print(f"  fp32 check on {len(examples)} examples: {cand.model.precision} and fp32 label scoring agree on {agree} "
+          f"({agree / len(examples):.1%}); accuracy {cand.model.precision} {acc:.3f}, fp32 {acc32:.3f}")
+    fp32.close()
+
+
 def parse_json_answer(text: str):
     try:
         return json.loads(text.strip())
@@ -113,13 +140,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads for both loops (default: torch's; 1 is fairest on a loaded machine)")
     ap.add_argument("--no-free-text", action="store_true",
                     help="tunelab without the free answer of label outputs (label scoring only)")
+    ap.add_argument("--free-answers", default=None,
+                    help="label outputs: free answers on all, N or P%% of the examples (default: evaluate's, "
+                         "max(100, 20%%))")
+    ap.add_argument("--fp32-check", type=int, default=0, metavar="N",
+                    help="after the timing: score the first N label examples in fp32 too and print the "
+                         "agreement of tunelab's predictions with fp32 (0: skip)")
     args = ap.parse_args(argv)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.datasets import save_dataset
-    from tunelab.evaluate import evaluate, resolve_candidate
+    from tunelab.evaluate import evaluate, resolve_candidate, run_rows
     from tunelab.models.base import match_label
     from tunelab.models.weights import bundled_model_dir
     from tunelab.prompts import load_prompt
@@ -155,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{kind}] tunelab eval on {n_tool} examples ({cand.model.precision}) ...")
         la0 = load_average()
         start, cpu = time.perf_counter(), time.process_time()
-        result = evaluate(ws, cand, f"{prompt_name}:test", use_cache=False, rerun=True, progress=False)
+        result = evaluate(ws, cand, f"{prompt_name}:test", use_cache=False, rerun=True, progress=False,
+                          free_answers=args.free_answers)
         wall = time.perf_counter() - start
         cpu_rate = n_tool / (time.process_time() - cpu)
         rate = n_tool / wall
@@ -164,6 +198,22 @@ def main(argv: list[str] | None = None) -> int:
               f"{result.metrics[primary]['value']:.3f}); load average {la0} -> {load_average()}")
         extra = {k: round(v["value"], 3) for k, v in result.metrics.items() if v.get("value") is not None}
         print(f"  metrics: {extra}")
+        rows = {r.example_index: r for r in run_rows(ws, result.id)}
+        if kind == "label":
+            fv = result.consistency.get("format_valid") or {}
+            if fv.get("value") is not None:
+                print(f"  format valid (free answers): {fv['value']:.3f} [{fv['lo']:.3f}, {fv['hi']:.3f}] measured on "
+                      f"{fv.get('rows', fv['n'])} of {fv.get('of', result.rows)} rows")
+            argmax = sum(r.prediction == max(r.extra["label_logprobs"], key=r.extra["label_logprobs"].get)
+                         for r in rows.values())
+            print(f"  predictions that are the argmax of the label scores: {argmax} of {len(rows)}")
+        both = [(a, ex, rows[i]) for i, (a, ex) in enumerate(zip(answers, examples)) if i in rows]
+        tool_acc = sum(correct(parse(r.prediction) if kind == "json" else r.prediction, ex) for _, ex, r in both)
+        same = sum(a == (parse(r.prediction) if kind == "json" else r.prediction) for a, _, r in both)
+        print(f"  on the textbook's {len(both)} examples: textbook {text_acc:.3f}, tunelab {tool_acc / len(both):.3f} "
+              f"(primary metric); same answer on {same} of {len(both)}")
+        if kind == "label" and args.fp32_check:
+            check_fp32(cand, examples[:min(args.fp32_check, n_tool)], rows)
         print(f"  ratio: {rate / text_rate:.1f}x (wall clock), {cpu_rate / text_cpu_rate:.1f}x (CPU time)")
         results[kind] = {"textbook_examples_per_s": text_rate, "tunelab_examples_per_s": rate,
                          "ratio": rate / text_rate, "cpu_ratio": cpu_rate / text_cpu_rate,

@@ -45,7 +45,17 @@ skipped. Rows are inserted per batch, each batch in its own transaction, so a SI
 the batch in flight; the (run, example, repeat) unique constraint means never a duplicate row.
 
 Row: input, expected, prediction, scores {metric: value}, prompt/completion tokens, latency,
-cost, extra {label_logprobs, margin, free_text, free_valid, format_valid, cached, route, ...}.
+cost, extra {label_logprobs, margin, free_text, free_valid, format_valid, free_text_skipped, cached,
+route, ...}.
+
+Free answers (label outputs): the model's unconstrained answer, for the format-validity rate, costs
+a short generation, so by default it is asked for on a seeded sample of the examples only: at least
+100 or 20% of them, whichever is more (the examples with the smallest sha256 of their input, so
+two runs on one split measure the same rows), every example with `repeat` > 1, and as many as
+`evaluate(free_answers="all" | N | "P%")` says. Rows outside the sample have
+`extra["free_text_skipped"]` and `format_valid` None, and do not count in format_valid or
+free_accuracy; `consistency["format_valid"]` says over how many rows it was measured (`rows` of
+`of`; `n` examples, the interval's n).
 
 The summary (`RunResult`, also stored in `runs.summary`): metrics with 95% intervals (Wilson
 for 0/1 metrics, a seeded bootstrap otherwise; see tunelab.metrics), consistency over repeats

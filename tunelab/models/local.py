@@ -28,6 +28,10 @@ How a call runs (`complete`):
    4D attention mask lets each trie node see the prompt and its own ancestors only, so the prompt
    and shared label prefixes ("Unilateral change" / "Unilateral termination") are computed once,
    and only the prompt's last position and the trie nodes go through the vocabulary projection.
+   A label request's free answer (`free_text=True`, temperature 0) is read off this same pass
+   when greedy decoding would write one of the labels and stop: the argmax after the prompt and
+   after each trie node is already computed, so `greedy_label` follows it (then
+   `meta["free_text_from_scoring"]`); only the other rows decode.
 3. Decoding: the rows that generate (free text, JSON, and label requests with `free_text=True`)
    of several prompt passes are merged into one wide batch (their KV caches left-padded, with the
    trie dropped) and decoded one token per step into preallocated KV buffers; a row leaves the
