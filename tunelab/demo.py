@@ -262,7 +262,8 @@ def _optimize(ws, baseline: str, data_ref: str, flow: Flow, *, budget: int, prog
                       **_accepts(optimize, budget=budget, test=False, progress=progress,
                                  max_prompt_tokens=MAX_PROMPT_TOKENS, limit_validation=flow.limit_validation,
                                  label_definitions=flow.label_definitions))
-    log(result.message)
+    if not progress:  # the optimizer prints its outcome itself when it shows progress
+        log(result.message)
     return f"{name}@{result.version}" if result.version else baseline
 
 
