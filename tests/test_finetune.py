@@ -12,6 +12,7 @@ import shutil
 import pytest
 from sqlalchemy import func, select
 
+from tests.prompts import SPAM_PROMPT as PROMPT
 from tunelab.datasets import Example, save_dataset
 from tunelab.errors import UserError
 from tunelab.finetune import FineTuneConfig, load_config
@@ -19,14 +20,6 @@ from tunelab.finetune.config import default_epochs, field_help, resolve
 from tunelab.finetune.data import (IGNORE, Tokenized, collate, epoch_batches, micro_batches, sample, truncate)
 from tunelab.store.models import FineTuneRow
 
-PROMPT = """---
-output: {type: label, labels: [ham, spam]}
----
-user:
-Is this SMS spam or ham? Answer with one word.
-
-{{ input }}
-"""
 
 SPAM = ["WIN a free prize now, call 0800", "URGENT! claim your cash reward", "Free entry: text WIN to 8007",
         "You have won a holiday, reply YES"]

@@ -11,19 +11,12 @@ import random
 import pytest
 from sqlalchemy import select
 
+from tests.prompts import SPAM_PROMPT as PROMPT
 from tunelab.datasets import Example, save_dataset
 from tunelab.finetune.launch import command, shard
 from tunelab.finetune.config import FineTuneConfig
 from tunelab.store.models import FineTuneRow
 
-PROMPT = """---
-output: {type: label, labels: [ham, spam]}
----
-user:
-Is this SMS spam or ham? Answer with one word.
-
-{{ input }}
-"""
 
 SPAM = ["WIN a free prize now, call 0800", "URGENT! claim your cash reward", "Free entry: text WIN to 8007"]
 HAM = ["see you at lunch", "can you pick up milk?", "running late, 10 min", "ok sounds good"]

@@ -13,19 +13,11 @@ import sys
 import pytest
 from sqlalchemy import select
 
+from tests.prompts import SPAM_PROMPT as PROMPT
 from tunelab.datasets import Example, save_dataset
 from tunelab.store.models import FineTuneRow
 
 pytestmark = pytest.mark.realmodel
-
-PROMPT = """---
-output: {type: label, labels: [ham, spam]}
----
-user:
-Is this SMS spam or ham? Answer with one word.
-
-{{ input }}
-"""
 
 
 def read(folder, split: str, n: int) -> list[Example]:

@@ -13,17 +13,10 @@ import sys
 import numpy as np
 import pytest
 
+from tests.prompts import SPAM_PROMPT
 from tunelab.datasets import Example, save_dataset
 from tunelab.models.base import Request
 
-SPAM_PROMPT = """---
-output: {type: label, labels: [ham, spam]}
----
-user:
-Is this SMS spam or ham? Answer with one word.
-
-{{ input }}
-"""
 
 SPAM_TEXTS = ["WINNER!! You have won a 1000 cash prize. Call 09061701461 to claim now",
               "Hey, are we still meeting for lunch tomorrow?",
