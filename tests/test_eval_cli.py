@@ -186,3 +186,15 @@ def test_sigkill_halfway_then_resume_gives_500_rows_and_the_same_metrics(workspa
     assert fresh["id"] != run_id and _count(workspace, fresh["id"]) == 500
     assert resumed["metrics"] == fresh["metrics"]
     assert resumed["metrics"]["accuracy"]["value"] == pytest.approx(0.9)
+
+
+def test_free_answers_option_sets_how_many_rows_measure_format_validity(ws, cli):
+    r = cli("eval", "spam", "--data", "sms:test", "--free-answers", "10")
+    assert r.exit_code == 0, r.output
+    assert "(free answers on 10 of 60 rows)" in r.stdout
+    r = cli("eval", "spam", "--data", "sms:test", "--free-answers", "all", "--json")
+    assert r.exit_code == 0, r.output
+    fv = json.loads(r.stdout)["consistency"]["format_valid"]
+    assert fv["rows"] == fv["of"] == 60
+    r = cli("eval", "spam", "--data", "sms:test", "--free-answers", "lots")
+    assert r.exit_code == 2 and "--free-answers" in r.stderr and "Traceback" not in r.output

@@ -101,7 +101,10 @@ def print_summary(result) -> None:
                       f"agreement {_interval(c['agreement'])}, pairwise {_interval(c['pairwise_agreement'])}, "
                       f"pass^{c['repeat']} {_interval(c['pass_k'])}", markup=False)
     if c.get("format_valid"):
-        console.print(f"format valid: {_interval(c['format_valid'])}", markup=False)
+        fv = c["format_valid"]
+        rows = fv.get("rows") if isinstance(fv, dict) else None
+        note = f" (free answers on {rows} of {fv['of']} rows)" if rows is not None and rows != fv.get("of") else ""
+        console.print(f"format valid: {_interval(fv)}{note}", markup=False)
     if c.get("note"):
         console.print(f"  note: {c['note']}", markup=False)
     tok, lat, thr, cost = r.tokens, r.latency, r.throughput, r.cost
@@ -171,6 +174,10 @@ def run(
     free_text: bool = typer.Option(True, "--free-text/--no-free-text",
                                    help="Label outputs: also generate the model's free answer to measure how "
                                         "often it is not a valid label (default: on)."),
+    free_answers: Optional[str] = typer.Option(None, "--free-answers",
+                                               help="Label outputs: on how many examples to generate the free answer: "
+                                                    "auto (default: at least 100 or 20%, all with --repeat), all, "
+                                                    "a count (200) or a share (50%)."),
 ) -> None:
     """Evaluate CANDIDATE on a split (also: tunelab eval CANDIDATE --data NAME:SPLIT)."""
     from tunelab.evaluate import evaluate, resolve_candidate
@@ -179,7 +186,8 @@ def run(
     ws = workspace()
     cand = resolve_candidate(ws, candidate, model, free_text=free_text)
     result = evaluate(ws, cand, data, limit=limit, repeat=repeat, metrics=metric or None, batch_size=batch_size,
-                      use_cache=not no_cache, rerun=rerun, progress=False if as_json else err_console)
+                      use_cache=not no_cache, rerun=rerun, progress=False if as_json else err_console,
+                      free_answers=free_answers)
     failed = []
     for name, threshold in thresholds:
         value = result.value(name)
