@@ -329,6 +329,12 @@ def test_choose_winner_prefers_the_shortest_within_the_best_interval():
     far = trial(4, 0.70, 0.60, 20)
     assert choose_winner([best, close, closer_but_long, far]) == (close, best)
     assert choose_winner([best, far]) == (best, best)
+    # within the interval but barely shorter (849 vs 852 tokens): not worth its lower score
+    barely_shorter = trial(6, 0.83, 0.74, 295)
+    assert choose_winner([best, barely_shorter]) == (best, best)
+    seed = Trial(7, "seed", InstructionVariant("v", "t", "user"), DemoSpec("none"), prompt=None, fixed_demos=[],
+                 status="ok", score=0.85, lo=0.77, hi=0.9, prompt_tokens=299)
+    assert choose_winner([best, seed]) == (seed, best)  # the seed within the noise: nothing beat it
     # too long for the cap: neither the best nor anything over it can win
     assert choose_winner([best, close, far], max_prompt_tokens=100) == (close, close)
     assert choose_winner([best], max_prompt_tokens=100) == (None, None)

@@ -724,11 +724,16 @@ def _propose_rounds(search: _Search, proposer_model: "Model", seed_value: int) -
         search.run(trial, search.n_full)
 
 
+MIN_TOKEN_SAVING = 0.10  # a shorter candidate within the best's interval wins only if it saves this share of tokens
+
+
 def choose_winner(trials: Sequence[Trial], max_prompt_tokens: int | None = None,
                   per_input_storable: bool = True) -> tuple[Trial | None, Trial | None]:
     """(winner, best). The best scores highest; the winner is the candidate with the fewest prompt
-    tokens per request among those scoring within the best's 95% interval. Candidates over
-    `max_prompt_tokens` (the seed included) and unstorable ones cannot win: (None, None) if none is left."""
+    tokens per request among those scoring within the best's 95% interval — but a lower score is
+    traded only for a real saving: a candidate other than the best (or the seed) must be at least
+    MIN_TOKEN_SAVING shorter than the best. Candidates over `max_prompt_tokens` (the seed included)
+    and unstorable ones cannot win: (None, None) if none is left."""
     eligible = [t for t in trials if t.status == "ok" and t.score is not None
                 and (max_prompt_tokens is None or (t.prompt_tokens or 0) <= max_prompt_tokens)
                 and (per_input_storable or not t.demos.per_input)]
@@ -736,7 +741,9 @@ def choose_winner(trials: Sequence[Trial], max_prompt_tokens: int | None = None,
         return None, None
     best = max(eligible, key=lambda t: (t.score, -(t.prompt_tokens or 0), -t.id))
     floor = best.lo if best.lo is not None else best.score
-    within = [t for t in eligible if t.score >= floor]
+    best_tokens = best.prompt_tokens or 0
+    within = [t for t in eligible if t.score >= floor
+              and (t is best or t.stage == "seed" or (t.prompt_tokens or 0) <= (1 - MIN_TOKEN_SAVING) * best_tokens)]
     winner = min(within, key=lambda t: (t.prompt_tokens or 0, -t.score, t.id))
     return winner, best
 
