@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -122,7 +123,9 @@ def _write_merged(folder: Path, row, target: Path) -> None:
 
     base_dir = resolve_model_dir(row.base)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, str(folder / "adapter")).merge_and_unload()
+    with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(model, str(folder / "adapter")).merge_and_unload()
     model.save_pretrained(target)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(target)
 

@@ -62,6 +62,7 @@ import hashlib
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -386,7 +387,9 @@ class LocalModel(Model):
             from peft import PeftModel
 
             try:
-                model = PeftModel.from_pretrained(model, str(self.adapter)).merge_and_unload()
+                with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; not ours to fix
+                    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                    model = PeftModel.from_pretrained(model, str(self.adapter)).merge_and_unload()
             except (OSError, ValueError) as exc:
                 raise UserError(f"cannot load the adapter: {exc}", path=self.adapter) from exc
             model = model.to(self.dtype)
