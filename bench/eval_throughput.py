@@ -219,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                          "ratio": rate / text_rate, "cpu_ratio": cpu_rate / text_cpu_rate,
                          "n_tunelab": n_tool, "n_textbook": n_text}
 
-    if not args.skip_label:
+    if not args.skip_label and args.label_n:
         bench("label", "sms_spam", "spam", args.label_n, args.textbook_n, 8,
               lambda text: match_label(text, ["ham", "spam"]), lambda a, ex: a == ex.output)
-    if not args.skip_json:
+    if not args.skip_json and args.json_n:
         def json_correct(a, ex):
             return a is not None and a == json.loads(ex.output)
 
