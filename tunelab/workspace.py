@@ -34,13 +34,16 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     backend: str = Field(description="backend name: local, openai, fake, or a plugin's")
-    path: str | None = Field(None, description="local: a Hugging Face model folder")
+    path: str | None = Field(None, description="local: a Hugging Face model folder; llamacpp: a .gguf file or a Hugging Face folder (converted once)")
     base_url: str | None = Field(None, description="openai: the server's base URL, e.g. http://127.0.0.1:8080/v1")
     model: str | None = Field(None, description="openai: the model name the server knows")
     api_key_env: str | None = Field(None, description="openai: the environment variable holding the API key")
     precision: Literal["auto", "bf16", "fp32"] | None = None
     concurrency: int | None = Field(None, ge=1)
     timeout_s: float | None = Field(None, gt=0)
+    threads: int | None = Field(None, ge=1, description="local, llamacpp: CPU threads (default: the backend's)")
+    lora: str | None = Field(None, description="llamacpp: a LoRA adapter GGUF loaded over the model (tunelab export --format gguf-lora)")
+    n_ctx: int | None = Field(None, ge=256, description="llamacpp: the context window in tokens (default 4096)")
     pricing: Pricing | None = None
 
 

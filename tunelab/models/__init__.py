@@ -76,7 +76,10 @@ def _build(spec: str, workspace: "Workspace | None", **options: Any) -> Model:
         cfg = workspace.config.models[spec]
         settings = cfg.model_dump(exclude_none=True, exclude={"backend", "pricing"})
         settings.update(options)
-        return backend_class(cfg.backend)(name=spec, **settings)
+        cls = backend_class(cfg.backend)
+        if "workspace" in inspect.signature(cls).parameters:
+            settings = {"workspace": workspace, **settings}
+        return cls(name=spec, **settings)
     if spec.startswith("ft:"):
         from tunelab import finetune
 
