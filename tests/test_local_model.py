@@ -308,6 +308,7 @@ def test_stop_strings_and_json_end_cut_the_same_greedy_answer(fp32_model):
 
 
 @pytest.mark.realmodel
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # PEFT asks a deprecated question
 def test_adapter_is_merged_and_changes_the_model(fp32_model, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
