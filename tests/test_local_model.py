@@ -33,7 +33,7 @@ def chat(text: str) -> list[dict[str, str]]:
 
 def test_make_batches_respects_budget_and_keeps_every_index_once():
     lengths = [5, 100, 7, 60, 61, 8, 300, 9, 10]
-    batches = make_batches(lengths, token_budget=128, max_batch=3)
+    batches = make_batches(lengths, token_budget=128, max_batch=3, overhead=50)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for batch in batches:
         assert len(batch) <= 3
@@ -49,14 +49,30 @@ def test_make_batches_max_batch_and_empty():
     assert [len(b) for b in make_batches([1] * 10, token_budget=10**6, max_batch=4)] == [4, 4, 2]
 
 
-def test_make_batches_limits_padding():
+def test_make_batches_weighs_padding_against_the_cost_of_a_pass():
     lengths = [100, 95, 90, 50, 48, 10]
-    batches = make_batches(lengths, token_budget=10**6, max_padding=0.1)
-    assert batches == [[0, 1, 2], [3, 4], [5]]
-    for batch in batches:
-        padded = len(batch) * max(lengths[i] for i in batch)
-        assert padded - sum(lengths[i] for i in batch) <= 0.1 * padded
-    assert make_batches(lengths, token_budget=10**6) == [[0, 1, 2, 3, 4, 5]]  # padding unlimited
+    # no fixed cost per pass: only padding counts, and equal cost prefers fewer batches
+    assert make_batches(lengths, token_budget=10**6) == [[0], [1], [2], [3], [4], [5]]
+    assert make_batches([7, 7, 7, 3], token_budget=10**6) == [[0, 1, 2], [3]]
+    # a pass costs 20 tokens: merging 100/95/90 pads 15 tokens and saves two passes
+    assert make_batches(lengths, token_budget=10**6, overhead=20) == [[0, 1, 2], [3, 4], [5]]
+    # a pass costs 1000 tokens: one batch, whatever the padding
+    assert make_batches(lengths, token_budget=10**6, overhead=1000) == [[0, 1, 2, 3, 4, 5]]
+    # the cheapest grouping: cost = passes x overhead + padded tokens, checked against brute force
+    import itertools
+
+    for overhead in (0, 5, 30, 200):
+        batches = make_batches(lengths, token_budget=10**6, overhead=overhead)
+        cost = sum(overhead + len(b) * max(lengths[i] for i in b) for b in batches)
+        for cuts in itertools.product([0, 1], repeat=len(lengths) - 1):  # contiguous groupings
+            groups, current = [], [0]
+            for i, c in enumerate(cuts, start=1):
+                if c:
+                    groups.append(current)
+                    current = []
+                current.append(i)
+            groups.append(current)
+            assert cost <= sum(overhead + len(g) * lengths[g[0]] for g in groups)
 
 
 def test_common_prefix_len():

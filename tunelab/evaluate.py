@@ -91,7 +91,7 @@ if TYPE_CHECKING:
     from tunelab.datasets import Example
     from tunelab.workspace import Workspace
 
-DEFAULT_BATCH = 64
+DEFAULT_BATCH = 128  # examples per model call and per stored batch
 SCHEMA = "tunelab.run/1"
 
 

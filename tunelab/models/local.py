@@ -21,8 +21,8 @@ How a call runs (`complete`):
 1. Every prompt is rendered and tokenized. The prefix all prompts of the call share (system
    prompt, instruction, few-shot demos) runs once; its KV cache is kept for the next call and
    expanded over every batch.
-2. Prompt passes: requests sorted by length, in small batches with little padding (a pass costs
-   per token; a few prompts already fill the matrix units). Layout of a row:
+2. Prompt passes: requests sorted by length and grouped so that padding and the passes' fixed
+   cost (every weight read once per pass) add up to the least (`make_batches`). Layout of a row:
    [left padding | rest of the prompt | label trie]. Label requests (`Request.labels`) are scored
    in this same pass: the labels' tokens form a trie laid out after the prompt, and a tree-shaped
    4D attention mask lets each trie node see the prompt and its own ancestors only, so the prompt
@@ -72,40 +72,50 @@ from tunelab.models.base import Completion, Model, Request
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
-# Prompt passes: at most this many padded tokens, at most this share of them padding.
+# Prompt passes: at most this many padded tokens. A pass's fixed cost, in tokens, against which
+# padding is weighed: measured on 2 CPU cores with SmolLM2-135M (bf16, fused pass), a prompt pass took
+# 36 ms + 0.71 ms per token (54 passes of 11 to 957 tokens, least squares), i.e. ~50 tokens.
 SCORE_TOKEN_BUDGET = 4096
-SCORE_MAX_PADDING = 0.06
-# Decoding batches: rows x (cache length + max_tokens) KV slots at most.
-GENERATE_TOKEN_BUDGET = 16384
-MAX_BATCH = 64
+PASS_OVERHEAD_TOKENS = 50
+# Decoding batches: their KV cache (rows x (cache length + max_tokens) slots) within this many bytes.
+# SmolLM2-135M keeps 23 KiB per slot in bf16 (30 layers x keys and values x 3 heads x 64), so about
+# 34,000 slots: the free answers of 100 label requests with prompts of up to 300 tokens decode as one.
+GENERATE_KV_BYTES = 768 << 20
+MAX_BATCH = 64  # rows of a prompt pass
+MAX_DECODE_ROWS = 128  # rows of a decoding batch: a step costs ~35 ms + ~1 ms a row (2 cores, SmolLM2-135M)
 MIN_SHARED_PREFIX = 8  # tokens all prompts of a call share (system prompt, instruction, demos)
 
 
 # -- pure helpers (no torch) ------------------------------------------------------------------
 
 def make_batches(lengths: list[int], token_budget: int, max_batch: int = MAX_BATCH,
-                 max_padding: float = 1.0) -> list[list[int]]:
-    """Indices grouped into batches, longest first, so that a batch's padded size
-    (len(batch) x its longest item) stays within `token_budget` and at most `max_padding` of it
-    is padding. An item longer than the budget gets a batch of its own.
+                 overhead: int = 0) -> list[list[int]]:
+    """Indices grouped into batches of neighbours in length, longest first. A batch holds at most
+    `max_batch` items and `token_budget` padded tokens (its size x its longest item; an item
+    longer than the budget gets a batch of its own). Of those groupings it returns the cheapest, a
+    batch costing `overhead` + its padded tokens: `overhead` is a pass's fixed cost in tokens (every
+    weight read once, every operation launched), so that a few padding tokens buy one pass fewer.
+    At equal cost, fewer batches.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    longest = [lengths[i] for i in order]
+    n = len(order)
+    best: list[tuple[int, int]] = [(0, 0)] + [(2**62, 0)] * n  # (cost, batches) of the first k items
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for begin in range(end - 1, max(-1, end - 1 - max_batch), -1):
+            padded = (end - begin) * longest[begin]
+            if end - begin > 1 and padded > token_budget:
+                break  # earlier items are longer: the padded size only grows
+            cost = (best[begin][0] + overhead + padded, best[begin][1] + 1)
+            if cost < best[end]:
+                best[end], cut[end] = cost, begin
     batches: list[list[int]] = []
-    current: list[int] = []
-    total = 0
-    for i in order:
-        if current:
-            longest = lengths[current[0]]
-            padded = (len(current) + 1) * longest
-            if (len(current) >= max_batch or padded > token_budget
-                    or padded - total - lengths[i] > max_padding * padded):
-                batches.append(current)
-                current, total = [], 0
-        current.append(i)
-        total += lengths[i]
-    if current:
-        batches.append(current)
-    return batches
+    end = n
+    while end:
+        batches.append(order[cut[end]:end])
+        end = cut[end]
+    return batches[::-1]
 
 
 def common_prefix_len(sequences: list[list[int]]) -> int:
@@ -278,6 +288,7 @@ def _stat_digest(folder: Path) -> str:
 class LocalModel(Model):
     backend = "local"
     reuse_greedy = True  # read a free answer that is a label off the scoring pass (False: always generate)
+    fused_pass = True  # Llama-architecture models on the CPU: tunelab.models.fused (False: transformers' forward)
 
     def __init__(self, name: str = "smollm2-135m", path: str | os.PathLike | None = None,
                  precision: str = "auto", adapter: str | os.PathLike | None = None,
@@ -293,6 +304,7 @@ class LocalModel(Model):
             raise UserError("not a PEFT adapter folder (no adapter_config.json)", path=self.adapter)
         self.requested_precision = precision
         self.max_batch = int(batch_size) if batch_size else MAX_BATCH
+        self.max_decode_rows = int(batch_size) if batch_size else MAX_DECODE_ROWS
         if self.max_batch < 1:
             raise UserError("batch size must be at least 1", field="batch_size")
         self._device_arg = device
@@ -410,6 +422,21 @@ class LocalModel(Model):
     def close(self) -> None:
         with self._lock:
             self._model = None
+            self._fused_for = None
+
+    def _fused(self):
+        """The fused forward pass for the loaded model, or None (see `tunelab.models.fused`). Made on
+        first use for whichever model `_model` holds (the fine-tune validation hands one in)."""
+        model = self.hf_model
+        made = self.__dict__.get("_fused_for")
+        if made is None or made[0] is not model:
+            fused = None
+            if self.fused_pass:
+                from tunelab.models.fused import FusedLlama
+
+                fused = FusedLlama.of(model)
+            made = self._fused_for = (model, fused)
+        return made[1]
 
     # -- prompts ---------------------------------------------------------------------------------
     def render(self, messages: list[dict[str, str]]) -> str:
@@ -473,11 +500,11 @@ class LocalModel(Model):
             prefix = self._prefix_cache(prompt_ids[0][:shared]) if shared >= MIN_SHARED_PREFIX else None
             C = prefix[0] if prefix else 0
             prefix_share = (time.perf_counter() - start) / len(requests)
-            # Prompt passes cost per token: small batches with little padding. Decoding steps gain
-            # from wide batches: the generating rows of several prompt passes decode together.
+            # Prompt passes cost per token, plus a fixed cost per pass. Decoding steps gain from wide
+            # batches: the generating rows of several prompt passes decode together.
             lengths = [len(j.prompt) - C + (len(j.trie.tokens) if j.trie else 0) for j in jobs]
             pending: list[_Prefilled] = []
-            for batch in make_batches(lengths, SCORE_TOKEN_BUDGET, self.max_batch, SCORE_MAX_PADDING):
+            for batch in make_batches(lengths, SCORE_TOKEN_BUDGET, self.max_batch, PASS_OVERHEAD_TOKENS):
                 rows = [jobs[b] for b in batch]
                 start = time.perf_counter()
                 state = self._prefill(rows, prefix)
@@ -498,7 +525,18 @@ class LocalModel(Model):
     def _fits(self, states: list["_Prefilled"]) -> bool:
         rows = sum(len(s.jobs) for s in states)
         width = max(s.attn.shape[1] for s in states) + max(j.max_new for s in states for j in s.jobs)
-        return rows <= self.max_batch and rows * width <= GENERATE_TOKEN_BUDGET
+        return rows <= self.max_decode_rows and rows * width <= self._kv_slots()
+
+    def _kv_slots(self) -> int:
+        """How many KV cache slots (one token of one row) a decoding batch may hold."""
+        config = self.hf_model.config
+        try:
+            heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            per_slot = config.num_hidden_layers * 2 * heads * head_dim * self.dtype.itemsize
+        except (AttributeError, TypeError):  # a config without the usual names: assume 64 KiB a slot
+            per_slot = 64 << 10
+        return max(1, GENERATE_KV_BYTES // per_slot)
 
     def _decode_merged(self, states: list["_Prefilled"]) -> None:
         """Decode the generating rows of several prompt passes as one batch: their KV caches are
@@ -520,9 +558,9 @@ class LocalModel(Model):
         extra = max(j.max_new for s in states for j in s.jobs)
         layers = []
         for li in range(len(states[0].cache.layers)):
-            keys = [padded(s.cache.layers[li].keys, 2) for s in states]
-            values = [padded(s.cache.layers[li].values, 2) for s in states]
-            layers.append(growing_layer(keys, values, extra))
+            keys = [s.cache.layers[li].keys for s in states]
+            values = [s.cache.layers[li].values for s in states]
+            layers.append(growing_layer(keys, values, width, extra))
         cache = DynamicCache()
         cache.layers = layers
         jobs = [j for s in states for j in s.jobs]
@@ -652,7 +690,11 @@ class LocalModel(Model):
         cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache(config=model.config)
         body = getattr(model, "model", None)
         head = model.get_output_embeddings()
-        if body is not None and head is not None:  # run the body; project only the positions needed
+        fused = self._fused() if head is not None else None
+        if fused is not None:  # the fused pass computes the last layer for the positions needed only
+            hidden = fused(ids.to(dev), allow[:, None].to(dev), pos.to(dev), cache, keep_from=S - 1)
+            project = head
+        elif body is not None and head is not None:  # run the body; project only the positions needed
             hidden = body(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                           past_key_values=cache, use_cache=True).last_hidden_state[:, S - 1:]
             project = head
@@ -702,6 +744,7 @@ class LocalModel(Model):
 
         model, dev = self.hf_model, self.device
         tok = self.tokenizer
+        fused, head = self._fused(), model.get_output_embeddings()
         stop_ids = torch.tensor(self._stop_token_ids(), device=dev)
         gens = {}
         for job in jobs:
@@ -741,9 +784,12 @@ class LocalModel(Model):
                 attn, next_pos, choice = attn[sel], next_pos[sel], choice[sel]
                 live = [live[r] for r in keep]
             attn = torch.cat([attn, attn.new_ones((len(live), 1))], dim=1)
-            out = model(input_ids=choice[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[:, -1].float()
+            if fused is not None and head is not None:
+                logits = head(fused(choice[:, None], attn, next_pos[:, None], cache)[:, -1]).float()
+            else:
+                out = model(input_ids=choice[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+                logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
         for job in jobs:
             self._finish_text(job, job.tokens)
@@ -794,20 +840,22 @@ def _growing_layer_class():
         copies the whole cache at every decoding step)."""
 
         @classmethod
-        def of(cls, keys: list, values: list, extra: int) -> "GrowingLayer":
+        def of(cls, keys: list, values: list, n: int, extra: int) -> "GrowingLayer":
             import torch
 
             layer = cls()
-            n = keys[0].shape[2]
             rows = sum(k.shape[0] for k in keys)
             shape = (rows, keys[0].shape[1], n + extra, keys[0].shape[3])
             layer._kbuf = torch.empty(shape, dtype=keys[0].dtype, device=keys[0].device)
             layer._vbuf = torch.empty(shape, dtype=values[0].dtype, device=values[0].device)
             row = 0
-            for k, v in zip(keys, values):
-                layer._kbuf[row:row + k.shape[0], :, :n] = k
-                layer._vbuf[row:row + k.shape[0], :, :n] = v
-                row += k.shape[0]
+            for k, v in zip(keys, values):  # right-aligned, the padding on the left zeroed
+                b, pad = k.shape[0], n - k.shape[2]
+                for buf, t in ((layer._kbuf, k), (layer._vbuf, v)):
+                    if pad:
+                        buf[row:row + b, :, :pad].zero_()
+                    buf[row:row + b, :, pad:n] = t
+                row += b
             layer.dtype, layer.device = keys[0].dtype, keys[0].device
             layer.is_initialized = True
             layer._set(n)
@@ -847,13 +895,14 @@ def _growing_layer_class():
 _growing_layer: Any = None
 
 
-def growing_layer(keys: list, values: list, extra: int):
-    """A cache layer holding `keys`/`values` stacked over the batch, with room for `extra` tokens
-    (the class is made on first use: transformers is imported lazily)."""
+def growing_layer(keys: list, values: list, n: int, extra: int):
+    """A cache layer holding `keys`/`values` stacked over the batch, each left-padded with zeros to
+    `n` tokens, with room for `extra` more (the class is made on first use: transformers is imported
+    lazily)."""
     global _growing_layer
     if _growing_layer is None:
         _growing_layer = _growing_layer_class()
-    return _growing_layer.of(keys, values, extra)
+    return _growing_layer.of(keys, values, n, extra)
 
 
 @dataclass
