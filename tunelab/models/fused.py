@@ -4,23 +4,26 @@ transformers' `LlamaModel` computes a layer as q, k and v in three matrix produc
 gate and up in two more, attention with SDPA's flash kernel, and RMSNorm as half a dozen separate
 element-wise operations. On a CPU, for the short rows of label scoring (a batch of 10 prompts of
 35 tokens after a cached shared prefix), the matrix products of the layer run near the CPU's bf16
-peak, but everything around them took 30% of the pass: the flash kernel alone 12%. `FusedLlama`
+peak, and everything around them took 30% of the pass (the flash kernel alone 12%). `FusedLlama`
 computes the same layer with
 
 - q, k and v as one matrix product, gate and up as one (the model's own `Linear` weights become
   views into the joined matrices, so no memory is added and transformers' forward still works);
 - grouped-query attention as two batched matrix products over the key/value heads (the keys and
   values are not repeated per query head), with the arithmetic of transformers' eager attention
-  (products in the model's dtype, softmax in fp32). SDPA's CPU kernel took twice as long for a
-  prompt pass and 15 times as long for a decoding step of 65 rows;
+  (products in the model's dtype, softmax in fp32);
 - torch's fused `rms_norm`;
 - `keep_from`: the last layer runs the query, attention and MLP only for the positions whose
   output is read (the prompt's last token and the label trie), and keys and values for all.
 
-Numbers (`bench/local_model_speed.py`-style pass of 10 x 35 tokens, SmolLM2-135M, bf16, 2 cores):
-about 1,200 tokens/s through transformers' body, 1,340 fused, 1,620 for the matrix products alone.
-In fp32 the fused pass agrees with transformers' to about 1e-5 (the tests check that greedy
-answers and label scores match); in bf16 the two round differently, as two batch sizes do.
+Measured on 2 CPU cores (AMD EPYC, AVX512-BF16), SmolLM2-135M in bf16, runs interleaved in one
+process: a prompt pass of 10 x 35 tokens after a 45-token cached prefix, 1,220 vs 1,110 tokens/s
+(median of 8); label scoring of 100 spam requests 1.06x; a decoding step, the same as transformers'.
+Attention alone: 0.55 ms a layer for that prompt pass (SDPA 1.04 ms), 0.6 ms for a decoding step of
+65 rows over 235 cached tokens (SDPA with that boolean mask 10 ms). `bench/eval_throughput.py`, label outputs,
+with and without (`TUNELAB_FUSED=0`), alternating: 31.0 and 31.9 vs 29.7 and 28.2 examples/s. In
+fp32 the fused pass agrees with transformers' to about 1e-5 (the tests check that greedy answers
+and label scores match); in bf16 the two round differently, as two batch sizes do.
 
 `FusedLlama.of(model)` returns None for anything it does not cover (another architecture, biases,
 an activation other than SiLU, a model not on the CPU); `LocalModel` then runs transformers'
