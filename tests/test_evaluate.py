@@ -409,3 +409,25 @@ def test_free_answer_count():
     for bad in ("some", "-3", "120%"):
         with pytest.raises(UserError, match="--free-answers"):
             free_answer_count(bad, 500)
+
+
+def test_a_run_on_a_free_answer_sample_reuses_the_cached_run_on_all(spam_ws):
+    save_dataset(spam_ws, "big", {"test": spam_examples(150)})
+    cand = candidate(spam_ws)
+    every = evaluate(spam_ws, cand, "big:test", progress=False, free_answers="all")
+    assert sum(req.free_text for req in cand.model.calls) == 150
+    cand.model.calls.clear()
+    sample = evaluate(spam_ws, cand, "big:test", progress=False, free_answers="10%")
+    assert sample.id != every.id
+    assert cand.model.calls == [] and sample.cached_rows == 150  # scoring-only rows took the fuller entries
+    rows = run_rows(spam_ws, sample.id)
+    assert sum("free_text" in r.extra for r in rows) == 15
+    assert all(r.extra.get("free_text_skipped") and r.extra["format_valid"] is None
+               for r in rows if "free_text" not in r.extra)
+    assert sample.metrics["accuracy"] == every.metrics["accuracy"]
+    # the other way round does not hold: a request asking for a free answer needs one
+    cand.model.calls.clear()
+    save_dataset(spam_ws, "fresh", {"test": [Example(f"new {ex.input}", ex.output) for ex in spam_examples(40)]})
+    evaluate(spam_ws, resolve_candidate(spam_ws, "spam", free_text=False), "fresh:test", progress=False)
+    evaluate(spam_ws, cand, "fresh:test", progress=False, free_answers="all")
+    assert sum(req.free_text for req in cand.model.calls) == 40

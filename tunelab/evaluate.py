@@ -311,6 +311,9 @@ class ResponseCache:
             s.execute(_insert_ignore(s, CacheRow), values)
 
 
+FREE_ANSWER_META = ("free_text_tokens", "free_text_from_scoring", "decode_batch_size")
+
+
 class CachedModel(Model):
     """A model answering through a ResponseCache; misses go to the wrapped model in one batch."""
 
@@ -333,14 +336,23 @@ class CachedModel(Model):
 
     def complete(self, requests: list[Request]) -> list[Completion]:
         keys = [ResponseCache.key(self.inner, r) for r in requests]
-        found = self.cache.get_many(keys)
-        missing = [i for i, k in enumerate(keys) if k not in found]
+        # A label request without a free answer can take the entry of the same request with one
+        # (same scores; the free answer is dropped): a run on a free-answer sample reuses a run on all.
+        fuller = {i: ResponseCache.key(self.inner, replace(r, free_text=True))
+                  for i, r in enumerate(requests) if r.labels and not r.free_text}
+        found = self.cache.get_many(keys + list(fuller.values()))
         out: list[Completion | None] = [None] * len(requests)
         for i, k in enumerate(keys):
-            if k in found:
-                comp = Completion.from_dict(found[k].to_dict())
-                comp.meta = {**comp.meta, "cached": True}
-                out[i] = comp
+            hit = found.get(k) or found.get(fuller.get(i, ""))
+            if hit is None:
+                continue
+            comp = Completion.from_dict(hit.to_dict())
+            if k not in found:
+                comp.free_text = None
+                comp.meta = {m: v for m, v in comp.meta.items() if m not in FREE_ANSWER_META}
+            comp.meta = {**comp.meta, "cached": True}
+            out[i] = comp
+        missing = [i for i, c in enumerate(out) if c is None]
         self.cache.hits += len(requests) - len(missing)
         self.cache.misses += len(missing)
         if missing:
