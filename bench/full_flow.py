@@ -40,39 +40,6 @@ def shared_data() -> Path:
     return Path(os.environ.get("TUNELAB_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 
-def prompts_for(name: str, labels: list[str]) -> tuple[str, str]:
-    """(baseline prompt text, short prompt text) for dataset `name` with `labels`."""
-    task, field = TASKS.get(name, ("Which label fits this text?", "Text"))
-    labels_yaml = "[" + ", ".join(labels) + "]"
-    base = f"""---
-model: smollm2-135m
-temperature: 0
-output:
-  type: label
-  labels: {labels_yaml}
-description: baseline zero-shot prompt for {name} (bench/full_flow.py)
----
-user:
-{task} Answer with one word: {{{{ labels | join(", ") }}}}.
-
-{field}: {{{{ input }}}}
-"""
-    short = f"""---
-model: smollm2-135m
-temperature: 0
-output:
-  type: label
-  labels: {labels_yaml}
-description: the short prompt the fine-tuned model is trained and run with (bench/full_flow.py)
----
-user:
-Label this {field.lower()}.
-
-{field}: {{{{ input }}}}
-"""
-    return base, short
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dataset", nargs="?", default="sms_spam", help="a folder name under the shared data")
@@ -88,18 +55,15 @@ def main() -> int:
     if args.threads:
         os.environ["TUNELAB_THREADS"] = str(args.threads)
 
-    from tunelab.demo import Flow, run_flow
+    from tunelab.demo import flow_for, run_flow
 
     src = shared_data() / args.dataset
     labels = [x.strip() for x in (src / "labels.txt").read_text(encoding="utf-8").splitlines() if x.strip()]
-    base, short = prompts_for(args.dataset, labels)
+    task, field = TASKS.get(args.dataset, (None, None))
     stem = args.dataset.split("_")[-1]
-    flow = Flow(data_dir=src, dataset=stem, base_prompt=f"{stem}-zero-shot", base_prompt_text=base,
-                short_prompt=f"{stem}-short", short_prompt_text=short, finetune=f"{stem}-ft", hybrid=f"{stem}-hybrid",
-                finetune_settings={"method": "lora", "lora_r": 16, "lora_alpha": 32.0, "lr": 1e-3,
-                                   "epochs": args.epochs, "batch_size": 8},
-                optimize_budget=args.budget, limit_validation=args.limit_validation,
-                extra_candidates=["{short}"])
+    flow = flow_for(src, name=stem, task=task, field=field, epochs=args.epochs, budget=args.budget,
+                    limit_validation=args.limit_validation, extra_candidates=["{short}"], labels=labels,
+                    origin="bench/full_flow.py")
     directory = Path(args.dir or f"/tmp/tunelab-flow-{args.dataset}")
     out = run_flow(directory, flow, quick=args.quick, volume=args.volume, workspace_name=f"flow-{stem}")
     comparison = out["comparison"]

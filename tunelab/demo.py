@@ -53,8 +53,8 @@ Message: {{ input }}
 class Flow:
     """What the whole flow runs on: a dataset folder (train/validation/test JSONL), the baseline
     prompt, the short prompt the fine-tuned model is trained and run with, and the names and
-    settings of what it makes. `demo_flow()` is the bundled support-ticket flow;
-    `bench/full_flow.py` builds one for any labelled dataset folder."""
+    settings of what it makes. `demo_flow()` is the bundled support-ticket flow; `flow_for(folder)`
+    builds one for any labelled dataset folder (`tunelab flow`, `bench/full_flow.py`)."""
 
     data_dir: Path
     dataset: str = DATASET
@@ -76,6 +76,119 @@ def demo_flow() -> Flow:
     """The bundled demo: `examples/support` with its `support-router` prompt."""
     src = examples_dir()
     return Flow(data_dir=src, base_prompt_text=(src / f"{BASE_PROMPT}.prompt").read_text(encoding="utf-8"))
+
+
+# What `flow_for` checks before the flow starts: outputs must look like class labels.
+MAX_FLOW_LABELS = 50
+MAX_LABEL_CHARS = 60
+
+
+def _labels_yaml(labels: list[str]) -> str:
+    """`labels` as a YAML flow sequence: plain words as they are, anything YAML would read as
+    something else (yes, 1, null, a colon, a quote) JSON-quoted."""
+    import json
+    import re
+
+    special = {"yes", "no", "true", "false", "on", "off", "null", "y", "n", "~"}
+    plain = all(re.fullmatch(r"[A-Za-z][A-Za-z0-9 _\-]*", x) and x.lower() not in special and x == x.strip()
+                for x in labels)
+    return "[" + ", ".join(labels) + "]" if plain else json.dumps(list(labels), ensure_ascii=False)
+
+
+def flow_prompts(name: str, labels: list[str], task: str | None = None, field: str | None = None,
+                 origin: str = "tunelab flow") -> tuple[str, str]:
+    """(baseline prompt text, short prompt text) for dataset `name` with `labels`: the baseline asks
+    `task` (default: which label fits) and lists the labels; the short prompt is what the fine-tuned
+    model is trained and run with. `field` is what the prompts call the input (default Text);
+    `origin` goes into the prompts' descriptions."""
+    task = (task or "Which label fits this text?").strip()
+    field = (field or "Text").strip() or "Text"
+    labels_yaml = _labels_yaml(labels)
+    base = f"""---
+model: smollm2-135m
+temperature: 0
+output:
+  type: label
+  labels: {labels_yaml}
+description: baseline zero-shot prompt for {name} ({origin})
+---
+user:
+{task} Answer with one word: {{{{ labels | join(", ") }}}}.
+
+{field}: {{{{ input }}}}
+"""
+    short = f"""---
+model: smollm2-135m
+temperature: 0
+output:
+  type: label
+  labels: {labels_yaml}
+description: the short prompt the fine-tuned model is trained and run with ({origin})
+---
+user:
+Label this {field.lower()}.
+
+{field}: {{{{ input }}}}
+"""
+    return base, short
+
+
+def flow_name(text: str) -> str:
+    """`text` as a name the workspace accepts for datasets and prompts (letters, digits, '-', '_',
+    '.'; starting with a letter or digit), short enough for the suffixes the flow adds."""
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9_.\-]+", "-", text).strip("-_.")
+    name = re.sub(r"^[^A-Za-z0-9]+", "", name)[:80].rstrip("-_.")
+    return name or "data"
+
+
+def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None = None, field: str | None = None,
+             epochs: int = 1, budget: int = 8, limit_validation: int | None = 150,
+             extra_candidates: list[str] | None = None, labels: list[str] | None = None,
+             origin: str = "tunelab flow") -> Flow:
+    """The whole flow for a labelled dataset folder of the user's: `data_dir` holds train,
+    validation and test files (.jsonl with input/output, or .csv; val/dev also name validation).
+    The labels are the train outputs; the dataset, prompts (`NAME-zero-shot`, `NAME-short`),
+    fine-tune (`NAME-ft`) and hybrid (`NAME-hybrid`) are named after `name` (default the folder's
+    name, made a valid name). Raises UserError when the folder is missing, lacks a split, or its
+    outputs do not look like labels (more than 50 distinct outputs, or long ones). `labels` gives
+    the label order for the prompts (default: the train outputs, sorted)."""
+    import re
+
+    from tunelab.datasets import read_source
+
+    src = Path(data_dir).expanduser()
+    expected = "train, validation and test files (train.jsonl, validation.jsonl, test.jsonl; .csv also works)"
+    if not src.is_dir():
+        what = "is a file" if src.exists() else "does not exist"
+        raise UserError(f"{src} {what}: tunelab flow takes a folder with {expected}")
+    files, _ = read_source(src)
+    missing = [s for s in ("train", "validation", "test") if s not in files]
+    if missing:
+        raise UserError(f"{src} has no {' or '.join(missing)} file: tunelab flow takes a folder with {expected}")
+    train = files["train"].examples
+    if not train:
+        raise UserError(f"{files['train'].path}: no readable examples (expected one JSON object a line with "
+                        "'input' and 'output')")
+    outputs = [ex.output for ex in train]
+    distinct = sorted(set(outputs))
+    long = [o for o in distinct if len(o) > MAX_LABEL_CHARS or "\n" in o]
+    if len(distinct) > MAX_FLOW_LABELS or long or len(distinct) < 2:
+        why = (f"{len(distinct)} distinct outputs" + (f", {len(long)} of them longer than {MAX_LABEL_CHARS} "
+               "characters or on several lines" if long else ""))
+        raise UserError(f"{files['train'].path}: tunelab flow handles label outputs (2 to {MAX_FLOW_LABELS} "
+                        f"distinct short outputs); the train split has {why}")
+    stem = flow_name(name or src.resolve().name)
+    folder = src.resolve().name  # the descriptions name the folder as it is, where YAML reads it plainly
+    about = folder if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", folder) else stem
+    base, short = flow_prompts(about, list(labels) if labels else distinct, task, field, origin=origin)
+    return Flow(data_dir=src, dataset=stem, base_prompt=f"{stem}-zero-shot", base_prompt_text=base,
+                short_prompt=f"{stem}-short", short_prompt_text=short, finetune=f"{stem}-ft", hybrid=f"{stem}-hybrid",
+                finetune_settings={"method": "lora", "lora_r": 16, "lora_alpha": 32.0, "lr": 1e-3,
+                                   "epochs": epochs, "batch_size": 8},
+                optimize_budget=budget, limit_validation=limit_validation,
+                extra_candidates=list(extra_candidates or []))
 
 
 def examples_dir() -> Path:

@@ -77,6 +77,9 @@ app.command(name="compare")(_compare.compare)
 app.command(name="advise")(_compare.advise)
 app.add_typer(_compare.hybrid_app, name="hybrid")
 app.command(name="demo")(_compare.demo)
+from tunelab.cli import flow as _flow  # noqa: E402
+
+app.command(name="flow")(_flow.flow)
 from tunelab.cli import optimize as _optimize  # noqa: E402
 
 app.command(name="optimize")(_optimize.optimize)

@@ -1,0 +1,157 @@
+"""`tunelab flow DATA_DIR`: the demo's whole flow on a user's own labelled folder (tunelab.demo.flow_for)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tunelab.demo import flow_for, flow_name
+
+# A tiny labelled dataset written for these tests: 3 labels x 16 distinct sentences.
+_TOPICS = {
+    "weather": (["It will rain", "Heavy snow is expected", "A warm sunny spell comes", "Strong winds blow"],
+                ["over the hills tomorrow", "in the city this weekend", "along the coast tonight", "across the north on Monday"]),
+    "sports": (["The home team won the cup final", "Our striker scored twice", "The tennis champion lost a set",
+                "The cycling race was decided"], ["after a long season", "in front of a loud crowd",
+                                                  "despite a late injury", "in the last minute"]),
+    "food": (["This lentil soup needs more salt", "Bake the bread dough", "The lemon cake tasted great",
+              "Grill the peppers"], ["with fresh herbs from the garden", "for about forty minutes",
+                                     "at the small bakery downtown", "before the guests arrive"]),
+}
+
+
+def _examples() -> dict[str, list[dict]]:
+    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    for label, (subjects, tails) in _TOPICS.items():
+        rows = [{"input": f"{s} {t}.", "output": label} for s in subjects for t in tails]
+        splits["train"] += rows[:8]
+        splits["validation"] += rows[8:12]
+        splits["test"] += rows[12:]
+    return splits
+
+
+def _write(folder: Path, splits: dict[str, list[dict]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def labelled(tmp_path) -> Path:
+    return _write(tmp_path / "My Topics (v2)", _examples())
+
+
+def test_flow_for_reads_the_labels_and_names_everything_after_the_folder(labelled):
+    from tunelab.prompts import parse_prompt
+
+    flow = flow_for(labelled, task="What is this sentence about?", field="Sentence", epochs=2, budget=3)
+    assert flow.dataset == "My-Topics-v2"
+    assert (flow.base_prompt, flow.short_prompt, flow.finetune, flow.hybrid) == (
+        "My-Topics-v2-zero-shot", "My-Topics-v2-short", "My-Topics-v2-ft", "My-Topics-v2-hybrid")
+    assert flow.data_dir == labelled and flow.finetune_settings["epochs"] == 2 and flow.optimize_budget == 3
+    base = parse_prompt(flow.base_prompt_text, flow.base_prompt)
+    short = parse_prompt(flow.short_prompt_text, flow.short_prompt)
+    assert base.output.type == short.output.type == "label"
+    assert base.output.labels == short.output.labels == ["food", "sports", "weather"]
+    assert "What is this sentence about?" in flow.base_prompt_text
+    assert "Sentence: {{ input }}" in flow.short_prompt_text and "Label this sentence." in flow.short_prompt_text
+    rendered = base.render(_example("Rain again."))
+    text = rendered[-1]["content"]
+    assert "food, sports, weather" in text and "Sentence: Rain again." in text
+
+
+def _example(text: str):
+    from tunelab.datasets import Example
+
+    return Example(text, "")
+
+
+def test_flow_for_keeps_labels_yaml_would_misread_as_strings(tmp_path):
+    from tunelab.prompts import parse_prompt
+
+    splits = {s: [{"input": f"{s} question {i}", "output": ["yes", "no", "1"][i % 3]} for i in range(9)]
+              for s in ("train", "validation", "test")}
+    flow = flow_for(_write(tmp_path / "yn", splits))
+    assert parse_prompt(flow.base_prompt_text, flow.base_prompt).output.labels == ["1", "no", "yes"]
+
+
+@pytest.mark.parametrize("raw, name", [("sms_spam", "sms_spam"), ("My Topics (v2)", "My-Topics-v2"),
+                                       ("--x", "x"), ("..", "data"), ("é" * 3, "data"), ("a" * 200, "a" * 80)])
+def test_flow_name_follows_the_naming_rules(raw, name):
+    from tunelab.datasets import validate_name
+
+    assert flow_name(raw) == name
+    validate_name(flow_name(raw) + "-zero-shot", "prompt")
+
+
+def test_bench_full_flow_builds_its_flow_with_the_factory():
+    text = (Path(__file__).resolve().parents[1] / "bench" / "full_flow.py").read_text(encoding="utf-8")
+    assert "flow_for(" in text and "def prompts_for" not in text
+
+
+def _one_line_error(result, *needles: str) -> str:
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert "\n" not in err and err.startswith("error:") and "Traceback" not in result.output, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_cli_missing_folder(cli, tmp_path):
+    _one_line_error(cli("flow", tmp_path / "nope"), "nope", "does not exist", "train, validation and test")
+
+
+def test_cli_a_file_instead_of_a_folder(cli, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"input": "a", "output": "b"}\n', encoding="utf-8")
+    _one_line_error(cli("flow", path), "is a file", "train, validation and test")
+
+
+def test_cli_missing_split_files(cli, tmp_path):
+    splits = _examples()
+    del splits["validation"], splits["test"]
+    folder = _write(tmp_path / "partial", splits)
+    _one_line_error(cli("flow", folder), "partial", "no validation or test file")
+    assert not (tmp_path / "tunelab-flow-partial").exists()
+
+
+def test_cli_free_text_outputs(cli, tmp_path):
+    splits = {s: [{"input": f"question {i} of {s}", "output": f"a long free answer number {i} about {s}"}
+                  for i in range(60)] for s in ("train", "validation", "test")}
+    folder = _write(tmp_path / "answers", splits)
+    _one_line_error(cli("flow", folder, "--dir", tmp_path / "ws"), "handles label outputs", "60 distinct outputs")
+    assert not (tmp_path / "ws").exists()
+
+
+def test_cli_long_outputs_and_a_single_label(cli, tmp_path):
+    splits = {s: [{"input": f"{s} text {i}", "output": "x" * 80 if i % 2 else "short"} for i in range(6)]
+              for s in ("train", "validation", "test")}
+    _one_line_error(cli("flow", _write(tmp_path / "long", splits)), "2 distinct outputs", "longer than 60")
+    splits = {s: [{"input": f"{s} text {i}", "output": "same"} for i in range(6)] for s in ("train", "validation", "test")}
+    _one_line_error(cli("flow", _write(tmp_path / "one", splits)), "1 distinct outputs")
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+def test_quick_flow_on_a_users_folder_end_to_end(cli, labelled, tmp_path, monkeypatch):
+    monkeypatch.delenv("TUNELAB_WORKSPACE", raising=False)
+    monkeypatch.delenv("TUNELAB_DATABASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = cli("flow", labelled, "--quick", "--field", "Sentence", "--volume", "20000")
+    assert result.exit_code == 0, result.output
+    ws = tmp_path / "tunelab-flow-My-Topics-v2"
+    assert (ws / "tunelab.yaml").is_file()
+    report = Path(next(line.split("report:", 1)[1].strip() for line in result.stderr.splitlines()
+                       if line.startswith("report:")))
+    assert report.is_file() and report.suffix == ".html"
+    comparison = json.loads((report.parent / "report.json").read_text(encoding="utf-8"))
+    names = [c["name"] for c in comparison["candidates"]]
+    kinds = [c["kind"] for c in comparison["candidates"]]
+    assert names[0].startswith("My-Topics-v2-zero-shot@") and kinds[0] == "prompt"
+    assert names[-2:] == ["ft:My-Topics-v2-ft", "hybrid:My-Topics-v2-hybrid"] and kinds[-2:] == ["ft", "hybrid"]
+    assert all(c["metric"]["value"] is not None for c in comparison["candidates"])
+    assert "[7/7] advice" in result.stderr

@@ -1,0 +1,48 @@
+"""`tunelab flow DATA_DIR`: the whole flow (the steps of `tunelab demo`) on your own labelled data.
+
+    tunelab flow data/tickets [--dir DIR] [--task TEXT] [--field NAME] [--epochs N] [--quick]
+
+Thin: tunelab.demo.flow_for builds the flow for the folder, tunelab.demo.run_flow runs it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tunelab.cli._common import console, err_console
+
+
+def _log(message: str) -> None:
+    err_console.print(message, markup=False, highlight=False)
+
+
+def flow(
+    data_dir: Path = typer.Argument(..., help="Your labelled data: a folder with train, validation and test files "
+                                    "(.jsonl with input/output fields, or .csv)."),
+    directory: Optional[Path] = typer.Option(None, "--dir", help="The workspace for the flow (made if missing, reused "
+                                             "if there; default ./tunelab-flow-NAME, NAME from the data folder)."),
+    task: Optional[str] = typer.Option(None, "--task", help="The question the baseline prompt asks, in your words "
+                                       "(default: 'Which label fits this text?')."),
+    field: str = typer.Option("Text", "--field", help="What the prompts call the input, e.g. Message, Ticket, Tweet."),
+    epochs: int = typer.Option(1, "--epochs", min=1, help="Fine-tuning epochs over the train split."),
+    budget: int = typer.Option(8, "--budget", min=1, help="Prompt optimization: candidates to evaluate."),
+    limit_validation: Optional[int] = typer.Option(150, "--limit-validation", min=1, help="Prompt optimization: "
+                                                   "score candidates on the first N validation examples."),
+    volume: float = typer.Option(100_000, "--volume", help="Expected requests a month for the cost model and advice."),
+    quick: bool = typer.Option(False, "--quick", help="A tiny version: few examples, a few training steps (to try it out)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (TUNELAB_THREADS)."),
+) -> None:
+    """Run the whole flow on your labelled dataset folder: check the data, a zero-shot baseline prompt,
+    prompt optimization, a LoRA fine-tune with a short prompt, a hybrid, the comparison on the test split
+    and the advice; prints where the report is. Re-running in the same --dir reuses finished work."""
+    from tunelab.demo import flow_for, run_flow
+
+    spec = flow_for(data_dir, task=task, field=field, epochs=epochs, budget=budget, limit_validation=limit_validation)
+    if threads:
+        os.environ["TUNELAB_THREADS"] = str(threads)
+    run_flow(directory or Path(f"tunelab-flow-{spec.dataset}"), spec, quick=quick, volume=volume, log=_log,
+             console=console, workspace_name=f"flow-{spec.dataset}")
