@@ -147,7 +147,7 @@ def test_quick_flow_on_a_users_folder_end_to_end(cli, labelled, tmp_path, monkey
     assert (ws / "tunelab.yaml").is_file()
     report = Path(next(line.split("report:", 1)[1].strip() for line in result.stderr.splitlines()
                        if line.startswith("report:")))
-    assert report.is_file() and report.suffix == ".html"
+    assert report.is_file() and report.suffix == ".html" and ws.resolve() in report.resolve().parents
     comparison = json.loads((report.parent / "report.json").read_text(encoding="utf-8"))
     names = [c["name"] for c in comparison["candidates"]]
     kinds = [c["kind"] for c in comparison["candidates"]]

@@ -17,7 +17,7 @@ from tunelab.cli._common import console, err_console
 
 
 def _log(message: str) -> None:
-    err_console.print(message, markup=False, highlight=False)
+    err_console.print(message, markup=False, highlight=False, soft_wrap=True)  # paths stay whole, to copy
 
 
 def flow(
