@@ -104,6 +104,7 @@ def flow_prompts(name: str, labels: list[str], task: str | None = None, field: s
     task = (task or "Which label fits this text?").strip()
     field = (field or "Text").strip() or "Text"
     labels_yaml = _labels_yaml(labels)
+    answer = "one word" if all(len(label.split()) == 1 for label in labels) else "one of these"
     base = f"""---
 model: smollm2-135m
 temperature: 0
@@ -113,7 +114,7 @@ output:
 description: baseline zero-shot prompt for {name} ({origin})
 ---
 user:
-{task} Answer with one word: {{{{ labels | join(", ") }}}}.
+{task} Answer with {answer}: {{{{ labels | join(", ") }}}}.
 
 {field}: {{{{ input }}}}
 """
