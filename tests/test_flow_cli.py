@@ -101,22 +101,55 @@ def _one_line_error(result, *needles: str) -> str:
     return err
 
 
-def test_cli_missing_folder(cli, tmp_path):
-    _one_line_error(cli("flow", tmp_path / "nope"), "nope", "does not exist", "train, validation and test")
-
-
-def test_cli_a_file_instead_of_a_folder(cli, tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text('{"input": "a", "output": "b"}\n', encoding="utf-8")
-    _one_line_error(cli("flow", path), "is a file", "train, validation and test")
-
-
-def test_cli_missing_split_files(cli, tmp_path):
+def test_cli_missing_folder_and_no_train_data(cli, tmp_path):
+    _one_line_error(cli("flow", tmp_path / "nope"), "nope", "does not exist", "a train file")
     splits = _examples()
-    del splits["validation"], splits["test"]
+    del splits["train"]
+    folder = _write(tmp_path / "evalonly", splits)
+    _one_line_error(cli("flow", folder), "evalonly", "has no train file")
+    assert not (tmp_path / "tunelab-flow-evalonly").exists()
+
+
+def _imported(tmp_path, source: Path, quick: bool = False):
+    from tunelab.datasets import get_dataset
+    from tunelab.demo import _import_data
+    from tunelab.workspace import Workspace
+
+    flow = flow_for(source)
+    ws = Workspace.init(tmp_path / f"ws-{source.name}-{quick}")
+    logged: list[str] = []
+    ref = _import_data(ws, flow, quick, logged.append)
+    return flow, get_dataset(ws, ref), logged
+
+
+def _rows(ds, split):
+    return [(ex.input, ex.output) for ex in ds.splits[split]]
+
+
+def test_a_single_data_file_is_split_into_train_validation_and_test(tmp_path):
+    rows = [r for split in _examples().values() for r in split]
+    path = tmp_path / "Support Tickets.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    flow, ds, logged = _imported(tmp_path, path)
+    assert flow.dataset == "Support-Tickets" and flow.data_dir == path
+    assert set(ds.splits) == {"train", "validation", "test"} and all(ds.splits.values())
+    every = _rows(ds, "train") + _rows(ds, "validation") + _rows(ds, "test")
+    assert sorted(every) == sorted((r["input"], r["output"]) for r in rows)  # nothing lost, nothing twice
+    assert {o for _, o in _rows(ds, "test")} == set(_TOPICS)  # stratified: every label in test
+    assert any("split off train" in line for line in logged)
+    _, again, _ = _imported(tmp_path / "again", path)  # seeded: the same split every time
+    assert _rows(again, "test") == _rows(ds, "test")
+
+
+def test_a_folder_with_train_and_test_gets_a_validation_split(tmp_path):
+    splits = _examples()
+    del splits["validation"]
     folder = _write(tmp_path / "partial", splits)
-    _one_line_error(cli("flow", folder), "partial", "no validation or test file")
-    assert not (tmp_path / "tunelab-flow-partial").exists()
+    _, ds, _ = _imported(tmp_path, folder)
+    assert _rows(ds, "test") == [(r["input"], r["output"]) for r in splits["test"]]  # the user's test split kept
+    assert ds.splits["validation"] and len(ds.splits["train"]) + len(ds.splits["validation"]) == len(splits["train"])
+    _, small, _ = _imported(tmp_path, folder, quick=True)
+    assert set(small.splits) == {"train", "validation", "test"} and all(small.splits.values())
 
 
 def test_cli_free_text_outputs(cli, tmp_path):

@@ -148,11 +148,13 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
              epochs: int = 1, budget: int = 8, limit_validation: int | None = 150,
              extra_candidates: list[str] | None = None, labels: list[str] | None = None,
              origin: str = "tunelab flow") -> Flow:
-    """The whole flow for a labelled dataset folder of the user's: `data_dir` holds train,
-    validation and test files (.jsonl with input/output, or .csv; val/dev also name validation).
+    """The whole flow for a labelled dataset of the user's: `data_dir` is a data file or a folder of
+    train, validation and test files (.jsonl with input/output, or .csv; val/dev also name
+    validation). Missing validation and test splits are split off train when the data is imported
+    (`split_examples`: seeded, stratified, 10% each).
     The labels are the train outputs; the dataset, prompts (`NAME-zero-shot`, `NAME-short`),
     fine-tune (`NAME-ft`) and hybrid (`NAME-hybrid`) are named after `name` (default the folder's
-    name, made a valid name). Raises UserError when the folder is missing, lacks a split, or its
+    name, made a valid name). Raises UserError when the path is missing, has no train data, or its
     outputs do not look like labels (more than 50 distinct outputs, or long ones). `labels` gives
     the label order for the prompts (default: the train outputs, sorted)."""
     import re
@@ -160,14 +162,13 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
     from tunelab.datasets import read_source
 
     src = Path(data_dir).expanduser()
-    expected = "train, validation and test files (train.jsonl, validation.jsonl, test.jsonl; .csv also works)"
-    if not src.is_dir():
-        what = "is a file" if src.exists() else "does not exist"
-        raise UserError(f"{src} {what}: tunelab flow takes a folder with {expected}")
+    expected = ("a data file, or a folder with a train file and optionally validation and test files "
+                "(train.jsonl, validation.jsonl, test.jsonl; .csv also works)")
+    if not src.exists():
+        raise UserError(f"{src} does not exist: tunelab flow takes {expected}")
     files, _ = read_source(src)
-    missing = [s for s in ("train", "validation", "test") if s not in files]
-    if missing:
-        raise UserError(f"{src} has no {' or '.join(missing)} file: tunelab flow takes a folder with {expected}")
+    if "train" not in files:
+        raise UserError(f"{src} has no train file: tunelab flow takes {expected}")
     train = files["train"].examples
     if not train:
         raise UserError(f"{files['train'].path}: no readable examples (expected one JSON object a line with "
@@ -180,7 +181,7 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
                "characters or on several lines" if long else ""))
         raise UserError(f"{files['train'].path}: tunelab flow handles label outputs (2 to {MAX_FLOW_LABELS} "
                         f"distinct short outputs); the train split has {why}")
-    stem = flow_name(name or src.resolve().name)
+    stem = flow_name(name or (src.resolve().stem if src.is_file() else src.resolve().name))
     folder = src.resolve().name  # the descriptions name the folder as it is, where YAML reads it plainly
     about = folder if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", folder) else stem
     base, short = flow_prompts(about, list(labels) if labels else distinct, task, field, origin=origin)
@@ -305,20 +306,33 @@ def _report_run(log, result) -> None:
 
 
 def _import_data(ws, flow: Flow, quick: bool, log) -> str:
-    from tunelab.datasets import check_path, get_dataset, import_dataset, save_dataset
+    from tunelab.datasets import check_path, get_dataset, import_dataset, read_source, save_dataset
 
     src = flow.data_dir
     DATASET = flow.dataset
-    if quick:
+    complete = {"train", "validation", "test"} <= set(read_source(src)[0])
+    if complete and not quick:  # the import checks the data (and stops at errors) itself
+        ds, report = import_dataset(ws, src, DATASET)
+        splits: dict[str, list] = {}
+    else:
         report, splits = check_path(src)
-        if report.errors:
-            raise UserError(f"the demo data has errors: {report.summary()}")
+    if report.errors and (quick or not complete):
+        raise UserError(f"{src} has errors: {report.summary()} (see 'tunelab data check {src}')")
+    if not complete:
+        missing = [s for s in ("validation", "test") if s not in splits]
+        splits = _split_missing(splits)
+        log(f"{src}: no {' or '.join(missing)} split; split off train (seed 0, stratified): "
+            + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    if quick:
         small = {"train": _stratified(splits["train"], 24), "validation": _stratified(splits["validation"], 16),
                  "test": _stratified(splits["test"], 16)}
         ds = save_dataset(ws, DATASET, small, source=f"{src} (quick subset)", check=report.to_dict())
         log(f"checked {report.summary()}; quick subset: " + ", ".join(f"{k} {len(v)}" for k, v in small.items()))
+    elif not complete:
+        ds = save_dataset(ws, DATASET, splits, source=f"{src} (validation/test split off train by tunelab flow)",
+                          check=report.to_dict())
+        log(f"checked {report.summary()}")
     else:
-        ds, report = import_dataset(ws, src, DATASET)
         log(f"checked {report.summary()}")
     for issue in report.warnings[:5]:
         log(f"  warning: {getattr(issue, 'message', issue)}")
@@ -326,6 +340,17 @@ def _import_data(ws, flow: Flow, quick: bool, log) -> str:
     log(f"dataset {ds.ref}: " + ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items())
         + f"; labels: {', '.join(ds.labels or [])}")
     return ds.ref
+
+
+def _split_missing(splits: dict[str, list]) -> dict[str, list]:
+    """train/validation/test, the missing validation and/or test split taken off train (10% each,
+    seeded and stratified by `split_examples`)."""
+    from tunelab.datasets import split_examples
+
+    parts = split_examples(splits["train"], test=0.0 if "test" in splits else 0.1,
+                           validation=0.0 if "validation" in splits else 0.1)
+    return {"train": parts["train"], "validation": splits.get("validation") or parts["validation"],
+            "test": splits.get("test") or parts["test"]}
 
 
 def _stratified(examples: list, n: int) -> list:

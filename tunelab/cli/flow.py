@@ -2,7 +2,7 @@
 
     tunelab flow data/tickets [--dir DIR] [--task TEXT] [--field NAME] [--epochs N] [--quick]
 
-Thin: tunelab.demo.flow_for builds the flow for the folder, tunelab.demo.run_flow runs it.
+Thin: tunelab.demo.flow_for builds the flow for the data, tunelab.demo.run_flow runs it.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ def _log(message: str) -> None:
 
 
 def flow(
-    data_dir: Path = typer.Argument(..., help="Your labelled data: a folder with train, validation and test files "
-                                    "(.jsonl with input/output fields, or .csv)."),
+    data_dir: Path = typer.Argument(..., help="Your labelled data: a data file, or a folder with train, validation and "
+                                    "test files (.jsonl with input/output fields, or .csv); missing validation and "
+                                    "test splits are split off train (seeded, stratified, 10% each)."),
     directory: Optional[Path] = typer.Option(None, "--dir", help="The workspace for the flow (made if missing, reused "
-                                             "if there; default ./tunelab-flow-NAME, NAME from the data folder)."),
+                                             "if there; default ./tunelab-flow-NAME, NAME from the data file or folder)."),
     task: Optional[str] = typer.Option(None, "--task", help="The question the baseline prompt asks, in your words "
                                        "(default: 'Which label fits this text?')."),
     field: str = typer.Option("Text", "--field", help="What the prompts call the input, e.g. Message, Ticket, Tweet."),
@@ -36,7 +37,7 @@ def flow(
     quick: bool = typer.Option(False, "--quick", help="A tiny version: few examples, a few training steps (to try it out)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (TUNELAB_THREADS)."),
 ) -> None:
-    """Run the whole flow on your labelled dataset folder: check the data, a zero-shot baseline prompt,
+    """Run the whole flow on your labelled data: check the data, a zero-shot baseline prompt,
     prompt optimization, a LoRA fine-tune with a short prompt, a hybrid, the comparison on the test split
     and the advice; prints where the report is. Re-running in the same --dir reuses finished work."""
     from tunelab.demo import flow_for, run_flow
