@@ -1,6 +1,6 @@
 """The whole tunelab flow on a labelled dataset of `../shared/data`: the comparison JSON issue 6 asks for.
 
-The same steps as `tunelab demo` (tunelab.demo.run_flow): import and check the data, a zero-shot
+The same steps as `tunelab demo` (tunelab.flow.run_flow): import and check the data, a zero-shot
 baseline prompt, prompt optimization on validation, a LoRA fine-tune of SmolLM2-135M on the FULL
 train split with a short prompt, the hybrid, and the comparison on the full test split — baseline,
 optimized prompt, the short prompt zero-shot (the prompt the fine-tuned model runs with, i.e. the
@@ -55,7 +55,7 @@ def main() -> int:
     if args.threads:
         os.environ["TUNELAB_THREADS"] = str(args.threads)
 
-    from tunelab.demo import flow_for, run_flow
+    from tunelab.flow import flow_for, run_flow
 
     src = shared_data() / args.dataset
     labels = [x.strip() for x in (src / "labels.txt").read_text(encoding="utf-8").splitlines() if x.strip()]
@@ -66,11 +66,10 @@ def main() -> int:
                     origin="bench/full_flow.py")
     directory = Path(args.dir or f"/tmp/tunelab-flow-{args.dataset}")
     out = run_flow(directory, flow, quick=args.quick, volume=args.volume, workspace_name=f"flow-{stem}")
-    comparison = out["comparison"]
     path = directory / "comparison.json"
-    path.write_text(json.dumps(comparison, indent=2, default=str), encoding="utf-8")
-    print(f"\ncomparison JSON: {path}\nreport: {out['report']}")
-    print("times: " + json.dumps({k: round(v, 1) for k, v in out["times"].items()}) + f"; wall {out['wall_s']:.0f} s")
+    path.write_text(json.dumps(out.comparison.to_json(), indent=2, default=str), encoding="utf-8")
+    print(f"\ncomparison JSON: {path}\nreport: {out.report}")
+    print("times: " + json.dumps({k: round(v, 1) for k, v in out.times.items()}) + f"; wall {out.wall_s:.0f} s")
     return 0
 
 

@@ -125,7 +125,8 @@ def main() -> int:
     parser.add_argument("--real-concurrency", type=int, default=8, help="requests in flight at once (real model)")
     args = parser.parse_args()
 
-    from tunelab.prompts import commit_prompt, tag_prompt, write_text_atomic
+    from tunelab.files import write_atomic
+    from tunelab.prompts import commit_prompt, tag_prompt
     from tunelab.server.auth import create_key
     from tunelab.server.logs import count_calls
     from tunelab.workspace import Workspace
@@ -134,7 +135,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tunelab-gw-bench-") as tmp:
         ws = Workspace.init(Path(tmp) / "ws")
         for name, text in (("support", FAKE_PROMPT), ("support-real", REAL_PROMPT)):
-            write_text_atomic(ws.prompts_dir / f"{name}.prompt", text)
+            write_atomic(ws.prompts_dir / f"{name}.prompt", text)
             commit_prompt(ws, name, "bench")
             tag_prompt(ws, f"{name}@current", "production")
         _, key = create_key(ws, "bench", "viewer")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunelab.advise import Constraints, advise
-from tunelab.compare import break_even_volume
+from tunelab.compare import Comparison, Constraints, advise, break_even_volume
 
 
 def cand(name, kind, value, low=None, high=None, *, setup=0.0, per_req=0.0, wall_s=0.0, local=True,
@@ -20,9 +19,12 @@ def cand(name, kind, value, low=None, high=None, *, setup=0.0, per_req=0.0, wall
 
 
 def comparison(*cands, pairwise=(), volume=10_000, learning_curve=None, rate=0.0):
-    return {"metric": "accuracy", "volume_per_month": volume, "months": 12, "engineer_hourly_rate": rate,
-            "candidates": list(cands), "learning_curve": learning_curve,
-            "pairwise": [{"a": a, "b": b, "p_value": p, "difference": None} for a, b, p in pairwise]}
+    return Comparison.model_validate({
+        "id": "c", "created_at": "2026-12-01T00:00:00+00:00", "best": cands[0]["name"] if cands else "",
+        "dataset": {"name": "d", "version": "v", "split": "test", "n_examples": 100},
+        "metric": "accuracy", "volume_per_month": volume, "months": 12, "engineer_hourly_rate": rate,
+        "candidates": list(cands), "learning_curve": learning_curve,
+        "pairwise": [{"a": a, "b": b, "test": "mcnemar", "p_value": p, "difference": None} for a, b, p in pairwise]})
 
 
 # prompt: free setup, expensive requests; ft: $12 setup, cheap requests.
@@ -38,7 +40,7 @@ CASES = [
     # id, comparison, constraints, expected recommendation, expected candidate
     ("ft clearly better",
      comparison(cand("p@1", "prompt", 0.78, 0.73, 0.82, **P), cand("ft:a", "ft", 0.91, 0.87, 0.94, **F), pairwise=FT_BETTER),
-     Constraints(), "finetune", "ft:a"),
+     Constraints(), "ft", "ft:a"),
     ("prompt clearly better",
      comparison(cand("p@1", "prompt", 0.90, **P), cand("ft:a", "ft", 0.70, **F), pairwise=[("p@1", "ft:a", 0.001)]),
      Constraints(volume=1_000_000), "prompt", "p@1"),
@@ -49,7 +51,7 @@ CASES = [
      Constraints(), "hybrid", "hybrid:h"),
     ("tied, volume above break-even -> ft",
      comparison(cand("p@1", "prompt", 0.85, **P), cand("ft:a", "ft", 0.86, **F), pairwise=TIED),
-     Constraints(volume=BE * 2), "finetune", "ft:a"),
+     Constraints(volume=BE * 2), "ft", "ft:a"),
     ("tied, volume below break-even -> prompt",
      comparison(cand("p@1", "prompt", 0.85, **P), cand("ft:a", "ft", 0.86, **F), pairwise=TIED),
      Constraints(volume=BE / 2), "prompt", "p@1"),
@@ -58,26 +60,26 @@ CASES = [
      Constraints(volume=BE), "prompt", "p@1"),
     ("tied, just above break-even -> ft",
      comparison(cand("p@1", "prompt", 0.85, **P), cand("ft:a", "ft", 0.86, **F), pairwise=TIED),
-     Constraints(volume=BE * 1.001), "finetune", "ft:a"),
+     Constraints(volume=BE * 1.001), "ft", "ft:a"),
     ("intervals overlap but paired test significant -> quality decides",
      comparison(cand("p@1", "prompt", 0.84, 0.80, 0.88, **P), cand("ft:a", "ft", 0.87, 0.83, 0.91, **F),
                 pairwise=[("ft:a", "p@1", 0.01)]),
-     Constraints(volume=10), "finetune", "ft:a"),
+     Constraints(volume=10), "ft", "ft:a"),
     ("no paired test, intervals overlap -> tie, cost decides",
      comparison(cand("p@1", "prompt", 0.84, 0.80, 0.88, **P), cand("ft:a", "ft", 0.87, 0.83, 0.91, **F)),
      Constraints(volume=10), "prompt", "p@1"),
     ("no paired test, intervals apart -> quality decides",
      comparison(cand("p@1", "prompt", 0.70, 0.65, 0.75, **P), cand("ft:a", "ft", 0.87, 0.83, 0.91, **F)),
-     Constraints(volume=10), "finetune", "ft:a"),
+     Constraints(volume=10), "ft", "ft:a"),
     ("budget just below the ft setup cost -> prompt",
      comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.91, **F), pairwise=FT_BETTER),
      Constraints(budget=11.99), "prompt", "p@1"),
     ("budget exactly the ft setup cost -> ft fits",
      comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.91, **F), pairwise=FT_BETTER),
-     Constraints(budget=12.0), "finetune", "ft:a"),
+     Constraints(budget=12.0), "ft", "ft:a"),
     ("required metric met only by ft",
      comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.91, **F), pairwise=TIED),
-     Constraints(required_metric=0.85, volume=1), "finetune", "ft:a"),
+     Constraints(required_metric=0.85, volume=1), "ft", "ft:a"),
     ("required metric met by none",
      comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.81, **F), pairwise=TIED),
      Constraints(required_metric=0.85), "none", None),
@@ -87,7 +89,7 @@ CASES = [
     ("data must stay local excludes a remote prompt",
      comparison(cand("p@1", "prompt", 0.95, local=False, **P), cand("ft:a", "ft", 0.85, **F),
                 pairwise=[("p@1", "ft:a", 0.001)]),
-     Constraints(data_must_stay_local=True), "finetune", "ft:a"),
+     Constraints(data_must_stay_local=True), "ft", "ft:a"),
     ("deadline shorter than the training time",
      comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.91, **{**F, "wall_s": 3 * 86400}),
                 pairwise=FT_BETTER),
@@ -100,7 +102,7 @@ CASES = [
      Constraints(volume=BE * 10, change_frequency="weekly"), "prompt", "p@1"),
     ("weekly changes do not override quality",
      comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.91, **F), pairwise=FT_BETTER),
-     Constraints(change_frequency="weekly"), "finetune", "ft:a"),
+     Constraints(change_frequency="weekly"), "ft", "ft:a"),
     ("monthly retrains cost more than the volume saves -> prompt",
      comparison(cand("p@1", "prompt", 0.85, **P), cand("ft:a", "ft", 0.86, **F), pairwise=TIED),
      Constraints(volume=BE * 1.5, change_frequency="monthly"), "prompt", "p@1"),
@@ -119,46 +121,46 @@ CASES = [
 @pytest.mark.parametrize("comp,constraints,expected,candidate", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_rules(comp, constraints, expected, candidate):
     advice = advise(comp, constraints)
-    assert advice["recommendation"] == expected, advice["reasons"]
-    assert advice["candidate"] == candidate
-    assert advice["reasons"], "every answer gives reasons"
+    assert advice.recommendation == expected, advice.reasons
+    assert advice.candidate == candidate
+    assert advice.reasons, "every answer gives reasons"
 
 
 def test_reasons_cite_measured_numbers():
     comp = comparison(cand("p@1", "prompt", 0.78, 0.73, 0.82, **P), cand("ft:a", "ft", 0.91, 0.87, 0.94, **F),
                       pairwise=FT_BETTER)
-    text = " ".join(advise(comp)["reasons"])
+    text = " ".join(advise(comp).reasons)
     assert "0.91 [0.87, 0.94]" in text and "0.78 [0.73, 0.82]" in text and "p<0.001" in text
 
 
 def test_break_even_reason_cites_volumes():
     comp = comparison(cand("p@1", "prompt", 0.85, **P), cand("ft:a", "ft", 0.86, **F), pairwise=TIED)
-    text = " ".join(advise(comp, Constraints(volume=100_000))["reasons"])
+    text = " ".join(advise(comp, Constraints(volume=100_000)).reasons)
     assert "break-even" in text and "5,000 requests/month" in text and "you expect 100,000" in text
 
 
 def test_none_names_the_best_and_the_requirement():
     comp = comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.81, **F))
     advice = advise(comp, Constraints(required_metric=0.9))
-    assert advice["recommendation"] == "none"
-    assert "neither meets the required accuracy of 0.9" in advice["reasons"][0]
-    assert "ft:a" in advice["reasons"][0]
-    assert {e["rule"] for e in advice["excluded"]} == {"required_metric"}
+    assert advice.recommendation == "none"
+    assert "neither meets the required accuracy of 0.9" in advice.reasons[0]
+    assert "ft:a" in advice.reasons[0]
+    assert {e.rule for e in advice.excluded} == {"required_metric"}
 
 
 def test_learning_curve_point_stands_in_when_data_is_short():
-    curve = {"candidate": "ft:a", "points": [
-        {"fraction": 0.1, "n_train": 200, "metric": {"value": 0.66, "low": 0.61, "high": 0.71}},
-        {"fraction": 0.25, "n_train": 500, "metric": {"value": 0.88, "low": 0.84, "high": 0.92}},
-        {"fraction": 1.0, "n_train": 2000, "metric": {"value": 0.91, "low": 0.87, "high": 0.94}}]}
+    curve = {"candidate": "ft:a", "metric": "accuracy", "points": [
+        {"fraction": 0.1, "n_train": 200, "candidate": "ft:a-lc10", "metric": {"value": 0.66, "low": 0.61, "high": 0.71}},
+        {"fraction": 0.25, "n_train": 500, "candidate": "ft:a-lc25", "metric": {"value": 0.88, "low": 0.84, "high": 0.92}},
+        {"fraction": 1.0, "n_train": 2000, "candidate": "ft:a", "metric": {"value": 0.91, "low": 0.87, "high": 0.94}}]}
     comp = comparison(cand("p@1", "prompt", 0.78, 0.74, 0.82, **P), cand("ft:a", "ft", 0.91, **F), learning_curve=curve)
-    assert advise(comp, Constraints(examples=600))["recommendation"] == "finetune"  # 0.88 [0.84, 0.92] still wins
+    assert advise(comp, Constraints(examples=600)).recommendation == "ft"  # 0.88 [0.84, 0.92] still wins
     short = advise(comp, Constraints(examples=300))  # 0.66 [0.61, 0.71] vs 0.78 [0.74, 0.82]: prompt
-    assert short["recommendation"] == "prompt"
-    assert any("200 examples" in r for r in short["reasons"])
+    assert short.recommendation == "prompt"
+    assert any("200 examples" in r for r in short.reasons)
     too_short = advise(comp, Constraints(examples=100))
-    assert too_short["recommendation"] == "prompt"
-    assert any(e["rule"] == "examples" for e in too_short["excluded"])
+    assert too_short.recommendation == "prompt"
+    assert any(e.rule == "examples" for e in too_short.excluded)
 
 
 def test_constraints_reject_unknown_fields():

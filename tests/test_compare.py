@@ -7,8 +7,10 @@ import json
 import pytest
 from sqlalchemy import func, select
 
-from tests.test_router import hybrid_ws  # noqa: F401  (fixture: tickets data, prim/fall prompts on fake models)
+from tests.fakes import fake_finetune
+from tests.test_hybrid import hybrid_ws  # noqa: F401  (fixture: tickets data, prim/fall prompts on fake models)
 from tunelab.compare import compare, load_comparison
+from tunelab.hybrid import create_hybrid
 from tunelab.errors import NotFound, UserError
 from tunelab.store.models import ComparisonRow, OptimizationRow, RunRow
 
@@ -19,10 +21,9 @@ def _runs(ws) -> int:
 
 
 def test_compare_same_split_significance_routing_and_report(hybrid_ws):  # noqa: F811
-    from tunelab.router import create_hybrid
-
     create_hybrid(hybrid_ws, "h", "prim", "fall", data="tickets", progress=False)
-    comp = compare(hybrid_ws, "tickets:test", ["prim", "fall", "hybrid:h"], volume=50_000, progress=False)
+    typed = compare(hybrid_ws, "tickets:test", ["prim", "fall", "hybrid:h"], volume=50_000, progress=False)
+    comp = typed.to_json()  # the JSON twin: what --json prints and report.json holds
 
     names = [c["name"] for c in comp["candidates"]]
     assert names[2] == "hybrid:h" and names[0].startswith("prim@")
@@ -52,21 +53,22 @@ def test_compare_same_split_significance_routing_and_report(hybrid_ws):  # noqa:
     assert sum(map(sum, by["prompt"]["confusion"]["matrix"])) == 20
     assert len(by["prompt"]["latency"]["samples"]) == 20
     assert by["prompt"]["flexibility"]["how"] == "prompt edit + re-evaluation"
-    assert comp["recommendation"]["recommendation"] == "hybrid"
+    assert comp["recommendation"]["recommendation"] == "hybrid" and comp["recommendation"]["candidate"] == "hybrid:h"
+    assert typed.recommendation.candidate == "hybrid:h" and typed.entry("hybrid:h").routing.fallback == 0.5
 
     # stored, with its report and JSON twin
     report = comp["report"]
     assert report.endswith("report.html")
     twin = json.loads(open(report.replace("report.html", "report.json")).read())
-    assert twin["id"] == comp["id"] and twin["candidates"][0]["metric"] == comp["candidates"][0]["metric"]
-    assert load_comparison(hybrid_ws, "latest")["id"] == comp["id"]
-    assert load_comparison(hybrid_ws, comp["id"][:6])["id"] == comp["id"]
+    assert twin == comp
+    assert load_comparison(hybrid_ws, "latest") == typed
+    assert load_comparison(hybrid_ws, comp["id"][:6]).id == comp["id"]
 
 
 def test_compare_reuses_identical_runs(hybrid_ws):  # noqa: F811
-    first = compare(hybrid_ws, "tickets:test", ["prim", "fall"], progress=False)
+    first = compare(hybrid_ws, "tickets:test", ["prim", "fall"], progress=False).to_json()
     before = _runs(hybrid_ws)
-    second = compare(hybrid_ws, "tickets:test", ["fall", "prim"], progress=False)
+    second = compare(hybrid_ws, "tickets:test", ["fall", "prim"], progress=False).to_json()
     assert _runs(hybrid_ws) == before
     assert all(c["reused_run"] for c in second["candidates"])
     assert {c["run_id"] for c in first["candidates"]} == {c["run_id"] for c in second["candidates"]}
@@ -91,7 +93,7 @@ def test_setup_cost_from_optimization_and_engineer_rate(hybrid_ws):  # noqa: F81
                               result={"seed_version": prim_version, "version": None}, wall_s=60.0, cost=0.01))
     hybrid_ws.config.engineer_hourly_rate = 60.0
     comp = compare(hybrid_ws, "tickets:test", ["prim", f"fall@{version}"], volume=1000, progress=False,
-                   engineer_hours={"prompt": 0.0})
+                   engineer_hours={"prompt": 0.0}).to_json()
     fall = next(c for c in comp["candidates"] if c["name"].startswith("fall"))
     assert fall["setup"]["wall_s"] == 1800.0 and fall["setup"]["compute_cost"] == 0.25
     assert fall["setup"]["engineer_cost"] == 0.0 and fall["setup"]["total_cost"] == 0.25
@@ -101,12 +103,12 @@ def test_setup_cost_from_optimization_and_engineer_rate(hybrid_ws):  # noqa: F81
     # the seed of an optimization that committed a better version does not carry its cost
     with hybrid_ws.store.session() as s:
         s.get(OptimizationRow, "opt2").result = {"seed_version": prim_version, "version": "e" * 12}
-    seed = compare(hybrid_ws, "tickets:test", ["prim"], progress=False)["candidates"][0]
+    seed = compare(hybrid_ws, "tickets:test", ["prim"], progress=False).to_json()["candidates"][0]
     assert seed["setup"]["total_cost"] == 0.0 and "hand-written" in seed["setup"]["sources"][0]
     assert fall["cost_horizon"] == pytest.approx(0.25 + 12 * 1000 * fall["cost_per_request"])
     assert comp["engineer_hourly_rate"] == 60.0
 
-    comp2 = compare(hybrid_ws, "tickets:test", [f"fall@{version}"], progress=False)
+    comp2 = compare(hybrid_ws, "tickets:test", [f"fall@{version}"], progress=False).to_json()
     fall2 = comp2["candidates"][0]
     assert fall2["setup"]["engineer_hours"] == pytest.approx(0.5)  # default: the setup's wall time
     assert fall2["setup"]["total_cost"] == pytest.approx(0.25 + 30.0)
@@ -172,37 +174,29 @@ def test_cli_compare_advise_hybrid(hybrid_ws, cli):  # noqa: F811
 def test_learning_curve_trains_on_shares_of_train_and_reuses_them(hybrid_ws, monkeypatch):  # noqa: F811
     """The learning curve with the training itself faked: configs, names, reuse and the points."""
     from tunelab import finetune as ft
-    from tunelab.models.fake import FakeModel
     from tunelab.prompts import commit_prompt
-    from tunelab.store.models import FineTuneRow
 
     version = commit_prompt(hybrid_ws, "prim", "for the fine-tune")
     ds_version = tickets_version(hybrid_ws)
-    with hybrid_ws.store.session() as s:
-        s.add(FineTuneRow(name="tk", status="done", base="smollm2-135m", method="lora", dataset="tickets",
-                          dataset_version=ds_version, prompt="prim", prompt_version=version,
-                          config={"lr": 0.001, "epochs": 2, "data": "tickets", "name": "tk"},
-                          result={"n_train": 40}, wall_s=100.0, cost=0.01, tokens_trained=4000))
     right = {"card": "billing", "crash": "bug", "refund": "billing", "freeze": "bug"}
     known = {"tk": 4, "tk-lc50": 3, "tk-lc25": 2, "tk-lc10": 1}  # how many of the 4 kinds each one gets right
+
+    def rules(name):
+        n = known[name]
+        return {w: (lab if i < n else ("bug" if lab == "billing" else "billing")) for i, (w, lab) in enumerate(right.items())}
+
+    fake_finetune(hybrid_ws, "tk", prompt=f"prim@{version}", dataset=f"tickets@{ds_version}", rules=rules("tk"),
+                  config={"lr": 0.001, "epochs": 2, "data": "tickets", "name": "tk"}, wall_s=100.0, cost=0.01)
     trained = []
 
-    def fake_finetune(ws, config, resume=False, **_):
+    def fake_train(ws, config, resume=False, **_):
         trained.append(config)
-        with ws.store.session() as s:
-            s.add(FineTuneRow(name=config.name, status="done", base="smollm2-135m", method="lora", dataset="tickets",
-                              dataset_version=ds_version, prompt="prim", prompt_version=version,
-                              config=config.model_dump(mode="json"), result={"n_train": config.max_examples},
-                              wall_s=config.max_examples * 2.5, cost=0.0))
+        fake_finetune(ws, config.name, prompt=f"prim@{version}", dataset=f"tickets@{ds_version}",
+                      rules=rules(config.name), n_train=config.max_examples, wall_s=config.max_examples * 2.5,
+                      cost=0.0, config=config.model_dump(mode="json"))
 
-    def fake_load(ws, name, **_):
-        n = known[name]
-        return FakeModel(name=f"ft:{name}", rules={w: (lab if i < n else ("bug" if lab == "billing" else "billing"))
-                                                   for i, (w, lab) in enumerate(right.items())})
-
-    monkeypatch.setattr(ft, "finetune", fake_finetune)
-    monkeypatch.setattr(ft, "load_finetuned", fake_load)
-    comp = compare(hybrid_ws, "tickets:test", ["prim", "ft:tk"], learning_curve=True, progress=False)
+    monkeypatch.setattr(ft, "finetune", fake_train)
+    comp = compare(hybrid_ws, "tickets:test", ["prim", "ft:tk"], learning_curve=True, progress=False).to_json()
     curve = comp["learning_curve"]
     assert curve["candidate"] == "ft:tk"
     assert [p["n_train"] for p in curve["points"]] == [4, 10, 20, 40]
@@ -215,7 +209,7 @@ def test_learning_curve_trains_on_shares_of_train_and_reuses_them(hybrid_ws, mon
     assert ft_entry["flexibility"]["how"] == "retrain + re-evaluation" and ft_entry["flexibility"]["change_s"] >= 100
     # again: nothing is trained twice
     trained.clear()
-    again = compare(hybrid_ws, "tickets:test", ["prim", "ft:tk"], learning_curve=True, progress=False)
+    again = compare(hybrid_ws, "tickets:test", ["prim", "ft:tk"], learning_curve=True, progress=False).to_json()
     assert trained == [] and again["learning_curve"]["points"] == curve["points"]
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tunelab.compare import break_even_pairs, break_even_volume, horizon_cost, payback_months, volume_grid
+from tunelab.compare import CandidateEntry, break_even_pairs, break_even_volume, horizon_cost, payback_months, volume_grid
 
 
 def test_horizon_cost():
@@ -43,15 +43,15 @@ def test_payback_months():
     assert payback_months(50.0, 0.0001, 2.0, 0.0005, 0) is None
 
 
-def _c(name, setup, per_req):
-    return {"name": name, "setup": {"total_cost": setup}, "cost_per_request": per_req}
+def _c(name, setup, per_request):
+    return CandidateEntry(name=name, kind="prompt", setup={"total_cost": setup}, cost_per_request=per_request)
 
 
 def test_break_even_pairs_orders_the_pair():
     pairs = break_even_pairs([_c("p", 0.0, 0.0003), _c("ft", 12.0, 0.0001), _c("h", 12.0, 0.0004)], 10_000)
-    assert [(p["a"], p["b"]) for p in pairs] == [("ft", "p")]  # h: more setup and dearer requests than p
-    assert pairs[0]["volume_per_month"] == pytest.approx(5000)
-    assert pairs[0]["payback_months"] == pytest.approx(6.0)
+    assert [(p.a, p.b) for p in pairs] == [("ft", "p")]  # h: more setup and dearer requests than p
+    assert pairs[0].volume_per_month == pytest.approx(5000)
+    assert pairs[0].payback_months == pytest.approx(6.0)
 
 
 def test_volume_grid_covers_break_even_and_expected_volume():

@@ -126,6 +126,9 @@ class Crashing(Candidate):
     def with_free_answers(self, pick):
         return Crashing(self.inner.with_free_answers(pick), self.crash_on)
 
+    def map_models(self, fn):
+        return Crashing(self.inner.map_models(fn), self.crash_on)
+
 
 def test_resume_after_a_crash_gives_exactly_n_rows_and_the_same_metrics(spam_ws):
     cand = candidate(spam_ws)

@@ -17,7 +17,8 @@ from tunelab.datasets import Example, save_dataset
 from tunelab.errors import UserError
 from tunelab.finetune import FineTuneConfig, load_config
 from tunelab.finetune.config import default_epochs, field_help, resolve
-from tunelab.finetune.data import (IGNORE, Tokenized, collate, epoch_batches, micro_batches, sample, truncate)
+from tunelab.datasets import subsample
+from tunelab.finetune.data import IGNORE, Tokenized, collate, epoch_batches, micro_batches, truncate
 from tunelab.store.models import FineTuneRow
 
 
@@ -134,11 +135,12 @@ def test_truncate_keeps_instruction_header_and_completion():
     assert truncate(item, 200) is item
 
 
-def test_sample_is_seeded_and_keeps_order():
-    items = list(range(100))
-    s = sample(items, 10, seed=4)
-    assert s == sorted(s) and s == sample(items, 10, seed=4) and len(s) == 10
-    assert sample(items, None, 0) == items
+def test_max_examples_takes_a_seeded_sample_in_order():
+    items = [Example(f"text {i}", f"a free answer number {i} with no labels") for i in range(100)]
+    s = subsample(items, 10, seed=4)
+    order = [items.index(e) for e in s]
+    assert order == sorted(order) and s == subsample(items, 10, seed=4) and len(s) == 10
+    assert subsample(items, None, 0) == items
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
@@ -302,9 +304,9 @@ def test_gguf_export_of_a_llama_model_needs_no_llama_cpp(ws, cli, tiny_base, tmp
     """tunelab's own converter writes Llama-architecture GGUFs; llama.cpp's scripts are not needed."""
     from gguf import GGUFReader  # a core dependency (the bundled model ships as GGUF)
 
-    from tunelab.finetune import exporter
+    from tunelab.models import gguf
 
-    monkeypatch.setattr(exporter, "find_converter", lambda script=exporter.CONVERTER: None)
+    monkeypatch.setattr(gguf, "find_converter", lambda script=gguf.CONVERTER: None)
     r = cli("finetune", "--data", "sms", "--prompt", "spam", "--name", "g", "--base", tiny_base, "--max-steps", "1",
             "--max-val-examples", "2", "--json")
     assert r.exit_code == 0, r.output

@@ -13,7 +13,8 @@ from sqlalchemy import select
 
 from tests.prompts import SPAM_PROMPT as PROMPT
 from tunelab.datasets import Example, save_dataset
-from tunelab.finetune.launch import command, shard
+from tunelab.finetune.distributed import shard
+from tunelab.finetune.launch import command
 from tunelab.finetune.config import FineTuneConfig
 from tunelab.store.models import FineTuneRow
 

@@ -1,4 +1,4 @@
-"""`tunelab flow DATA_DIR`: the demo's whole flow on a user's own labelled folder (tunelab.demo.flow_for)."""
+"""`tunelab flow DATA_DIR`: the demo's whole flow on a user's own labelled folder (tunelab.flow.flow_for)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.demo import flow_for, flow_name
+from tunelab.flow import flow_for, flow_name
 
 # A tiny labelled dataset written for these tests: 3 labels x 16 distinct sentences.
 _TOPICS = {
@@ -112,7 +112,7 @@ def test_cli_missing_folder_and_no_train_data(cli, tmp_path):
 
 def _imported(tmp_path, source: Path, quick: bool = False):
     from tunelab.datasets import get_dataset
-    from tunelab.demo import _import_data
+    from tunelab.flow import _import_data
     from tunelab.workspace import Workspace
 
     flow = flow_for(source)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tunelab.models.base import Request
-from tunelab.models.fused import FusedLlama
+from tunelab.models.local.fused import FusedLlama
 from tunelab.models.local import LocalModel
 
 
@@ -127,7 +127,7 @@ def test_local_model_answers_the_same_with_and_without_the_fused_pass(bundled_mo
     plain.fused_pass = False
     try:
         a, b = fused.complete(requests), plain.complete(requests)
-        assert fused._fused() is not None and plain._fused() is None
+        assert fused.fused() is not None and plain.fused() is None
     finally:
         fused.close()
         plain.close()

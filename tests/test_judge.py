@@ -9,7 +9,7 @@ import json
 import pytest
 
 from tunelab.datasets import Example, save_dataset
-from tunelab.evaluate import evaluate, resolve_candidate
+from tunelab.evaluate import evaluate, resolve_candidate, run_rows
 from tunelab.judge import Judge, cohen_kappa, mcc, pairwise
 from tunelab.models import load_model
 from tunelab.models.base import Completion
@@ -115,11 +115,13 @@ def test_judge_metric_in_an_evaluation(workspace, cli):
 def test_pairwise_asks_both_orders(workspace, cli):
     run_a, run_b = _two_runs(workspace)
     fair = FakeModel(rules={"response a:\naside": "A", "response b:\naside": "B"})  # always prefers run a
-    result = pairwise(workspace, run_a.id, run_b.id, Judge(fair))
+    rows_a, rows_b = run_rows(workspace, run_a.id), run_rows(workspace, run_b.id)
+    result = pairwise(Judge(fair), rows_a, rows_b, run_a.id, run_b.id)
+    assert (result.a, result.b) == (run_a.id, run_b.id)
     assert (result.a_wins, result.b_wins, result.ties, result.position_flips) == (3, 0, 0, 0)
     assert result.a_win_rate == 1.0 and len(fair.calls) == 6
     biased = FakeModel(answers=["A"] * 6)  # always the first position: every choice flips
-    result = pairwise(workspace, run_a.id, run_b.id, Judge(biased))
+    result = pairwise(Judge(biased), rows_a, rows_b)
     assert (result.a_wins, result.b_wins, result.ties, result.position_flips) == (0, 0, 3, 3)
     assert result.a_win_rate == 0.5
     judge = load_model("fake:pj", workspace)
@@ -127,3 +129,28 @@ def test_pairwise_asks_both_orders(workspace, cli):
     r = cli("eval", "judge-pairwise", run_a.id, run_b.id, "--judge", "fake:pj", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["b_wins"] == 3
+
+
+def test_the_judge_reads_the_workspace_given_and_grades_a_batch_in_one_call(tmp_path, cli, monkeypatch):
+    """`tunelab -w X eval --metric judge` takes X's judge settings (not the current folder's), and a
+    batch of answers costs the judge one model call, not one per row."""
+    from tunelab.workspace import Workspace
+
+    monkeypatch.delenv("TUNELAB_WORKSPACE", raising=False)
+    ws = Workspace.init(tmp_path / "with-judge")
+    config = ws.root / "tunelab.yaml"
+    config.write_text(config.read_text() + "judge:\n  model: fake:grader-x\n  scale: [1, 10]\n")
+    elsewhere = Workspace.init(tmp_path / "elsewhere")  # the current folder: its own (default) settings
+    save_dataset(ws, "qa", {"test": [Example(f"q-{i}", "ref") for i in range(6)]})
+    (ws.prompts_dir / "echo.prompt").write_text(TEXT_PROMPT)
+    grader = load_model("fake:grader-x", Workspace(ws.root))
+    grader.rules.update({"q-": "10"})
+    batches = []
+    inner = grader.complete
+    monkeypatch.setattr(grader, "complete", lambda requests: batches.append(len(requests)) or inner(requests))
+    r = cli("-w", ws.root, "eval", "echo", "--data", "qa:test", "--model", "fake", "--metric", "judge", "--json",
+            cwd=elsewhere.root)
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)["metrics"]["judge"]
+    assert m["details"]["judge"] == "grader-x" and m["details"]["scale"] == [1, 10] and m["value"] == 1.0
+    assert batches == [6]  # one call for the batch

@@ -39,7 +39,7 @@ def llama():
 # -- default run: no llama_cpp needed -----------------------------------------------------------------
 
 def test_permute_qk_interleaves_the_rotary_halves_per_head():
-    from tunelab.finetune.gguf import permute_qk
+    from tunelab.models.gguf import permute_qk
 
     # 2 heads of dimension 4: rows [a0 a1 b0 b1] per head become [a0 b0 a1 b1]
     w = np.arange(8 * 3).reshape(8, 3)
@@ -57,7 +57,7 @@ def test_label_grammar_escapes_and_lists_every_label():
 
 def test_converter_refuses_other_architectures_with_a_clear_error(tmp_path):
     from tunelab.errors import UserError
-    from tunelab.finetune.gguf import convert_model
+    from tunelab.models.gguf import convert_model
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(UserError, match="Llama-architecture models; this one is GPT2LMHeadModel"):
@@ -66,10 +66,8 @@ def test_converter_refuses_other_architectures_with_a_clear_error(tmp_path):
 
 
 def test_gguf_export_of_another_architecture_without_llama_cpp_says_how(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
     from tunelab.errors import UserError
-    from tunelab.finetune import exporter
+    from tunelab.models.gguf import to_gguf
 
     monkeypatch.setenv("TUNELAB_LLAMA_CPP", str(tmp_path / "no-llama.cpp"))
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -77,9 +75,8 @@ def test_gguf_export_of_another_architecture_without_llama_cpp_says_how(tmp_path
     model = tmp_path / "ft" / "model"
     model.mkdir(parents=True)
     (model / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
-    row = SimpleNamespace(name="g", method="full", base="gpt2")
     with pytest.raises(UserError) as err:
-        exporter.write_gguf(tmp_path / "ft", row, tmp_path / "g.gguf")
+        to_gguf(model, tmp_path / "g.gguf", name="ft:g")
     message = str(err.value)
     assert "GPT2LMHeadModel" in message and "convert_hf_to_gguf.py" in message and "tunelab[llamacpp]" in message
     assert "\n" not in message and not list(tmp_path.glob("*.gguf"))
@@ -179,7 +176,7 @@ def test_converted_base_model_matches_torch(llama, bundled_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.finetune.gguf import convert_model
+    from tunelab.models.gguf import convert_model
 
     path = convert_model(bundled_model_dir, tmp_path / "base-f32.gguf", "f32")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False)

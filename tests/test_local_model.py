@@ -9,7 +9,7 @@ import pytest
 
 from tunelab.errors import UserError
 from tunelab.models.base import Request
-from tunelab.models import local
+from tunelab.models.local import engine
 from tunelab.models.local import (
     LocalModel,
     build_trie,
@@ -252,7 +252,7 @@ def test_label_scores_without_a_shared_prefix_are_the_same(fp32_model, monkeypat
     requests = [Request(messages=chat(f"Is '{t}' spam or ham?"), labels=["ham", "spam"])
                 for t in ("see you at 5", "WIN cash now, txt 80082")]
     shared = fp32_model.complete(requests)
-    monkeypatch.setattr(local, "MIN_SHARED_PREFIX", 10**6)
+    monkeypatch.setattr(engine, "MIN_SHARED_PREFIX", 10**6)
     plain = fp32_model.complete(requests)
     assert plain[0].meta["shared_prefix_tokens"] == 0 < shared[0].meta["shared_prefix_tokens"]
     for a, b in zip(shared, plain):

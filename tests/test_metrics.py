@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from tunelab.errors import NotFound, UserError
-from tunelab.metrics import (Answer, OutputInfo, aggregate, default_metric_names, make_metric, make_metrics,
-                             parse_json, score_answer)
+from tunelab.prompts import OutputSpec
+from tunelab.metrics import (Answer, aggregate, default_metric_names, make_metric, make_metrics,
+                             parse_json, score_answers)
 
-LABELS = OutputInfo(type="label", labels=["a", "b", "c"])
+LABELS = OutputSpec(type="label", labels=["a", "b", "c"])
 
 
 def answers(pairs, **extra):
@@ -77,7 +78,7 @@ def test_format_valid_does_not_count_rows_outside_the_free_answer_sample():
     ]
     fmt = make_metric("format_valid", LABELS)
     assert [fmt.score(a) for a in ans] == [1.0, 0.0, None, None]
-    assert "format_valid" not in score_answer([fmt], ans[2])
+    assert "format_valid" not in score_answers([fmt], [ans[2]])[0]
     vals = aggregate(make_metrics(["format_valid", "free_accuracy"], LABELS), ans)
     assert vals["format_valid"].value == pytest.approx(1 / 2) and vals["format_valid"].n == 2
     assert vals["free_accuracy"].n == 2
@@ -88,7 +89,7 @@ def test_format_valid_does_not_count_rows_outside_the_free_answer_sample():
 
 
 def test_text_metrics():
-    out = OutputInfo(type="text")
+    out = OutputSpec(type="text")
     ans = answers([("Paris", "Paris"), ("Paris", " paris. "), ("New York", "I think new york!"), ("Rome", "Milan")])
     vals = aggregate(make_metrics(["exact_match", "normalized_match", "contains", r"regex:^\s*[A-Z]"], out), ans)
     assert vals["exact_match"].value == pytest.approx(1 / 4)
@@ -116,7 +117,7 @@ def test_json_metrics_hand_computed():
     schema = {"type": "object", "properties": {"people": {"type": "string"}, "time": {"type": "string"},
                                                "date": {"type": "string"}},
               "additionalProperties": False}
-    out = OutputInfo(type="json", schema=schema)
+    out = OutputSpec(type="json", schema=schema)
     ans = answers([
         (json.dumps({"people": "4", "time": "7pm"}), json.dumps({"people": "4", "time": "8pm", "date": "x"})),
         ("{}", "{}"),
@@ -138,13 +139,13 @@ def test_json_metrics_hand_computed():
     assert per["time"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
     assert per["extra"]["support"] == 0 and per["extra"]["precision"] == 0.0
     # per-example scores for the failures view
-    s = score_answer(make_metrics(["field_f1"], out), ans[1])
+    s = score_answers(make_metrics(["field_f1"], out), [ans[1]])[0]
     assert s["field_f1"] == 1.0  # nothing expected, nothing predicted
 
 
 def test_json_schema_metric_needs_a_schema():
     with pytest.raises(UserError, match="needs a JSON schema"):
-        make_metric("json_schema", OutputInfo(type="json"))
+        make_metric("json_schema", OutputSpec(type="json"))
 
 
 def test_unknown_metric_is_not_found():

@@ -315,8 +315,8 @@ def test_cli_optimize(cli, workspace, tiny):
 
 
 def test_choose_winner_prefers_the_shortest_within_the_best_interval():
-    from tunelab.optimize.demos import DemoSpec
-    from tunelab.optimize.search import Trial, choose_winner
+    from tunelab.demos import DemoSpec
+    from tunelab.optimize import Trial, choose_winner
     from tunelab.optimize.space import InstructionVariant
 
     def trial(i, score, lo, tokens, demos=DemoSpec("none"), status="ok"):
@@ -338,10 +338,9 @@ def test_choose_winner_prefers_the_shortest_within_the_best_interval():
     # too long for the cap: neither the best nor anything over it can win
     assert choose_winner([best, close, far], max_prompt_tokens=100) == (close, close)
     assert choose_winner([best], max_prompt_tokens=100) == (None, None)
-    # per-input demos that a prompt version cannot store cannot win
+    # per-input demos compete like any other (a prompt version stores them as a selector)
     knn = trial(5, 0.99, 0.95, 100, demos=DemoSpec("knn_tfidf", k=4))
-    assert choose_winner([best, knn], per_input_storable=False) == (best, best)
-    assert choose_winner([best, knn], per_input_storable=True) == (knn, knn)
+    assert choose_winner([best, knn]) == (knn, knn)
     # screened-only and rejected candidates never win
     assert choose_winner([best, trial(6, 1.0, 0.9, 10, status="screened"),
                           trial(7, 1.0, 0.9, 10, status="too_long")]) == (best, best)
@@ -390,37 +389,23 @@ class NeighbourCopier(FakeModel):
 
 
 def test_nearest_demos_are_chosen_per_input(workspace, tiny):
-    from tunelab.optimize.demos import NearestDemos
-    from tunelab.optimize.search import NearestDemoCandidate
+    """A per-input candidate of the search is a PromptCandidate holding a DemoSelector: exactly what a
+    committed version with `demos: {strategy: knn_tfidf}` resolves to."""
+    from tunelab.demos import DemoSelector
+    from tunelab.evaluate import PromptCandidate
 
     seed = load_prompt(workspace, "spam")
-    index = NearestDemos(tiny.split("train"), "tfidf")
-    cand = NearestDemoCandidate(seed, FakeModel(), index, 2, {"dataset": "tiny", "split": "train", "k": 2,
-                                                                 "strategy": "knn_tfidf"}, free_text=False)
+    selector = DemoSelector("knn_tfidf", 2, "tiny", tiny.version, "train", tiny.split("train"))
+    cand = PromptCandidate(seed, FakeModel(), selector, free_text=False)
     a, b = cand.requests([Example("win a cash prize now", ""), Example("lunch at noon with bob", "")])
     demo_inputs = lambda req: [m["content"] for m in req.messages[1:-1] if m["role"] == "user"]  # noqa: E731
     assert all("prize" in t for t in demo_inputs(a)) and all("lunch" in t for t in demo_inputs(b))
-    plain = NearestDemoCandidate(seed, FakeModel(), index, 4, {**cand.selector, "k": 4}, free_text=False)
+    wider = DemoSelector("knn_tfidf", 4, "tiny", tiny.version, "train", tiny.split("train"))
+    plain = PromptCandidate(seed, FakeModel(), wider, free_text=False)
     assert cand.fingerprint != plain.fingerprint  # the selector is part of what is cached and keyed
 
 
-def test_unstorable_nearest_demos_cannot_win_but_are_reported(workspace, tiny, monkeypatch):
-    import tunelab.optimize.search as search
-
-    monkeypatch.setattr(search, "knn_storable", lambda: False)
-    result = optimize(workspace, "spam", "tiny", budget=12, model=NeighbourCopier(name="copier"),
-                      demo_strategies=("random", "knn_tfidf"), test=False, progress=False)
-    knn = [c for c in result.candidates if c["demos"]["strategy"] == "knn_tfidf" and c["status"] == "ok"]
-    assert knn and max(c["score"] for c in knn) == 1.0
-    assert result.winner["demos"]["strategy"] != "knn_tfidf"
-    assert any("per-input demos cannot be committed" in n for n in result.notes)
-
-
 def test_a_nearest_neighbour_winner_is_committed_as_a_selector(workspace, tiny):
-    from tunelab.optimize.search import knn_storable
-
-    if not knn_storable():
-        pytest.xfail("tunelab.evaluate.PromptCandidate lists its demos, so a kNN version cannot be committed")
     model = NeighbourCopier(name="copier")
     result = optimize(workspace, "spam", "tiny", budget=12, model=model, demo_strategies=("random", "knn_tfidf"),
                       test=False, progress=False)
@@ -458,10 +443,7 @@ def test_a_seed_with_nearest_demos_is_scored_per_input(workspace, tiny):
 
 def test_cli_commits_a_knn_winner_and_eval_reproduces_its_score(cli, workspace, tiny, monkeypatch):
     import tunelab.models as models
-    from tunelab.optimize.search import knn_storable
 
-    if not knn_storable():
-        pytest.xfail("tunelab.evaluate.PromptCandidate lists its demos, so a kNN version cannot be committed")
     build = models._build
     monkeypatch.setattr(models, "_build", lambda spec, ws, **o: NeighbourCopier(name=spec) if spec == "copier"
                         else build(spec, ws, **o))

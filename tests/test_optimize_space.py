@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from tunelab.datasets import Example
-from tunelab.optimize.demos import DemoSpec, NearestDemos, TfidfVectors, select_fixed
+from tunelab.demos import DemoSpec, NearestDemos, TfidfVectors
 from tunelab.optimize.proposer import parse_instruction
 from tunelab.optimize.space import fallback_label, format_contract, instruction_variants
 
@@ -17,21 +17,21 @@ POOL = [Example(f"free prize money win {i}", "spam") for i in range(6)] + \
 
 
 def test_stratified_demos_cover_every_label_interleaved():
-    demos = select_fixed(POOL, DemoSpec("stratified", per_label=2), ["ham", "spam", "other"], seed=1)
+    demos = DemoSpec("stratified", per_label=2).draw(POOL, ["ham", "spam", "other"], seed=1)
     assert Counter(d.output for d in demos) == {"ham": 2, "spam": 2, "other": 2}
     first_round = {d.output for d in demos[:3]}
     assert first_round == {"ham", "spam", "other"}  # a, b, c then a, b, c
     assert all(d in POOL for d in demos)
     # seeded: the same seed, the same demos; another seed, others
-    assert demos == select_fixed(POOL, DemoSpec("stratified", per_label=2), ["ham", "spam", "other"], seed=1)
+    assert demos == DemoSpec("stratified", per_label=2).draw(POOL, ["ham", "spam", "other"], seed=1)
 
 
 def test_random_demos_are_seeded_and_sized():
-    a = select_fixed(POOL, DemoSpec("random", k=4), seed=3)
+    a = DemoSpec("random", k=4).draw(POOL, seed=3)
     assert len(a) == 4 and len({id(x) for x in a}) == 4
-    assert a == select_fixed(POOL, DemoSpec("random", k=4), seed=3)
-    assert select_fixed(POOL, DemoSpec("none"), seed=3) == []
-    assert len(select_fixed(POOL[:2], DemoSpec("random", k=8))) == 2  # never more than the pool
+    assert a == DemoSpec("random", k=4).draw(POOL, seed=3)
+    assert DemoSpec("none").draw(POOL, seed=3) == []
+    assert len(DemoSpec("random", k=8).draw(POOL[:2])) == 2  # never more than the pool
 
 
 def test_tfidf_neighbours_are_the_similar_inputs_nearest_last():

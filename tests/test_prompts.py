@@ -11,7 +11,6 @@ from tunelab.prompts import (
     commit_prompt,
     current_version,
     diff_prompts,
-    draw_demos,
     list_prompts,
     load_prompt,
     parse_prompt,
@@ -223,11 +222,16 @@ def test_replace_and_to_text_round_trip():
 
 
 def test_draw_demos_random_and_stratified():
+    """One meaning of "stratified" for prompt files and the optimizer: labels in turn, a round each."""
+    from tunelab.demos import DemoSpec, draw
+
     exs = [Example(f"a{i}", "a") for i in range(10)] + [Example(f"b{i}", "b") for i in range(2)]
-    strat = draw_demos(exs, 4, "stratified", seed=1)
+    strat = draw(exs, 4, "stratified", seed=1)
     assert sorted(e.output for e in strat) == ["a", "a", "b", "b"]
-    assert draw_demos(exs, 4, "random", seed=1) == draw_demos(exs, 4, "random", seed=1)
-    assert len(draw_demos(exs, 50, "random")) == 12
+    assert {e.output for e in strat[:2]} == {"a", "b"}  # round one holds every label
+    assert strat == DemoSpec("stratified", per_label=2).draw(exs, seed=1)  # the optimizer's spec: the same draw
+    assert draw(exs, 4, "random", seed=1) == draw(exs, 4, "random", seed=1)
+    assert len(draw(exs, 50, "random")) == 12
 
 
 def test_demos_drawn_from_a_dataset(workspace):

@@ -10,8 +10,9 @@ import pytest
 from tunelab.datasets import Example, save_dataset
 from tunelab.errors import NotFound, UserError
 from tunelab.models.fake import FakeModel
-from tunelab.prompts import (DemoSelector, DemoSource, commit_prompt, load_prompt, parse_prompt, prompt_path,
-                             write_text_atomic)
+from tunelab.demos import DemoSelector
+from tunelab.files import write_atomic
+from tunelab.prompts import DemoSource, commit_prompt, load_prompt, parse_prompt, prompt_path
 
 TRAIN = [
     Example("cheap pills online pharmacy", "spam"),
@@ -36,7 +37,7 @@ user:
 @pytest.fixture
 def sms(workspace):
     ds = save_dataset(workspace, "sms", {"train": TRAIN, "test": [Example("see you at noon", "ham")]})
-    write_text_atomic(prompt_path(workspace, "knn"), KNN)
+    write_atomic(prompt_path(workspace, "knn"), KNN)
     return ds
 
 
@@ -86,7 +87,7 @@ def test_selector_picks_the_nearest_per_input_deterministically(workspace, sms):
 
 
 def test_ties_go_to_the_earlier_example_and_an_input_is_never_its_own_demo(workspace):
-    from tunelab.optimize.demos import NearestDemos
+    from tunelab.demos import NearestDemos
 
     pool = [Example("alpha beta", "first"), Example("alpha beta", "second"), Example("gamma delta", "third")]
     index = NearestDemos(pool, "tfidf")
@@ -119,7 +120,7 @@ def test_missing_dataset_split_or_too_large_k_name_the_prompt_file_and_field(wor
              ("split: train", "split: validation", NotFound, "has no split 'validation'"),
              ("k: 2", "k: 7", UserError, "k 7 is larger than the 6 examples")]
     for old, new, kind, words in cases:
-        write_text_atomic(prompt_path(workspace, "bad"), KNN.replace(old, new, 1))
+        write_atomic(prompt_path(workspace, "bad"), KNN.replace(old, new, 1))
         with pytest.raises(kind) as err:
             load_prompt(workspace, "bad").resolve_demos(workspace)
         message = str(err.value)
@@ -180,7 +181,7 @@ def test_the_gateway_serves_a_knn_prompt(workspace, sms, monkeypatch):
     from tunelab.server.auth import create_key
     from tunelab.server.logs import list_calls
 
-    write_text_atomic(prompt_path(workspace, "knn"), KNN.replace("---\noutput", "---\nmodel: copier\noutput"))
+    write_atomic(prompt_path(workspace, "knn"), KNN.replace("---\noutput", "---\nmodel: copier\noutput"))
     commit_prompt(workspace, "knn", "nearest demos")
     build = models._build
     monkeypatch.setattr(models, "_build", lambda spec, ws, **o: NeighbourCopier(name=spec) if spec == "copier"

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.advise import advise
-from tunelab.compare import SCHEMA, break_even_pairs, horizon_cost
-from tunelab.report import render_html, table_rows, write_report
+from tunelab.compare import (SCHEMA, CandidateEntry, Comparison, advise, break_even_pairs, horizon_cost, render_html,
+                             table_rows, write_report)
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -39,7 +38,7 @@ def _cand(name, kind, value, setup, per_req, *, lat=0.05, confusion=True, curves
     return c
 
 
-def sample_comparison() -> dict:
+def sample_comparison() -> Comparison:
     cands = [
         _cand("support-router@1a2b", "prompt", 0.78, 0.0, 0.00003, lat=0.09),
         _cand("ft:support", "ft", 0.88, 0.02, 0.00001, lat=0.03, curves=True),
@@ -56,13 +55,16 @@ def sample_comparison() -> dict:
         "pairwise": [{"a": "hybrid:support", "b": "support-router@1a2b", "test": "mcnemar", "p_value": 0.0004, "difference": 0.12, "significant": True},
                      {"a": "hybrid:support", "b": "ft:support", "test": "mcnemar", "p_value": 0.31, "difference": 0.02, "significant": False},
                      {"a": "ft:support", "b": "support-router@1a2b", "test": "mcnemar", "p_value": 0.002, "difference": 0.10, "significant": True}],
-        "break_even": break_even_pairs(cands, 50_000),
-        "learning_curve": {"candidate": "ft:support", "points": [
-            {"fraction": f, "n_train": int(900 * f), "metric": {"value": v, "low": v - 0.07, "high": v + 0.06}, "wall_s": 60 * f}
+        "break_even": [b.model_dump() for b in break_even_pairs([CandidateEntry.model_validate(c) for c in cands],
+                                                                 50_000)],
+        "learning_curve": {"candidate": "ft:support", "metric": "accuracy", "points": [
+            {"fraction": f, "n_train": int(900 * f), "candidate": f"ft:support-lc{int(f * 100)}",
+             "metric": {"value": v, "low": v - 0.07, "high": v + 0.06}, "wall_s": 60 * f}
             for f, v in [(0.1, 0.55), (0.25, 0.7), (0.5, 0.82), (1.0, 0.88)]]},
     }
-    comp["recommendation"] = advise(comp)
-    return comp
+    comparison = Comparison.model_validate(comp)
+    comparison.recommendation = advise(comparison)
+    return comparison
 
 
 def test_table_has_every_aspect():
@@ -92,10 +94,10 @@ def test_html_is_self_contained(tmp_path):
 
 def test_report_without_optional_parts(tmp_path):
     comp = sample_comparison()
-    for c in comp["candidates"]:
-        c.update(confusion=None, training_curves=None, routing=None)
-    comp["learning_curve"] = None
-    comp["recommendation"] = None
+    for c in comp.candidates:
+        c.confusion = c.training_curves = c.routing = None
+    comp.learning_curve = None
+    comp.recommendation = None
     html = render_html(comp)
     assert len(re.findall(r"<img ", html)) == 3  # metric, cost, latency
 

@@ -10,7 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tunelab.datasets import Example, get_dataset, save_dataset
-from tunelab.prompts import commit_prompt, tag_prompt, write_text_atomic
+from tunelab.files import write_atomic
+from tunelab.prompts import commit_prompt, tag_prompt
 from tunelab.server.app import create_app
 from tunelab.server.auth import authenticate, create_key
 from tunelab.server.jobs import Worker, claim_job, enqueue_job, get_job, requeue_stale
@@ -27,7 +28,7 @@ user:
 
 @pytest.fixture
 def ws(workspace):
-    write_text_atomic(workspace.prompts_dir / "sms.prompt", PROMPT)
+    write_atomic(workspace.prompts_dir / "sms.prompt", PROMPT)
     commit_prompt(workspace, "sms", "first")
     tag_prompt(workspace, "sms@current", "production")
     examples = [Example(input=w, output=w) for w in ("spam", "ham", "spam", "ham", "hello")]
@@ -65,7 +66,7 @@ def test_every_gateway_call_is_logged_with_version_tokens_and_cost(ws):
 def test_failed_calls_are_logged_as_errors(ws):
     client, h = _client(ws)
     bad = PROMPT.replace("{{ input }}", "{{ input }} {{ missing_variable }}")
-    write_text_atomic(ws.prompts_dir / "broken.prompt", bad)
+    write_atomic(ws.prompts_dir / "broken.prompt", bad)
     r = client.post("/v1/chat/completions", headers=h, json={
         "model": "broken", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 400
@@ -172,9 +173,9 @@ def test_two_workers_never_claim_the_same_job(ws):
 
 
 def test_every_page_renders_for_a_viewer(ws, cli):
-    from tunelab.evaluate import evaluate
+    from tunelab.evaluate import evaluate, resolve_candidate
 
-    run = evaluate(ws, "sms", "sms:test", progress=False)
+    run = evaluate(ws, resolve_candidate(ws, "sms"), "sms:test", progress=False)
     client, _ = _client(ws)
     _, viewer = create_key(ws, "vic", "viewer")
     assert client.post("/login", data={"api_key": viewer}).status_code == 200  # redirected to the prompts page
@@ -256,7 +257,7 @@ def test_concurrent_calls_to_a_local_model_share_batches():
 
     from tunelab.models.base import Request
     from tunelab.models.fake import FakeModel
-    from tunelab.server.app import Batcher
+    from tunelab.server.gateway import BatchedModel
 
     class SlowLocal(FakeModel):
         backend = "local"
@@ -270,14 +271,18 @@ def test_concurrent_calls_to_a_local_model_share_batches():
             return super().complete(requests)
 
     model = SlowLocal("slow")
-    batcher = Batcher(model, max_batch=8)
+    batched = BatchedModel(model, max_batch=8)
     with ThreadPoolExecutor(9) as pool:
         texts = [f"message {i}" for i in range(9)]
-        out = list(pool.map(lambda t: batcher.complete(Request(messages=[{"role": "user", "content": t}])), texts))
+        out = list(pool.map(lambda t: batched.complete([Request(messages=[{"role": "user", "content": t}])])[0],
+                            texts))
     assert [c.text for c in out] == texts  # every caller gets its own answer
     assert sum(model.sizes) == 9 and max(model.sizes) > 1 and len(model.sizes) < 9
     with pytest.raises(RuntimeError, match="model failed"):
-        batcher.complete(Request(messages=[{"role": "user", "content": "boom"}]))
+        batched.complete([Request(messages=[{"role": "user", "content": "boom"}])])
+    batched.close()  # its thread ends; the wrapped model is untouched
+    batched._thread.join(timeout=5)
+    assert not batched._thread.is_alive()
 
 
 def test_a_finetune_job_trains_through_the_launcher_its_config_names(ws, monkeypatch):

@@ -7,8 +7,10 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
-from tunelab.prompts import commit_prompt, tag_prompt, write_text_atomic
-from tunelab.server.app import SESSION_COOKIE, create_app
+from tunelab.files import write_atomic
+from tunelab.prompts import commit_prompt, tag_prompt
+from tunelab.server.app import create_app
+from tunelab.server.auth import SESSION_COOKIE
 from tunelab.server.auth import create_key
 from tunelab.workspace import Workspace
 
@@ -23,7 +25,7 @@ user:
 
 @pytest.fixture
 def server(workspace):
-    write_text_atomic(workspace.prompts_dir / "greet.prompt", PROMPT)
+    write_atomic(workspace.prompts_dir / "greet.prompt", PROMPT)
     commit_prompt(workspace, "greet", "first")
     tag_prompt(workspace, "greet@current", "production")
     keys = {role: create_key(workspace, f"{role}-key", role)[1] for role in ("viewer", "editor", "admin")}
@@ -210,7 +212,7 @@ def test_keys_never_appear_in_logs_pages_or_the_database(server, cli, capsys):
 
 
 def test_rate_limit_per_key_is_429_with_retry_after(workspace):
-    write_text_atomic(workspace.prompts_dir / "greet.prompt", PROMPT)
+    write_atomic(workspace.prompts_dir / "greet.prompt", PROMPT)
     _, a = create_key(workspace, "a", "viewer")
     _, b = create_key(workspace, "b", "viewer")
     client = TestClient(create_app(workspace, rate=0.5, burst=3))

@@ -117,8 +117,9 @@ def test_migrating_an_empty_postgres_database_makes_the_models_schema(pg_url):
 
 def test_datasets_prompts_runs_and_logs_round_trip_on_postgres(pg_workspace):
     from tunelab.datasets import Example, get_dataset, save_dataset
-    from tunelab.evaluate import evaluate, run_rows
-    from tunelab.prompts import commit_prompt, load_prompt, prompt_log, tag_prompt, write_text_atomic
+    from tunelab.evaluate import evaluate, resolve_candidate, run_rows
+    from tunelab.files import write_atomic
+    from tunelab.prompts import commit_prompt, load_prompt, prompt_log, tag_prompt
     from tunelab.server.auth import authenticate, create_key
     from tunelab.server.logs import list_calls, log_call
 
@@ -130,18 +131,18 @@ def test_datasets_prompts_runs_and_logs_round_trip_on_postgres(pg_workspace):
     back = get_dataset(ws, "sms")
     assert back.version == ds.version and back.split("test") == examples and back.labels == ["ham", "spam"]
 
-    write_text_atomic(ws.prompts_dir / "sms.prompt",
+    write_atomic(ws.prompts_dir / "sms.prompt",
                       "---\nmodel: fake\noutput: {type: label, labels: [spam, ham]}\n---\n{{ input }}\n")
     v1 = commit_prompt(ws, "sms", "first")
     tag_prompt(ws, "sms@current", "production")
     assert load_prompt(ws, "sms@production").version == v1
     assert [c.message for c in prompt_log(ws, "sms")] == ["first"]
 
-    result = evaluate(ws, "sms@production", "sms:test", progress=False)
+    result = evaluate(ws, resolve_candidate(ws, "sms@production"), "sms:test", progress=False)
     rows = run_rows(ws, result.id)
     assert len(rows) == 4 and all(r.scores for r in rows)
     assert result.metrics["accuracy"]["value"] == pytest.approx(1.0)
-    again = evaluate(ws, "sms@production", "sms:test", progress=False)  # resumed/cached, not duplicated
+    again = evaluate(ws, resolve_candidate(ws, "sms@production"), "sms:test", progress=False)  # resumed/cached, not duplicated
     assert again.id == result.id and len(run_rows(ws, again.id)) == 4
 
     _, secret = create_key(ws, "pg-key", "editor")

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from tests.servers import serve_app
-from tunelab.prompts import commit_prompt, write_text_atomic
+from tunelab.prompts import commit_prompt
+from tunelab.files import write_atomic
 from tunelab.server.app import create_app
 from tunelab.server.auth import create_key
 
@@ -37,7 +38,7 @@ user:
 def test_edit_run_commit_diff_deploy_call_and_find_the_call_in_the_logs(workspace, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    write_text_atomic(workspace.prompts_dir / "greet.prompt", PROMPT)
+    write_atomic(workspace.prompts_dir / "greet.prompt", PROMPT)
     first = commit_prompt(workspace, "greet", "first version")
     _, admin_key = create_key(workspace, "alice", "admin")
     _, app_key = create_key(workspace, "checkout-app", "viewer")
@@ -119,5 +120,43 @@ def test_edit_run_commit_diff_deploy_call_and_find_the_call_in_the_logs(workspac
             except Exception as exc:  # noqa: BLE001
                 print(f"\nbrowser test failed at step '{step}'; no screenshot ({exc})")
             raise
+        finally:
+            browser.close()
+
+
+def test_the_comparisons_page_shows_each_recommendation(workspace, tmp_path):
+    """A comparison made with `compare()` (typed result, advice inside) is listed with its
+    recommendation's headline, and its report opens."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tunelab.compare import compare
+    from tunelab.datasets import Example, save_dataset
+
+    label_prompt = PROMPT.replace("output: {type: text}", "output: {type: label, labels: [spam, ham]}")
+    write_atomic(workspace.prompts_dir / "sms.prompt", label_prompt)
+    examples = [Example(w, w) for w in ("spam", "ham", "spam", "ham", "hello")]
+    save_dataset(workspace, "sms", {"train": examples, "validation": examples, "test": examples})
+    comp = compare(workspace, "sms:test", ["sms"], progress=False)
+    assert comp.recommendation is not None and comp.recommendation.candidate.startswith("sms@")
+    _, viewer = create_key(workspace, "vic", "viewer")
+    shots = Path(os.environ.get("TUNELAB_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    with serve_app(create_app(workspace)) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(f"{url}/login")
+            page.fill("#api_key", viewer)
+            page.click("#login")
+            page.wait_for_url(f"{url}/ui/prompts")
+            page.goto(f"{url}/ui/comparisons")
+            row = page.locator("#comparisons tr").nth(1)
+            expect(row.locator(".recommendation")).to_contain_text(comp.recommendation.headline)
+            expect(row).to_contain_text(comp.id)
+            page.screenshot(path=str(shots / "comparisons.png"))
+            with page.expect_popup() as popup:
+                row.locator(f"a[href='/ui/comparisons/{comp.id}/report']").click()
+            report = popup.value
+            expect(report.locator("#recommendation")).to_contain_text(comp.recommendation.headline)
         finally:
             browser.close()

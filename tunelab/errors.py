@@ -7,6 +7,8 @@ one, and say what was expected.
 
 from __future__ import annotations
 
+import difflib
+
 
 class UserError(Exception):
     """A problem with the user's input; printed as one line, exit status 2."""
@@ -36,29 +38,54 @@ class NotFound(UserError):
     """An unknown name: dataset, split, prompt, version, model, metric, run."""
 
 
-def read_text(path, *, missing: str = "not found", missing_error: type[UserError] = UserError) -> str:
-    """The UTF-8 text of a file the user named; a missing file, a folder or bytes that are not
-    UTF-8 are a `UserError` naming the path (`missing`: the message for a missing file)."""
-    from pathlib import Path
-
-    path = Path(path)
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise missing_error(missing, path=path) from None
-    except IsADirectoryError:
-        raise UserError("is a folder, not a file", path=path) from None
-    except UnicodeDecodeError:
-        raise UserError("is not UTF-8 text", path=path) from None
+def pydantic_message(exc, model=None) -> str:
+    """One line from a pydantic `ValidationError`: every problem, with the field path and what was
+    expected; an unknown key names the closest known one (`model`: the pydantic class validated,
+    for the known keys)."""
+    return "; ".join(pydantic_error_text(err, model) for err in exc.errors())
 
 
-def load_yaml(text: str, path: object = None):
-    """`yaml.safe_load(text)`; a syntax error is a `UserError` with the file and line."""
-    import yaml
+def pydantic_error_text(err: dict, model=None, *, known: list[str] | None = None) -> str:
+    """The text of one pydantic error (see `pydantic_message`); `known`: the keys accepted where
+    an unknown key was found, when the caller knows them better than `model` does."""
+    loc = tuple(err["loc"])
+    field = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        if known is None:
+            known = known_keys(model, loc[:-1]) if model is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        if close:
+            return f"unknown key '{field}' (did you mean '{close[0]}'?)"
+        return f"unknown key '{field}'" + (f" (known keys: {', '.join(known)})" if known else "")
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    got = "" if isinstance(value, (dict, list)) or value is None or err["type"] == "missing" else f" (got {value!r})"
+    return (f"field '{field}': " if field else "") + msg + got
 
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise UserError(f"YAML error: {getattr(exc, 'problem', exc)}", path=path,
-                        line=None if mark is None else mark.line + 1) from None
+
+def known_keys(model, loc: tuple = ()) -> list[str]:
+    """The keys the pydantic model nested at `loc` inside `model` accepts (by alias)."""
+    for part in loc:
+        if model is None:
+            return []
+        if not isinstance(part, str) or part not in getattr(model, "model_fields", {}):
+            continue  # a list index, a dict key or a union tag: the same model goes on
+        model = _model_in(model.model_fields[part].annotation)
+    fields = getattr(model, "model_fields", None) or {}
+    return [f.alias or name for name, f in fields.items()]
+
+
+def _model_in(annotation):
+    """The first pydantic model class inside a type annotation (Optional, list, dict, union)."""
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    for meta in getattr(annotation, "__metadata__", ()) or ():
+        found = _model_in(meta)
+        if found is not None:
+            return found
+    origin = getattr(annotation, "__origin__", None)
+    return _model_in(origin) if origin is not None and origin is not annotation else None

@@ -4,11 +4,13 @@
     judge.grade(examples, predictions)        -> [JudgeScore(score=4, normalized=0.75, text="4"), ...]
     report = judge_sample(ws, "answers:test", judge)   # grades each example's output; with
     report.mean, report.agreement                       # meta.human_score: Cohen's kappa, MCC
-    pairwise(ws, "RUN_A", "RUN_B", judge)     -> PairwiseResult (wins of A and B, ties; both orders asked)
+    pairwise(judge, rows_a, rows_b)           -> PairwiseResult (wins of A and B, ties; both orders asked)
 
-As a metric: `--metric judge` (the judge model and rubric of tunelab.yaml's `judge:` section, else
-the workspace's default model) or `--metric judge:MODEL` (any model spec). Scores are normalized to
-0-1: (score - low) / (high - low).
+As a metric: `--metric judge` (the judge model and rubric of the workspace's tunelab.yaml `judge:`
+section, else its default model) or `--metric judge:MODEL` (any model spec). It plugs into
+`tunelab.metrics` through the `tunelab.metrics` entry point group, as any plug-in metric does, and
+grades a whole batch of answers in one model call. Scores are normalized to 0-1:
+(score - low) / (high - low).
 
 How far to trust a judge is itself measured: on a sample whose examples carry a human grade in
 `meta.human_score` (on the judge's scale) or `meta.human_label` (pass/fail, good/bad, yes/no, 1/0),
@@ -22,12 +24,18 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
+
+from tunelab import stats as st
+from tunelab.canonical import plain
+from tunelab.datasets import Example, get_split
 from tunelab.errors import UserError
 from tunelab.metrics import Answer, Metric
+from tunelab.models import load_model
 from tunelab.models.base import Request, match_label
+from tunelab.prompts import OutputSpec
 
 if TYPE_CHECKING:
-    from tunelab.datasets import Example
     from tunelab.models.base import Model
     from tunelab.workspace import Workspace
 
@@ -104,13 +112,13 @@ class JudgeMetric(Metric):
         self.judge = judge
 
     def score(self, answer: Answer) -> float | None:
-        example = answer.example
-        if example is None:  # a stored row without its example: grade against the expected output
-            from tunelab.datasets import Example
+        return self.score_many([answer])[0]
 
-            example = Example(input="", output=answer.expected)
-        [result] = self.judge.grade([example], [answer.prediction])
-        return result.normalized
+    def score_many(self, answers: list[Answer]) -> list[float | None]:
+        """One batched call to the judge model for all the answers (a stored row without its
+        example is graded against its expected output)."""
+        examples = [a.example if a.example is not None else Example(input="", output=a.expected) for a in answers]
+        return [g.normalized for g in self.judge.grade(examples, [a.prediction for a in answers])]
 
     def details(self, answers: list[Answer]) -> dict | None:
         return {"judge": self.judge.model.name, "scale": [self.judge.low, self.judge.high],
@@ -118,18 +126,9 @@ class JudgeMetric(Metric):
 
 
 def make_judge(spec: str | None, ws: "Workspace | None" = None) -> Judge:
-    """The judge named by a metric spec: `judge` (tunelab.yaml's `judge:` section, else the default
-    model) or `judge:MODEL`."""
-    from tunelab.models import load_model
-
-    if ws is None:
-        try:
-            from tunelab.workspace import Workspace
-
-            ws = Workspace.find()
-        except UserError:
-            ws = None
-    settings = getattr(ws.config, "judge", None) if ws is not None else None
+    """The judge named by a metric spec: `judge` (the `judge:` section of `ws`'s tunelab.yaml,
+    else its default model) or `judge:MODEL`. Without a workspace: the bundled model, default rubric."""
+    settings = ws.config.judge if ws is not None else None
     model = spec or (settings.model if settings is not None and settings.model else None)
     if model is None:
         model = ws.config.default_model if ws is not None else "smollm2-135m"
@@ -138,10 +137,10 @@ def make_judge(spec: str | None, ws: "Workspace | None" = None) -> Judge:
     return Judge(load_model(model, ws))
 
 
-def judge_metric(name: str) -> JudgeMetric:
-    """The metric for `judge` or `judge:MODEL` (tunelab.metrics calls this)."""
+def judge_metric(name: str, output: "OutputSpec | None" = None, workspace: "Workspace | None" = None) -> JudgeMetric:
+    """The metric `judge` or `judge:MODEL` (the `tunelab.metrics` entry point)."""
     spec = name.split(":", 1)[1] if ":" in name else None
-    return JudgeMetric(name, make_judge(spec or None))
+    return JudgeMetric(name, make_judge(spec or None, workspace))
 
 
 # -- agreement with humans -------------------------------------------------------------------------
@@ -221,7 +220,7 @@ class JudgeReport:
     grades: list[int | None] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean_nan(asdict(self))
+        return plain(asdict(self))
 
 
 def agreement(judge: Judge, examples: Sequence["Example"], scores: Sequence[JudgeScore]) -> dict[str, Any]:
@@ -254,9 +253,6 @@ def agreement(judge: Judge, examples: Sequence["Example"], scores: Sequence[Judg
 def judge_sample(ws: "Workspace", data: str, judge: Judge, *, limit: int | None = None) -> JudgeReport:
     """Grade every example's `output` (the answer under review) of `data` and, where the examples
     carry human grades, the judge's agreement with them."""
-    from tunelab import stats as st
-    from tunelab.datasets import get_split
-
     ds, split, examples = get_split(ws, data)
     examples = list(examples)[:limit] if limit else list(examples)
     if not examples:
@@ -265,15 +261,13 @@ def judge_sample(ws: "Workspace", data: str, judge: Judge, *, limit: int | None 
         human_grade(ex, judge)
     scores = judge.grade(examples, [ex.output for ex in examples], reference=False)
     values = [s.normalized for s in scores if s.normalized is not None]
-    mean, lo, hi = _mean_interval(values, st)
+    mean, lo, hi = _mean_interval(values)
     return JudgeReport(judge=judge.model.name, data=f"{ds.name}@{ds.version}:{split}", n=len(examples),
                        n_graded=len(values), mean=mean, lo=lo, hi=hi, scale=[judge.low, judge.high],
                        agreement=agreement(judge, examples, scores), grades=[s.score for s in scores])
 
 
-def _mean_interval(values: list[float], st) -> tuple[float, float, float]:
-    import numpy as np
-
+def _mean_interval(values: list[float]) -> tuple[float, float, float]:
     if not values:
         return float("nan"), float("nan"), float("nan")
     s = np.column_stack([values, np.ones(len(values))])
@@ -297,23 +291,21 @@ class PairwiseResult:
     verdicts: list[str] = field(default_factory=list)  # per example: A | B | tie
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean_nan(asdict(self))
+        return plain(asdict(self))
 
 
-def pairwise(ws: "Workspace", run_a: str, run_b: str, judge: Judge, *, limit: int | None = None) -> PairwiseResult:
-    """Which run's answers the judge prefers, example by example (the examples both runs answered,
-    first repeat). Each pair is asked in both orders; a choice that flips with the order is a tie."""
-    from tunelab.evaluate import run_row, run_rows
-
-    ra, rb = run_row(ws, run_a), run_row(ws, run_b)
-    if (ra.dataset, ra.dataset_version, ra.split) != (rb.dataset, rb.dataset_version, rb.split):
-        raise UserError(f"runs {ra.id} and {rb.id} answered different data ({ra.dataset}@{ra.dataset_version}:"
-                        f"{ra.split} vs {rb.dataset}@{rb.dataset_version}:{rb.split}); compare runs on one split")
-    rows_a = {r.example_index: r for r in run_rows(ws, ra.id) if r.repeat_index == 0}
-    rows_b = {r.example_index: r for r in run_rows(ws, rb.id) if r.repeat_index == 0}
-    common = sorted(set(rows_a) & set(rows_b))[:limit] if limit else sorted(set(rows_a) & set(rows_b))
+def pairwise(judge: Judge, rows_a: Sequence[Any], rows_b: Sequence[Any], a: str = "A", b: str = "B", *,
+             limit: int | None = None) -> PairwiseResult:
+    """Which of two runs' answers the judge prefers, example by example: `rows_a`/`rows_b` are the
+    stored rows of two runs on the same split (`tunelab.evaluate.paired_rows`); the first repeat of
+    each example both answered. Each pair is asked in both orders; a choice that flips with the
+    order is a tie. `a`/`b` name the runs in the result."""
+    by_a = {r.example_index: r for r in rows_a if r.repeat_index == 0}
+    by_b = {r.example_index: r for r in rows_b if r.repeat_index == 0}
+    common = sorted(set(by_a) & set(by_b))[:limit] if limit else sorted(set(by_a) & set(by_b))
     if not common:
-        raise UserError(f"runs {ra.id} and {rb.id} share no answered examples")
+        raise UserError(f"runs {a} and {b} share no answered examples")
+    rows_a, rows_b = by_a, by_b
     requests = []
     for i in common:
         x, y = rows_a[i], rows_b[i]
@@ -332,16 +324,6 @@ def pairwise(ws: "Workspace", run_a: str, run_b: str, judge: Judge, *, limit: in
             verdicts.append("tie")
     a_wins, b_wins = verdicts.count("A"), verdicts.count("B")
     ties = len(verdicts) - a_wins - b_wins
-    return PairwiseResult(judge=judge.model.name, a=ra.id, b=rb.id, n=len(common), a_wins=a_wins, b_wins=b_wins,
+    return PairwiseResult(judge=judge.model.name, a=a, b=b, n=len(common), a_wins=a_wins, b_wins=b_wins,
                           ties=ties, position_flips=flips, a_win_rate=(a_wins + ties / 2) / len(common),
                           verdicts=verdicts)
-
-
-def _clean_nan(data: Any) -> Any:
-    if isinstance(data, float) and math.isnan(data):
-        return None
-    if isinstance(data, dict):
-        return {k: _clean_nan(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_clean_nan(v) for v in data]
-    return data

@@ -1,3 +1,4 @@
+# longer than 600 lines: every built-in metric is a small class here, with the one aggregation they share.
 """Metrics: a per-example score plus an aggregate, each with a 95% interval.
 
     metrics = make_metrics(["accuracy", "macro_f1"], output)     # or default_metric_names(output)
@@ -29,8 +30,12 @@ rows. With `--repeat K` the rows of one example are averaged first, so intervals
 examples, not over repeats. A metric whose per-example scores are all 0 or 1 (and one repeat)
 gets a Wilson interval; every other metric a seeded bootstrap.
 
-`output` is anything with `.type` ("label" | "json" | "text"), `.labels` and `.schema` (the
-prompt's `OutputSpec`, or `OutputInfo` here).
+`output` is the prompt's `OutputSpec` (or its stored dict; None: text).
+
+More metrics plug in through the `tunelab.metrics` entry point group, the way the LLM-as-judge
+does (`judge`, `judge:MODEL`: `tunelab.judge`): an entry point NAME is called as
+`factory(spec, output, workspace) -> Metric` for the metric `NAME` or `NAME:ARG`. A metric that
+answers best in batches (a judge model) overrides `score_many`.
 """
 
 from __future__ import annotations
@@ -41,38 +46,20 @@ import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, ClassVar
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
 from tunelab import stats as st
 from tunelab.errors import NotFound, UserError
 from tunelab.models.base import match_label, normalize
+from tunelab.prompts import OutputSpec
+
+if TYPE_CHECKING:
+    from tunelab.workspace import Workspace
 
 OUTPUT_TYPES = ("label", "json", "text")
-
-
-@dataclass
-class OutputInfo:
-    """What metrics need to know about the expected output (a stand-in for the prompt's OutputSpec)."""
-
-    type: str = "text"
-    labels: list[str] | None = None
-    schema: dict | None = None
-
-    @classmethod
-    def of(cls, output: Any) -> "OutputInfo":
-        if output is None:
-            return cls()
-        if isinstance(output, cls):
-            return output
-        if isinstance(output, dict):
-            return cls(type=output.get("type", "text"), labels=output.get("labels"), schema=output.get("schema"))
-        return cls(type=getattr(output, "type", "text") or "text", labels=list(getattr(output, "labels", None) or []) or None,
-                   schema=getattr(output, "schema", None))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -170,6 +157,10 @@ class Metric:
         """The score of one answer (None: not applicable to this answer)."""
         raise NotImplementedError
 
+    def score_many(self, answers: list[Answer]) -> list[float | None]:
+        """The scores of several answers; a metric that calls a model overrides this to batch."""
+        return [self.score(a) for a in answers]
+
     def stored_or_score(self, answer: Answer) -> float | None:
         if self.name in answer.scores:
             return answer.scores[self.name]
@@ -178,8 +169,10 @@ class Metric:
     def stats(self, answers: list[Answer]) -> np.ndarray:
         """Per-answer sufficient statistics (n x k). Default: [score, counted]."""
         out = np.zeros((len(answers), 2))
+        todo = [i for i, a in enumerate(answers) if self.name not in a.scores]
+        fresh = dict(zip(todo, self.score_many([answers[i] for i in todo])))
         for i, a in enumerate(answers):
-            s = self.stored_or_score(a)
+            s = fresh[i] if i in fresh else a.scores[self.name]
             if s is not None and not (isinstance(s, float) and math.isnan(s)):
                 out[i] = (float(s), 1.0)
         return out
@@ -249,7 +242,7 @@ class FormatValid(Metric):
 
     name = "format_valid"
 
-    def __init__(self, output: OutputInfo):
+    def __init__(self, output: OutputSpec):
         self.output = output
 
     def score(self, a: Answer) -> float | None:
@@ -271,7 +264,7 @@ class FreeAccuracy(Metric):
 
     name = "free_accuracy"
 
-    def __init__(self, output: OutputInfo):
+    def __init__(self, output: OutputSpec):
         self.output = output
 
     def score(self, a: Answer) -> float | None:
@@ -288,7 +281,7 @@ class MacroF1(Metric):
     binary = False
     per_example = False
 
-    def __init__(self, output: OutputInfo):
+    def __init__(self, output: OutputSpec):
         self.output = output
 
     def label_set(self, answers: list[Answer], only_seen: bool = False) -> list[str]:
@@ -353,7 +346,7 @@ class JsonValid(Metric):
 class JsonSchemaValid(Metric):
     name = "json_schema"
 
-    def __init__(self, output: OutputInfo):
+    def __init__(self, output: OutputSpec):
         if not output.schema:
             raise UserError("metric 'json_schema' needs a JSON schema in the prompt's output spec")
         import jsonschema
@@ -487,7 +480,7 @@ def _num(x, empty: float = float("nan")) -> float:
 
 # -- names -> metrics -----------------------------------------------------------------------------
 
-SIMPLE: dict[str, Callable[[OutputInfo], Metric]] = {
+SIMPLE: dict[str, Callable[[OutputSpec], Metric]] = {
     "accuracy": lambda o: Accuracy(),
     "macro_f1": MacroF1,
     "format_valid": FormatValid,
@@ -506,13 +499,22 @@ SIMPLE: dict[str, Callable[[OutputInfo], Metric]] = {
 PRIMARY = {"label": "accuracy", "json": "json_match", "text": "exact_match"}
 
 
+ENTRY_POINTS = "tunelab.metrics"  # plug-in metrics: NAME -> factory(spec, output, workspace) -> Metric
+
+
+def plugin_metrics() -> dict[str, Any]:
+    """The metric factories registered under the `tunelab.metrics` entry point group, by name."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINTS)}
+
+
 def metric_names() -> list[str]:
-    return sorted(SIMPLE) + ["regex:PATTERN", "judge[:MODEL]", "module:function"]
+    plugins = [f"{name}[:ARG]" for name in sorted(plugin_metrics())]
+    return sorted(SIMPLE) + ["regex:PATTERN", *plugins, "module:function"]
 
 
 def default_metric_names(output: Any) -> list[str]:
     """The metrics a run computes when none are named, by output type."""
-    out = OutputInfo.of(output)
+    out = OutputSpec.of(output)
     if out.type == "label":
         return ["accuracy", "macro_f1", "format_valid", "free_accuracy"]
     if out.type == "json":
@@ -524,28 +526,29 @@ def default_metric_names(output: Any) -> list[str]:
 
 def primary_metric(output: Any) -> str:
     """The per-example correctness metric of an output type (failures, pass^k, McNemar)."""
-    return PRIMARY[OutputInfo.of(output).type]
+    return PRIMARY[OutputSpec.of(output).type]
 
 
-def make_metric(name: str, output: Any = None) -> Metric:
-    out = OutputInfo.of(output)
+def make_metric(name: str, output: Any = None, workspace: "Workspace | None" = None) -> Metric:
+    """The metric `name` for answers of `output`; `workspace` is handed to plug-in metrics (a
+    judge reads its model and rubric from the workspace's tunelab.yaml)."""
+    out = OutputSpec.of(output)
     name = name.strip()
     if name in SIMPLE:
         return SIMPLE[name](out)
     if name.startswith("regex:"):
         return Regex(name[len("regex:"):])
-    if name == "judge" or name.startswith("judge:"):  # LLM-as-judge (tunelab.judge)
-        from tunelab.judge import judge_metric
-
-        return judge_metric(name)
+    plugin = plugin_metrics().get(name.partition(":")[0])
+    if plugin is not None:
+        return plugin.load()(name, out, workspace)
     if ":" in name:
         return Custom(name, load_custom(name))
     raise NotFound(f"unknown metric '{name}' (known: {', '.join(metric_names())})")
 
 
-def make_metrics(names: list[str] | None, output: Any = None) -> list[Metric]:
+def make_metrics(names: list[str] | None, output: Any = None, workspace: "Workspace | None" = None) -> list[Metric]:
     """Metric objects for `names` (default: by output type), the primary one always included."""
-    out = OutputInfo.of(output)
+    out = OutputSpec.of(output)
     names = list(names) if names else default_metric_names(out)
     primary = PRIMARY.get(out.type)
     if primary and primary not in names:
@@ -555,7 +558,7 @@ def make_metrics(names: list[str] | None, output: Any = None) -> list[Metric]:
     for n in names:
         if n not in seen:
             seen.add(n)
-            metrics.append(make_metric(n, out))
+            metrics.append(make_metric(n, out, workspace))
     return metrics
 
 
@@ -583,25 +586,26 @@ def load_custom(spec: str) -> Callable[[Any, str], float]:
 
 # -- scoring and aggregating -----------------------------------------------------------------------
 
-def score_answer(metrics: list[Metric], answer: Answer) -> dict[str, float]:
-    """The per-example scores of one answer (corpus-only metrics are left out)."""
-    scores = {}
+def score_answers(metrics: list[Metric], answers: list[Answer]) -> list[dict[str, float]]:
+    """The per-example scores of each answer (corpus-only metrics are left out); each metric
+    scores the whole batch at once (`score_many`)."""
+    out: list[dict[str, float]] = [{} for _ in answers]
     for m in metrics:
         if m.per_example:
-            s = m.score(answer)
-            if s is not None:
-                scores[m.name] = s
-    return scores
+            for scores, s in zip(out, m.score_many(answers)):
+                if s is not None:
+                    scores[m.name] = s
+    return out
 
 
 def example_stats(metric: Metric, answers: list[Answer], groups: list[int] | None = None) -> np.ndarray:
     """`metric.stats(answers)`, with the rows of one example (its repeats) averaged together.
     `groups[i]` is the example index of answers[i]; the result has one row per example, in
     sorted example order."""
-    return _group_rows(metric.stats(answers), groups)
+    return group_rows(metric.stats(answers), groups)
 
 
-def _group_rows(s: np.ndarray, groups: list[int] | None) -> np.ndarray:
+def group_rows(s: np.ndarray, groups: list[int] | None) -> np.ndarray:
     """Rows of `s` averaged per group (example index), in sorted group order."""
     if groups is None:
         return s

@@ -14,7 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tunelab.errors import UserError, load_yaml, read_text
+from tunelab.errors import UserError, pydantic_message
+from tunelab.files import load_yaml, read_text
+from tunelab.store import Store
 
 CONFIG_NAME = "tunelab.yaml"
 DEFAULT_MODEL = "smollm2-135m"
@@ -140,8 +142,6 @@ class Workspace:
     @cached_property
     def store(self):
         """The workspace's Store, migrated to the newest schema on first use."""
-        from tunelab.store import Store
-
         return Store(self.database_url)
 
     def pricing_for(self, model_name: str, backend: str) -> "Pricing":
@@ -197,16 +197,4 @@ def load_config(path: Path) -> WorkspaceConfig:
     try:
         return WorkspaceConfig.model_validate(data)
     except ValidationError as exc:
-        raise UserError(pydantic_message(exc), path=path) from None
-
-
-def pydantic_message(exc: ValidationError) -> str:
-    """One line from a pydantic error: the field path and what was expected."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{loc}'")
-        else:
-            parts.append(f"field '{loc}': {err['msg']}")
-    return "; ".join(parts)
+        raise UserError(pydantic_message(exc, WorkspaceConfig), path=path) from None

@@ -47,6 +47,7 @@ def init(
     """Make a workspace: tunelab.yaml, prompts/, data/ and .tunelab/ (database, artifacts)."""
     from tunelab.workspace import Workspace
 
+
     ws = Workspace.init(directory, name=name)
     typer.echo(f"workspace ready at {ws.root}")
 

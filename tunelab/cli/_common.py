@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
+
 console = Console(highlight=False, emoji=False)
 err_console = Console(stderr=True, highlight=False, emoji=False)
 
@@ -25,6 +26,7 @@ state = _State()
 def workspace():
     """The workspace of this invocation (from --workspace, TUNELAB_WORKSPACE, or the cwd)."""
     from tunelab.workspace import Workspace
+
 
     return Workspace.find(state.workspace_path)
 

@@ -5,7 +5,7 @@
     tunelab hybrid create NAME --model ft:X --fallback PROMPT[@V] [--threshold auto]
     tunelab demo [--dir DIR] [--quick]
 
-Thin: tunelab.compare, tunelab.advise, tunelab.router and tunelab.demo do the work.
+Thin: tunelab.compare, tunelab.hybrid and tunelab.flow do the work.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from pydantic import ValidationError
 
 from tunelab.cli._common import console, err_console, print_json, workspace
-from tunelab.errors import UserError
+from tunelab.errors import UserError, pydantic_message
 
 
 def _log(message: str) -> None:
@@ -50,18 +51,18 @@ def compare(
 ) -> None:
     """Measure candidates side by side on one split: quality with intervals and paired tests, consistency,
     tokens, latency, setup and running cost, break-even volume, flexibility; write the HTML report."""
-    from tunelab.compare import compare as run_compare
-    from tunelab.report import print_table
+    from tunelab.compare import compare as run_compare, print_table
+
 
     ws = workspace()
     comp = run_compare(ws, data, list(candidates), volume=volume, repeat=repeat, limit=limit, metric=metric,
                        learning_curve=learning_curve, engineer_hours=_hours(engineer_hours), report=report,
                        progress=err_console if not as_json else False, log=_log)
     if as_json:
-        print_json(comp)
+        print_json(comp.to_json())
         return
     print_table(comp, console)
-    console.print(f"report: {comp['report']}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"report: {comp.report}", markup=False, highlight=False, soft_wrap=True)
 
 
 def advise(
@@ -77,29 +78,24 @@ def advise(
 ) -> None:
     """Recommend prompt engineering, fine-tuning or a hybrid from a comparison and your constraints
     (deterministic rules, see docs/advise.md); every reason cites the measured numbers."""
-    from pydantic import ValidationError
-
-    from tunelab.advise import Constraints
-    from tunelab.advise import advise as run_advise
-    from tunelab.compare import load_comparison
-    from tunelab.workspace import pydantic_message
+    from tunelab.compare import Constraints, advise as run_advise, load_comparison
 
     ws = workspace()
     try:
         cons = Constraints(deadline_days=deadline_days, budget=budget, volume=volume, change_frequency=change_frequency,
                            examples=examples, required_metric=required_metric, data_must_stay_local=data_must_stay_local)
     except ValidationError as exc:
-        raise UserError(pydantic_message(exc).replace("_", "-")) from None
+        raise UserError(pydantic_message(exc, Constraints).replace("_", "-")) from None
     comp = load_comparison(ws, comparison)
     advice = run_advise(comp, cons)
     if as_json:
-        print_json(advice)
+        print_json(advice.model_dump(mode="json"))
         return
-    ds = comp.get("dataset") or {}
-    console.print(f"comparison {comp.get('id')} on {ds.get('name')}:{ds.get('split')}; "
-                  f"volume {advice['volume_per_month']:,.0f} requests/month", markup=False, highlight=False)
-    console.print(f"[bold]{advice['headline']}[/bold]")
-    for reason in advice["reasons"]:
+    ds = comp.dataset
+    console.print(f"comparison {comp.id} on {ds.name}:{ds.split}; "
+                  f"volume {advice.volume_per_month:,.0f} requests/month", markup=False, highlight=False)
+    console.print(f"[bold]{advice.headline}[/bold]")
+    for reason in advice.reasons:
         console.print(f"  - {reason}", markup=False, highlight=False)
 
 
@@ -121,12 +117,13 @@ def hybrid_create(
     as_json: bool = typer.Option(False, "--json", help="Print the stored hybrid as JSON."),
 ) -> None:
     """Make hybrid:NAME and tune its thresholds on the validation split."""
-    from tunelab.router import create_hybrid
+    from tunelab.hybrid import create_hybrid
+
 
     ws = workspace()
     spec = create_hybrid(ws, name, model, fallback, threshold=threshold, similarity=similarity, rules=rule,
                          length_check=not no_length_check, data=data, limit=limit,
-                         progress=err_console if not as_json else False)
+                         progress=err_console if not as_json else False).spec
     if as_json:
         print_json(spec.model_dump(mode="json"))
         return
@@ -151,9 +148,10 @@ def _print_hybrid(spec) -> None:
 def hybrid_show(name: str = typer.Argument(..., help="The hybrid's name."),
                 as_json: bool = typer.Option(False, "--json", help="Print it as JSON.")) -> None:
     """Show a hybrid: its sides, thresholds, rules and how they were tuned."""
-    from tunelab.router import load_hybrid
+    from tunelab.hybrid import get_hybrid
 
-    spec = load_hybrid(workspace(), name)
+
+    spec = get_hybrid(workspace(), name)
     if as_json:
         print_json(spec.model_dump(mode="json"))
     else:
@@ -163,7 +161,8 @@ def hybrid_show(name: str = typer.Argument(..., help="The hybrid's name."),
 @hybrid_app.command("list")
 def hybrid_list() -> None:
     """List the hybrids of this workspace."""
-    from tunelab.router import list_hybrids
+    from tunelab.evaluate import list_hybrids
+
 
     specs = list_hybrids(workspace())
     if not specs:
@@ -181,6 +180,7 @@ def demo(
     """Run the whole flow on the bundled support-ticket data: check the data, a baseline prompt,
     optimization, fine-tuning, a hybrid, the comparison and the advice; prints where the report is.
     Re-running reuses finished work."""
-    from tunelab.demo import run_demo
+    from tunelab.flow import run_demo
+
 
     run_demo(directory, quick=quick, volume=volume, log=_log, console=console, learning_curve=learning_curve)

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from tunelab.cli._common import console, err_console, print_json, workspace
+from tunelab.errors import UserError
 
 app = typer.Typer(
     help="Datasets: import JSONL/CSV/chat files, check them, split them, list and show versions.",
@@ -44,6 +45,7 @@ def import_(
     """Check a file or folder and import it as a new dataset version (refused if the check has errors)."""
     from tunelab.datasets import CheckFailed, import_dataset
 
+
     ws = workspace()
     try:
         ds, report = import_dataset(ws, path, name, split=split, model=model, input_field=input_field,
@@ -77,7 +79,7 @@ def check(
 
     Exit status 2 when the check finds errors."""
     from tunelab.datasets import FILE_FORMATS, check_dataset, check_path
-    from tunelab.errors import UserError
+
 
     looks_like_path = "/" in target or "\\" in target or Path(target).suffix.lower() in FILE_FORMATS
     if Path(target).exists() or looks_like_path:
@@ -108,6 +110,7 @@ def split(
     """Make seeded train/validation/test splits (stratified by label) as a new dataset version."""
     from tunelab.datasets import split_dataset
 
+
     ds = split_dataset(workspace(), name, test=test, validation=validation, seed=seed, name=new_name)
     counts = ", ".join(f"{s} {len(v)}" for s, v in ds.splits.items())
     console.print(f"split into {ds.ref} ({counts}; seed {seed})", markup=False, soft_wrap=True)
@@ -116,9 +119,9 @@ def split(
 @app.command("list")
 def list_(as_json: bool = typer.Option(False, "--json", help="Print the list as JSON.")) -> None:
     """List dataset versions: name, version, created, splits, labels."""
-    from rich.table import Table
-
     from tunelab.datasets import dataset_rows
+
+    from rich.table import Table
 
     rows = dataset_rows(workspace())
     if as_json:
@@ -144,9 +147,9 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Show a dataset version: splits, labels, and the first examples of a split."""
-    from rich.table import Table
-
     from tunelab.datasets import get_dataset
+
+    from rich.table import Table
 
     ds = get_dataset(workspace(), ref)
     split_name = split_name or next(iter(ds.splits))

@@ -18,6 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from tunelab.cli._common import console, err_console, print_json, workspace
+from tunelab.errors import UserError
 
 
 class DefaultGroup(TyperGroup):
@@ -59,6 +60,7 @@ def _interval(m: dict, pct: bool = True) -> str:
 
 
 def _is_share(name: str) -> bool:
+
     from tunelab.metrics import SIMPLE
 
     return name in SIMPLE or name.startswith("regex:")
@@ -135,7 +137,6 @@ def _print_confusion(details: dict) -> None:
 
 
 def _parse_thresholds(items: List[str]) -> list[tuple[str, float]]:
-    from tunelab.errors import UserError
 
     out = []
     for item in items:
@@ -182,6 +183,7 @@ def run(
     """Evaluate CANDIDATE on a split (also: tunelab eval CANDIDATE --data NAME:SPLIT)."""
     from tunelab.evaluate import evaluate, resolve_candidate
 
+
     thresholds = _parse_thresholds(fail_under)
     ws = workspace()
     cand = resolve_candidate(ws, candidate, model, free_text=free_text)
@@ -215,6 +217,7 @@ def show(
 ) -> None:
     """Show a run: its summary, its failures, or export its rows."""
     from tunelab.evaluate import export_run, failure_groups, load_run
+
 
     ws = workspace()
     result = load_run(ws, run_id)
@@ -259,6 +262,7 @@ def diff(
     """Paired tests of B against A (McNemar for per-example correctness, paired bootstrap otherwise)."""
     from tunelab.evaluate import diff_runs
 
+
     ws = workspace()
     result = diff_runs(ws, run_a, run_b, metric or None)
     if as_json:
@@ -276,9 +280,9 @@ def list_(
     as_json: bool = typer.Option(False, "--json", help="Print the runs as JSON."),
 ) -> None:
     """The runs of this workspace, newest first."""
-    from rich.table import Table
-
     from tunelab.evaluate import list_runs
+
+    from rich.table import Table
 
     ws = workspace()
     runs = list_runs(ws, limit)
@@ -321,6 +325,7 @@ def judge(
     grades (Cohen's kappa, weighted kappa, MCC of pass/fail), so you know how far to trust it."""
     from tunelab.judge import judge_sample, make_judge
 
+
     ws = workspace()
     j = make_judge(judge_model, ws)
     if rubric:
@@ -351,10 +356,12 @@ def judge_pairwise(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Which run's answers the LLM judge prefers, example by example (each pair asked in both orders)."""
+    from tunelab.evaluate import paired_rows
     from tunelab.judge import make_judge, pairwise
 
     ws = workspace()
-    result = pairwise(ws, run_a, run_b, make_judge(judge_model, ws), limit=limit)
+    ra, rb, rows_a, rows_b = paired_rows(ws, run_a, run_b)
+    result = pairwise(make_judge(judge_model, ws), rows_a, rows_b, ra.id, rb.id, limit=limit)
     if as_json:
         print_json(result.to_dict())
         return

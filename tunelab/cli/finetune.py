@@ -57,6 +57,8 @@ def finetune(
     ft:NAME that run, eval, compare and serve accept. Unset settings are chosen from the data and
     printed before training starts."""
     from tunelab.finetune import load_config
+    from tunelab.finetune.launch import run
+
 
     flags = dict(data=data, prompt=prompt, name=name, base=base, method=method, lr=lr, batch_size=batch_size,
                  grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lora_r=lora_r, lora_alpha=lora_alpha,
@@ -71,8 +73,6 @@ def finetune(
 
     def log(line: str) -> None:
         err_console.print(line, markup=False, highlight=False, soft_wrap=True)
-
-    from tunelab.finetune.launch import run
 
     result = run(workspace(), cfg, resume=resume, progress=not as_json, log=log)
     if as_json:
@@ -105,6 +105,7 @@ def export(
 ) -> None:
     """Export a fine-tuned model as an adapter, merged weights or GGUF files (model or LoRA adapter)."""
     from tunelab.finetune import export as run_export
+
 
     path = run_export(workspace(), model, format, out)
     if as_json:

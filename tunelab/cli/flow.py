@@ -40,7 +40,8 @@ def flow(
     """Run the whole flow on your labelled data: check the data, a zero-shot baseline prompt,
     prompt optimization, a LoRA fine-tune with a short prompt, a hybrid, the comparison on the test split
     and the advice; prints where the report is. Re-running in the same --dir reuses finished work."""
-    from tunelab.demo import flow_for, run_flow
+    from tunelab.flow import flow_for, run_flow
+
 
     spec = flow_for(data_dir, task=task, field=field, epochs=epochs, budget=budget, limit_validation=limit_validation)
     if threads:

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from tunelab.cli._common import console, err_console, print_json, workspace
+from tunelab.errors import UserError
 
 
 def optimize(
@@ -44,6 +45,7 @@ def optimize(
     (never test); the winner becomes a new prompt version with its provenance."""
     from tunelab.optimize import optimize as run_optimize
 
+
     strategies = tuple(s.strip() for s in demos.split(",") if s.strip() and s.strip() != "none")
     result = run_optimize(workspace(), prompt, data, budget=budget, objective=objective,
                           max_prompt_tokens=max_prompt_tokens, proposer=proposer, model=model,
@@ -60,8 +62,6 @@ def optimize(
 def read_definitions(path: str) -> dict[str, str]:
     """{label: definition} from a YAML/JSON mapping file; errors name the file."""
     import yaml
-
-    from tunelab.errors import UserError
 
     try:
         data = yaml.safe_load(open(path, encoding="utf-8").read())

@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 
 from tunelab.cli._common import console, print_json, state, workspace
+from tunelab.errors import UserError
 
 app = typer.Typer(help="Prompt files and their versions: check, commit, log, diff, show, tag, rollback.",
                   no_args_is_help=True)
@@ -17,7 +18,6 @@ app = typer.Typer(help="Prompt files and their versions: check, commit, log, dif
 
 def _optional_workspace():
     """The workspace when there is one; `prompt check FILE` and `run FILE` also work outside one."""
-    from tunelab.errors import UserError
 
     try:
         return workspace()
@@ -43,8 +43,8 @@ def _output_text(prompt) -> str:
 
 
 def _example(input_text: Optional[str], fields: List[str]):
+
     from tunelab.datasets import Example
-    from tunelab.errors import UserError
 
     meta = {}
     for item in fields:
@@ -73,6 +73,7 @@ def check(
     """Validate a prompt file and render it against a sample input (exit status 2 when invalid)."""
     from tunelab.prompts import check_prompt
 
+
     ws = _optional_workspace()
     prompt, messages, example = check_prompt(ws, file, sample=_example(input, field), data=data)
     if as_json:
@@ -91,6 +92,7 @@ def check(
 def list_(as_json: bool = typer.Option(False, "--json", help="Print the list as JSON.")) -> None:
     """List the workspace's prompts: current version, labels, working-file status."""
     from tunelab.prompts import list_prompts
+
 
     rows = list_prompts(workspace())
     if as_json:
@@ -118,6 +120,7 @@ def commit(
     """Record the working file as a new version and make it current."""
     from tunelab.prompts import commit_prompt
 
+
     version = commit_prompt(workspace(), name, message, author=author)
     if as_json:
         print_json({"name": name, "version": version})
@@ -132,6 +135,7 @@ def log(
 ) -> None:
     """Show a prompt's history, newest first: version, parent, labels, author, time, message."""
     from tunelab.prompts import prompt_log
+
 
     commits = prompt_log(workspace(), name)
     if as_json:
@@ -155,6 +159,7 @@ def diff(
     """Unified diff of two prompt versions (default: the current version vs the working file)."""
     from tunelab.prompts import diff_prompts
 
+
     text = diff_prompts(workspace(), a, b)
     if not text:
         console.print("no differences")
@@ -167,9 +172,9 @@ def diff(
 @app.command()
 def show(ref: str = typer.Argument(..., help="NAME, NAME@VERSION, NAME@LABEL or NAME@current.")) -> None:
     """Print the text of a prompt version."""
-    import sys
-
     from tunelab.prompts import show_prompt
+
+    import sys
 
     sys.stdout.write(show_prompt(workspace(), ref))
     sys.stdout.flush()
@@ -182,6 +187,7 @@ def tag(
 ) -> None:
     """Point a label (e.g. production) at a version; moves the label if it exists."""
     from tunelab.prompts import parse_ref, tag_prompt
+
 
     version = tag_prompt(workspace(), ref, label)
     console.print(f"{parse_ref(ref)[0]}@{label} -> {version}", markup=False)
@@ -196,6 +202,7 @@ def rollback(
     """Make an old version current again: rewrite the working file and record a commit."""
     from tunelab.prompts import rollback_prompt
 
+
     done = rollback_prompt(workspace(), name, version, force=force)
     if done is None:
         console.print(f"{name}@{version} is already current; working file restored", markup=False)
@@ -204,17 +211,19 @@ def rollback(
 
 
 def run(
-    prompt: str = typer.Argument(..., help="A prompt (NAME[@VERSION|@LABEL]) or a .prompt file."),
+    prompt: str = typer.Argument(..., help="A prompt (NAME[@VERSION|@LABEL]), a .prompt file, ft:NAME or hybrid:NAME."),
     input: str = typer.Option(..., "--input", "-i", help="The input text ('-' reads stdin)."),
     field: List[str] = typer.Option([], "--field", "-f", help="An extra example field, KEY=VALUE (repeatable)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec (default: the prompt's model)."),
     precision: Optional[str] = typer.Option(None, help="Local models: auto, bf16 or fp32."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Run one input through a prompt: the answer, tokens and latency (the terminal playground)."""
-    from tunelab.prompts import run_prompt
+    """Run one input through a candidate (a prompt, a .prompt file, ft:NAME or hybrid:NAME), exactly as
+    an evaluation measures it and the gateway serves it: the answer, tokens and latency."""
+    from tunelab.evaluate import answer
 
-    result = run_prompt(_optional_workspace(), prompt, _example(input, field), model=model, precision=precision)
+
+    result = answer(_optional_workspace(), prompt, _example(input, field), model=model, precision=precision)
     if as_json:
         print_json(result)
         return

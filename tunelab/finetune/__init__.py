@@ -1,31 +1,32 @@
-"""Fine-tuning: LoRA or full, on CPU, into a model `ft:NAME` that every command accepts.
+"""Fine-tuning: LoRA or full, on CPU or GPUs, into a model `ft:NAME` that every command accepts.
 
-    from tunelab.finetune import FineTuneConfig, finetune, load_finetuned, export
+    from tunelab.finetune import FineTuneConfig, finetune, export
 
     config = FineTuneConfig(data="spam", prompt="spam-short", name="spam")   # defaults from the data
     result = finetune(ws, config)              # checks, registers ft:spam, trains, keeps the best
+    result.candidate, result.setup             # "ft:spam"; what training took
     result.best, result.validation, result.tokens_per_s, result.cost
-    model = load_finetuned(ws, "spam")         # a LocalModel: base + adapter (same as load_model("ft:spam", ws))
-    export(ws, "spam", "merged", "out/spam")   # adapter | merged | gguf
+    export(ws, "spam", "merged", "out/spam")   # adapter | merged | gguf | gguf-lora
 
 Modules: `config` (the one typed schema for the YAML file and the CLI flags), `data` (rendering by
 the prompt, tokenization, length-grouped batches), `train` (the hand-written loop), `validate`
 (validation loss and the evaluator's task metric), `checkpoint` (crash-safe state), `job` (the
-job: checks, the finetunes row, artifacts), `exporter` (adapter, merged weights, GGUF).
-
-Importing this package imports neither torch nor the store: names load on first use (the CLI
-reads the config schema's help texts at startup).
+job: checks, the `finetunes` rows it owns, artifacts), `launch` (in this process or through
+`accelerate launch`), `distributed` (collectives inside the workers), `worker` (one such process),
+`exporter` (adapter, merged weights, GGUF). A finished fine-tune's folder is the model `ft:NAME`
+(`tunelab.models.finetuned` reads it).
 """
-
-from __future__ import annotations
 
 from importlib import import_module
 from typing import Any
 
+# The names below load on first use (PEP 562): the CLI builds `tunelab finetune`'s flags from the
+# config schema at start-up, and `tunelab --help` must not pay for the training code and the store.
 _WHERE = {
-    "FineTuneConfig": "config", "load_config": "config", "export": "exporter",
-    "FineTuneResult": "job", "finetune": "job", "finetune_info": "job", "get_row": "job",
-    "list_finetunes": "job", "load_finetuned": "job", "plan": "job",
+    "FineTuneConfig": "config", "load_config": "config", "field_help": "config", "export": "exporter",
+    "FineTuneResult": "job", "examples_trained": "job", "finetune": "job", "finetune_info": "job",
+    "get_row": "job", "list_finetunes": "job", "plan": "job", "setup_of": "job", "training_curves": "job",
+    "run": "launch",
 }
 
 __all__ = sorted(_WHERE)

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tunelab.errors import UserError, load_yaml, read_text
+from tunelab.errors import UserError, pydantic_message
+from tunelab.files import load_yaml, read_text
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MAX_AUTO_STEPS = 2000  # default epochs are lowered so that a run stays under this many steps
@@ -86,21 +87,6 @@ def field_help(name: str) -> str:
     return text
 
 
-def validation_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            known = ", ".join(FineTuneConfig.model_fields)
-            parts.append(f"unknown key '{loc}' (known: {known})")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            value = err.get("input")
-            parts.append(f"field '{loc}': {msg}" + ("" if isinstance(value, (dict, list)) or value is None
-                                                      else f" (got {value!r})"))
-    return "; ".join(parts)
-
-
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FineTuneConfig:
     """The config from a YAML file (optional) with `overrides` (the flags that were given) on top."""
     data: dict[str, Any] = {}
@@ -116,7 +102,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         return FineTuneConfig.model_validate(data)
     except ValidationError as exc:
-        raise UserError(validation_message(exc), path=path) from None
+        raise UserError(pydantic_message(exc, FineTuneConfig), path=path) from None
 
 
 def default_epochs(n_train: int) -> int:

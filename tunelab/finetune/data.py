@@ -1,8 +1,9 @@
 """Training data: examples rendered by the prompt as chat turns, tokenized, grouped by length.
 
 Each example becomes `prompt ids + completion ids`: the prompt is the chat template applied to the
-prompt's messages with the assistant header (exactly what the model sees when it answers), the
-completion is the example's output followed by the end-of-turn token. Only completion tokens
+prompt's messages with the assistant header (exactly what the model sees when it answers:
+`tunelab.models.chat`, shared with the local backend), the completion is the example's output
+followed by the end-of-turn token the backend stops and scores labels at. Only completion tokens
 carry a loss (the labels of prompt and padding are -100).
 
 Batches hold examples of similar length (sorted within seeded, shuffled mega-batches) so little
@@ -15,6 +16,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+
+from tunelab.models.chat import end_of_turn_ids, render_chat
 
 IGNORE = -100
 MEGA_BATCH = 50  # batches per mega-batch in which examples are sorted by length
@@ -34,31 +37,18 @@ class Tokenized:
         return len(self.input_ids) - self.n_prompt
 
 
-def end_of_turn(tokenizer) -> str:
-    """The special token the chat template puts after an assistant answer (`<|im_end|>` for
-    SmolLM2), found the way the local backend finds it; else the tokenizer's eos token."""
-    if getattr(tokenizer, "chat_template", None):
-        marker = "\u2063XYZ\u2063"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": marker}], tokenize=False)
-        after = text.split(marker, 1)[1] if marker in text else ""
-        ids = tokenizer(after, add_special_tokens=False).input_ids if after else []
-        if ids and ids[0] in set(tokenizer.all_special_ids):
-            return tokenizer.convert_ids_to_tokens(ids[0])
-    return tokenizer.eos_token or ""
-
-
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    """The prompt's tokens exactly as the local backend renders them (`tunelab.models.chat`)."""
+    return tokenizer(render_chat(tokenizer, messages), add_special_tokens=False).input_ids
 
 
-def completion_ids(tokenizer, output: str, eot: str | None = None) -> list[int]:
-    eot = end_of_turn(tokenizer) if eot is None else eot
-    return tokenizer(output + eot, add_special_tokens=False).input_ids
+def completion_ids(tokenizer, output: str, eot: list[int] | None = None) -> list[int]:
+    """The answer's tokens followed by the end-of-turn token(s) the backend stops and scores at."""
+    eot = end_of_turn_ids(tokenizer) if eot is None else eot
+    return tokenizer(output, add_special_tokens=False).input_ids + list(eot)
 
 
-def tokenize_pair(tokenizer, messages: list[dict[str, str]], output: str, eot: str | None = None) -> Tokenized:
+def tokenize_pair(tokenizer, messages: list[dict[str, str]], output: str, eot: list[int] | None = None) -> Tokenized:
     prompt = prompt_ids(tokenizer, messages)
     return Tokenized(prompt + completion_ids(tokenizer, output, eot), len(prompt))
 
@@ -77,15 +67,6 @@ def truncate(item: Tokenized, max_length: int, keep_tail: int = 8) -> Tokenized:
         prompt = prompt[:1] + prompt[-keep_tail:]
         completion = completion[:max(1, max_length - len(prompt))]
     return Tokenized(prompt + completion, len(prompt), truncated=True)
-
-
-def sample(items: Sequence[Any], limit: int | None, seed: int) -> list[Any]:
-    """At most `limit` items, a seeded sample that keeps their order."""
-    items = list(items)
-    if limit is None or limit >= len(items):
-        return items
-    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
-    return [items[i] for i in keep]
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -138,5 +119,5 @@ def collate(items: Sequence[Tokenized], pad_id: int, torch_module=None) -> dict[
 
 def render_examples(examples, render: Callable[[Any], list[dict[str, str]]], tokenizer) -> list[Tokenized]:
     """Tokenize every example: `render(example)` gives its chat messages, its output the completion."""
-    eot = end_of_turn(tokenizer)
+    eot = end_of_turn_ids(tokenizer)
     return [tokenize_pair(tokenizer, render(ex), ex.output, eot) for ex in examples]

@@ -15,19 +15,27 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import select
 
+from tunelab.datasets import Dataset, Example, get_dataset, holdout, subsample, validate_name
 from tunelab.errors import NotFound, UserError
+from tunelab.evaluate import Setup
+from tunelab.files import write_json
+from tunelab.finetune import checkpoint
+from tunelab.finetune import train as tr
 from tunelab.finetune.config import FineTuneConfig, resolve
+from tunelab.finetune.data import render_examples, truncate
+from tunelab.finetune.validate import evaluator_metric, make_validator
+from tunelab.models.finetuned import finetune_dir, write_manifest
+from tunelab.models.weights import BUNDLED_ALIASES, resolve_model_dir
+from tunelab.prompts import load_prompt, save_version
 from tunelab.store.models import FineTuneRow, utcnow
 
 if TYPE_CHECKING:
-    from tunelab.datasets import Dataset, Example
     from tunelab.workspace import Workspace
 
 VALIDATION_SHARE = 0.1  # held out of train when the dataset has no validation split
@@ -63,6 +71,18 @@ class FineTuneResult:
     def model(self) -> str:
         return f"ft:{self.name}"
 
+    @property
+    def candidate(self) -> str:
+        """The candidate this fine-tune made: `ft:NAME` (its training prompt on the trained model)."""
+        return f"ft:{self.name}"
+
+    @property
+    def setup(self) -> Setup:
+        """What training took: wall time, compute cost, tokens trained, training examples."""
+        return Setup(how="fine-tune", wall_s=self.wall_s, compute_cost=self.cost, tokens=self.tokens_trained,
+                     examples=self.n_train, sources=[f"fine-tune {self.name} ({self.method}, {self.wall_s:.0f} s, "
+                                                     f"{self.tokens_trained:,} tokens)"])
+
     def to_dict(self, curves: bool = True) -> dict[str, Any]:
         data = asdict(self)
         data["model"] = self.model
@@ -89,7 +109,8 @@ class Plan:
 
 
 def run_dir(ws: "Workspace", name: str) -> Path:
-    return ws.artifacts_dir / "finetunes" / name
+    """The fine-tune's folder: while training, its checkpoints; once done, the model `ft:NAME`."""
+    return finetune_dir(ws, name)
 
 
 def get_row(ws: "Workspace", name: str) -> FineTuneRow | None:
@@ -111,11 +132,6 @@ def _check_outputs(examples: list["Example"], split: str, ds_name: str) -> None:
 
 def plan(ws: "Workspace", config: FineTuneConfig) -> Plan:
     """Check everything and resolve the defaults from the data; registers nothing."""
-    from tunelab.datasets import get_dataset, validate_name
-    from tunelab.finetune.data import render_examples, sample, truncate
-    from tunelab.models.weights import resolve_model_dir
-    from tunelab.prompts import load_prompt
-
     for key in ("data", "prompt", "name"):
         if not getattr(config, key):
             raise UserError(f"missing {key}: pass --{key} (or set '{key}:' in the config file)", field=key)
@@ -132,20 +148,14 @@ def plan(ws: "Workspace", config: FineTuneConfig) -> Plan:
         val = list(dataset.splits["validation"])
         _check_outputs(val, "validation", dataset.name)
     else:
-        import random
-
         if len(train) < 10:
             raise UserError(f"dataset '{dataset.name}' has no validation split and only {len(train)} training "
                             "examples; add a validation split (tunelab data split)")
-        order = list(range(len(train)))
-        random.Random(config.seed).shuffle(order)
-        n_val = max(1, int(round(len(train) * VALIDATION_SHARE)))
-        held = set(order[:n_val])
-        val = [ex for i, ex in enumerate(train) if i in held]
-        train = [ex for i, ex in enumerate(train) if i not in held]
-        notes.append(f"no validation split: holding out {n_val} of the training examples (seed {config.seed})")
-    train = sample(train, config.max_examples, config.seed)
-    val = sample(val, config.max_val_examples, config.seed)
+        train, val = holdout(train, VALIDATION_SHARE, config.seed)
+        notes.append(f"no validation split: holding out {len(val)} of the training examples (seed {config.seed}, "
+                     "stratified)")
+    train = subsample(train, config.max_examples, config.seed)
+    val = subsample(val, config.max_val_examples, config.seed)
     if config.batch_size > len(train):
         raise UserError(f"batch size {config.batch_size} is larger than the {len(train)} training examples; "
                         f"use --batch-size {min(8, len(train))} or fewer", field="batch_size")
@@ -176,10 +186,8 @@ def plan(ws: "Workspace", config: FineTuneConfig) -> Plan:
 
 def describe(p: Plan) -> list[str]:
     """The resolved configuration, for printing before training starts."""
-    from tunelab.finetune.train import plan_steps, use_bf16
-
     c = p.config
-    per_epoch, total = plan_steps(len(p.train_items), c)
+    per_epoch, total = tr.plan_steps(len(p.train_items), c)
     lengths = sorted(len(it) for it in p.train_items)
     lines = [
         f"fine-tune ft:{c.name}: {c.method} on {c.base} ({p.base_dir})",
@@ -196,7 +204,7 @@ def describe(p: Plan) -> list[str]:
     if c.method == "lora":
         lines.append(f"  lora     r {c.lora_r}, alpha {c.lora_alpha:g}, dropout {c.lora_dropout:g}, "
                      f"modules {','.join(c.target_modules)}")
-    lines.append(f"  run      precision {'bf16 autocast' if use_bf16(c.precision) else 'fp32'}, "
+    lines.append(f"  run      precision {'bf16 autocast' if tr.use_bf16(c.precision) else 'fp32'}, "
                  f"{c.micro_batch_tokens} tokens per forward pass, gradient checkpointing "
                  f"{'on' if c.gradient_checkpointing else 'off'}, seed {c.seed}, patience {c.patience or 'off'}, "
                  f"checkpoint every {str(c.save_every_steps) + ' steps and ' if c.save_every_steps else ''}epoch")
@@ -232,9 +240,7 @@ def finetune(ws: "Workspace", config: FineTuneConfig, *, resume: bool = False, p
         log(f"nothing to resume for ft:{config.name}: starting a new fine-tune")
         resume = False
     p = plan(ws, config)
-    from tunelab.finetune.train import load_for_training
-
-    model, _ = load_for_training(p.base_dir, p.config)  # may still fail on bad input: before registering
+    model, _ = tr.load_for_training(p.base_dir, p.config)  # may still fail on bad input: before registering
     for line in describe(p):
         log(line)
     return _run(ws, p, model, row, progress=progress, log=log)
@@ -242,14 +248,9 @@ def finetune(ws: "Workspace", config: FineTuneConfig, *, resume: bool = False, p
 
 def _register(ws: "Workspace", p: Plan) -> None:
     """The finetunes row (status running) and the prompt version the fine-tune is pinned to."""
-    from tunelab.store.models import PromptVersionRow
-
     c = p.config
+    save_version(ws, p.prompt)  # a working-file version too: ft:NAME can always be evaluated with it
     with ws.store.session() as s:
-        have = s.scalar(select(PromptVersionRow.id).where(PromptVersionRow.name == p.prompt.name,
-                                                          PromptVersionRow.version == p.prompt.version))
-        if have is None:  # a working-file version: keep its content so ft:NAME can always be evaluated
-            s.add(PromptVersionRow(name=p.prompt.name, version=p.prompt.version, content=p.prompt.to_text()))
         s.add(FineTuneRow(name=c.name, status="running", base=_base_spec(c.base), method=c.method,
                           dataset=p.dataset.name, dataset_version=p.dataset.version, prompt=p.prompt.name,
                           prompt_version=p.prompt.version, config=c.model_dump(mode="json"),
@@ -258,8 +259,6 @@ def _register(ws: "Workspace", p: Plan) -> None:
 
 
 def _base_spec(base: str) -> str:
-    from tunelab.models import BUNDLED_ALIASES
-
     return base if base.lower() in BUNDLED_ALIASES else str(Path(base).expanduser().resolve())
 
 
@@ -271,9 +270,6 @@ def _update(ws: "Workspace", name: str, **values: Any) -> None:
 
 
 def _run(ws: "Workspace", p: Plan, model, row: FineTuneRow | None, *, progress: bool, log) -> FineTuneResult:
-    from tunelab.finetune import train as tr
-    from tunelab.finetune.validate import evaluator_metric, make_validator
-
     c = p.config
     folder = run_dir(ws, c.name)
     if row is None:
@@ -336,9 +332,6 @@ def _best_text(best: dict[str, Any]) -> str:
 
 
 def _finish(ws: "Workspace", p: Plan, model, trained, per_hour: float) -> FineTuneResult:
-    from tunelab.finetune import checkpoint
-    from tunelab.finetune.train import causal_lm
-
     c = p.config
     folder = run_dir(ws, c.name)
     state = trained.state
@@ -351,7 +344,7 @@ def _finish(ws: "Workspace", p: Plan, model, trained, per_hour: float) -> FineTu
     if c.method == "lora":
         model.save_pretrained(tmp)
     else:
-        causal_lm(model).save_pretrained(tmp)
+        tr.causal_lm(model).save_pretrained(tmp)
         p.tokenizer.save_pretrained(tmp)
     if target.exists():
         shutil.rmtree(target)
@@ -378,7 +371,7 @@ def _finish(ws: "Workspace", p: Plan, model, trained, per_hour: float) -> FineTu
     meta = result.to_dict(curves=False)
     meta.update(prompt_text=p.prompt.to_text(), base_dir=str(p.base_dir), segments=state.get("segments", 1),
                 artifact=target.name, created_by="tunelab finetune")
-    write_json(folder / "metadata.json", meta)
+    write_manifest(folder, meta)  # last: from now on the folder is the model ft:NAME
     with ws.store.session() as s:
         row = s.scalar(select(FineTuneRow).where(FineTuneRow.name == c.name))
         row.status = "done"
@@ -393,15 +386,7 @@ def _finish(ws: "Workspace", p: Plan, model, trained, per_hour: float) -> FineTu
 
 
 def _per_epoch(p: Plan) -> int:
-    from tunelab.finetune.train import plan_steps
-
-    return plan_steps(len(p.train_items), p.config)[0]
-
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    return tr.plan_steps(len(p.train_items), p.config)[0]
 
 
 def plot_curves(curves: dict[str, Any], path: Path, title: str = "") -> None:
@@ -446,30 +431,6 @@ def plot_curves(curves: dict[str, Any], path: Path, title: str = "") -> None:
     os.replace(tmp, path)
 
 
-def load_finetuned(ws: "Workspace", name: str, **options: Any):
-    """The model `ft:NAME`: the local backend with the base model and the trained adapter (LoRA)
-    or the trained weights (full)."""
-    from tunelab.models.local import LocalModel
-
-    row = get_row(ws, name)
-    if row is None:
-        known = [r.name for r in list_finetunes(ws)]
-        raise NotFound(f"unknown fine-tune '{name}' (fine-tunes: {', '.join(known) or 'none; use tunelab finetune'})")
-    if row.status != "done":
-        raise UserError(f"fine-tune 'ft:{name}' is not finished (status {row.status}); continue it with: "
-                        f"tunelab finetune --name {name} --resume")
-    folder = ws.artifacts_dir / row.path
-    if row.method == "lora":
-        adapter = folder / "adapter"
-        if not (adapter / "adapter_config.json").is_file():
-            raise UserError("the fine-tune's adapter is missing", path=adapter)
-        return LocalModel(name=f"ft:{name}", path=row.base, adapter=adapter, **options)
-    model_dir = folder / "model"
-    if not (model_dir / "config.json").is_file():
-        raise UserError("the fine-tune's weights are missing", path=model_dir)
-    return LocalModel(name=f"ft:{name}", path=model_dir, **options)
-
-
 def finetune_info(ws: "Workspace", name: str) -> dict[str, Any]:
     """The stored row of `ft:NAME` as a dict (config, result, status, ...)."""
     row = get_row(ws, name)
@@ -481,3 +442,54 @@ def finetune_info(ws: "Workspace", name: str) -> dict[str, Any]:
             "created_at": row.created_at, "finished_at": row.finished_at, "wall_s": row.wall_s,
             "tokens_trained": row.tokens_trained, "cost": row.cost}
 
+
+def setup_of(ws: "Workspace", name: str) -> Setup:
+    """What training `ft:NAME` took (from its row): wall time, compute cost, tokens, examples."""
+    row = get_row(ws, name)
+    if row is None:
+        raise NotFound(f"unknown fine-tune '{name}'")
+    return Setup(how="fine-tune", wall_s=float(row.wall_s or 0.0), compute_cost=float(row.cost or 0.0),
+                 tokens=int(row.tokens_trained or 0), examples=examples_trained(ws, row),
+                 sources=[f"fine-tune {name} ({row.method}, {float(row.wall_s or 0):.0f} s, "
+                          f"{row.tokens_trained or 0:,} tokens)"])
+
+
+def examples_trained(ws: "Workspace", row: FineTuneRow) -> int | None:
+    """How many training examples the fine-tune saw (its result, else its data and config)."""
+    n = (row.result or {}).get("n_train")
+    if isinstance(n, int):
+        return n
+    try:
+        n = len(get_dataset(ws, f"{row.dataset}@{row.dataset_version}").split("train"))
+    except UserError:
+        return None
+    limit = (row.config or {}).get("max_examples")
+    return min(n, int(limit)) if limit else n
+
+
+def training_curves(ws: "Workspace", name: str) -> dict[str, Any] | None:
+    """Loss and metric curves of `ft:NAME` ({train_loss: [[step, v]], val_loss: [[epoch, v]],
+    val_metric: [[epoch, v]]}): from its result, else its curves.json; None without any."""
+    row = get_row(ws, name)
+    if row is None:
+        return None
+    result = row.result or {}
+    curves = result.get("curves") if isinstance(result.get("curves"), dict) else None
+    if curves is None and row.path:
+        path = ws.artifacts_dir / row.path / "curves.json"
+        if path.is_file():
+            try:
+                curves = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError:
+                curves = None
+    source = curves or result
+    train, evals = source.get("train_curve") or [], source.get("eval_curve") or []
+    if not (isinstance(train, list) and isinstance(evals, list)) or not (train or evals):
+        return None
+
+    def points(items: list, key: str) -> list[list[float]]:
+        return [[it.get("epoch", it.get("step")), it[key]] for it in items
+                if isinstance(it, dict) and it.get(key) is not None and it.get("epoch", it.get("step")) is not None]
+
+    return {"train_loss": points(train, "loss"), "val_loss": points(evals, "loss"),
+            "val_metric": points(evals, "metric"), "x_label": "epoch"}

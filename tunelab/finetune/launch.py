@@ -9,7 +9,8 @@ and streams its output. Every process runs the job of `tunelab.finetune.job`; th
 is split across the ranks, the completion-token loss is normalized by the global token count and
 the gradients of the trainable weights are summed across ranks, so N processes take the very steps
 one process would (up to float rounding). Rank 0 alone validates (the others receive its result),
-writes checkpoints, artifacts and the store row. The helpers below are what the loop calls.
+writes checkpoints, artifacts and the store row. What the loop calls inside the workers (the
+collectives) is `tunelab.finetune.distributed`.
 
 Delegation, not invention: process placement, rendezvous and multi-node settings come from
 accelerate (and its config file); tunelab keeps one full replica of the model per process (DDP
@@ -25,98 +26,16 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from tunelab.errors import UserError
+from tunelab.finetune.config import FineTuneConfig
+from tunelab.finetune.job import FineTuneResult, finetune, get_row
 
 if TYPE_CHECKING:
     from tunelab.finetune.config import FineTuneConfig
     from tunelab.finetune.job import FineTuneResult
     from tunelab.workspace import Workspace
-
-
-# -- inside the workers -------------------------------------------------------------------------------
-
-def world() -> tuple[int, int]:
-    """(rank, world size): (0, 1) unless torch.distributed is initialized with several processes."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group `accelerate launch` (torchrun) described in the environment: nccl
-    on GPUs, gloo on CPUs. Returns (rank, world size)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def shard(batch: list[int], rank: int, size: int) -> list[int]:
-    """This rank's share of a global batch (every size-th example, starting at rank)."""
-    return batch[rank::size]
-
-
-def broadcast_params(model) -> None:
-    """Start every replica from rank 0's trainable weights."""
-    import torch.distributed as dist
-
-    for p in model.parameters():
-        if p.requires_grad:
-            dist.broadcast(p.data, src=0)
-
-
-def sum_gradients(model) -> None:
-    """Sum the trainable weights' gradients across ranks (one flat all-reduce). A rank whose share
-    of a batch was empty contributes zeros."""
-    import torch
-    import torch.distributed as dist
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-        offset += n
-
-
-def sum_values(*values: float) -> list[float]:
-    """Numbers summed across ranks (the step's loss and token counts, for logging)."""
-    import torch
-    import torch.distributed as dist
-
-    from tunelab.finetune.train import device
-
-    t = torch.tensor(values, dtype=torch.float64, device=device())
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def from_rank0(value: Any) -> Any:
-    """Rank 0's `value` on every rank (e.g. a validation result)."""
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # -- the launcher ----------------------------------------------------------------------------------------
@@ -153,8 +72,6 @@ def _stored_config(ws: "Workspace", config: "FineTuneConfig", resume: bool) -> t
     """The configuration every rank trains with, and whether it continues a checkpoint: resuming an
     interrupted fine-tune uses its stored configuration (as `job.finetune` does), with the launcher
     settings given now."""
-    from tunelab.finetune.config import FineTuneConfig
-    from tunelab.finetune.job import get_row
 
     row = get_row(ws, config.name) if config.name else None
     if row is None or row.status == "done" or not resume:
@@ -172,7 +89,6 @@ def launch(ws: "Workspace", config: "FineTuneConfig", *, resume: bool = False, p
            log: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> "FineTuneResult":
     """Run the fine-tune `config` in `config.num_processes` processes through `accelerate launch`;
     their output is streamed to `log`. Returns the stored result, as `finetune()` does."""
-    from tunelab.finetune.job import FineTuneResult, get_row
 
     log = log or (lambda s: None)
     if not config.name:
@@ -237,6 +153,5 @@ def run(ws: "Workspace", config: "FineTuneConfig", *, resume: bool = False, prog
         raise UserError(f"--num-processes {config.num_processes} needs --launcher accelerate", field="num_processes")
     if config.launcher == "accelerate":
         return launch(ws, config, resume=resume, progress=progress, log=log)
-    from tunelab.finetune.job import finetune
 
     return finetune(ws, config, resume=resume, progress=progress, log=log)

@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tunelab.errors import UserError
 from tunelab.finetune import checkpoint
+from tunelab.finetune import distributed as dist  # data-parallel when started by `accelerate launch`
 from tunelab.finetune.config import FineTuneConfig
 from tunelab.finetune.data import IGNORE, Tokenized, collate, epoch_batches, micro_batches
+from tunelab.finetune.distributed import device
 
 MATH_ATTENTION_MAX = 1024
 
@@ -43,12 +46,6 @@ def bf16_supported() -> bool:
 
 def use_bf16(precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and bf16_supported())
-
-
-def device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def autocast(bf16: bool):
@@ -89,7 +86,6 @@ def load_for_training(base_dir: Path, config: FineTuneConfig):
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 model = get_peft_model(model, lora)
         except ValueError as exc:
-            from tunelab.errors import UserError
 
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                             if isinstance(m, torch.nn.Linear)})
@@ -145,7 +141,6 @@ def completion_loss(model, batch: dict[str, Any], bf16: bool):
 
     The decoder runs on every token; the vocabulary projection (49k columns for SmolLM2) only on
     the positions that predict a completion token."""
-    import torch
     import torch.nn.functional as F
 
     lm = causal_lm(model)
@@ -260,7 +255,6 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
             state.segments += 1
             log(f"resuming at step {state.step}/{total_steps} (epoch {state.epoch + 1}, "
                 f"{state.step_in_epoch} steps into it)")
-    from tunelab.finetune import launch as dist  # data-parallel when started by `accelerate launch`
 
     rank, world = dist.world()
     if world > 1:

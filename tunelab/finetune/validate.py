@@ -12,7 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from tunelab.evaluate import PromptCandidate
 from tunelab.finetune.data import Tokenized, collate, micro_batches
+from tunelab.finetune.train import causal_lm, completion_loss
+from tunelab.metrics import Answer, aggregate, default_metric_names, make_metrics, primary_metric
+from tunelab.models.local import LocalModel
 
 EVAL_TOKEN_BUDGET = 4096
 SKIP_METRICS = ("format_valid", "free_accuracy")  # need free generation; not worth it every epoch
@@ -21,8 +25,6 @@ SKIP_METRICS = ("format_valid", "free_accuracy")  # need free generation; not wo
 def completion_logprobs(model, items: list[Tokenized], pad_id: int, bf16: bool) -> list[float]:
     """Per item: the summed log-likelihood of its completion tokens."""
     import torch
-
-    from tunelab.finetune.train import completion_loss
 
     lengths = [len(it) for it in items]
     sums = [0.0] * len(items)
@@ -60,8 +62,6 @@ def inference_copy(model, precision: str):
 
     import torch
 
-    from tunelab.finetune.train import causal_lm
-
     clone = copy.deepcopy(model)
     if hasattr(clone, "merge_and_unload"):
         clone = clone.merge_and_unload()
@@ -78,13 +78,7 @@ def inference_copy(model, precision: str):
 
 def evaluator_metric(prompt, demos, examples, base_dir: Path, precision: str, name: str):
     """The task metric hook: `metric(model) -> {metric, metric_name, metrics}`."""
-    from tunelab.evaluate import PromptCandidate
-    from tunelab.metrics import Answer, OutputInfo, aggregate, default_metric_names, make_metrics, primary_metric
-    from tunelab.models.local import LocalModel
-
-    output = OutputInfo.of(prompt.output)
-    if output.type == "label" and not output.labels:
-        output.labels = sorted({ex.output for ex in examples})
+    output = prompt.output
     metrics = make_metrics([n for n in default_metric_names(output) if n not in SKIP_METRICS], output)
     primary = primary_metric(output)
 

@@ -10,24 +10,26 @@ A UserError is written to `error-RANK.json` in the payload's `error_dir` for the
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
+
+from tunelab.errors import UserError
+from tunelab.files import write_json
+from tunelab.finetune import train as tr
+from tunelab.finetune.config import FineTuneConfig
+from tunelab.finetune.distributed import init_distributed
+from tunelab.finetune.job import finetune, plan, run_dir
+from tunelab.workspace import Workspace
 
 
 def main(payload_path: str) -> int:
     payload = json.loads(Path(payload_path).read_text(encoding="utf-8"))
-    from tunelab.errors import UserError
-    from tunelab.finetune.launch import init_distributed
 
     rank, size = init_distributed()
     try:
         run(payload, rank)
     except UserError as exc:
-        error = Path(payload["error_dir"]) / f"error-{rank}.json"
-        tmp = error.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rank": rank, "message": str(exc)}), encoding="utf-8")
-        os.replace(tmp, error)
+        write_json(Path(payload["error_dir"]) / f"error-{rank}.json", {"rank": rank, "message": str(exc)})
         print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
@@ -39,21 +41,16 @@ def main(payload_path: str) -> int:
 
 
 def run(payload: dict, rank: int) -> None:
-    from tunelab.finetune.config import FineTuneConfig
-    from tunelab.workspace import Workspace
 
     ws = Workspace(Path(payload["workspace"]))
     config = FineTuneConfig.model_validate(payload["config"])
     if rank == 0:
-        from tunelab.finetune.job import finetune
 
         def log(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
 
         finetune(ws, config, resume=payload["resume"], progress=payload["progress"], log=log)
         return
-    from tunelab.finetune import train as tr
-    from tunelab.finetune.job import plan, run_dir
 
     p = plan(ws, config)
     model, _ = tr.load_for_training(p.base_dir, p.config)

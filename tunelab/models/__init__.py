@@ -3,7 +3,7 @@
     smollm2-135m            the bundled SmolLM2-135M-Instruct (local backend; also `smollm2`)
     local:PATH | PATH       any local Hugging Face model folder
     fake | fake:NAME        the fake model for tests
-    ft:NAME                 a fine-tuned model of this workspace
+    ft:NAME                 a fine-tuned model of this workspace (its model folder, `tunelab.models.finetuned`)
     openai:MODEL            an OpenAI-compatible server (base URL from tunelab.yaml or env)
     NAME                    a model named under `models:` in tunelab.yaml
     BACKEND:REST            any backend registered under the `tunelab.models` entry point group
@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import NotFound, UserError
 from tunelab.models.base import Completion, Message, Model, Request, match_label
+from tunelab.models.finetuned import read_finetuned
+from tunelab.models.weights import BUNDLED_ALIASES
 
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 __all__ = ["Completion", "Message", "Model", "Request", "load_model", "backend_class", "match_label",
            "BUNDLED_ALIASES"]
 
-BUNDLED_ALIASES = {"smollm2-135m", "smollm2", "smollm2-135m-instruct"}
 
 _loaded: dict[tuple, Model] = {}
 _lock = threading.Lock()
@@ -66,12 +67,12 @@ def clear_loaded() -> None:
         _loaded.clear()
 
 
-def _build(spec: str, workspace: "Workspace | None", **options: Any) -> Model:
+def _build(spec: str, workspace: "Workspace | None", name: str | None = None, **options: Any) -> Model:
     spec = (spec or "").strip()
     if not spec:
         raise UserError("no model given")
     if spec.lower() in BUNDLED_ALIASES:
-        return backend_class("local")(name="smollm2-135m", **options)
+        return backend_class("local")(name=name or "smollm2-135m", **options)
     if workspace is not None and spec in workspace.config.models:
         cfg = workspace.config.models[spec]
         settings = cfg.model_dump(exclude_none=True, exclude={"backend", "pricing"})
@@ -79,30 +80,43 @@ def _build(spec: str, workspace: "Workspace | None", **options: Any) -> Model:
         cls = backend_class(cfg.backend)
         if "workspace" in inspect.signature(cls).parameters:
             settings = {"workspace": workspace, **settings}
-        return cls(name=spec, **settings)
+        return cls(name=name or spec, **settings)
     if spec.startswith("ft:"):
-        from tunelab import finetune
-
-        if workspace is None:
-            raise UserError(f"model '{spec}' needs a workspace")
-        return finetune.load_finetuned(workspace, spec[3:], **options)
+        return _finetuned("local", spec, workspace, **options)
     if spec == "fake":
-        return backend_class("fake")(name="fake", **options)
+        return backend_class("fake")(name=name or "fake", **options)
     if ":" in spec and not Path(spec).exists():
         backend, rest = spec.split(":", 1)
         if backend == "local":
-            return backend_class("local")(name=rest, path=rest, **options)
+            return backend_class("local")(name=name or rest, path=rest, **options)
         if backend == "openai":
             settings = {"model": rest}
             settings.update(options)
-            return backend_class("openai")(name=spec, **settings)
+            return backend_class("openai")(name=name or spec, **settings)
+        if rest.startswith("ft:"):  # e.g. llamacpp:ft:NAME: that backend over the fine-tune's files
+            return _finetuned(backend, rest, workspace, name=spec, **options)
         cls = backend_class(backend)
         if workspace is not None and "workspace" in inspect.signature(cls).parameters:
-            options = {"workspace": workspace, **options}  # e.g. llamacpp:ft:NAME finds its fine-tune there
-        return cls(name=rest if backend == "fake" else spec, **options)
+            options = {"workspace": workspace, **options}
+        return cls(name=name or (rest if backend == "fake" else spec), **options)
     if Path(spec).is_dir():
-        return backend_class("local")(name=os.path.basename(os.path.normpath(spec)), path=spec, **options)
+        return backend_class("local")(name=name or os.path.basename(os.path.normpath(spec)), path=spec, **options)
     hint = ""
     if workspace is not None and workspace.config.models:
         hint = f"; models in tunelab.yaml: {', '.join(sorted(workspace.config.models))}"
     raise NotFound(f"unknown model '{spec}' (try smollm2-135m, a model folder, ft:NAME, openai:MODEL{hint})")
+
+
+def _finetuned(backend: str, spec: str, workspace: "Workspace | None", name: str | None = None,
+               **options: Any) -> Model:
+    """`ft:NAME` on `backend`: the base model with the fine-tune's adapter, or its trained weights'
+    folder; the backend gets paths only. A LoRA over a base of another backend (a fake base in
+    tests) is built by that base's spec."""
+    if workspace is None:
+        raise UserError(f"model '{spec}' needs a workspace")
+    ft = read_finetuned(workspace, spec[3:])
+    if ft.adapter is None:
+        return backend_class(backend)(name=name or spec, path=str(ft.weights), **options)
+    if backend == "local":
+        return _build(ft.base, workspace, name=name or spec, adapter=str(ft.adapter), **options)
+    return backend_class(backend)(name=name or spec, path=ft.base, adapter=str(ft.adapter), **options)

@@ -94,6 +94,28 @@ class Model(ABC):
         """Release resources (threads, servers, memory)."""
 
 
+class WrappedModel(Model):
+    """A model that answers through another one (`inner`): the response cache and the gateway's
+    micro-batcher are these. Its name, backend, fingerprint, tokenizer and context are the inner
+    model's, so a wrapped model is the same model to everything that keys or prices by them."""
+
+    def __init__(self, inner: Model):
+        self.inner = inner
+        self.name = inner.name
+        self.backend = inner.backend  # type: ignore[misc]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    @property
+    def context_length(self) -> int | None:
+        return self.inner.context_length
+
+
 _WORD = re.compile(r"[^a-z0-9]+")
 
 

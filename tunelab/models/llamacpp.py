@@ -5,6 +5,7 @@
     llamacpp:PATH.gguf        any GGUF model file
     llamacpp:PATH             a Hugging Face Llama-architecture folder, converted to GGUF (f16) once
     llamacpp:ft:NAME          a fine-tune of the workspace: its merged model as GGUF (f16), converted once
+                              (the loader hands this backend the base and the adapter folder)
 
     model = LlamaCppModel(path="base.gguf", lora="spam-lora.gguf")   # a LoRA adapter GGUF over a base
     model.complete([Request(messages=[...], labels=["ham", "spam"])])
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import threading
 import time
@@ -45,6 +45,9 @@ from typing import Any
 
 from tunelab.errors import UserError
 from tunelab.models.base import Completion, Model, Request, match_label
+from tunelab.models.gguf import convert_model, to_gguf
+from tunelab.models.local import trim_output
+from tunelab.models.weights import BUNDLED_ALIASES, bundled_gguf, bundled_model_dir, cache_dir
 
 MISSING = ("the llamacpp backend needs the optional extra: pip install 'tunelab[llamacpp]' "
            "(builds llama.cpp from source, ~5 min)")
@@ -93,7 +96,7 @@ class LlamaCppModel(Model):
     def __init__(self, name: str = "llamacpp:smollm2-135m", path: str | os.PathLike | None = None,
                  lora: str | os.PathLike | None = None, lora_scale: float = 1.0, n_ctx: int | None = None,
                  threads: int | None = None, n_threads: int | None = None, n_batch: int = 512,
-                 label_mode: str = "score", workspace: Any = None, **_: Any):
+                 label_mode: str = "score", adapter: str | os.PathLike | None = None, **_: Any):
         require_llama_cpp()
         if label_mode not in LABEL_MODES:
             raise UserError(f"unknown label mode '{label_mode}' (expected one of: {', '.join(LABEL_MODES)})",
@@ -112,7 +115,7 @@ class LlamaCppModel(Model):
         self.threads = int(threads or n_threads or env_threads or max(1, (os.cpu_count() or 2) // 2))
         self.n_batch = int(n_batch)
         self.label_mode = label_mode
-        self._workspace = workspace
+        self.adapter = Path(adapter).expanduser() if adapter is not None else None  # a PEFT adapter folder
         self._lock = threading.RLock()
         self._llm = None
         self._gguf: Path | None = None
@@ -131,15 +134,14 @@ class LlamaCppModel(Model):
         return self._gguf
 
     def _resolve(self, target: str) -> Path:
-        from tunelab.models import BUNDLED_ALIASES
-        from tunelab.models.weights import bundled_gguf, bundled_model_dir
-
         if target.lower() == QUANTIZED_ALIAS:
             return bundled_gguf()
-        if target.startswith("ft:"):
-            return self._finetune_gguf(target[3:])
         # the bundled model as f16: its prompt passes ran ~2.7x faster than the Q4_1 file's here
         p = bundled_model_dir() if target.lower() in BUNDLED_ALIASES else Path(target).expanduser()
+        if self.adapter is not None:  # base + a PEFT adapter (ft:NAME): merged, then converted once
+            files = [f for f in self.adapter.iterdir() if f.is_file()]
+            out = cache_dir() / "gguf" / f"{self.name.replace(':', '-')}-{_stat_digest(files)}-f16.gguf"
+            return out if out.is_file() else to_gguf(p, out, "f16", name=self.name, adapter_dir=self.adapter)
         if p.is_file():
             return p
         if p.is_dir() and (p / "config.json").is_file():
@@ -150,28 +152,8 @@ class LlamaCppModel(Model):
     @staticmethod
     def _convert_once(model_dir: Path, filename: str) -> Path:
         """A Hugging Face folder as f16 GGUF in the cache folder (converted on first use)."""
-        from tunelab.finetune.gguf import convert_model
-        from tunelab.models.weights import cache_dir
-
         out = cache_dir() / "gguf" / filename
         return out if out.is_file() else convert_model(model_dir, out, "f16")
-
-    def _finetune_gguf(self, name: str) -> Path:
-        """ft:NAME's merged model as GGUF (f16), converted once into the cache folder."""
-        from tunelab.finetune.exporter import write_gguf
-        from tunelab.finetune.job import get_row, load_finetuned
-        from tunelab.models.weights import cache_dir
-        from tunelab.workspace import Workspace
-
-        ws = self._workspace or Workspace.find()
-        load_finetuned(ws, name)  # the checks: known, finished, artifacts present
-        row = get_row(ws, name)
-        folder = ws.artifacts_dir / row.path
-        files = [p for p in (folder / ("adapter" if row.method == "lora" else "model")).iterdir() if p.is_file()]
-        out = cache_dir() / "gguf" / f"ft-{name}-{_stat_digest(files)}-f16.gguf"
-        if not out.is_file():
-            write_gguf(folder, row, out, outtype="f16")
-        return out
 
     @property
     def fingerprint(self) -> str:
@@ -351,8 +333,6 @@ class LlamaCppModel(Model):
             return [self._complete_one(i, req) for i, req in enumerate(requests)]
 
     def _complete_one(self, index: int, req: Request) -> Completion:
-        from tunelab.models.local import trim_output
-
         start = time.perf_counter()
         prompt = self.prompt_tokens(req.messages)
         if len(prompt) + 1 > self.n_ctx:

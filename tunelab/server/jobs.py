@@ -18,13 +18,18 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 import traceback
 import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from tunelab.errors import NotFound, UserError
+from sqlalchemy import select, update
+
+from tunelab.errors import NotFound, UserError, pydantic_message
+from tunelab.evaluate import evaluate, resolve_candidate
+from tunelab.finetune import FineTuneConfig, run
+from tunelab.optimize import optimize
+from tunelab.store.models import JobRow, utcnow
 
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
@@ -36,7 +41,6 @@ HEARTBEAT_S = 5.0
 
 def enqueue_job(ws: "Workspace", kind: str, args: dict[str, Any], created_by: str = ""):
     """Queue a job; its arguments are checked now so a typo fails here, not in the worker."""
-    from tunelab.store.models import JobRow
 
     if kind not in KINDS:
         raise UserError(f"unknown job kind '{kind}': expected one of {', '.join(KINDS)}", field="kind")
@@ -54,13 +58,10 @@ def _check_args(kind: str, args: dict[str, Any]) -> None:
     if kind == "finetune":
         from pydantic import ValidationError
 
-        from tunelab.finetune.config import FineTuneConfig
-        from tunelab.workspace import pydantic_message
-
         try:
             FineTuneConfig.model_validate(args)
         except ValidationError as exc:
-            raise UserError(pydantic_message(exc), field="args") from None
+            raise UserError(pydantic_message(exc, FineTuneConfig), field="args") from None
         return
     unknown = set(args) - allowed[kind]
     if unknown:
@@ -73,7 +74,6 @@ def _check_args(kind: str, args: dict[str, Any]) -> None:
 
 
 def get_job(ws: "Workspace", job_id: str):
-    from tunelab.store.models import JobRow
 
     with ws.store.session() as s:
         row = s.get(JobRow, job_id)
@@ -83,9 +83,6 @@ def get_job(ws: "Workspace", job_id: str):
 
 
 def list_jobs(ws: "Workspace", limit: int = 100) -> list:
-    from sqlalchemy import select
-
-    from tunelab.store.models import JobRow
 
     with ws.store.session() as s:
         return list(s.scalars(select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id).limit(limit)))
@@ -103,9 +100,6 @@ def job_dict(row) -> dict[str, Any]:
 
 def requeue_stale(ws: "Workspace", stale_s: float = STALE_S) -> int:
     """Put running jobs whose worker stopped heartbeating back in the queue; returns how many."""
-    from sqlalchemy import update
-
-    from tunelab.store.models import JobRow, utcnow
 
     cutoff = utcnow() - timedelta(seconds=stale_s)
     with ws.store.session() as s:
@@ -116,9 +110,6 @@ def requeue_stale(ws: "Workspace", stale_s: float = STALE_S) -> int:
 
 def claim_job(ws: "Workspace", worker_id: str):
     """Claim the oldest queued job for `worker_id`, or None. Safe with many workers."""
-    from sqlalchemy import select, update
-
-    from tunelab.store.models import JobRow, utcnow
 
     for _ in range(5):
         with ws.store.session() as s:
@@ -139,9 +130,6 @@ def claim_job(ws: "Workspace", worker_id: str):
 
 def _update(ws: "Workspace", job_id: str, worker_id: str, **values: Any) -> bool:
     """Write `values` if the job is still ours (a requeued job belongs to its new worker)."""
-    from sqlalchemy import update
-
-    from tunelab.store.models import JobRow
 
     with ws.store.session() as s:
         return (s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.worker == worker_id)
@@ -150,19 +138,16 @@ def _update(ws: "Workspace", job_id: str, worker_id: str, **values: Any) -> bool
 
 def run_job(ws: "Workspace", job) -> dict[str, Any]:
     """Run one claimed job through the library; returns its result (raises on failure)."""
-    from tunelab.store.models import utcnow
 
     progress = lambda **p: _update(ws, job.id, job.worker, progress=p, heartbeat_at=utcnow())  # noqa: E731
     args = dict(job.args)
     if job.kind == "eval":
-        from tunelab.evaluate import evaluate
 
-        result = evaluate(ws, args["candidate"], args["data"], limit=args.get("limit"), repeat=args.get("repeat", 1),
+        result = evaluate(ws, resolve_candidate(ws, args["candidate"]), args["data"], limit=args.get("limit"), repeat=args.get("repeat", 1),
                           metrics=args.get("metrics"), progress=False,
                           on_batch=lambda done, total: progress(done=done, total=total))
         return {"run": result.id, "metrics": {k: v.get("value") for k, v in (result.metrics or {}).items()}}
     if job.kind == "optimize":
-        from tunelab.optimize import optimize
 
         progress(stage="searching")
         result = optimize(ws, args["prompt"], args["data"], budget=args.get("budget", 8),
@@ -171,8 +156,6 @@ def run_job(ws: "Workspace", job) -> dict[str, Any]:
         return {"optimization": result.id, "improved": result.improved, "version": result.version,
                 "message": result.message}
     if job.kind == "finetune":
-        from tunelab.finetune.config import FineTuneConfig
-        from tunelab.finetune.launch import run
 
         lines: list[str] = []
 
@@ -197,7 +180,6 @@ class Worker:
 
     def run_once(self) -> str | None:
         """Requeue stale jobs, claim one and run it; returns its id (None when the queue is empty)."""
-        from tunelab.store.models import utcnow
 
         requeue_stale(self.ws, self.stale_s)
         job = claim_job(self.ws, self.id)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import func, select
+
+from tunelab.datasets import Example, save_dataset
 from tunelab.errors import UserError
+from tunelab.store.models import CallLogRow
 
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
 
 
 def log_call(ws: "Workspace", **fields: Any) -> int:
-    from tunelab.store.models import CallLogRow
 
     with ws.store.session() as s:
         row = CallLogRow(**fields)
@@ -30,9 +33,6 @@ def log_call(ws: "Workspace", **fields: Any) -> int:
 def list_calls(ws: "Workspace", deployment: str | None = None, limit: int | None = 200,
                status: str | None = None) -> list:
     """The newest calls first."""
-    from sqlalchemy import select
-
-    from tunelab.store.models import CallLogRow
 
     q = select(CallLogRow).order_by(CallLogRow.id.desc())
     if deployment:
@@ -46,9 +46,6 @@ def list_calls(ws: "Workspace", deployment: str | None = None, limit: int | None
 
 
 def count_calls(ws: "Workspace", deployment: str | None = None) -> int:
-    from sqlalchemy import func, select
-
-    from tunelab.store.models import CallLogRow
 
     q = select(func.count(CallLogRow.id))
     if deployment:
@@ -69,7 +66,6 @@ def call_input(row) -> str:
 
 def logs_to_dataset(ws: "Workspace", name: str, deployment: str | None = None, limit: int | None = None):
     """Save the successful calls (of `deployment`, or all) as dataset `name` (split `train`)."""
-    from tunelab.datasets import Example, save_dataset
 
     rows = list(reversed(list_calls(ws, deployment, limit=limit, status="ok")))
     if not rows:
@@ -113,8 +109,6 @@ class LogWriter:
 
     def _run(self) -> None:
         import queue
-
-        from tunelab.store.models import CallLogRow
 
         while True:
             batch = [self._queue.get()]

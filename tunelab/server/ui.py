@@ -14,9 +14,19 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
+from tunelab.compare import list_comparisons, report_path
+from tunelab.datasets import Example, dataset_rows, get_dataset, get_split, validate_name
 from tunelab.errors import NotFound, UserError
-from tunelab.server.app import SESSION_COOKIE, form_fields, require
-from tunelab.server.auth import KeyInfo
+from tunelab.evaluate import PromptCandidate, list_runs, run_row, run_rows
+from tunelab.files import write_atomic
+from tunelab.finetune import list_finetunes
+from tunelab.models import load_model
+from tunelab.prompts import (SAMPLE_INPUT, commit_prompt, diff_prompts, list_prompts, load_prompt, parse_prompt,
+                             prompt_log, prompt_path, tag_prompt)
+from tunelab.server.auth import (SESSION_COOKIE, SESSION_HOURS, KeyInfo, authenticate, create_key, create_session,
+                                 end_session, form_fields, list_keys, login_user, require, revoke_key)
+from tunelab.server.jobs import enqueue_job, list_jobs
+from tunelab.server.logs import list_calls, logs_to_dataset
 
 HERE = Path(__file__).parent
 router = APIRouter()
@@ -72,7 +82,6 @@ def _ws(request: Request):
 
 
 def _name(name: str) -> str:
-    from tunelab.datasets import validate_name
 
     try:
         validate_name(name, "prompt")
@@ -99,27 +108,24 @@ def login_page(request: Request):
 
 @router.post("/login")
 def login(request: Request, form: dict = Depends(form_fields)):
-    from tunelab.server import auth
-
     ws = _ws(request)
     if form.get("user"):
-        key = auth.login_user(ws, form["user"].strip(), form.get("password", ""))
+        key = login_user(ws, form["user"].strip(), form.get("password", ""))
         error = "wrong user name or password"
     else:
-        key = auth.authenticate(ws, form.get("api_key", "").strip())
+        key = authenticate(ws, form.get("api_key", "").strip())
         error = "unknown or revoked API key"
     if key is None:
         return page(request, "login.html", status=401, error=error)
-    token, _csrf = auth.create_session(ws, key)
+    token, _csrf = create_session(ws, key)
     response = RedirectResponse("/ui/prompts", status_code=303)
-    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", max_age=auth.SESSION_HOURS * 3600,
+    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", max_age=SESSION_HOURS * 3600,
                         secure=request.url.scheme == "https")
     return response
 
 
 @router.post("/logout")
 def logout(request: Request, key: KeyInfo = Depends(viewer)):
-    from tunelab.server.auth import end_session
 
     end_session(_ws(request), request.cookies.get(SESSION_COOKIE))
     response = RedirectResponse("/login", status_code=303)
@@ -130,7 +136,6 @@ def logout(request: Request, key: KeyInfo = Depends(viewer)):
 # -- prompts ------------------------------------------------------------------------------------
 @router.get("/ui/prompts", response_class=HTMLResponse)
 def prompts_page(request: Request, key: KeyInfo = Depends(viewer)):
-    from tunelab.prompts import list_prompts
 
     return page(request, "prompts.html", prompts=list_prompts(_ws(request)), error=None)
 
@@ -138,8 +143,6 @@ def prompts_page(request: Request, key: KeyInfo = Depends(viewer)):
 @router.post("/ui/prompts")
 def new_prompt(request: Request, form: dict = Depends(form_fields), key: KeyInfo = Depends(editor)):
     name = _field(form, "name")
-    from tunelab.datasets import validate_name
-    from tunelab.prompts import list_prompts, prompt_path, write_text_atomic
 
     ws = _ws(request)
     try:
@@ -148,12 +151,11 @@ def new_prompt(request: Request, form: dict = Depends(form_fields), key: KeyInfo
         return page(request, "prompts.html", status=400, prompts=list_prompts(ws), error=str(exc))
     path = prompt_path(ws, name)
     if not path.exists():
-        write_text_atomic(path, NEW_PROMPT)
+        write_atomic(path, NEW_PROMPT)
     return RedirectResponse(f"/ui/prompts/{name}", status_code=303)
 
 
 def _prompt_text(ws, name: str) -> str:
-    from tunelab.prompts import load_prompt, prompt_path
 
     path = prompt_path(ws, name)
     if path.is_file():
@@ -166,7 +168,6 @@ def _prompt_text(ws, name: str) -> str:
 
 @router.get("/ui/prompts/{name}", response_class=HTMLResponse)
 def prompt_page(request: Request, name: str, key: KeyInfo = Depends(viewer)):
-    from tunelab.datasets import dataset_rows
 
     ws = _ws(request)
     _name(name)
@@ -176,7 +177,6 @@ def prompt_page(request: Request, name: str, key: KeyInfo = Depends(viewer)):
 
 
 def _parse(ws, name: str, text: str):
-    from tunelab.prompts import parse_prompt
 
     return parse_prompt(text, name, path=f"prompts/{name}.prompt (editor)", workspace=ws)
 
@@ -185,7 +185,6 @@ def _parse(ws, name: str, text: str):
 def render_preview(request: Request, name: str, form: dict = Depends(form_fields), key: KeyInfo = Depends(viewer)):
     text = form.get("text", "")
     sample = form.get("sample", "")
-    from tunelab.prompts import SAMPLE_INPUT
 
     ws = _ws(request)
     _name(name)
@@ -206,9 +205,6 @@ def run_playground(request: Request, name: str, form: dict = Depends(form_fields
     sample = form.get("sample", "")
     data = form.get("data", "")
     limit = _int(form, "limit", 3)
-    from tunelab.datasets import Example, get_split
-    from tunelab.models import load_model
-
     ws = _ws(request)
     _name(name)
     try:
@@ -220,8 +216,8 @@ def run_playground(request: Request, name: str, form: dict = Depends(form_fields
         else:
             examples = [Example(input=sample or "", output="")]
         model = load_model(prompt.model or ws.config.default_model, ws)
-        demos = prompt.resolve_demos(ws)
-        completions = model.complete([prompt.request(ex, demos) for ex in examples])
+        # the same candidate an evaluation of this text would measure, and a deployment would serve
+        completions = PromptCandidate(prompt, model, workspace=ws, free_text=False).predict(examples)
     except UserError as exc:
         return fragment_error(exc)
     except Exception as exc:  # noqa: BLE001
@@ -236,7 +232,6 @@ def run_playground(request: Request, name: str, form: dict = Depends(form_fields
 def commit(request: Request, name: str, form: dict = Depends(form_fields), key: KeyInfo = Depends(editor)):
     text = _field(form, "text")
     message = form.get("message", "")
-    from tunelab.prompts import commit_prompt, prompt_path, write_text_atomic
 
     ws = _ws(request)
     _name(name)
@@ -246,12 +241,12 @@ def commit(request: Request, name: str, form: dict = Depends(form_fields), key: 
             raise UserError("a commit needs a message")
         path = prompt_path(ws, name)
         old = path.read_text(encoding="utf-8") if path.is_file() else None
-        write_text_atomic(path, text)
+        write_atomic(path, text)
         try:
             version = commit_prompt(ws, name, message, author=key.name)
         except UserError:
             if old is not None:
-                write_text_atomic(path, old)
+                write_atomic(path, old)
             raise
     except UserError as exc:
         return fragment_error(exc)
@@ -261,7 +256,6 @@ def commit(request: Request, name: str, form: dict = Depends(form_fields), key: 
 
 
 def _history(ws, name: str) -> list:
-    from tunelab.prompts import prompt_log
 
     try:
         return prompt_log(ws, name)
@@ -280,14 +274,13 @@ def tag(request: Request, name: str, form: dict = Depends(form_fields), key: Key
     """Deploy: point a label (default `production`) at a version."""
     version = _field(form, "version")
     label = form.get("label", "production")
-    from tunelab.prompts import tag_prompt
 
     ws = _ws(request)
     _name(name)
     error = None
     try:
         tag_prompt(ws, f"{name}@{version}", label)
-        request.app.state.forget_deployments()
+        request.app.state.deployments.forget()
     except UserError as exc:
         error = str(exc)
     return page(request, "_history.html", name=name, history=_history(ws, name), error=error)
@@ -295,7 +288,6 @@ def tag(request: Request, name: str, form: dict = Depends(form_fields), key: Key
 
 @router.get("/ui/prompts/{name}/diff", response_class=HTMLResponse)
 def diff(request: Request, name: str, a: str, b: str, key: KeyInfo = Depends(viewer)):
-    from tunelab.prompts import diff_prompts
 
     _name(name)
     try:
@@ -308,14 +300,12 @@ def diff(request: Request, name: str, a: str, b: str, key: KeyInfo = Depends(vie
 # -- datasets, runs, comparisons, fine-tunes, jobs ------------------------------------------------
 @router.get("/ui/datasets", response_class=HTMLResponse)
 def datasets_page(request: Request, key: KeyInfo = Depends(viewer)):
-    from tunelab.datasets import dataset_rows
 
     return page(request, "datasets.html", rows=list(reversed(dataset_rows(_ws(request)))))
 
 
 @router.get("/ui/datasets/{name}", response_class=HTMLResponse)
 def dataset_page(request: Request, name: str, key: KeyInfo = Depends(viewer)):
-    from tunelab.datasets import dataset_rows, get_dataset
 
     ws = _ws(request)
     rows = dataset_rows(ws, _name(name))
@@ -328,14 +318,12 @@ def dataset_page(request: Request, name: str, key: KeyInfo = Depends(viewer)):
 
 @router.get("/ui/runs", response_class=HTMLResponse)
 def runs_page(request: Request, key: KeyInfo = Depends(viewer)):
-    from tunelab.evaluate import list_runs
 
     return page(request, "runs.html", runs=list_runs(_ws(request), limit=200))
 
 
 @router.get("/ui/runs/{run_id}", response_class=HTMLResponse)
 def run_page(request: Request, run_id: str, failures: bool = False, key: KeyInfo = Depends(viewer)):
-    from tunelab.evaluate import run_row, run_rows
 
     ws = _ws(request)
     try:
@@ -357,28 +345,18 @@ def run_page(request: Request, run_id: str, failures: bool = False, key: KeyInfo
 
 @router.get("/ui/comparisons", response_class=HTMLResponse)
 def comparisons_page(request: Request, key: KeyInfo = Depends(viewer)):
-    from sqlalchemy import select
-
-    from tunelab.store.models import ComparisonRow
-
-    with _ws(request).store.session() as s:
-        rows = list(s.scalars(select(ComparisonRow).order_by(ComparisonRow.created_at.desc())))
-    return page(request, "comparisons.html", rows=rows)
+    return page(request, "comparisons.html", comparisons=list_comparisons(_ws(request)))
 
 
 @router.get("/ui/comparisons/{cid}/report")
 def comparison_report(request: Request, cid: str, key: KeyInfo = Depends(viewer)):
     """The comparison's self-contained HTML report: only an .html file inside the workspace, served
     in a CSP sandbox (an opaque origin: its scripts cannot reach the UI's session)."""
-    from tunelab.store.models import ComparisonRow
-
     ws = _ws(request)
-    with ws.store.session() as s:
-        row = s.get(ComparisonRow, cid)
-    if row is None or not row.report_path:
+    path = report_path(ws, cid)
+    if path is None:
         raise HTTPException(404, detail={"message": "no such report", "type": "not_found"})
     root = ws.artifacts_dir.resolve()
-    path = Path(row.report_path)
     path = (path if path.is_absolute() else root / path).resolve()
     if path.suffix.lower() not in (".html", ".htm") or not (path.is_relative_to(root) or path.is_relative_to(ws.root)):
         raise HTTPException(404, detail={"message": "no such report", "type": "not_found"})
@@ -390,14 +368,8 @@ def comparison_report(request: Request, cid: str, key: KeyInfo = Depends(viewer)
 
 @router.get("/ui/jobs", response_class=HTMLResponse)
 def jobs_page(request: Request, key: KeyInfo = Depends(viewer)):
-    from sqlalchemy import select
-
-    from tunelab.server.jobs import list_jobs
-    from tunelab.store.models import FineTuneRow
-
     ws = _ws(request)
-    with ws.store.session() as s:
-        finetunes = list(s.scalars(select(FineTuneRow).order_by(FineTuneRow.created_at.desc())))
+    finetunes = list(reversed(list_finetunes(ws)))
     template = "_jobs.html" if request.headers.get("hx-request") else "jobs.html"
     return page(request, template, jobs=list_jobs(ws), finetunes=finetunes, curve=_curve, error=None)
 
@@ -408,7 +380,6 @@ def start_job(request: Request, form: dict = Depends(form_fields), key: KeyInfo 
     candidate = form.get("candidate", "")
     data = form.get("data", "")
     limit = form.get("limit", "")
-    from tunelab.server.jobs import enqueue_job
 
     ws = _ws(request)
     try:
@@ -442,7 +413,6 @@ def _curve(points: list, width: int = 240, height: int = 60) -> str:
 # -- call logs -----------------------------------------------------------------------------------
 @router.get("/ui/logs", response_class=HTMLResponse)
 def logs_page(request: Request, deployment: str = "", key: KeyInfo = Depends(viewer)):
-    from tunelab.server.logs import list_calls
 
     return page(request, "logs.html", calls=list_calls(_ws(request), deployment or None, limit=300),
                 deployment=deployment, message=None)
@@ -452,7 +422,6 @@ def logs_page(request: Request, deployment: str = "", key: KeyInfo = Depends(vie
 def export_logs(request: Request, form: dict = Depends(form_fields), key: KeyInfo = Depends(editor)):
     name = _field(form, "name")
     deployment = form.get("deployment", "")
-    from tunelab.server.logs import list_calls, logs_to_dataset
 
     ws = _ws(request)
     try:
@@ -467,7 +436,6 @@ def export_logs(request: Request, form: dict = Depends(form_fields), key: KeyInf
 # -- keys ----------------------------------------------------------------------------------------
 @router.get("/ui/keys", response_class=HTMLResponse)
 def keys_page(request: Request, key: KeyInfo = Depends(admin)):
-    from tunelab.server.auth import list_keys
 
     return page(request, "keys.html", keys=list_keys(_ws(request)), secret=None, error=None)
 
@@ -476,7 +444,6 @@ def keys_page(request: Request, key: KeyInfo = Depends(admin)):
 def create_key_form(request: Request, form: dict = Depends(form_fields), key: KeyInfo = Depends(admin)):
     name = _field(form, "name")
     role = form.get("role", "viewer")
-    from tunelab.server.auth import create_key, list_keys
 
     ws = _ws(request)
     secret, error = None, None
@@ -491,7 +458,6 @@ def create_key_form(request: Request, form: dict = Depends(form_fields), key: Ke
 
 @router.post("/ui/keys/{name}/revoke", response_class=HTMLResponse)
 def revoke_key_form(request: Request, name: str, key: KeyInfo = Depends(admin)):
-    from tunelab.server.auth import list_keys, revoke_key
 
     ws = _ws(request)
     error = None

@@ -93,3 +93,13 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def insert_ignore(session, table):
+    """INSERT ... ON CONFLICT DO NOTHING for SQLite and PostgreSQL (`session.execute(stmt, rows)`)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table).on_conflict_do_nothing()

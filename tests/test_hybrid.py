@@ -1,4 +1,4 @@
-"""The hybrid router: routing rules, merged completions, threshold tuning."""
+"""Hybrids: the routing rules, merged completions, threshold tuning, and hybrid:NAME end to end."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 
 from tunelab.errors import UserError
 from tunelab.models.base import Completion
-from tunelab.router import ExceptionRule, HybridSpec, NgramIndex, Router, merge, tune_thresholds
+from tunelab.evaluate import ExceptionRule, HybridSpec, NgramIndex, Routing, merge, resolve_candidate
+from tunelab.hybrid import create_hybrid, tune_thresholds
 
 TRAIN = ["my invoice is wrong", "refund my payment please", "the app crashes on start",
          "login button does nothing", "charged twice this month", "error 500 when saving"]
@@ -27,9 +28,9 @@ def spec(**kw):
 
 
 def test_rules_then_length_then_similarity():
-    router = Router(spec(rules=[ExceptionRule(pattern=r"\blawyer\b", note="legal")], length_range=(5, 40),
+    routing = Routing(spec(rules=[ExceptionRule(pattern=r"\blawyer\b", note="legal")], length_range=(5, 40),
                          similarity_threshold=0.2), TRAIN)
-    routes = router.before(["talk to my LAWYER now", "hi", "charged twice for my invoice",
+    routes = routing.before(["talk to my LAWYER now", "hi", "charged twice for my invoice",
                             "quantum chromodynamics lattice", "x" * 50])
     assert routes[0].route == "fallback" and routes[0].reason == "rule" and routes[0].detail == "legal"
     assert routes[1].reason == "out_of_distribution" and "length 2" in routes[1].detail
@@ -39,29 +40,29 @@ def test_rules_then_length_then_similarity():
 
 
 def test_unsure_primary_goes_to_fallback():
-    router = Router(spec(margin_threshold=0.3))
-    assert router.after(comp("bug", margin=0.1), None).reason == "unsure"
-    assert router.after(comp("bug", margin=0.5), None).route == "primary"
-    assert router.after(comp("bug", margin=None), None).route == "primary"  # free text: no margin
+    routing = Routing(spec(margin_threshold=0.3))
+    assert routing.after(comp("bug", margin=0.1), None).reason == "unsure"
+    assert routing.after(comp("bug", margin=0.5), None).route == "primary"
+    assert routing.after(comp("bug", margin=None), None).route == "primary"  # free text: no margin
     assert Completion("x", label_logprobs={"a": math.log(0.55), "b": math.log(0.45)}).label_margin == pytest.approx(0.1)
 
 
 def test_invalid_rule_is_a_user_error():
     with pytest.raises(UserError, match="invalid regular expression"):
-        Router(spec(rules=[ExceptionRule(pattern="(unclosed")]))
+        Routing(spec(rules=[ExceptionRule(pattern="(unclosed")]))
 
 
 def test_merge_counts_every_called_side():
     p, f = comp("bug", 0.1, tokens=20, latency=0.02), comp("billing", 0.9, tokens=200, latency=0.2)
-    router = Router(spec(margin_threshold=0.3))
-    out = merge(router.after(p, None), p, f)
+    routing = Routing(spec(margin_threshold=0.3))
+    out = merge(routing.after(p, None), p, f)
     assert out.text == "billing"
     assert out.prompt_tokens == 220 and out.completion_tokens == 2
     assert out.latency_s == pytest.approx(0.22)
     assert out.meta["route"] == "fallback" and out.meta["route_reason"] == "unsure"
-    only_fb = merge(Router(spec(rules=[ExceptionRule(pattern="x")])).before(["x"])[0], None, f)
+    only_fb = merge(Routing(spec(rules=[ExceptionRule(pattern="x")])).before(["x"])[0], None, f)
     assert only_fb.prompt_tokens == 200 and only_fb.meta["route"] == "fallback"
-    prim = merge(router.after(comp("bug", 0.8), None), comp("bug", 0.8, tokens=20), None)
+    prim = merge(routing.after(comp("bug", 0.8), None), comp("bug", 0.8, tokens=20), None)
     assert prim.meta == {"route": "primary", "margin": 0.8} and prim.prompt_tokens == 20
 
 
@@ -159,17 +160,17 @@ def hybrid_ws(workspace, monkeypatch):
 
 def test_create_hybrid_tunes_on_validation_and_routes(hybrid_ws):
     from tunelab.evaluate import evaluate, run_rows
-    from tunelab.router import create_hybrid, load_router
 
-    spec = create_hybrid(hybrid_ws, "h", "prim", "fall", data="tickets", progress=False,
-                         rules=[r"\bmanager\b"])
+    made = create_hybrid(hybrid_ws, "h", "prim", "fall", data="tickets", progress=False, rules=[r"\bmanager\b"])
+    spec = made.spec
+    assert made.candidate == "hybrid:h" and made.setup.how == "hybrid" and made.setup.wall_s > 0
     assert 0.1 < spec.margin_threshold <= 0.4
     assert spec.tuning["validation_score"] == 1.0
     assert spec.tuning["primary_score"] == 0.5 and spec.tuning["data"].endswith(":validation")
     assert spec.primary.startswith("prim@") and spec.fallback.startswith("fall@")  # pinned versions
     assert (hybrid_ws.artifacts_dir / "hybrids" / "h.json").is_file()
 
-    cand = load_router(hybrid_ws, "h")
+    cand = resolve_candidate(hybrid_ws, "hybrid:h")
     assert cand.kind == "hybrid" and cand.name == "hybrid:h"
     result = evaluate(hybrid_ws, cand, "tickets:test", progress=False)
     assert result.metrics["accuracy"]["value"] == 1.0
@@ -184,14 +185,13 @@ def test_create_hybrid_tunes_on_validation_and_routes(hybrid_ws):
 
 def test_hybrid_rules_and_fixed_threshold(hybrid_ws):
     from tunelab.datasets import Example
-    from tunelab.router import create_hybrid, load_router
 
     spec = create_hybrid(hybrid_ws, "h2", "prim", "fall", data="tickets", progress=False, threshold="off",
-                         similarity="off", rules=[r"\bcard\b"])
+                         similarity="off", rules=[r"\bcard\b"]).spec
     assert spec.margin_threshold == 0.0 and spec.similarity_threshold == 0.0
     # the rule sends card tickets (primary right) to the fallback (wrong); nothing else is routed
     assert spec.tuning["validation_score"] == 0.25
-    cand = load_router(hybrid_ws, "h2")
+    cand = resolve_candidate(hybrid_ws, "hybrid:h2")
     comps = cand.predict([Example("my card was declined", "billing"), Example("ticket 7-17: my crash problem", "bug"),
                           Example("x" * 500, "bug")])
     assert [c.meta["route"] for c in comps] == ["fallback", "primary", "fallback"]
@@ -201,10 +201,9 @@ def test_hybrid_rules_and_fixed_threshold(hybrid_ws):
 
 def test_hybrid_errors(hybrid_ws):
     from tunelab.errors import NotFound
-    from tunelab.router import create_hybrid, load_router
 
     with pytest.raises(NotFound, match="unknown hybrid 'nope'"):
-        load_router(hybrid_ws, "nope")
+        resolve_candidate(hybrid_ws, "hybrid:nope")
     with pytest.raises(UserError, match="which data"):
         create_hybrid(hybrid_ws, "h3", "prim", "fall", progress=False)
     with pytest.raises(UserError, match="between 0 and 1"):

@@ -1,6 +1,10 @@
-"""`tunelab demo`: the whole flow on the bundled support-ticket data, start to finish.
+"""The whole flow, start to finish: data → prompt → optimize | fine-tune → hybrid → compare → advice.
 
-    run_demo("demo-workspace")            # or: tunelab demo [--dir DIR] [--quick]
+    run_flow("my-workspace", flow_for("data/tickets/"))   # or: tunelab flow data/tickets/ [--quick]
+    run_demo("demo-workspace")                            # the same flow on the bundled data: tunelab demo
+
+The demo is a flow on the bundled support-ticket data (`demo_flow()`); `flow_for(path)` builds the
+flow for a user's labelled data. The steps:
 
 1. make (or enter) the demo workspace and import + check `examples/support`;
 2. the baseline prompt `support-router` (a hand-written instruction listing the 8 teams), evaluated;
@@ -19,13 +23,23 @@ for tests.
 
 from __future__ import annotations
 
-import inspect
+import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tunelab import finetune as ft
+from tunelab.compare import Advice, Comparison, Constraints, advise, compare, print_table
+from tunelab.datasets import (check_path, get_dataset, import_dataset, read_source, save_dataset, split_examples,
+                              subsample)
 from tunelab.errors import UserError
+from tunelab.evaluate import RunResult, evaluate, hybrid_path, read_hybrid, resolve_candidate
+from tunelab.hybrid import create_hybrid
+from tunelab.optimize import find_optimization, optimize
+from tunelab.prompts import commit_prompt, parse_prompt, prompt_path, prompt_versions
+from tunelab.workspace import Workspace
 
 DATASET = "support"
 BASE_PROMPT = "support-router"
@@ -86,9 +100,6 @@ MAX_LABEL_CHARS = 60
 def _labels_yaml(labels: list[str]) -> str:
     """`labels` as a YAML flow sequence: plain words as they are, anything YAML would read as
     something else (yes, 1, null, a colon, a quote) JSON-quoted."""
-    import json
-    import re
-
     special = {"yes", "no", "true", "false", "on", "off", "null", "y", "n", "~"}
     plain = all(re.fullmatch(r"[A-Za-z][A-Za-z0-9 _\-]*", x) and x.lower() not in special and x == x.strip()
                 for x in labels)
@@ -137,8 +148,6 @@ Label this {field.lower()}.
 def flow_name(text: str) -> str:
     """`text` as a name the workspace accepts for datasets and prompts (letters, digits, '-', '_',
     '.'; starting with a letter or digit), short enough for the suffixes the flow adds."""
-    import re
-
     name = re.sub(r"[^A-Za-z0-9_.\-]+", "-", text).strip("-_.")
     name = re.sub(r"^[^A-Za-z0-9]+", "", name)[:80].rstrip("-_.")
     return name or "data"
@@ -157,10 +166,6 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
     name, made a valid name). Raises UserError when the path is missing, has no train data, or its
     outputs do not look like labels (more than 50 distinct outputs, or long ones). `labels` gives
     the label order for the prompts (default: the train outputs, sorted)."""
-    import re
-
-    from tunelab.datasets import read_source
-
     src = Path(data_dir).expanduser()
     expected = ("a data file, or a folder with a train file and optionally validation and test files "
                 "(train.jsonl, validation.jsonl, test.jsonl; .csv also works)")
@@ -202,14 +207,6 @@ def examples_dir() -> Path:
     return here
 
 
-def _accepts(fn: Callable, **kwargs: Any) -> dict[str, Any]:
-    """The keyword arguments `fn` takes (the demo drives other modules' functions)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
 class Steps:
     def __init__(self, total: int, log: Callable[[str], None]):
         self.total, self.n, self.log = total, 0, log
@@ -237,20 +234,28 @@ class Steps:
         self._name = ""
 
 
-def run_demo(directory: str | Path = "demo-workspace", **options: Any) -> dict[str, Any]:
-    """Run the demo flow (see the module doc); returns {"workspace", "comparison", "advice", "report", "times"}."""
+@dataclass
+class FlowResult:
+    """What `run_flow` leaves: the workspace, the comparison (its advice inside), the report's path,
+    and how long each step took."""
+
+    workspace: str
+    comparison: Comparison
+    advice: Advice
+    report: str
+    times: dict[str, float]
+    wall_s: float
+
+
+def run_demo(directory: str | Path = "demo-workspace", **options: Any) -> FlowResult:
+    """Run the demo: the flow on the bundled support-ticket data (see the module doc)."""
     return run_flow(directory, demo_flow(), **options)
 
 
 def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: float = 100_000,
              log: Callable[[str], None] = print, console: Any = None, learning_curve: bool | None = None,
-             optimize_budget: int | None = None, workspace_name: str = "tunelab-demo") -> dict[str, Any]:
+             optimize_budget: int | None = None, workspace_name: str = "tunelab-demo") -> FlowResult:
     """Run the whole flow of `flow` in the workspace at `directory` (made if missing)."""
-    from tunelab.advise import Constraints, advise
-    from tunelab.compare import compare
-    from tunelab.evaluate import evaluate
-    from tunelab.workspace import Workspace
-
     learning_curve = bool(learning_curve)
     steps = Steps(8 if learning_curve else 7, log)
     progress = console if console is not None else True
@@ -263,7 +268,7 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     steps("baseline", f"baseline prompt '{flow.base_prompt}': evaluate on the test split")
     baseline = _ensure_prompt(ws, flow.base_prompt, flow.base_prompt_text)
     short = _ensure_prompt(ws, flow.short_prompt, flow.short_prompt_text)
-    base_result = evaluate(ws, baseline, f"{data_ref}:test", progress=progress)
+    base_result = evaluate(ws, resolve_candidate(ws, baseline), f"{data_ref}:test", progress=progress)
     _report_run(log, base_result)
 
     steps("optimization", "prompt optimization on the validation split (instructions, few-shot demos)")
@@ -271,7 +276,7 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
                           progress=progress, log=log)
 
     steps("fine-tuning", f"fine-tuning: LoRA on SmolLM2-135M with the short prompt '{flow.short_prompt}' -> ft:{flow.finetune}")
-    _finetune(ws, data_ref, flow, quick=quick, log=log, progress=progress)
+    _finetune(ws, data_ref, flow, quick=quick, log=log)
 
     steps("hybrid", f"hybrid: ft:{flow.finetune} first, {optimized} where it is unsure or the input is unusual")
     _hybrid(ws, flow, optimized, log=log, progress=progress)
@@ -279,40 +284,35 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     candidates = [baseline] + ([optimized] if optimized != baseline else []) + [f"ft:{flow.finetune}", f"hybrid:{flow.hybrid}"]
     candidates += [c.replace("{short}", short) for c in flow.extra_candidates]
     steps("comparison", "comparison on the test split" + (" with the learning curve (fine-tunes on 10/25/50% of train)"
-                                            if learning_curve else ""))
+                                                          if learning_curve else ""))
     comparison = compare(ws, f"{data_ref}:test", candidates, volume=volume, learning_curve=learning_curve,
                          progress=progress, log=log)
     if console is not None:
-        from tunelab.report import print_table
-
-        print_table({**comparison, "recommendation": None}, console)
+        print_table(comparison, console, advice=False)
 
     steps("advice", "advice")
     advice = advise(comparison, Constraints(volume=volume))
-    log(f"{advice['headline']}")
-    for reason in advice["reasons"]:
+    log(advice.headline)
+    for reason in advice.reasons:
         log(f"  - {reason}")
     steps.done()
-    log(f"\nreport: {comparison['report']}")
+    log(f"\nreport: {comparison.report}")
     log(f"finished in {steps.elapsed():.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in steps.times.items()) + ")")
-    return {"workspace": str(ws.root), "comparison": comparison, "advice": advice, "report": comparison["report"],
-            "times": dict(steps.times), "wall_s": steps.elapsed()}
+    return FlowResult(workspace=str(ws.root), comparison=comparison, advice=advice, report=comparison.report or "",
+                      times=dict(steps.times), wall_s=steps.elapsed())
 
 
-def _report_run(log, result) -> None:
+def _report_run(log, result: RunResult) -> None:
     m = result.metrics[result.primary_metric]
     log(f"{result.candidate}: {result.primary_metric} {m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}], "
         f"{result.tokens['total']:.0f} tokens/request" + (" (reused run)" if result.reused else ""))
 
 
 def _import_data(ws, flow: Flow, quick: bool, log) -> str:
-    from tunelab.datasets import check_path, get_dataset, import_dataset, read_source, save_dataset
-
     src = flow.data_dir
-    DATASET = flow.dataset
     complete = {"train", "validation", "test"} <= set(read_source(src)[0])
     if complete and not quick:  # the import checks the data (and stops at errors) itself
-        ds, report = import_dataset(ws, src, DATASET)
+        ds, report = import_dataset(ws, src, flow.dataset)
         splits: dict[str, list] = {}
     else:
         report, splits = check_path(src)
@@ -324,19 +324,19 @@ def _import_data(ws, flow: Flow, quick: bool, log) -> str:
         log(f"{src}: no {' or '.join(missing)} split; split off train (seed 0, stratified): "
             + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     if quick:
-        small = {"train": _stratified(splits["train"], 24), "validation": _stratified(splits["validation"], 16),
-                 "test": _stratified(splits["test"], 16)}
-        ds = save_dataset(ws, DATASET, small, source=f"{src} (quick subset)", check=report.to_dict())
+        small = {"train": subsample(splits["train"], 24), "validation": subsample(splits["validation"], 16),
+                 "test": subsample(splits["test"], 16)}
+        ds = save_dataset(ws, flow.dataset, small, source=f"{src} (quick subset)", check=report.to_dict())
         log(f"checked {report.summary()}; quick subset: " + ", ".join(f"{k} {len(v)}" for k, v in small.items()))
     elif not complete:
-        ds = save_dataset(ws, DATASET, splits, source=f"{src} (validation/test split off train by tunelab flow)",
+        ds = save_dataset(ws, flow.dataset, splits, source=f"{src} (validation/test split off train by tunelab flow)",
                           check=report.to_dict())
         log(f"checked {report.summary()}")
     else:
         log(f"checked {report.summary()}")
     for issue in report.warnings[:5]:
         log(f"  warning: {getattr(issue, 'message', issue)}")
-    ds = get_dataset(ws, f"{DATASET}@{ds.version}")
+    ds = get_dataset(ws, f"{flow.dataset}@{ds.version}")
     log(f"dataset {ds.ref}: " + ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items())
         + f"; labels: {', '.join(ds.labels or [])}")
     return ds.ref
@@ -345,32 +345,15 @@ def _import_data(ws, flow: Flow, quick: bool, log) -> str:
 def _split_missing(splits: dict[str, list]) -> dict[str, list]:
     """train/validation/test, the missing validation and/or test split taken off train (10% each,
     seeded and stratified by `split_examples`)."""
-    from tunelab.datasets import split_examples
-
     parts = split_examples(splits["train"], test=0.0 if "test" in splits else 0.1,
                            validation=0.0 if "validation" in splits else 0.1)
     return {"train": parts["train"], "validation": splits.get("validation") or parts["validation"],
             "test": splits.get("test") or parts["test"]}
 
 
-def _stratified(examples: list, n: int) -> list:
-    """The first examples of each label in turn (deterministic), n in all."""
-    by_label: dict[str, list] = {}
-    for ex in examples:
-        by_label.setdefault(ex.output, []).append(ex)
-    out: list = []
-    while len(out) < min(n, len(examples)):
-        for label in sorted(by_label):
-            if by_label[label] and len(out) < n:
-                out.append(by_label[label].pop(0))
-    return out
-
-
 def _ensure_prompt(ws, name: str, text: str) -> str:
     """The bundled prompt `text` as a committed version of `name` (the file written if missing);
     returns NAME@VERSION. Later versions (the optimizer's) are left as they are."""
-    from tunelab.prompts import commit_prompt, parse_prompt, prompt_path, prompt_versions
-
     path = prompt_path(ws, name)
     prompt = parse_prompt(text, name, path=f"{name} (bundled)", workspace=ws)
     if prompt.version not in prompt_versions(ws, name):
@@ -380,71 +363,45 @@ def _ensure_prompt(ws, name: str, text: str) -> str:
 
 def _optimize(ws, baseline: str, data_ref: str, flow: Flow, *, budget: int, progress, log) -> str:
     """The optimized prompt version (a finished optimization of this seed on this data is reused)."""
-    from sqlalchemy import select
-
-    from tunelab.optimize import optimize
-    from tunelab.store.models import OptimizationRow
-
     name, version = baseline.split("@", 1)
-    ds_version = data_ref.split("@", 1)[1]
-    with ws.store.session() as s:
-        rows = list(s.scalars(select(OptimizationRow).where(OptimizationRow.prompt == name,
-                                                            OptimizationRow.status == "done")
-                              .order_by(OptimizationRow.created_at.desc())))
-    for row in rows:
-        cfg = row.config or {}
-        if cfg.get("seed_version") == version and cfg.get("dataset_version") == ds_version:
-            new = (row.result or {}).get("version")
-            log(f"reusing optimization {row.id}: " + ((row.result or {}).get("message") or ""))
-            return f"{name}@{new}" if new else baseline
-    result = optimize(ws, baseline, data_ref.split(":")[0],
-                      **_accepts(optimize, budget=budget, test=False, progress=progress,
-                                 max_prompt_tokens=MAX_PROMPT_TOKENS, limit_validation=flow.limit_validation,
-                                 label_definitions=flow.label_definitions))
+    found = find_optimization(ws, name, version, data_ref.split("@", 1)[1])
+    if found is not None:
+        log(f"reusing optimization {found.id}: {found.message}")
+        return found.candidate
+    result = optimize(ws, baseline, data_ref.split(":")[0], budget=budget, test=False, progress=progress,
+                      max_prompt_tokens=MAX_PROMPT_TOKENS, limit_validation=flow.limit_validation,
+                      label_definitions=flow.label_definitions)
     if not progress:  # the optimizer prints its outcome itself when it shows progress
         log(result.message)
-    return f"{name}@{result.version}" if result.version else baseline
+    return result.candidate
 
 
-def _finetune(ws, data_ref: str, flow: Flow, *, quick: bool, log, progress) -> None:
-    from sqlalchemy import select
-
-    from tunelab import finetune as ft
-    from tunelab.store.models import FineTuneRow
-
-    FINETUNE = flow.finetune
-    with ws.store.session() as s:
-        row = s.scalar(select(FineTuneRow).where(FineTuneRow.name == FINETUNE))
+def _finetune(ws, data_ref: str, flow: Flow, *, quick: bool, log) -> None:
+    row = ft.get_row(ws, flow.finetune)
     if row is not None and row.status == "done":
-        log(f"reusing fine-tune ft:{FINETUNE} ({row.wall_s:.0f} s, {row.tokens_trained:,} tokens trained)")
+        log(f"reusing fine-tune ft:{flow.finetune} ({row.wall_s:.0f} s, {row.tokens_trained:,} tokens trained)")
         return
-    settings: dict[str, Any] = {"data": data_ref.split(":")[0], "prompt": flow.short_prompt, "name": FINETUNE,
+    settings: dict[str, Any] = {"data": data_ref.split(":")[0], "prompt": flow.short_prompt, "name": flow.finetune,
                                 **flow.finetune_settings}
     if quick:
         settings.update(epochs=1, max_steps=3, batch_size=4, max_val_examples=8)
-    config = ft.FineTuneConfig(**{k: v for k, v in settings.items() if k in ft.FineTuneConfig.model_fields})
+    config = ft.FineTuneConfig(**settings)  # an unknown setting is an error, never dropped
     resume = row is not None
-    log(("resuming" if resume else "training") + f" ft:{FINETUNE}: " +
+    log(("resuming" if resume else "training") + f" ft:{flow.finetune}: " +
         ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("data", "prompt", "name")))
-    ft.finetune(ws, config, **_accepts(ft.finetune, resume=resume, progress=True, log=log))
-    with ws.store.session() as s:
-        row = s.scalar(select(FineTuneRow).where(FineTuneRow.name == FINETUNE))
-    if row is not None:
-        log(f"ft:{FINETUNE}: {row.wall_s:.0f} s, {row.tokens_trained:,} tokens trained, cost ${row.cost:.4f}")
+    result = ft.finetune(ws, config, resume=resume, progress=True, log=log)
+    log(f"{result.candidate}: {result.wall_s:.0f} s, {result.tokens_trained:,} tokens trained, cost ${result.cost:.4f}")
 
 
 def _hybrid(ws, flow: Flow, fallback: str, *, log, progress) -> None:
-    from tunelab.router import create_hybrid, hybrid_path, load_hybrid
-
-    FINETUNE, HYBRID = flow.finetune, flow.hybrid
-    if hybrid_path(ws, HYBRID).is_file():
-        spec = load_hybrid(ws, HYBRID)
-        if spec.fallback == fallback and spec.primary == f"ft:{FINETUNE}":
-            log(f"reusing hybrid:{HYBRID} (margin threshold {spec.margin_threshold:.3f})")
+    if hybrid_path(ws, flow.hybrid).is_file():
+        spec = read_hybrid(ws, flow.hybrid)
+        if spec.fallback == fallback and spec.primary == f"ft:{flow.finetune}":
+            log(f"reusing hybrid:{flow.hybrid} (margin threshold {spec.margin_threshold:.3f})")
             return
-    spec = create_hybrid(ws, HYBRID, f"ft:{FINETUNE}", fallback, progress=progress)
+    spec = create_hybrid(ws, flow.hybrid, f"ft:{flow.finetune}", fallback, progress=progress).spec
     t = spec.tuning
-    log(f"hybrid:{HYBRID}: margin threshold {spec.margin_threshold:.3f}, similarity threshold "
+    log(f"hybrid:{flow.hybrid}: margin threshold {spec.margin_threshold:.3f}, similarity threshold "
         f"{spec.similarity_threshold:.3f}; on validation {t['metric']} {t['validation_score']:.3f} "
         f"(fine-tuned alone {t['primary_score']:.3f}, prompt alone {t['fallback_score']:.3f}), "
         f"fallback share {t['fallback_share']:.0%}")

@@ -2,6 +2,8 @@
 
     convert_model("path/to/hf-folder", "model.gguf", outtype="f16")      # a whole model
     convert_lora("path/to/adapter", "path/to/base-folder", "lora.gguf")   # a PEFT LoRA adapter
+    to_gguf(base_dir, "ft.gguf", adapter_dir=adapter)    # base + adapter merged, any architecture
+    lora_to_gguf(adapter, base_dir, "ft-lora.gguf")      # the adapter, any architecture
 
 Covers Llama-architecture models (`LlamaForCausalLM`: SmolLM2, Llama 2/3, TinyLlama, ...) with a
 byte-level BPE tokenizer (`tokenizer.json`), which is what tunelab fine-tunes by default. It does
@@ -16,16 +18,24 @@ what llama.cpp's `convert_hf_to_gguf.py` / `convert_lora_to_gguf.py` do for that
   llama.cpp's (interleaved pairs); for a LoRA adapter the same permutation applies to `lora_b`'s
   rows, since `B @ A` then equals the permuted delta.
 
-Other architectures raise `Unsupported`; the exporter then falls back to llama.cpp's own converter
-when one is installed.
+Other architectures raise `Unsupported`; `to_gguf` and `lora_to_gguf` then fall back to
+llama.cpp's own converters (`convert_hf_to_gguf.py`, `convert_lora_to_gguf.py`), found through
+`TUNELAB_LLAMA_CPP` (a llama.cpp checkout or the script itself), on PATH, or inside an installed
+`llama_cpp` package.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -323,3 +333,88 @@ def convert_lora(adapter_dir: str | Path, base_dir: str | Path, out: str | Path,
         writer.close()
         partial.unlink(missing_ok=True)
         raise
+
+
+# -- any architecture: merge, then tunelab's converter or llama.cpp's -------------------------------
+CONVERTER = "convert_hf_to_gguf.py"
+LORA_CONVERTER = "convert_lora_to_gguf.py"
+
+
+def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, target: str | Path) -> Path:
+    """A standalone Hugging Face folder at `target`: the base model with the PEFT adapter merged."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(target)
+    return target
+
+
+def to_gguf(model_dir: str | Path, target: str | Path, outtype: str = "f16", *, name: str | None = None,
+            adapter_dir: str | Path | None = None) -> Path:
+    """`model_dir` (with `adapter_dir` merged into it, when given) as one GGUF file: tunelab's
+    converter for Llama-architecture models, llama.cpp's for others."""
+    target = Path(target)
+    with tempfile.TemporaryDirectory(prefix=".tunelab-gguf-") as tmp:
+        folder = merge_adapter(model_dir, adapter_dir, Path(tmp) / "merged") if adapter_dir else Path(model_dir)
+        try:
+            return convert_model(folder, target, outtype, name=name)
+        except Unsupported as exc:
+            return _external(CONVERTER, exc, [str(folder)], target, outtype)
+
+
+def lora_to_gguf(adapter_dir: str | Path, base_dir: str | Path, target: str | Path, outtype: str = "f32") -> Path:
+    """A PEFT LoRA adapter as a llama.cpp adapter GGUF (loaded over the base model's GGUF)."""
+    try:
+        return convert_lora(adapter_dir, base_dir, target, outtype)
+    except Unsupported as exc:
+        return _external(LORA_CONVERTER, exc, [str(adapter_dir), "--base", str(base_dir)], Path(target), outtype)
+
+
+def find_converter(script: str = CONVERTER) -> Path | None:
+    """llama.cpp's HF-to-GGUF (or, with `script`=LORA_CONVERTER, LoRA-to-GGUF) converter script,
+    if it can be found."""
+    candidates: list[Path] = []
+    env = os.environ.get("TUNELAB_LLAMA_CPP")
+    if env:
+        p = Path(env).expanduser()
+        candidates += [p.with_name(script) if p.is_file() else p / script]
+    for name in (script, script.replace("_", "-"), script.removesuffix(".py")):
+        found = shutil.which(name)
+        if found:
+            candidates.append(Path(found))
+    try:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is not None and spec.submodule_search_locations:
+            root = Path(list(spec.submodule_search_locations)[0])
+            candidates += [root / script, root / "vendor" / "llama.cpp" / script,
+                           root.parent / "vendor" / "llama.cpp" / script]
+    except (ImportError, ValueError):
+        pass
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _external(script: str, why: Exception, args: list[str], target: Path, outtype: str) -> Path:
+    """Run llama.cpp's own converter `script` (for what tunelab's converter does not cover)."""
+    converter = find_converter(script)
+    if converter is None:
+        raise UserError(f"{why}; for other models GGUF export needs llama.cpp's {script}: install the "
+                        "extra with pip install 'tunelab[llamacpp]' and set TUNELAB_LLAMA_CPP to a "
+                        f"llama.cpp checkout (or put {script} on PATH)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.tmp")
+    proc = subprocess.run([sys.executable, str(converter), *args, "--outfile", str(partial), "--outtype", outtype],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        partial.unlink(missing_ok=True)
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"llama.cpp's converter failed: {tail[0]}", path=converter)
+    os.replace(partial, target)
+    return target

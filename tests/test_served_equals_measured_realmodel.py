@@ -1,0 +1,93 @@
+"""Served = measured on the real SmolLM2: for every kind of candidate — a prompt version, a prompt
+with per-input demos, a fine-tuned model, a hybrid and a JSON-output prompt — the gateway's answer to
+an input equals the evaluator's stored prediction for it, asked through the official `openai` SDK.
+
+In fp32 (TUNELAB_PRECISION) a batched answer equals the one-at-a-time answer, so the evaluator's wide
+batches and the gateway's single requests must agree exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.prompts import SPAM_PROMPT
+from tunelab.datasets import Example, save_dataset
+from tunelab.evaluate import evaluate, resolve_candidate, run_rows
+from tunelab.hybrid import create_hybrid
+from tunelab.models import clear_loaded
+from tunelab.prompts import commit_prompt
+from tunelab.server.app import create_app
+from tunelab.server.auth import create_key
+
+openai = pytest.importorskip("openai", reason="the official openai SDK (a dev dependency) is not installed")
+pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
+
+KNN = SPAM_PROMPT.replace("---\noutput", "---\ndemos: {dataset: sms, split: train, strategy: knn_tfidf, k: 2}\noutput")
+JSON_PROMPT = """---
+max_tokens: 24
+output:
+  type: json
+  schema: {type: object, properties: {spam: {type: boolean}}}
+---
+user:
+Is this SMS spam? Answer with JSON like {"spam": true}.
+
+{{ input }}
+"""
+
+
+def read(folder, split: str, n: int) -> list[Example]:
+    rows = [Example.from_dict(json.loads(line)) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+    spam = [r for r in rows if r.output == "spam"]
+    ham = [r for r in rows if r.output == "ham"]
+    return spam[:n // 3] + ham[:n - n // 3]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, shared_data_dir):
+    from tunelab.workspace import Workspace
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TUNELAB_PRECISION", "fp32")
+    mp.delenv("TUNELAB_DATABASE_URL", raising=False)
+    clear_loaded()
+    ws = Workspace.init(tmp_path_factory.mktemp("served") / "ws")
+    src = shared_data_dir / "sms_spam"
+    save_dataset(ws, "sms", {"train": read(src, "train", 24), "validation": read(src, "validation", 9),
+                             "test": read(src, "test", 6)})
+    for name, text in (("spam", SPAM_PROMPT), ("knn", KNN), ("extract", JSON_PROMPT)):
+        (ws.prompts_dir / f"{name}.prompt").write_text(text)
+        commit_prompt(ws, name, "first")
+    from tunelab.finetune import FineTuneConfig, finetune
+
+    finetune(ws, FineTuneConfig(data="sms", prompt="spam", name="spam", max_steps=2, batch_size=4, lr=2e-3,
+                                max_val_examples=3, epochs=1, precision="fp32"))
+    create_hybrid(ws, "hy", "ft:spam", "knn@current", data="sms", progress=False)
+    yield ws
+    clear_loaded()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def shared_data_dir():
+    from tests.conftest import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data sets not found at {SHARED_DATA} (set TUNELAB_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.mark.parametrize("deployment", ["spam@current", "knn@current", "ft:spam", "hybrid:hy", "extract@current"])
+def test_the_gateway_answers_as_the_evaluator_measured_on_smollm2(ws, deployment):
+    measured = evaluate(ws, resolve_candidate(ws, deployment), "sms:test", progress=False)
+    rows = [r for r in run_rows(ws, measured.id) if r.repeat_index == 0]
+    _, key = create_key(ws, f"app-{deployment.replace(':', '-').replace('@', '-')}", "viewer")
+    with TestClient(create_app(ws)) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=http, max_retries=0)
+        served = [client.chat.completions.create(model=deployment, messages=[{"role": "user", "content": r.input}])
+                  .choices[0].message.content for r in rows]
+    assert served == [r.prediction for r in rows]
+    if deployment.startswith("extract"):  # generated text (SmolLM2 rarely writes JSON unconstrained), not labels
+        assert all(len(p) > 10 for p in served), served
