@@ -161,11 +161,6 @@ class Metric:
         """The scores of several answers; a metric that calls a model overrides this to batch."""
         return [self.score(a) for a in answers]
 
-    def stored_or_score(self, answer: Answer) -> float | None:
-        if self.name in answer.scores:
-            return answer.scores[self.name]
-        return self.score(answer)
-
     def stats(self, answers: list[Answer]) -> np.ndarray:
         """Per-answer sufficient statistics (n x k). Default: [score, counted]."""
         out = np.zeros((len(answers), 2))

@@ -30,6 +30,7 @@ class Request:
     labels: list[str] | None = None  # choose one of these instead of generating freely
     free_text: bool = False  # with labels: also generate freely (for the format-compliance rate)
     json_schema: dict | None = None  # the expected JSON output, for backends that can constrain it
+    constrained: bool = False  # force the answer to match json_schema (backends with constrains_json)
     stop: list[str] | None = None
 
     def cache_params(self) -> dict[str, Any]:
@@ -71,6 +72,7 @@ class Model(ABC):
 
     backend: ClassVar[str] = "base"
     name: str = "model"
+    constrains_json: ClassVar[bool] = False  # can force an answer to match Request.json_schema
 
     @abstractmethod
     def complete(self, requests: list[Request]) -> list[Completion]:
@@ -103,6 +105,7 @@ class WrappedModel(Model):
         self.inner = inner
         self.name = inner.name
         self.backend = inner.backend  # type: ignore[misc]
+        self.constrains_json = inner.constrains_json  # type: ignore[misc]
 
     @property
     def fingerprint(self) -> str:

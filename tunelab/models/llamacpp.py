@@ -92,6 +92,7 @@ def _log_softmax(values):
 
 class LlamaCppModel(Model):
     backend = "llamacpp"
+    constrains_json = True  # a JSON request is always decoded under the grammar of its schema
 
     def __init__(self, name: str = "llamacpp:smollm2-135m", path: str | os.PathLike | None = None,
                  lora: str | os.PathLike | None = None, lora_scale: float = 1.0, n_ctx: int | None = None,
