@@ -69,6 +69,19 @@ def test_csv_columns_map_and_lines_count_multiline_cells(tmp_path):
     assert (issue.kind, issue.line) == ("ragged", 4)  # the record after the two-line cell starts at line 4
 
 
+@pytest.mark.parametrize("text, line, words", [
+    ('input,output\nok,ham\n"no closing quote,oops\nnext,row\nlast,spam\n', 3, "never closed"),
+    ('input,output\nok,ham\n"no closing quote,"oops\nnext,row\n', 3, "after a closing quote"),
+])
+def test_csv_with_a_broken_quote_is_an_error_naming_its_line(tmp_path, text, line, words):
+    path = tmp_path / "q.csv"
+    path.write_text(text, encoding="utf-8")
+    read = read_file(path)
+    [issue] = [i for i in read.issues if i.level == "error"]
+    assert (issue.kind, issue.line) == ("csv", line) and words in issue.message
+    assert "q.csv:3" in issue.format()  # the file and the line, as the CLI prints it
+
+
 def test_json_output_and_allow_empty_output_options(tmp_path):
     path = write_jsonl(tmp_path / "o.jsonl", [
         {"input": "table for 2", "output": {"people": "2"}},

@@ -346,7 +346,9 @@ def _read_csv(data: bytes, result: SplitFile, issues: Issues, *, delimiter: str,
         issues.add("error", "encoding", _encoding_message(raw, inner, line_start) + more, line)
         return
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # a 5 MB cell is a warning, not a crash
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # strict: a quote that never closes, or text after a closing quote, is an error naming the line
+    # (not a field that silently swallows the rows after it)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     header: list[str] | None = None
     positions: tuple[int, int] | None = None
     while True:
@@ -356,7 +358,7 @@ def _read_csv(data: bytes, result: SplitFile, issues: Issues, *, delimiter: str,
         except StopIteration:
             break
         except csv.Error as exc:
-            issues.add("error", "csv", f"CSV error: {exc}", reader.line_num)
+            issues.add("error", "csv", _csv_error(exc, delimiter), start_line)
             return
         if not any(cell.strip() for cell in row):
             continue
@@ -388,6 +390,17 @@ def _read_csv(data: bytes, result: SplitFile, issues: Issues, *, delimiter: str,
         result.lines.append(start_line)
     if header is not None and not result.examples and not any(i.level == "error" for i in issues):
         issues.add("error", "no_examples", "has a header but no rows", 1)
+
+
+def _csv_error(exc: csv.Error, delimiter: str) -> str:
+    text = str(exc)
+    if "unexpected end of data" in text:
+        return ("CSV error: a quoted field that starts on this line is never closed (unterminated quote); "
+                "close the quote, or double a quote inside a quoted field (\"\")")
+    if "expected after" in text:
+        return (f"CSV error: text after a closing quote ({text}); quote the whole field and double the "
+                "quotes inside it (\"\")")
+    return f"CSV error: {text}"
 
 
 def _is_utf8(chunk: bytes) -> bool:
