@@ -13,16 +13,17 @@ from tunelab.prompts.spec import (Demo, DemoSource, FrontMatter, OutputSpec, can
                                   content_hash, format_prompt)
 from tunelab.prompts.template import (ROLES, SAMPLE_INPUT, Part, Prompt, as_example, compile_part, demos_data,
                                       jinja_env, join_parts, parse_prompt, split_body)
-from tunelab.prompts.versions import (RESERVED_LABELS, SUFFIX, Commit, PromptSummary, check_prompt, commit_prompt,
+from tunelab.prompts.versions import (OVERRIDABLE, RESERVED_LABELS, SUFFIX, Commit, Deploy, PromptSummary, check_prompt,
+                                      commit_prompt, deploy_log, label_overrides,
                                       current_version, default_author, diff_prompts, list_labels, list_prompt_names,
                                       list_prompts, load_prompt, parse_ref, prompt_labels, prompt_log, prompt_path,
                                       prompt_versions, read_prompt_file, resolve_version, rollback_prompt, save_version,
                                       show_prompt, tag_prompt)
 
-__all__ = ["Commit", "Demo", "DemoSource", "FrontMatter", "OutputSpec", "Part", "Prompt", "PromptSummary",
+__all__ = ["OVERRIDABLE", "Commit", "Deploy", "Demo", "DemoSource", "FrontMatter", "OutputSpec", "Part", "Prompt", "PromptSummary",
            "RESERVED_LABELS", "ROLES", "SAMPLE_INPUT", "SUFFIX", "as_example", "canonical_body",
            "canonical_front_matter", "check_prompt", "commit_prompt", "compile_part", "content_hash",
-           "current_version", "default_author", "demos_data", "diff_prompts", "format_prompt", "jinja_env",
+           "current_version", "default_author", "deploy_log", "label_overrides", "demos_data", "diff_prompts", "format_prompt", "jinja_env",
            "join_parts", "list_labels", "list_prompt_names", "list_prompts", "load_prompt", "parse_prompt",
            "parse_ref", "prompt_labels", "prompt_log", "prompt_path", "prompt_versions", "read_prompt_file",
            "resolve_version", "rollback_prompt", "save_version", "show_prompt", "split_body", "tag_prompt"]

@@ -32,7 +32,7 @@ from tunelab.files import write_atomic
 from tunelab.models.base import Message
 from tunelab.prompts.spec import DemoSource
 from tunelab.prompts.template import SAMPLE_INPUT, Prompt, as_example, parse_prompt
-from tunelab.store.models import PromptCommitRow, PromptLabelRow, PromptVersionRow
+from tunelab.store.models import PromptCommitRow, PromptDeployRow, PromptLabelRow, PromptVersionRow
 
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
@@ -241,6 +241,7 @@ def commit_prompt(ws: "Workspace", name: str, message: str, author: str | None =
         prompt = parse_prompt(text, name, path=f"{name} (new version)", workspace=ws)
     if not (message or "").strip():
         raise UserError("a commit needs a message (-m MESSAGE)")
+    prompt.check_renders(ws)  # a version that can never render is never committed
     current = current_version(ws, name)
     if prompt.version == current:
         raise UserError(f"nothing to commit: prompt '{name}' is version {current}, already current")
@@ -276,15 +277,44 @@ def prompt_log(ws: "Workspace", name: str) -> list[Commit]:
                    sorted(by_version.get(r.version, []))) for r in rows]
 
 
-def tag_prompt(ws: "Workspace", ref: str, label: str) -> str:
-    """Point `label` (e.g. `production`) at the version `ref` names; returns the version."""
+OVERRIDABLE = ("temperature", "max_tokens", "stop")  # request parameters a deployment may let clients set
 
+
+@dataclass
+class Deploy:
+    """One deploy of a prompt: `label` moved to `version` (from `previous`), by whom, why."""
+
+    name: str
+    label: str
+    version: str
+    previous: str | None
+    note: str
+    author: str
+    overrides: list[str]
+    created_at: datetime
+
+
+def tag_prompt(ws: "Workspace", ref: str, label: str, note: str = "", author: str | None = None,
+               overrides: list[str] | None = None) -> str:
+    """Deploy: point `label` (e.g. `production`) at the version `ref` names; returns the version.
+
+    `note` says why (kept with the label and in the deploy history, `deploy_log`). `overrides`
+    names the request parameters (of OVERRIDABLE) a client calling `NAME@LABEL` may set in place
+    of the prompt's own; None keeps the label's current setting (a new label: none)."""
     name, at = parse_ref(ref)
     validate_name(name, "prompt")
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.\-]{0,99}", label or ""):
         raise UserError(f"invalid label '{label}': start with a letter; use letters, digits, '-', '_', '.'")
     if label in RESERVED_LABELS:
         raise UserError(f"'{label}' is reserved and cannot be a label")
+    if overrides is not None:
+        unknown = [o for o in overrides if o not in OVERRIDABLE]
+        if unknown:
+            raise UserError(f"cannot let clients override '{unknown[0]}': choose from {', '.join(OVERRIDABLE)}",
+                            field="overrides")
+        overrides = [o for o in OVERRIDABLE if o in overrides]
+    if len(note or "") > 2000:
+        raise UserError("a deploy note has at most 2000 characters", field="note")
     if at is None:
         version = _file_version(ws, name)
         if version is None or version not in prompt_versions(ws, name):
@@ -292,13 +322,35 @@ def tag_prompt(ws: "Workspace", ref: str, label: str) -> str:
                             f"or tag a committed version (NAME@VERSION)")
     else:
         version = resolve_version(ws, name, at)
+    author = author or default_author(ws)
     with ws.store.session() as s:
         row = s.get(PromptLabelRow, (name, label))
+        previous = row.version if row is not None else None
         if row is None:
-            s.add(PromptLabelRow(name=name, label=label, version=version))
-        else:
-            row.version = version
+            row = PromptLabelRow(name=name, label=label, version=version, overrides=list(overrides or []))
+            s.add(row)
+        row.version, row.note, row.author = version, (note or "").strip(), author
+        if overrides is not None:
+            row.overrides = list(overrides)
+        s.add(PromptDeployRow(name=name, label=label, version=version, previous=previous, note=(note or "").strip(),
+                              author=author, overrides=list(row.overrides or [])))
     return version
+
+
+def deploy_log(ws: "Workspace", name: str, limit: int = 200) -> list[Deploy]:
+    """The deploys of prompt `name`, newest first."""
+    with ws.store.session() as s:
+        rows = s.scalars(select(PromptDeployRow).where(PromptDeployRow.name == name)
+                         .order_by(PromptDeployRow.id.desc()).limit(limit))
+        return [Deploy(r.name, r.label, r.version, r.previous, r.note, r.author, list(r.overrides or []),
+                       r.created_at) for r in rows]
+
+
+def label_overrides(ws: "Workspace", name: str, label: str) -> list[str] | None:
+    """The parameters clients may override when calling `NAME@LABEL` (None: not a label)."""
+    with ws.store.session() as s:
+        row = s.get(PromptLabelRow, (name, label))
+        return None if row is None else list(row.overrides or [])
 
 
 def show_prompt(ws: "Workspace", ref: str) -> str:

@@ -72,6 +72,25 @@ class PromptLabelRow(Base):
     label: Mapped[str] = mapped_column(String(100), primary_key=True)
     version: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    note: Mapped[str] = mapped_column(Text, default="", server_default="")  # the last deploy's note
+    author: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    # the request parameters a client may override when calling NAME@LABEL (migration 0003)
+    overrides: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
+
+
+class PromptDeployRow(Base):
+    """One deploy: a label moved to a version (from `previous`), with a note (migration 0003)."""
+
+    __tablename__ = "prompt_deploys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    label: Mapped[str] = mapped_column(String(100))
+    version: Mapped[str] = mapped_column(String(64))
+    previous: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    note: Mapped[str] = mapped_column(Text, default="")
+    author: Mapped[str] = mapped_column(String(200), default="")
+    overrides: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class RunRow(Base):
