@@ -89,6 +89,19 @@ class Candidate(ABC):
     def map_models(self, fn: Callable[[Model], Model]) -> "Candidate":
         """This candidate with every model it calls replaced by `fn(model)` (same answers)."""
 
+    def stream(self, example: Example, repeat_index: int, emit: Callable[[str], None]) -> Completion:
+        """Answer one example exactly as `predict` does, handing the answer's text to `emit` as it
+        is generated. Default: the whole answer in one piece (a label, a hybrid's routed answer)."""
+        comp = self.predict([example], repeat_index)[0]
+        if comp.text:
+            emit(comp.text)
+        return comp
+
+    def model_requests(self, example: Example, repeat_index: int = 0) -> list[tuple[Model, Request]]:
+        """Every model request answering `example` may make, with its model (for limits checked
+        before any compute: the gateway's context-length check)."""
+        return []
+
     def with_cache(self, cache: ResponseCache) -> "Candidate":
         """This candidate answering through the response cache."""
         return self.map_models(lambda m: m if isinstance(m, CachedModel) else CachedModel(m, cache))
@@ -129,12 +142,14 @@ class PromptCandidate(Candidate):
         self.free_text = bool(free_text) and self.output.type == "label"
         self.free_pick: Callable[[Example], bool] | None = None
         self.training_data: str | None = None  # kind ft: the fine-tune's DATASET@VERSION
+        self.settings: dict[str, Any] = {}  # request settings in place of the prompt's (with_settings)
 
     @property
     def fingerprint(self) -> str:
         demos = self.demos.to_dict() if isinstance(self.demos, DemoSelector) else [d.to_dict() for d in self.demos]
         return sha256({"kind": self.kind, "prompt": self.prompt.name, "version": self.prompt.version,
-                       "model": self.model.fingerprint, "demos": demos, "free_text": self.free_text})
+                       "model": self.model.fingerprint, "demos": demos, "free_text": self.free_text,
+                       **({"settings": self.settings} if self.settings else {})})
 
     def requests(self, examples: list[Example], repeat_index: int = 0) -> list[Request]:
         if isinstance(self.demos, DemoSelector):
@@ -142,8 +157,26 @@ class PromptCandidate(Candidate):
         reqs = []
         for ex in examples:
             free = self.free_text and (self.free_pick is None or self.free_pick(ex))
-            reqs.append(self.prompt.request(ex, self.demos, seed=repeat_index, **({"free_text": True} if free else {})))
+            reqs.append(self.prompt.request(ex, self.demos, seed=repeat_index, **({"free_text": True} if free else {}),
+                                            **self.settings))
         return reqs
+
+    def stream(self, example: Example, repeat_index: int, emit: Callable[[str], None]) -> Completion:
+        req = self.requests([example], repeat_index)[0]
+        if req.labels:  # a label is chosen whole (and drawn at temperature > 0): predict's answer
+            return super().stream(example, repeat_index, emit)
+        return self.model.stream(req, emit)
+
+    def model_requests(self, example: Example, repeat_index: int = 0) -> list[tuple[Model, Request]]:
+        return [(self.model, req) for req in self.requests([example], repeat_index)]
+
+    def with_settings(self, **settings: Any) -> "PromptCandidate":
+        """The same candidate with request settings (`temperature`, `max_tokens`, `stop`) in place
+        of its prompt's: a deployment applies the ones its label lets clients override."""
+        if not settings:
+            return self
+        temperature = float(settings.get("temperature", self.temperature))
+        return self._copy(settings={**self.settings, **settings}, temperature=temperature)
 
     def predict(self, examples: list[Example], repeat_index: int = 0) -> list[Completion]:
         reqs = self.requests(examples, repeat_index)

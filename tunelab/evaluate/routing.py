@@ -235,6 +235,9 @@ class HybridCandidate(Candidate):
                                 "length_range": self.spec.length_range})
         return data
 
+    def model_requests(self, example: Example, repeat_index: int = 0) -> list:
+        return self.primary.model_requests(example, repeat_index) + self.fallback.model_requests(example, repeat_index)
+
     def map_models(self, fn: Callable[[Model], Model]) -> "HybridCandidate":
         return HybridCandidate(self.ws, self.spec, self.primary.map_models(fn), self.fallback.map_models(fn),
                                self.routing)

@@ -16,7 +16,7 @@ import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 
@@ -79,6 +79,15 @@ class Model(ABC):
         """Answer every request, in order. Batch as the backend sees fit."""
 
     # -- optional refinements a backend may override ------------------------------------------
+    def stream(self, request: Request, emit: Callable[[str], None]) -> Completion:
+        """Answer one request as `complete` does, handing its text to `emit` piece by piece as it
+        is generated; the pieces joined are the completion's text. Default: one piece, at the end
+        (a backend that generates token by token overrides this)."""
+        comp = self.complete([request])[0]
+        if comp.text:
+            emit(comp.text)
+        return comp
+
     def count_tokens(self, text: str) -> int:
         """Tokens in `text` by this model's tokenizer (default: a rough word-piece estimate)."""
         return max(1, math.ceil(len(text) / 4)) if text else 0
@@ -117,6 +126,40 @@ class WrappedModel(Model):
     @property
     def context_length(self) -> int | None:
         return self.inner.context_length
+
+
+class StreamText:
+    """Turns the growing decoded text of a generation into the pieces to stream, so that the
+    pieces joined are exactly the final answer: leading whitespace is dropped (answers are
+    stripped), and text that may still change is held back — trailing whitespace, an incomplete
+    UTF-8 character, and the tail that could be the start of a stop string."""
+
+    def __init__(self, stops: list[str] | None = None):
+        self.stops = [s for s in (stops or []) if s]
+        self.sent = ""
+
+    def feed(self, text: str) -> str:
+        text = text.lstrip()
+        for stop in self.stops:
+            cut = text.find(stop)
+            if cut >= 0:
+                text = text[:cut]
+        safe = len(text.rstrip().rstrip("\ufffd"))
+        for stop in self.stops:  # a tail that is a prefix of a stop string may still become one
+            for k in range(min(len(stop) - 1, safe), 0, -1):
+                if text[safe - k:safe] == stop[:k]:
+                    safe -= k
+                    break
+        if safe <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):safe], text[:safe]
+        return piece
+
+    def finish(self, final: str) -> str:
+        """The rest of the final answer (it always starts with what was sent)."""
+        rest = final[len(self.sent):] if final.startswith(self.sent) else ""
+        self.sent = final if final.startswith(self.sent) else self.sent
+        return rest
 
 
 _WORD = re.compile(r"[^a-z0-9]+")

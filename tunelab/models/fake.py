@@ -8,6 +8,12 @@ Without a queued answer or a matching rule it answers deterministically: for a l
 the label named in the last user message (else a hash-chosen label); for free text, a short echo.
 At temperature > 0 the answer varies with the request's seed, so repeats are really independent.
 Spec strings: `fake`, or `fake:NAME` (only the name differs).
+
+`stream()` hands the answer over word by word; `stream_gate` (a threading.Event), when set on the
+model, holds the rest of a stream after its first word until the event is set — so a test can see
+that the first words arrive before the answer is finished. With `constrains_json = True` (set it on
+the instance) a request with `constrained=True` gets JSON matching its `json_schema`: the queued
+or rule answer when it matches, else the smallest instance of the schema.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import hashlib
 import json
 import math
 import time
+import threading
 from collections import deque
+from typing import Any, Callable
 
 from tunelab.models.base import Completion, Model, Request, match_label
 
@@ -31,6 +39,7 @@ class FakeModel(Model):
         self.rules: dict[str, str] = dict(rules or {})
         self.latency_s = latency_s
         self.calls: list[Request] = []  # every request seen, for assertions
+        self.stream_gate: threading.Event | None = None
 
     def enqueue(self, *answers: str) -> "FakeModel":
         self.queue.extend(answers)
@@ -68,7 +77,25 @@ class FakeModel(Model):
             out.append(comp)
         return out
 
+    def stream(self, request: Request, emit: Callable[[str], None]) -> Completion:
+        comp = self.complete([request])[0]
+        if request.labels:  # a label is chosen whole
+            emit(comp.text)
+            return comp
+        words = comp.text.split(" ")
+        for i, word in enumerate(words):
+            emit(word if i == 0 else " " + word)
+            if i == 0 and self.stream_gate is not None and len(words) > 1:
+                self.stream_gate.wait(30)
+        return comp
+
     def _answer(self, req: Request) -> str:
+        text = self._raw_answer(req)
+        if req.constrained and req.json_schema is not None and self.constrains_json:
+            return _matching_json(text, req.json_schema)
+        return text
+
+    def _raw_answer(self, req: Request) -> str:
         if self.queue:
             return self.queue.popleft()
         last_user = next((m["content"] for m in reversed(req.messages) if m["role"] == "user"), "")
@@ -90,3 +117,36 @@ class FakeModel(Model):
 
 def _hash(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def _matching_json(text: str, schema: dict) -> str:
+    """`text` when it is JSON matching `schema`, else the smallest instance of the schema."""
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+        jsonschema.validate(value, schema)
+        return text
+    except (ValueError, jsonschema.ValidationError, jsonschema.SchemaError):
+        return json.dumps(_instance(schema))
+
+
+def _instance(schema: Any) -> Any:
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return _instance(schema[key][0])
+    kind = schema.get("type", "object")
+    kind = kind[0] if isinstance(kind, list) else kind
+    if kind == "object":
+        props = schema.get("properties") or {}
+        return {k: _instance(props[k]) for k in schema.get("required", list(props)) if k in props}
+    if kind == "array":
+        return [_instance(schema.get("items") or {}) for _ in range(schema.get("minItems", 0))]
+    return {"string": "x" * schema.get("minLength", 0), "integer": schema.get("minimum", 0),
+            "number": schema.get("minimum", 0), "boolean": False, "null": None}.get(kind)

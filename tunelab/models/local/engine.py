@@ -83,7 +83,9 @@ class Engine:
             raise UserError(f"request {index}: {n} tokens do not fit the model's context of {limit} tokens",
                             field="messages")
 
-    def run(self, requests: list[Request]) -> list[Completion]:
+    def run(self, requests: list[Request], on_tokens: dict[int, Any] | None = None) -> list[Completion]:
+        """Answer `requests`; `on_tokens[i]`, when given, is called with request i's generated
+        tokens after every decoding step (streaming)."""
         import torch
 
         if not requests:
@@ -91,6 +93,8 @@ class Engine:
         with self.lm.lock, torch.inference_mode():
             prompt_ids = self._prompt_ids(requests)
             jobs = [self._job(i, r, prompt_ids[i]) for i, r in enumerate(requests)]
+            for i, callback in (on_tokens or {}).items():
+                jobs[i].on_tokens = callback
             start = time.perf_counter()
             # The prefix every prompt shares (system prompt, instruction, demos) runs once.
             shared = common_prefix_len(prompt_ids)
@@ -365,6 +369,8 @@ class Engine:
                 if finished[row]:
                     continue
                 job.tokens.append(int(choice[row]))
+                if job.on_tokens is not None:
+                    job.on_tokens(job.tokens)
                 done = len(job.tokens) >= job.max_new
                 if not done and (job.stop or job.json):
                     text = tok.decode(job.tokens, skip_special_tokens=True)
@@ -422,6 +428,7 @@ class _Job:
     batch_size: int = 0  # rows of its prompt pass
     decode_batch_size: int = 0  # rows it was decoded with
     from_scoring: bool = False  # the free answer was read off the label-scoring pass
+    on_tokens: Any = None  # called with the tokens so far after each decoding step (streaming)
 
     @property
     def generates(self) -> bool:

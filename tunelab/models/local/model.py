@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import UserError
-from tunelab.models.base import Completion, Model, Request
+from tunelab.models.base import Completion, Model, Request, StreamText
 from tunelab.models.chat import end_of_turn_ids, render_chat
 from tunelab.models.local.engine import MAX_DECODE_ROWS, Engine
 from tunelab.models.local.fused import FusedLlama
@@ -255,8 +255,28 @@ class LocalModel(Model):
 
     # -- the one method --------------------------------------------------------------------------
     def complete(self, requests: list[Request]) -> list[Completion]:
+        return self._get_engine().run(requests)
+
+    def stream(self, request: Request, emit) -> Completion:
+        """Free text streamed as it is decoded (the same decoding as `complete`: the pieces joined
+        are its answer); labels and JSON arrive whole."""
+        if request.labels or request.json_schema is not None:
+            return super().stream(request, emit)
+        pieces = StreamText(request.stop)
+
+        def on_tokens(tokens: list[int]) -> None:
+            piece = pieces.feed(self.tokenizer.decode(tokens, skip_special_tokens=True))
+            if piece:
+                emit(piece)
+
+        comp = self._get_engine().run([request], on_tokens={0: on_tokens})[0]
+        rest = pieces.finish(comp.text)
+        if rest:
+            emit(rest)
+        return comp
+
+    def _get_engine(self) -> Engine:
         with self.lock:
             if self._engine is None:
                 self._engine = Engine(self)
-            engine = self._engine
-        return engine.run(requests)
+            return self._engine
