@@ -257,7 +257,7 @@ def test_concurrent_calls_to_a_local_model_share_batches():
 
     from tunelab.models.base import Request
     from tunelab.models.fake import FakeModel
-    from tunelab.server.gateway import BatchedModel
+    from tunelab.server.deployments import BatchedModel
 
     class SlowLocal(FakeModel):
         backend = "local"

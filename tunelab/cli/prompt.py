@@ -184,12 +184,17 @@ def show(ref: str = typer.Argument(..., help="NAME, NAME@VERSION, NAME@LABEL or 
 def tag(
     ref: str = typer.Argument(..., help="NAME@VERSION (or NAME@LABEL, NAME@current) to point at."),
     label: str = typer.Argument(..., help="The label, e.g. production."),
+    note: str = typer.Option("", "--note", help="Why (kept with the label and in the deploy history)."),
+    allow_override: List[str] = typer.Option([], "--allow-override", help="A request setting clients calling "
+                                             "NAME@LABEL may override: temperature, max_tokens or stop (repeatable)."),
+    no_overrides: bool = typer.Option(False, "--no-overrides", help="Clients may override nothing (the default "
+                                      "for a new label; an existing label keeps its setting unless given)."),
 ) -> None:
-    """Point a label (e.g. production) at a version; moves the label if it exists."""
+    """Deploy: point a label (e.g. production) at a version; moves the label if it exists."""
     from tunelab.prompts import parse_ref, tag_prompt
 
-
-    version = tag_prompt(workspace(), ref, label)
+    overrides = [] if no_overrides else (allow_override or None)
+    version = tag_prompt(workspace(), ref, label, note=note, overrides=overrides)
     console.print(f"{parse_ref(ref)[0]}@{label} -> {version}", markup=False)
 
 

@@ -15,11 +15,12 @@ def serve(
     worker: bool = typer.Option(True, "--worker/--no-worker", help="Run background jobs in a thread of the server."),
     rate: float = typer.Option(20.0, help="Requests per second allowed per API key on average (0: no limit)."),
     burst: int = typer.Option(200, help="Requests an API key may send at once before the rate applies."),
+    max_body: int = typer.Option(1_000_000, "--max-body", help="The largest request body in bytes (413 above)."),
 ) -> None:
     """Serve deployments behind an OpenAI-compatible API (/v1/chat/completions, /v1/models) and the web UI."""
     from tunelab.server.app import serve as run_server
 
-    run_server(workspace(), host=host, port=port, worker=worker, rate=rate, burst=burst)
+    run_server(workspace(), host=host, port=port, worker=worker, rate=rate, burst=burst, max_body=max_body)
 
 
 def worker(
@@ -37,19 +38,23 @@ def worker(
     w.run_forever()
 
 
-keys_app = typer.Typer(help="API keys of the team server (stored hashed; roles viewer < editor < admin).",
+keys_app = typer.Typer(help="API keys of the team server (stored hashed; roles app (call deployments only), "
+                            "viewer < editor < admin).",
                        no_args_is_help=True)
 
 
 @keys_app.command("create")
 def keys_create(
     name: str = typer.Option(..., "--name", help="Who or what uses the key (shown in call logs)."),
-    role: str = typer.Option("viewer", "--role", help="viewer (read, call the gateway), editor (edit, run), admin."),
+    role: str = typer.Option("viewer", "--role", help="app (call deployments only; sees its own calls), viewer "
+                             "(read, call), editor (edit, run), admin (deploy, keys, users)."),
+    deployment: list[str] = typer.Option([], "--deployment", "-d", help="Only these deployments may be called "
+                                         "(repeatable; '*' matches any text, e.g. 'support@*'). Default: all."),
 ) -> None:
     """Make an API key; it is printed once and only its hash is stored."""
     from tunelab.server.auth import create_key
 
-    info, secret = create_key(workspace(), name, role)
+    info, secret = create_key(workspace(), name, role, deployments=deployment or None)
     console.print(f"key '{info['name']}' ({info['role']}); copy it now, it is not shown again:")
     typer.echo(secret)
 
@@ -115,14 +120,15 @@ def logs_export(
                   markup=False)
 
 
-users_app = typer.Typer(help="Web UI users (name + password, scrypt-hashed; roles viewer < editor < admin).",
+users_app = typer.Typer(help="Web UI users (name + password, scrypt-hashed; roles viewer < editor < admin; "
+                             "also managed on the console's Users page).",
                         no_args_is_help=True)
 
 
 @users_app.command("add")
 def users_add(
     name: str = typer.Option(..., "--name", help="The user's login name."),
-    role: str = typer.Option("viewer", "--role", help="viewer (read), editor (edit, run), admin (deploy, keys)."),
+    role: str = typer.Option("viewer", "--role", help="viewer (read), editor (edit, run), admin (deploy, keys, users)."),
     password: str = typer.Option(..., "--password", prompt=True, hide_input=True, confirmation_prompt=True,
                                  envvar="TUNELAB_PASSWORD", help="The password (asked when not given; at least 8 characters)."),
 ) -> None:

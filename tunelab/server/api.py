@@ -1,11 +1,11 @@
 """The JSON API beside the gateway (Bearer key or UI session; roles as in `tunelab.server.auth`).
 
     GET  /api/prompts                 viewer   the prompts and their status
-    GET  /api/logs?deployment=D       viewer   the newest call logs
+    GET  /api/logs?deployment=D       viewer   the newest call logs (an app key: only its own calls)
     POST /api/logs/export             editor   {"name": DATASET, "deployment": D} -> a dataset
     GET  /api/jobs, /api/jobs/{id}    viewer   background jobs
     POST /api/jobs                    editor   {"kind": "eval"|"optimize"|"finetune", "args": {...}}
-    GET  /api/whoami                  viewer   the caller's key name and role
+    GET  /api/whoami                  app      the caller's key name and role
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tunelab.errors import NotFound, UserError
 from tunelab.prompts import list_prompts
 from tunelab.server.auth import KeyInfo, require
 from tunelab.server.jobs import enqueue_job, get_job, job_dict, list_jobs
-from tunelab.server.logs import list_calls, logs_to_dataset
+from tunelab.server.logs import CallFilter, find_calls, logs_to_dataset
 
 router = APIRouter(prefix="/api")
 
@@ -45,8 +45,8 @@ def user_errors(fn):
 
 
 @router.get("/whoami")
-def whoami(key: KeyInfo = Depends(require("viewer"))):
-    return {"name": key.name, "role": key.role}
+def whoami(key: KeyInfo = Depends(require("app"))):
+    return {"name": key.name, "role": key.role, "deployments": list(key.deployments) if key.deployments else None}
 
 
 @router.get("/prompts")
@@ -65,10 +65,12 @@ def call_dict(r) -> dict[str, Any]:
 
 
 @router.get("/logs")
-def logs(request: Request, deployment: str | None = None, limit: int = 200,
-         key: KeyInfo = Depends(require("viewer"))):
-
-    return {"calls": [call_dict(r) for r in list_calls(_ws(request), deployment, limit=max(1, min(limit, 5000)))]}
+def logs(request: Request, deployment: str | None = None, limit: int = 200, page: int = 1,
+         key: KeyInfo = Depends(require("app"))):
+    """The newest calls; a key whose role does not read logs (app) sees only its own calls."""
+    where = CallFilter(deployment=deployment, key=None if key.reads_logs else key.name)
+    rows, total = find_calls(_ws(request), where, page=max(1, page), per_page=max(1, min(limit, 5000)))
+    return {"calls": [call_dict(r) for r in rows], "total": total}
 
 
 class ExportBody(BaseModel):

@@ -1,9 +1,12 @@
 """API keys, roles, UI sessions and rate limits of the team server.
 
 A key looks like `tl-<43 url-safe characters>`; the store keeps only its sha256 (the key is shown
-once, when it is made). Roles are ordered: viewer (read, call the gateway) < editor (edit, commit,
-run, evaluate, start jobs) < admin (keys, deploy: tag labels). A server serves one workspace and
-reads keys from that workspace's database, so a key of another workspace is unknown here.
+once, when it is made). Roles: `app` calls deployments and nothing else (optionally only the
+deployments it names: `deployments=["support@production", "ft:*"]`, glob patterns) and sees only
+its own calls; then, ordered, viewer (read everything, logs included, and call) < editor (edit,
+commit, run, evaluate, start jobs) < admin (deploy: tag labels; keys and users). A server serves
+one workspace and reads keys from that workspace's database, so a key of another workspace is
+unknown here.
 
     key, secret = create_key(ws, "alice", "editor")   # secret: "tl-...", never stored
     authenticate(ws, secret)  -> KeyInfo(name="alice", role="editor") | None
@@ -15,6 +18,7 @@ FastAPI dependency every endpoint of the gateway, the API and the UI declares.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 import math
@@ -37,7 +41,8 @@ from tunelab.store.models import ApiKeyRow, UiSessionRow, UserRow, utcnow
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
 
-ROLES = ("viewer", "editor", "admin")
+ROLES = ("viewer", "editor", "admin")  # ordered: each may do what the ones before it may
+KEY_ROLES = ("app", *ROLES)  # an app key calls deployments only; a user is never one
 KEY_PREFIX = "tl-"
 SESSION_HOURS = 12
 
@@ -50,33 +55,59 @@ class KeyInfo:
     name: str
     role: str
     kind: str = "key"  # key | user
+    deployments: tuple[str, ...] | None = None  # glob patterns of the deployments it may call (None: all)
 
     def can(self, role: str) -> bool:
+        """Whether this key may do what `role` may: "app" (call deployments) is every role's."""
+        if role == "app":
+            return True
+        if self.role == "app":
+            return False
         return ROLES.index(self.role) >= ROLES.index(role)
+
+    def may_call(self, deployment: str) -> bool:
+        return self.deployments is None or any(fnmatch.fnmatchcase(deployment, p) for p in self.deployments)
+
+    @property
+    def reads_logs(self) -> bool:
+        """Every call's log (else only its own calls)."""
+        return self.can("viewer")
 
 
 def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
-def check_role(role: str) -> str:
-    if role not in ROLES:
-        raise UserError(f"unknown role '{role}': expected one of {', '.join(ROLES)}", field="role")
+def check_role(role: str, roles: tuple[str, ...] = ROLES) -> str:
+    if role not in roles:
+        raise UserError(f"unknown role '{role}': expected one of {', '.join(roles)}", field="role")
     return role
 
 
-def create_key(ws: "Workspace", name: str, role: str = "viewer") -> tuple[dict, str]:
-    """Make an API key; returns (its public description, the secret key — shown only now)."""
+DEPLOYMENT_PATTERN = re.compile(r"[A-Za-z0-9*?][A-Za-z0-9_.@:*?\-]{0,199}")
+
+
+def create_key(ws: "Workspace", name: str, role: str = "viewer",
+               deployments: list[str] | None = None) -> tuple[dict, str]:
+    """Make an API key; returns (its public description, the secret key — shown only now).
+    `deployments` limits the deployments it may call (glob patterns; None: all)."""
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@\-]{0,99}", name or ""):
         raise UserError(f"invalid key name '{name}': use letters, digits, '-', '_', '.', '@' (at most 100)",
                         field="name")
-    check_role(role)
+    check_role(role, KEY_ROLES)
+    if deployments is not None:
+        deployments = [d.strip() for d in deployments if d.strip()]
+        bad = [d for d in deployments if not DEPLOYMENT_PATTERN.fullmatch(d)]
+        if bad or not deployments or len(deployments) > 100:
+            raise UserError(f"invalid deployment pattern '{bad[0] if bad else ''}': a deployment name such as "
+                            "support@production or ft:NAME ('*' matches any text)", field="deployments")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     with ws.store.session() as s:
         if s.scalar(select(ApiKeyRow.id).where(ApiKeyRow.name == name)) is not None:
             raise UserError(f"a key named '{name}' exists already (revoke it or pick another name)")
-        row = ApiKeyRow(name=name, key_hash=hash_key(secret), prefix=secret[:7], role=role, meta={})
+        meta = {"deployments": deployments} if deployments is not None else {}
+        row = ApiKeyRow(name=name, key_hash=hash_key(secret), prefix=secret[:7], role=role, meta=meta)
         s.add(row)
         s.flush()
         info = _describe(row)
@@ -85,7 +116,13 @@ def create_key(ws: "Workspace", name: str, role: str = "viewer") -> tuple[dict, 
 
 def _describe(row) -> dict:
     return {"id": row.id, "name": row.name, "role": row.role, "prefix": row.prefix,
+            "deployments": (row.meta or {}).get("deployments"),
             "created_at": row.created_at, "last_used_at": row.last_used_at, "revoked": row.revoked_at is not None}
+
+
+def _key_info(row) -> KeyInfo:
+    allowed = (row.meta or {}).get("deployments")
+    return KeyInfo(row.id, row.name, row.role, deployments=tuple(allowed) if allowed is not None else None)
 
 
 def list_keys(ws: "Workspace") -> list[dict]:
@@ -118,7 +155,7 @@ def authenticate(ws: "Workspace", secret: str | None) -> KeyInfo | None:
         now = utcnow()
         if row.last_used_at is None or now - row.last_used_at > timedelta(seconds=60):
             s.execute(update(ApiKeyRow).where(ApiKeyRow.id == row.id).values(last_used_at=now))
-        return KeyInfo(row.id, row.name, row.role)
+        return _key_info(row)
 
 
 # -- users -------------------------------------------------------------------------------------
@@ -168,6 +205,23 @@ def list_users(ws: "Workspace") -> list[dict]:
     with ws.store.session() as s:
         return [{"name": r.name, "role": r.role, "created_at": r.created_at, "last_login_at": r.last_login_at,
                  "disabled": r.disabled_at is not None} for r in s.scalars(select(UserRow).order_by(UserRow.id))]
+
+
+def set_user(ws: "Workspace", name: str, role: str | None = None, disabled: bool | None = None) -> dict:
+    """Change a user's role, or disable (their sessions end) / enable them."""
+    with ws.store.session() as s:
+        row = s.scalar(select(UserRow).where(UserRow.name == name))
+        if row is None:
+            raise NotFound(f"unknown user '{name}' (see: tunelab users list)")
+        if role is not None:
+            row.role = check_role(role)
+            s.execute(delete(UiSessionRow).where(UiSessionRow.user_id == row.id))
+        if disabled is True:
+            row.disabled_at = row.disabled_at or utcnow()
+            s.execute(delete(UiSessionRow).where(UiSessionRow.user_id == row.id))
+        elif disabled is False:
+            row.disabled_at = None
+        return {"name": row.name, "role": row.role, "disabled": row.disabled_at is not None}
 
 
 def disable_user(ws: "Workspace", name: str) -> None:
@@ -224,7 +278,7 @@ def session_key(ws: "Workspace", token: str | None) -> tuple[KeyInfo, str] | Non
         row = s.get(ApiKeyRow, sess.key_id)
         if row is None or row.revoked_at is not None:
             return None
-        return KeyInfo(row.id, row.name, row.role), sess.csrf
+        return _key_info(row), sess.csrf
 
 
 def end_session(ws: "Workspace", token: str | None) -> None:

@@ -1,289 +1,292 @@
-"""The gateway: OpenAI-compatible `/v1/chat/completions` and `/v1/models`, where `model` names a
-deployment — and a deployment **is** a candidate: what is served is what was measured.
+"""The gateway: OpenAI-compatible `/v1/chat/completions`, `/v1/models` and `/v1/models/{id}`,
+where `model` names a deployment — and a deployment **is** a candidate: what is served is what was
+measured (`tunelab.server.deployments`). What a request may ask and what it gets is in
+`tunelab.server.chat`; the order of checks is:
 
-    support-router@production   a prompt at a label (or a version), on the prompt's model
-    support-router              the prompt's working file
-    ft:NAME                     a fine-tuned model with the prompt it was trained and evaluated with
-    hybrid:NAME                 a hybrid (fine-tuned first, the prompt where it is unsure)
-    smollm2-135m | fake | ...   a model of the workspace answering the raw chat (not a candidate)
+1. the key (401), before the body is read; the body's size (413, `create_app(max_body=...)`);
+2. the body: JSON, fields, roles, content parts, tools (400, OpenAI's error shape);
+3. the deployment: known (404) and one the key may call (403: an `app` key limited to some);
+4. what it can honour: `response_format`, settings it applies or ignores, `logprobs`;
+5. the context: the rendered messages against the model's context length (400
+   `context_length_exceeded`), before any model runs;
+6. the answer: `n` choices (choice i with seed `seed + i`), whole or streamed as generated
+   (`stream: true`: server-sent events, `Cache-Control: no-cache`; free text token by token from
+   a backend that streams, labels in one piece); every call logged (`tunelab.server.logs`, inputs
+   clipped with their full size recorded).
 
-A candidate deployment is resolved by the evaluator's `resolve_candidate` and answers through
-`Candidate.predict`, exactly as `tunelab eval` measured it: the same rendering, demos, label
-scoring and, at temperature > 0, the same seeded draw (the request's `seed` is the repeat index;
-none: 0). Its settings are the measured ones: a request's `temperature`, `max_tokens` or `stop`
-is not applied to a candidate (the response's `tunelab.ignored` lists what was ignored); change
-them with a new prompt version. The example answered is `tunelab_variables` (an object; its
-`input` is the input), else the last user message.
-
-Concurrent calls to a local model are micro-batched (`BatchedModel`): requests that arrive while the
-model is busy share its next batched forward pass. Deployments and their batchers live in the app's
-`Deployments` table; `forget()` (after a deploy, when labels point elsewhere) drops both.
+The response's `tunelab` object says what was served: `kind`, `prompt_version`, `applied` and
+`ignored` (request settings the deployment did or did not apply), `label_logprobs`, a hybrid's
+`route`, and `latency_s`.
 """
 
 from __future__ import annotations
 
 import json
 import queue
-import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from tunelab.errors import NotFound, UserError
-from tunelab.evaluate import Candidate, PromptCandidate, example_for, list_hybrids, request_cost, resolve_candidate
-from tunelab.finetune import list_finetunes
-from tunelab.models import Model, load_model
-from tunelab.models.base import Completion, WrappedModel
-from tunelab.models.base import Request as ModelRequest
-from tunelab.models.weights import BUNDLED_ALIASES
-from tunelab.prompts import list_labels
+from tunelab.evaluate import request_cost
+from tunelab.models.base import Completion
 from tunelab.server.auth import KeyInfo, require
+from tunelab.server.chat import (ApiError, ChatRequest, asked_settings, chat_messages, comparable_schema, inert_fields,
+                                 label_logprobs, parse_chat, refuse_unsupported, setting_names, usage)
+from tunelab.server.deployments import Deployment, deployment_names
+from tunelab.server.logs import clip_call
 
 if TYPE_CHECKING:
-    from tunelab.workspace import Pricing, Workspace
+    from tunelab.models.base import Request as ModelRequest
 
 router = APIRouter()
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
-BUILTIN_MODELS = {"fake", *BUNDLED_ALIASES}
-UNBATCHED_BACKENDS = {"openai", "fake"}  # they take concurrent calls themselves
+caller = require("app")
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str
+# -- models ----------------------------------------------------------------------------------------
+def _model_entry(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "tunelab"}
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    max_tokens: int | None = Field(None, ge=1, le=8192)
-    seed: int | None = None
-    stop: list[str] | str | None = None
-    stream: bool = False
-    tunelab_variables: dict[str, Any] | None = None
-
-
-# -- micro-batching -------------------------------------------------------------------------------
-class BatchedModel(WrappedModel):
-    """A model whose concurrent `complete()` calls are answered together: calls that arrive while
-    it is busy go into its next batch (at most `max_batch` requests), one batch at a time. Answers
-    are the wrapped model's; only the batch composition changes (in fp32 that changes nothing, in
-    bf16 a close label can rarely flip — the same holds for evaluation batches)."""
-
-    def __init__(self, model: Model, max_batch: int = 32):
-        super().__init__(model)
-        self.max_batch = max_batch
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, daemon=True, name=f"tunelab-batcher-{model.name}")
-        self._thread.start()
-
-    def complete(self, requests: list[ModelRequest]) -> list[Completion]:
-        item = {"requests": list(requests), "done": threading.Event(), "result": None, "error": None}
-        self._queue.put(item)
-        item["done"].wait()
-        if item["error"] is not None:
-            raise item["error"]
-        return item["result"]
-
-    def close(self) -> None:
-        """Stop the batching thread (the wrapped model stays loaded: other deployments share it)."""
-        self._queue.put(None)
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            items = [first]
-            size = len(first["requests"])
-            while size < self.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # stop after this batch
-                    break
-                items.append(nxt)
-                size += len(nxt["requests"])
-            try:
-                results = self.inner.complete([r for it in items for r in it["requests"]])
-                start = 0
-                for it in items:
-                    it["result"] = results[start:start + len(it["requests"])]
-                    start += len(it["requests"])
-            except BaseException as exc:  # noqa: BLE001 - every waiting call gets the error
-                for it in items:
-                    it["error"] = exc
-            for it in items:
-                it["done"].set()
-
-
-# -- deployments ----------------------------------------------------------------------------------
-@dataclass
-class Deployment:
-    """What a `model` name answers with: a candidate (prompt, ft, hybrid), or a raw model."""
-
-    name: str
-    kind: str  # prompt | ft | hybrid | model
-    pricing: "Pricing"
-    candidate: Candidate | None = None
-    model: Model | None = None
-    version: str | None = None  # the prompt version, for prompt and ft deployments
-
-    def answer(self, messages: list[dict], variables: dict[str, Any], params: dict[str, Any]) -> tuple[Completion, list[str]]:
-        """The completion for a chat request, and the request settings that were not applied."""
-        if self.candidate is None:
-            return self.model.complete([ModelRequest(messages=messages, **params)])[0], []
-        ignored = [k for k in ("temperature", "max_tokens", "stop") if k in params
-                   and not (k == "temperature" and params[k] == self.candidate.temperature)]
-        comp = self.candidate.predict([example_for(messages, variables)], int(params.get("seed") or 0))[0]
-        return comp, ignored
-
-
-@dataclass
-class Deployments:
-    """The app's deployments, resolved on first use, and the micro-batchers of their models."""
-
-    workspace: "Workspace"
-    _deployed: dict[str, Deployment] = field(default_factory=dict)
-    _batchers: dict[int, BatchedModel] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def get(self, name: str) -> Deployment:
-        with self._lock:
-            if name not in self._deployed:
-                self._deployed[name] = self._resolve(name)
-            return self._deployed[name]
-
-    def forget(self) -> None:
-        """Drop every deployment and stop their batchers (after a deploy: labels point elsewhere)."""
-        with self._lock:
-            self._deployed.clear()
-            batchers, self._batchers = list(self._batchers.values()), {}
-        for b in batchers:
-            b.close()
-
-    def batched(self, model: Model) -> Model:
-        """`model` behind its one micro-batcher (remote and fake models as they are)."""
-        if model.backend in UNBATCHED_BACKENDS or isinstance(model, BatchedModel):
-            return model
-        key = id(model)
-        if key not in self._batchers:
-            self._batchers[key] = BatchedModel(model)
-        return self._batchers[key]
-
-    def _resolve(self, name: str) -> Deployment:
-        ws = self.workspace
-        check_deployment_name(ws, name)
-        base = name.split("@", 1)[0]
-        if name.startswith(("ft:", "hybrid:")) or "@" in name or (ws.prompts_dir / f"{base}.prompt").is_file():
-            cand = resolve_candidate(ws, name, free_text=False).map_models(self.batched)
-            version = cand.prompt.version if isinstance(cand, PromptCandidate) else None
-            return Deployment(name, cand.kind, ws.pricing_for(cand.model_name, cand.backend), candidate=cand,
-                              version=version)
-        model = load_model(name, ws)
-        return Deployment(name, "model", ws.pricing_for(model.name, model.backend), model=self.batched(model))
-
-
-def check_deployment_name(workspace: "Workspace", name: str) -> None:
-    """Only names of this workspace's deployments: prompts, `ft:`/`hybrid:` names, configured models
-    and the built-in ones. Raw paths (`local:PATH`, `../x`) never reach the loader."""
-    if name == workspace.config.default_model or name in workspace.config.models or name in BUILTIN_MODELS:
-        return
-    base, _, at = name.partition("@")
-    kind, _, rest = base.partition(":") if ":" in base else ("", "", base)
-    ok = SAFE_NAME.fullmatch(rest) is not None and ".." not in rest and (not at or SAFE_NAME.fullmatch(at))
-    if kind not in ("", "ft", "hybrid") or (kind and at):
-        ok = False
-    if ok and not kind and not at:
-        ok = (workspace.prompts_dir / f"{rest}.prompt").is_file()
-    if not ok:
-        raise NotFound(f"unknown model or deployment '{name}' (see GET /v1/models)")
-
-
-def deployment_names(workspace: "Workspace") -> list[str]:
-    """What `/v1/models` lists: labelled prompt versions, prompts' working files, finished
-    fine-tunes, hybrids, and the default model."""
-    names = [f"{name}@{label}" for name, label, _ in list_labels(workspace)]
-    names += [p.stem for p in sorted(workspace.prompts_dir.glob("*.prompt"))] if workspace.prompts_dir.is_dir() else []
-    names += [f"ft:{row.name}" for row in list_finetunes(workspace) if row.status == "done"]
-    names += [f"hybrid:{spec.name}" for spec in list_hybrids(workspace)]
-    names.append(workspace.config.default_model)
-    return list(dict.fromkeys(names))
-
-
-# -- the OpenAI-compatible endpoints --------------------------------------------------------------
 @router.get("/v1/models")
-def list_models(request: Request, key: KeyInfo = Depends(require("viewer"))):
-    names = deployment_names(request.app.state.workspace)
-    return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "tunelab"} for n in names]}
+def list_models(request: Request, key: KeyInfo = Depends(caller)):
+    names = [n for n in deployment_names(request.app.state.workspace) if key.may_call(n)]
+    return {"object": "list", "data": [_model_entry(n) for n in names]}
 
 
-@router.post("/v1/chat/completions")
-def chat_completions(request: Request, body: ChatRequest, key: KeyInfo = Depends(require("viewer"))):
+@router.get("/v1/models/{model_id:path}")
+def get_model(request: Request, model_id: str, key: KeyInfo = Depends(caller)):
     state = request.app.state
-    try:
-        dep = state.deployments.get(body.model)
-    except NotFound as exc:
-        raise HTTPException(404, detail={"message": str(exc), "type": "not_found"}) from None
-    except UserError as exc:
-        raise HTTPException(400, detail={"message": str(exc), "type": "invalid_request"}) from None
-    params: dict[str, Any] = {k: v for k, v in (("temperature", body.temperature), ("max_tokens", body.max_tokens),
-                                                ("seed", body.seed)) if v is not None}
-    if body.stop:
-        params["stop"] = [body.stop] if isinstance(body.stop, str) else body.stop
-    messages = [{"role": m.role, "content": m.content} for m in body.messages]
-    variables = dict(body.tunelab_variables or {})
-    record = {"key_name": key.name, "deployment": body.model, "kind": dep.kind, "prompt_version": dep.version,
-              "messages": messages, "variables": _jsonable(variables),
-              "meta": {"params": params, "stream": body.stream}}
-    started = time.perf_counter()
-    try:
-        comp, ignored = dep.answer(messages, variables, params)
-    except UserError as exc:
-        state.log_call(**record, status="error", error=str(exc), latency_s=time.perf_counter() - started)
-        raise HTTPException(400, detail={"message": str(exc), "type": "invalid_request"}) from None
-    except Exception as exc:  # a model that fails is logged and answered as a 500, never silently
-        state.log_call(**record, status="error", error=f"{type(exc).__name__}: {exc}",
-                       latency_s=time.perf_counter() - started)
-        raise HTTPException(500, detail={"message": "the deployment failed to answer", "type": "server_error"}) from None
-    state.log_call(**record, output=comp.text, prompt_tokens=comp.prompt_tokens,
-                   completion_tokens=comp.completion_tokens, latency_s=comp.latency_s or (time.perf_counter() - started),
-                   cost=request_cost(dep.pricing, comp), status="ok")
-    created = int(time.time())
-    cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    usage = {"prompt_tokens": comp.prompt_tokens, "completion_tokens": comp.completion_tokens,
-             "total_tokens": comp.prompt_tokens + comp.completion_tokens}
-    if body.stream:
-        def events():
-            head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model}
-            for delta, finish in (({"role": "assistant"}, None), ({"content": comp.text}, None), ({}, "stop")):
-                chunk = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-                if finish:
-                    chunk["usage"] = usage
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
+    if not key.may_call(model_id) or model_id not in deployment_names(state.workspace):
+        if key.may_call(model_id):
+            _deployment(state, model_id)  # a version or a configured model: resolvable, else 404
+        else:
+            raise ApiError(404, f"The model '{model_id}' does not exist or this key may not call it",
+                           param="model", code="model_not_found")
+    return _model_entry(model_id)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
-    extra: dict[str, Any] = {"latency_s": comp.latency_s, "label_logprobs": comp.label_logprobs,
-                             "prompt_version": dep.version, "kind": dep.kind}
-    if ignored:
-        extra["ignored"] = ignored
-    if comp.meta.get("route"):
-        extra["route"] = {k: v for k, v in comp.meta.items() if k.startswith("route")}
-    return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": comp.text}, "finish_reason": "stop"}],
-            "usage": usage, "tunelab": extra}
+
+def _deployment(state, name: str) -> Deployment:
+    try:
+        return state.deployments.get(name)
+    except NotFound as exc:
+        raise ApiError(404, str(exc), param="model", code="model_not_found") from None
+    except UserError as exc:
+        raise ApiError(400, str(exc), param="model") from None
+
+
+# -- chat completions ------------------------------------------------------------------------------
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, key: KeyInfo = Depends(caller)):
+    raw = await request.body()
+    req = parse_chat(raw)
+    refuse_unsupported(req)
+    messages = chat_messages(req)
+    if not key.may_call(req.model):
+        raise ApiError(403, f"key '{key.name}' may not call deployment '{req.model}' (it may call: "
+                       f"{', '.join(key.deployments or [])})", type="permission_error", param="model",
+                       code="deployment_not_allowed")
+    return await run_in_threadpool(_complete, request, key, req, messages, len(raw))
+
+
+def _complete(request: Request, key: KeyInfo, req: ChatRequest, messages: list[dict], size: int):
+    state = request.app.state
+    dep = _deployment(state, req.model)
+    applied, ignored = dep.settings(asked_settings(req))
+    ignored = setting_names(ignored, req) + inert_fields(req)
+    if req.logprobs and dep.output_type != "label":
+        ignored.append("logprobs")  # free text has no log-probabilities here
+    extra = _response_format(dep, req)
+    variables = dict(req.tunelab_variables or {})
+    seed = int(req.seed or 0)
+    record = {"key_name": key.name, "deployment": req.model, "kind": dep.kind, "prompt_version": dep.version,
+              "messages": messages, "variables": _jsonable(variables),
+              "meta": {"params": {**applied, "seed": seed} if req.seed is not None else applied, "n": req.n,
+                       "stream": req.stream, "ignored": ignored, "request_bytes": size,
+                       "response_format": req.response_format.type if req.response_format else None}}
+    started = time.perf_counter()
+
+    def failed(exc: Exception) -> ApiError:
+        if isinstance(exc, ApiError):
+            error, api = exc.message, exc
+        elif isinstance(exc, UserError):
+            error, api = str(exc), ApiError(400, str(exc))
+        else:  # a model that fails is logged and answered as a 500, never silently
+            error = f"{type(exc).__name__}: {exc}"
+            api = ApiError(500, "the deployment failed to answer", type="server_error")
+        state.log_call(**clip_call(record, error=error), status="error", latency_s=time.perf_counter() - started)
+        return api
+
+    try:
+        limit = _check_context(dep, messages, variables, seed, applied, extra)
+    except Exception as exc:  # noqa: BLE001 - logged, then answered in OpenAI's shape
+        raise failed(exc) from None
+    info = {"kind": dep.kind, "prompt_version": dep.version, "applied": setting_names(list(applied), req),
+            "ignored": ignored}
+    if req.stream:
+        return _stream(state, dep, req, record, info, (messages, variables, seed, applied, extra), limit, started)
+    try:
+        comps = [dep.answer(messages, variables, seed + i, applied, extra) for i in range(req.n)]
+    except Exception as exc:  # noqa: BLE001
+        raise failed(exc) from None
+    _log_ok(state, dep, record, comps, started)
+    cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    choices = [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "logprobs": _logprobs(req, c), "finish_reason": _finish(dep, c, limit)} for i, c in enumerate(comps)]
+    first = comps[0]
+    info.update(latency_s=sum(c.latency_s for c in comps), label_logprobs=first.label_logprobs)
+    if first.meta.get("route"):
+        info["route"] = {k: v for k, v in first.meta.items() if k.startswith("route")}
+    return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": req.model,
+                         "system_fingerprint": _fingerprint(dep), "choices": choices, "usage": usage(comps),
+                         "tunelab": info})
+
+
+def _response_format(dep: Deployment, req: ChatRequest) -> dict[str, Any]:
+    """What `response_format` asks of the model request (a raw model's constraint), or a 400."""
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return {}
+    schema = (rf.json_schema.schema_ if rf.json_schema else None) or {"type": "object"}
+    if rf.type == "json_schema":
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise ApiError(400, f"response_format.json_schema: invalid JSON schema: {exc.message}",
+                           param="response_format.json_schema") from None
+    if dep.candidate is not None:  # the candidate decides: its prompt's output is what was measured
+        if dep.output_type != "json":
+            raise ApiError(400, f"deployment '{dep.name}' answers {dep.output_type} (its prompt's output); "
+                           f"response_format {rf.type} needs a deployment whose prompt's output is JSON",
+                           param="response_format", code="unsupported_response_format")
+        own = dep.candidate.output.schema
+        if rf.type == "json_schema" and comparable_schema(schema) != comparable_schema(own or {}):
+            raise ApiError(400, f"deployment '{dep.name}' answers JSON {'matching its prompt schema' if own else 'without a schema'}"
+                           f", not the requested schema '{rf.json_schema.name}' (it serves what was measured: put "
+                           "that schema in the prompt's output.schema, evaluate it and deploy the version)",
+                           param="response_format.json_schema", code="unsupported_response_format")
+        return {}
+    if not dep.model.constrains_json:
+        raise ApiError(400, f"model '{dep.name}' ({dep.model.backend} backend) cannot constrain its answer to JSON, "
+                       f"so response_format {rf.type} cannot be honoured; call a deployment whose prompt's output "
+                       "is JSON, or a model whose backend constrains JSON (llamacpp)",
+                       param="response_format", code="unsupported_response_format")
+    return {"json_schema": schema, "constrained": True}
+
+
+def _check_context(dep: Deployment, messages, variables, seed, applied, extra) -> int | None:
+    """400 `context_length_exceeded` when a rendered request does not fit its model's context,
+    before any model runs; returns the answer's token limit (for finish_reason "length")."""
+    pairs: list[tuple[Any, "ModelRequest"]] = dep.requests(messages, variables, seed, applied, extra)
+    for model, req in pairs:
+        limit = model.context_length
+        if not limit:
+            continue
+        used = sum(model.count_tokens(m["content"]) + 4 for m in req.messages)
+        if used >= limit:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, your messages "
+                           f"resulted in {used} tokens. Shorten the messages.", param="messages",
+                           code="context_length_exceeded")
+    return pairs[0][1].max_tokens if pairs and not pairs[0][1].labels else None
+
+
+def _finish(dep: Deployment, comp: Completion, limit: int | None) -> str:
+    if limit and dep.output_type != "label" and comp.completion_tokens >= limit and not comp.meta.get("stopped"):
+        return "length"
+    return "stop"
+
+
+def _logprobs(req: ChatRequest, comp: Completion) -> dict | None:
+    return label_logprobs(comp, req.top_logprobs or 0) if req.logprobs else None
+
+
+def _fingerprint(dep: Deployment) -> str:
+    target = dep.candidate if dep.candidate is not None else dep.model
+    return "tl-" + str(getattr(target, "fingerprint", ""))[:16]
+
+
+def _log_ok(state, dep: Deployment, record: dict, comps: list[Completion], started: float, **meta: Any) -> None:
+    first = comps[0]
+    record = {**record, "meta": {**record["meta"], **meta}}
+    if len(comps) > 1:
+        record["meta"]["choices"] = [c.text for c in comps[1:]]
+    state.log_call(**clip_call(record, output=first.text), prompt_tokens=first.prompt_tokens,
+                   completion_tokens=sum(c.completion_tokens for c in comps),
+                   latency_s=sum(c.latency_s for c in comps) or (time.perf_counter() - started),
+                   cost=sum(request_cost(dep.pricing, c) for c in comps), status="ok")
+
+
+def _stream(state, dep: Deployment, req: ChatRequest, record: dict, info: dict, args: tuple, limit: int | None,
+            started: float) -> StreamingResponse:
+    """Server-sent events: each choice's text as it is generated, then its finish reason (and
+    usage when `stream_options.include_usage`); the call is logged when the stream ends."""
+    cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+            "system_fingerprint": _fingerprint(dep)}
+    items: queue.Queue = queue.Queue()
+    messages, variables, seed, applied, extra = args
+
+    def work() -> None:
+        comps: list[Completion] = []
+        try:
+            for i in range(req.n):
+                comp = dep.answer(messages, variables, seed + i, applied, extra,
+                                  emit=lambda text, i=i: items.put(("delta", i, text)))
+                comps.append(comp)
+                items.put(("done", i, comp))
+            items.put(("end", comps, None))
+        except Exception as exc:  # noqa: BLE001 - sent as an error event and logged
+            items.put(("error", exc, comps))
+
+    def chunk(choices: list[dict], **more: Any) -> str:
+        return f"data: {json.dumps({**head, 'choices': choices, **more})}\n\n"
+
+    def events():
+        sent: dict[int, str] = {}
+        logged = False
+        try:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(req.n)])
+            threading.Thread(target=work, daemon=True, name="tunelab-stream").start()
+            while True:
+                kind, a, b = items.get()
+                if kind == "delta":
+                    sent[a] = sent.get(a, "") + b
+                    yield chunk([{"index": a, "delta": {"content": b}, "logprobs": None, "finish_reason": None}])
+                elif kind == "done":
+                    yield chunk([{"index": a, "delta": {}, "logprobs": _logprobs(req, b),
+                                  "finish_reason": _finish(dep, b, limit)}])
+                elif kind == "error":
+                    error = a if isinstance(a, UserError) else None
+                    message = str(error) if error else "the deployment failed to answer"
+                    state.log_call(**clip_call(record, error=f"{type(a).__name__}: {a}"), status="error",
+                                   latency_s=time.perf_counter() - started)
+                    logged = True
+                    yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+                    return
+                else:
+                    comps = a
+                    mismatch = [i for i, c in enumerate(comps) if sent.get(i, "") != c.text]
+                    _log_ok(state, dep, record, comps, started, **({"stream_mismatch": mismatch} if mismatch else {}))
+                    logged = True
+                    if req.stream_options and req.stream_options.include_usage:
+                        yield chunk([], usage=usage(comps), tunelab={**info, "latency_s": sum(c.latency_s for c in comps)})
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            if not logged:
+                state.log_call(**clip_call(record, error="the client closed the stream"), status="error",
+                               latency_s=time.perf_counter() - started)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _jsonable(value: Any) -> Any:
