@@ -93,6 +93,9 @@ class FakeModel(Model):
         text = self._raw_answer(req)
         if req.constrained and req.json_schema is not None and self.constrains_json:
             return _matching_json(text, req.json_schema)
+        for stop in req.stop or []:  # cut at a stop string, as a real backend does
+            if stop and stop in text:
+                text = text[:text.index(stop)].rstrip()
         return text
 
     def _raw_answer(self, req: Request) -> str:
