@@ -245,3 +245,152 @@ def test_users_log_in_with_a_password_and_act_with_their_role(server, cli):
     assert cli("users", "disable", "dora").exit_code == 0
     assert client.get("/ui/prompts", follow_redirects=False).status_code == 303
     assert "dora" in cli("users", "list").stdout
+
+
+# -- least privilege, bounded inputs, headers (issue 18) ------------------------------------------
+def test_an_app_key_calls_deployments_and_sees_only_its_own_calls(server):
+    ws, client, keys = server
+    _, app_key = create_key(ws, "checkout", "app")
+    _, narrow = create_key(ws, "narrow", "app", deployments=["greet@*"])
+    assert chat(client, keys["viewer"], content="viewer call").status_code == 200
+    assert chat(client, app_key, content="app call").status_code == 200
+    r = client.get("/api/logs", headers=bearer(app_key))
+    assert r.status_code == 200 and [c["key_name"] for c in r.json()["calls"]] == ["checkout"]
+    r = client.get("/api/logs", headers=bearer(keys["viewer"]))
+    assert {c["key_name"] for c in r.json()["calls"]} == {"checkout", "viewer-key"}  # viewers read every call
+    for path in ("/api/prompts", "/api/jobs"):
+        assert client.get(path, headers=bearer(app_key)).status_code == 403
+    assert client.post("/api/logs/export", headers=bearer(app_key), json={"name": "x"}).status_code == 403
+    r = client.post("/login", data={"api_key": app_key})
+    assert r.status_code == 401 and "only calls deployments" in r.text
+    # a key limited to some deployments calls those only, and lists those only
+    assert chat(client, narrow, model="greet@production").status_code == 200
+    r = chat(client, narrow, model="fake")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "deployment_not_allowed"
+    models = client.get("/v1/models", headers=bearer(narrow)).json()["data"]
+    assert [m["id"] for m in models] == ["greet@production"]
+    assert client.get("/v1/models/fake", headers=bearer(narrow)).status_code == 404
+
+
+def test_a_10_mb_body_is_413_before_it_is_read(server):
+    ws, client, keys = server
+    big = '{"model": "fake", "messages": [{"role": "user", "content": "' + "a " * 5_000_000 + '"}]}'
+    r = client.post("/v1/chat/completions", headers={**bearer(keys["viewer"]), "content-type": "application/json"},
+                    content=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(20):
+            yield b"x" * 600_000
+
+    r = client.post("/v1/chat/completions", headers=bearer(keys["viewer"]), content=chunks())
+    assert r.status_code == 413
+    from tunelab.server.logs import list_calls
+
+    assert list_calls(ws) == []  # nothing ran, nothing stored
+
+
+def test_a_message_longer_than_the_context_is_400_before_any_compute(server):
+    ws, client, keys = server
+    from tunelab.models import load_model
+    from tunelab.server.logs import list_calls
+
+    model = load_model("fake", ws)
+    seen = len(model.calls)
+    words = " ".join(f"w{i}" for i in range(3000))  # 3,000 tokens for the fake model (context 2,048)
+    for deployment in ("fake", "greet@production"):
+        r = chat(client, keys["viewer"], content=words, model=deployment)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "context_length_exceeded" and "2048" in error["message"]
+    assert len(model.calls) == seen  # the model never ran
+    call = list_calls(ws)[0]
+    assert call.status == "error" and call.meta["sizes"]["message_chars"] > 3000
+
+
+def test_logged_bodies_are_clipped_with_the_full_size_recorded(server):
+    ws, client, keys = server
+    from tunelab.server.logs import LOG_TEXT_CHARS, list_calls
+
+    text = "x" * 300_000  # one "token" for the fake model: fits its context, too long for a log
+    assert chat(client, keys["viewer"], content=text, model="fake").status_code == 200
+    call = list_calls(ws)[0]
+    assert len(call.messages[0]["content"]) < LOG_TEXT_CHARS + 100 and len(call.output) < LOG_TEXT_CHARS + 100
+    assert call.meta["clipped"] is True and call.meta["sizes"]["message_chars"] == 300_000
+    assert call.meta["request_bytes"] > 300_000
+
+
+@pytest.mark.parametrize("body, words", [
+    ("{{ 'a'.ljust(5000000) }}", "ljust&#39; with a width"),
+    ("{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}x", "longer than 2 s"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+     "would make"),
+    ("{{ 'a'|center(99999999) }}", "width or count"),
+])
+def test_runaway_templates_are_stopped_with_a_clear_error(server, body, words):
+    ws, client, keys = server
+    csrf = login(client, keys["editor"])
+    text = PROMPT.replace("{{ input }}", body)
+    r = client.post("/ui/prompts/greet/render", headers={"X-CSRF-Token": csrf}, data={"text": text, "sample": "x"})
+    assert r.status_code == 200 and 'class="error"' in r.text and words in r.text, r.text[:400]
+    assert "template too large or too slow" in r.text
+
+
+def test_a_viewer_previews_the_saved_prompt_never_posted_text(server):
+    ws, client, keys = server
+    csrf = login(client, keys["viewer"])
+    posted = PROMPT.replace("{{ input }}", "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    r = client.post("/ui/prompts/greet/render", headers={"X-CSRF-Token": csrf}, data={"text": posted, "sample": "hi there"})
+    assert r.status_code == 200 and "hi there" in r.text and "error" not in r.text
+    page = client.get("/ui/prompts/greet").text
+    assert 'id="read-only"' in page and "readonly" in page and 'id="commit"' not in page
+
+
+def test_a_template_that_never_renders_is_refused_at_commit(server, cli):
+    ws, client, keys = server
+    from tunelab.prompts import prompt_log
+
+    before = len(prompt_log(ws, "greet"))
+    csrf = login(client, keys["editor"])
+    for body in ("{{ input.upper(1, 2) }}", "{{ 1 / 0 }}", "{{ labels[3] }}"):
+        r = client.post("/ui/prompts/greet/commit", data={"csrf": csrf, "text": PROMPT.replace("{{ input }}", body),
+                                                          "message": "broken"})
+        assert "does not render with a sample input" in r.text, r.text
+    assert len(prompt_log(ws, "greet")) == before
+    assert (ws.prompts_dir / "greet.prompt").read_text() == PROMPT  # the working file was put back
+    # extra fields are fine: they get placeholders
+    ok = PROMPT.replace("{{ input }}", "{{ input }} for {{ customer.name }} ({{ tier }})")
+    r = client.post("/ui/prompts/greet/commit", data={"csrf": csrf, "text": ok, "message": "uses fields"})
+    assert "committed" in r.text
+    (ws.prompts_dir / "greet.prompt").write_text(PROMPT.replace("{{ input }}", "{{ 1 / 0 }}"))
+    res = cli("prompt", "commit", "greet", "-m", "broken")
+    assert res.exit_code == 2 and "does not render" in res.output and "greet.prompt:6" in res.output
+
+
+def test_security_headers_and_a_content_security_policy_on_every_response(server):
+    ws, client, keys = server
+    login(client, keys["viewer"])
+    for path in ("/ui/prompts", "/ui/prompts/greet", "/login", "/static/tunelab.css"):
+        r = client.get(path)
+        csp = r.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "object-src 'none'" in csp and "frame-ancestors 'self'" in csp
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["referrer-policy"] == "no-referrer"
+    assert client.get("/ui/prompts").headers["cache-control"] == "no-store"  # Back never shows a stale page
+    r = chat(client, keys["viewer"])
+    assert "content-security-policy" in r.headers and "x-frame-options" in r.headers
+    # no inline script anywhere in the console
+    for path in ("/ui/prompts", "/ui/prompts/greet", "/ui/logs", "/ui/comparisons"):
+        html = client.get(path).text
+        assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html), path
+
+
+def test_a_forbidden_or_missing_page_is_a_page_not_json(server):
+    ws, client, keys = server
+    login(client, keys["viewer"])
+    r = client.get("/ui/keys", headers={"accept": "text/html"})
+    assert r.status_code == 403 and r.headers["content-type"].startswith("text/html")
+    assert "Not allowed" in r.text and "admin role" in r.text and "viewer" in r.text
+    r = client.get("/ui/prompts/nope/versions/abc123", headers={"accept": "text/html"})
+    assert r.status_code == 404 and "Not found" in r.text and "<html" in r.text
+    r = client.get("/ui/keys")  # an API client (no Accept: text/html) still gets JSON
+    assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden"
