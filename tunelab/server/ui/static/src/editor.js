@@ -8,7 +8,9 @@
 // completions for the variables an example provides.
 import {EditorView, basicSetup} from "codemirror"
 import {EditorState} from "@codemirror/state"
-import {keymap} from "@codemirror/view"
+import {Decoration, MatchDecorator, ViewPlugin, keymap} from "@codemirror/view"
+import {HighlightStyle, syntaxHighlighting} from "@codemirror/language"
+import {tags as t} from "@lezer/highlight"
 import {indentWithTab} from "@codemirror/commands"
 import {jinja, closePercentBrace} from "@codemirror/lang-jinja"
 import {yamlFrontmatter} from "@codemirror/lang-yaml"
@@ -19,6 +21,29 @@ const VARIABLE_INFO = {
   schema: "the output's JSON schema, as text (output type json)",
   demos: "the few-shot demos: a list of {input, output, ...}",
 }
+
+// Jinja and front matter colours (the default style leaves braces and variable names plain).
+const promptStyle = HighlightStyle.define([
+  {tag: t.brace, color: "#b45309", fontWeight: "600"},
+  {tag: [t.variableName, t.standard(t.variableName)], color: "#7c3aed"},
+  {tag: t.special(t.variableName), color: "#0e7490"},
+  {tag: [t.keyword, t.controlKeyword, t.definitionKeyword, t.operatorKeyword], color: "#1d4ed8", fontWeight: "600"},
+  {tag: [t.propertyName, t.definition(t.propertyName)], color: "#0f766e"},
+  {tag: t.string, color: "#15803d"},
+  {tag: [t.number, t.bool], color: "#c2410c"},
+  {tag: [t.comment, t.blockComment, t.lineComment], color: "#6b7280", fontStyle: "italic"},
+  {tag: [t.meta, t.processingInstruction], color: "#6b7280"},
+])
+
+// The role lines that split a prompt into messages: system:, user:, assistant:
+const roleLines = ViewPlugin.fromClass(class {
+  constructor(view) { this.decorations = roleMatcher.createDeco(view) }
+  update(update) { this.decorations = roleMatcher.updateDeco(update, this.decorations) }
+}, {decorations: v => v.decorations})
+const roleMatcher = new MatchDecorator({
+  regexp: /^(system|user|assistant):[ \t]*$/gm,
+  decoration: () => Decoration.mark({class: "cm-tl-role"}),
+})
 
 function variables(textarea) {
   let names = []
@@ -42,6 +67,9 @@ function attach(textarea) {
         keymap.of([indentWithTab]),
         yamlFrontmatter({content: jinja({variables: variables(textarea)})}),
         closePercentBrace,
+        syntaxHighlighting(promptStyle),
+        roleLines,
+        EditorView.baseTheme({".cm-tl-role": {color: "#9333ea", fontWeight: "700", letterSpacing: ".02em"}}),
         EditorState.readOnly.of(readOnly),
         EditorView.editable.of(!readOnly),
         EditorView.lineWrapping,
