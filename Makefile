@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.tunelab-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-llamacpp bench browser postgres system-deps clean
+.PHONY: setup demo test test-fast test-llamacpp bench browser postgres system-deps screenshots clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ test-fast: setup
 test-llamacpp: setup
 	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-$$(nproc)} $(PIP) install -q -e '.[llamacpp]'
 	$(BIN)/python -m pytest -m llamacpp --llamacpp $(PYTEST_ARGS)
+
+# The console's screenshots in docs/ui/ (the README shows two), taken by the browser tests.
+screenshots: setup system-deps
+	TUNELAB_SCREENSHOTS=$(CURDIR)/docs/ui $(BIN)/python -m pytest -q tests/test_ui_browser.py tests/test_report_browser.py
+	rm -f docs/ui/failure-*.png
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
