@@ -132,3 +132,17 @@ def test_models_lists_every_kind_of_deployment(ws):
     with http:
         ids = {m.id for m in client.models.list()}
     assert {"route@production", "ft:tk", "hybrid:hy", "route", "knn"} <= ids
+
+
+@pytest.mark.parametrize("deployment", ["route@production", "warm@current", "knn@current", "ft:tk", "hybrid:hy",
+                                        "extract@current"])
+def test_a_streamed_answer_is_the_measured_answer(ws, deployment):
+    measured = evaluate(ws, resolve_candidate(ws, deployment), "tickets:test", progress=False)
+    rows = [r for r in run_rows(ws, measured.id) if r.repeat_index == 0][:6]
+    client, http = _client(ws)
+    with http:
+        for r in rows:
+            stream = client.chat.completions.create(model=deployment, stream=True,
+                                                    messages=[{"role": "user", "content": r.input}])
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            assert text == r.prediction

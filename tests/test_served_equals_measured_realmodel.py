@@ -25,6 +25,15 @@ openai = pytest.importorskip("openai", reason="the official openai SDK (a dev de
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 
 KNN = SPAM_PROMPT.replace("---\noutput", "---\ndemos: {dataset: sms, split: train, strategy: knn_tfidf, k: 2}\noutput")
+REPLY_PROMPT = """---
+max_tokens: 24
+output: {type: text}
+---
+user:
+Reply to this SMS in one friendly sentence.
+
+{{ input }}
+"""
 JSON_PROMPT = """---
 max_tokens: 24
 output:
@@ -57,7 +66,7 @@ def ws(tmp_path_factory, shared_data_dir):
     src = shared_data_dir / "sms_spam"
     save_dataset(ws, "sms", {"train": read(src, "train", 24), "validation": read(src, "validation", 9),
                              "test": read(src, "test", 6)})
-    for name, text in (("spam", SPAM_PROMPT), ("knn", KNN), ("extract", JSON_PROMPT)):
+    for name, text in (("spam", SPAM_PROMPT), ("knn", KNN), ("extract", JSON_PROMPT), ("reply", REPLY_PROMPT)):
         (ws.prompts_dir / f"{name}.prompt").write_text(text)
         commit_prompt(ws, name, "first")
     from tunelab.finetune import FineTuneConfig, finetune
@@ -91,3 +100,17 @@ def test_the_gateway_answers_as_the_evaluator_measured_on_smollm2(ws, deployment
     assert served == [r.prediction for r in rows]
     if deployment.startswith("extract"):  # generated text (SmolLM2 rarely writes JSON unconstrained), not labels
         assert all(len(p) > 10 for p in served), served
+
+
+def test_free_text_streams_token_by_token_and_is_the_measured_answer_on_smollm2(ws):
+    measured = evaluate(ws, resolve_candidate(ws, "reply@current"), "sms:test", limit=3, progress=False)
+    rows = [r for r in run_rows(ws, measured.id) if r.repeat_index == 0]
+    _, key = create_key(ws, "streaming-app", "app")
+    with TestClient(create_app(ws)) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=http, max_retries=0)
+        for r in rows:
+            pieces = [c.choices[0].delta.content for c in client.chat.completions.create(
+                model="reply@current", stream=True, messages=[{"role": "user", "content": r.input}])
+                if c.choices and c.choices[0].delta.content]
+            assert "".join(pieces) == r.prediction and len(r.prediction) > 10
+            assert len(pieces) > 3  # token by token, not one piece at the end
