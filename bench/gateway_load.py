@@ -138,7 +138,7 @@ def main() -> int:
             write_atomic(ws.prompts_dir / f"{name}.prompt", text)
             commit_prompt(ws, name, "bench")
             tag_prompt(ws, f"{name}@current", "production")
-        _, key = create_key(ws, "bench", "viewer")
+        _, key = create_key(ws, "bench", "app", deployments=["support@*", "support-real@*"])
         proc, url = start_server(ws.root)
         ok = True
         try:
