@@ -62,12 +62,11 @@ def list_models(request: Request, key: KeyInfo = Depends(caller)):
 @router.get("/v1/models/{model_id:path}")
 def get_model(request: Request, model_id: str, key: KeyInfo = Depends(caller)):
     state = request.app.state
-    if not key.may_call(model_id) or model_id not in deployment_names(state.workspace):
-        if key.may_call(model_id):
-            _deployment(state, model_id)  # a version or a configured model: resolvable, else 404
-        else:
-            raise ApiError(404, f"The model '{model_id}' does not exist or this key may not call it",
-                           param="model", code="model_not_found")
+    if not key.may_call(model_id):
+        raise ApiError(404, f"The model '{model_id}' does not exist or this key may not call it",
+                       param="model", code="model_not_found")
+    if model_id not in deployment_names(state.workspace):
+        _deployment(state, model_id)  # a version (NAME@VERSION) or a configured model: resolvable, else 404
     return _model_entry(model_id)
 
 
@@ -263,13 +262,14 @@ def _stream(state, dep: Deployment, req: ChatRequest, record: dict, info: dict, 
                 elif kind == "done":
                     yield chunk([{"index": a, "delta": {}, "logprobs": _logprobs(req, b),
                                   "finish_reason": _finish(dep, b, limit)}])
-                elif kind == "error":
-                    error = a if isinstance(a, UserError) else None
-                    message = str(error) if error else "the deployment failed to answer"
+                elif kind == "error":  # the headers are sent: the error is an event, as OpenAI sends it
+                    user = isinstance(a, UserError)
+                    error = {"message": str(a) if user else "the deployment failed to answer",
+                             "type": "invalid_request_error" if user else "server_error", "param": None, "code": None}
                     state.log_call(**clip_call(record, error=f"{type(a).__name__}: {a}"), status="error",
                                    latency_s=time.perf_counter() - started)
                     logged = True
-                    yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+                    yield f"data: {json.dumps({'error': error})}\n\n"
                     return
                 else:
                     comps = a
