@@ -75,13 +75,15 @@ def change_user_form(request: Request, name: str, form: dict = Depends(form_fiel
     action = form.get("action", "")
     try:
         if action == "role":
-            set_user(ws_of(request), name, role=form.get("role", ""))
+            done = set_user(ws_of(request), name, role=form.get("role", ""))
+            notice = f"{name} is now {done['role']} (their sessions ended: they log in again)"
         elif action in ("disable", "enable"):
             if action == "disable" and key.kind == "user" and key.name == name:
                 raise UserError("you cannot disable yourself")
             set_user(ws_of(request), name, disabled=action == "disable")
+            notice = f"{name} is disabled (their sessions ended)" if action == "disable" else f"{name} is enabled"
         else:
             raise UserError(f"unknown action '{action}'")
     except UserError as exc:
         return _users(request, status=400, error=str(exc))
-    return _users(request, notice=f"{action}: {name}")
+    return _users(request, notice=notice)
