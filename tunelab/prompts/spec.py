@@ -41,6 +41,8 @@ class OutputSpec(BaseModel):
     type: Literal["label", "json", "text"] = Field("text", description="label, json or text")
     labels: list[str] | None = Field(None, description="type label: the allowed answers")
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="type json: a JSON Schema")
+    constrained: bool = Field(False, description="type json: decode under the grammar of the schema (any JSON "
+                                                 "without one), on backends that can (local, llamacpp)")
 
     @property
     def schema(self) -> dict[str, Any] | None:  # type: ignore[override]
@@ -54,8 +56,11 @@ class OutputSpec(BaseModel):
         return cls.model_validate(value if value is not None else {})
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data: {type, labels, schema} (what runs store)."""
-        return {"type": self.type, "labels": self.labels, "schema": self.schema_}
+        """Plain data: {type, labels, schema[, constrained]} (what runs store)."""
+        data = {"type": self.type, "labels": self.labels, "schema": self.schema_}
+        if self.constrained:
+            data["constrained"] = True
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -86,6 +91,10 @@ class OutputSpec(BaseModel):
             raise ValueError(f"'labels' is only for type label (this output is type {self.type})")
         if self.type != "json" and self.schema_ is not None:
             raise ValueError(f"'schema' is only for type json (this output is type {self.type})")
+        if self.constrained and self.type != "json":
+            why = ("label outputs are always constrained: each label is scored"
+                   if self.type == "label" else "free text has no grammar to decode under")
+            raise ValueError(f"'constrained: true' is only for type json ({why})")
         if self.schema_ is not None:
             import jsonschema
 
