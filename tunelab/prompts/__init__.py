@@ -9,7 +9,7 @@ Modules: `spec` (the typed front matter, the content hash), `template` (the sand
 body, `Prompt`, `parse_prompt`), `versions` (the working file, commits, labels, diff, rollback).
 """
 
-from tunelab.prompts.spec import (Demo, DemoSource, FrontMatter, OutputSpec, canonical_body, canonical_front_matter,
+from tunelab.prompts.spec import (Demo, DemoSource, FrontMatter, JudgeRubric, OutputSpec, canonical_body, canonical_front_matter,
                                   content_hash, format_prompt)
 from tunelab.prompts.template import (ROLES, SAMPLE_INPUT, Part, Prompt, as_example, compile_part, demos_data,
                                       jinja_env, join_parts, parse_prompt, split_body)
@@ -19,7 +19,7 @@ from tunelab.prompts.versions import (RESERVED_LABELS, SUFFIX, Commit, PromptSum
                                       prompt_versions, read_prompt_file, resolve_version, rollback_prompt, save_version,
                                       show_prompt, tag_prompt)
 
-__all__ = ["Commit", "Demo", "DemoSource", "FrontMatter", "OutputSpec", "Part", "Prompt", "PromptSummary",
+__all__ = ["Commit", "Demo", "DemoSource", "FrontMatter", "JudgeRubric", "OutputSpec", "Part", "Prompt", "PromptSummary",
            "RESERVED_LABELS", "ROLES", "SAMPLE_INPUT", "SUFFIX", "as_example", "canonical_body",
            "canonical_front_matter", "check_prompt", "commit_prompt", "compile_part", "content_hash",
            "current_version", "default_author", "demos_data", "diff_prompts", "format_prompt", "jinja_env",

@@ -18,7 +18,11 @@
    of several prompt passes are merged into one wide batch (their KV caches left-padded, with the
    trie dropped) and decoded one token per step into preallocated KV buffers; a row leaves the
    batch when it ends (end of turn / eos, `max_tokens`, a `stop` string, or for JSON requests the
-   end of the first balanced JSON value).
+   end of the first balanced JSON value). A request with `constrained=True` decodes under the
+   grammar of its JSON schema (`Grammars`: llguidance computes each step's allowed tokens, a
+   bitmask applied to its row's logits), so its answer parses and matches the schema.
+   Every generated token's log-probability (under the model, before the grammar's mask) is kept:
+   `Completion.token_logprobs`, the confidence a hybrid routes generated answers on.
 
 A label's score is the sum of the log-probabilities of its tokens (tokenized without a leading
 space) followed by the end-of-turn token (`<|im_end|>` for SmolLM2, `tunelab.models.chat`): the
@@ -45,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import UserError
 from tunelab.models.base import Completion, Request
+from tunelab.models.local.grammar import Grammars
 from tunelab.models.local.layout import (LabelTrie, build_trie, common_prefix_len, find_stop, greedy_label, json_end,
                                          make_batches, trim_output)
 
@@ -61,7 +66,6 @@ PASS_OVERHEAD_TOKENS = 50
 # 34,000 slots: the free answers of 100 label requests with prompts of up to 300 tokens decode as one.
 GENERATE_KV_BYTES = 768 << 20
 MAX_DECODE_ROWS = 128  # rows of a decoding batch: a step costs ~35 ms + ~1 ms a row (2 cores, SmolLM2-135M)
-CLOSE_MARGIN = 8  # constrained JSON: in its last tokens of max_tokens an answer prefers tokens that close it
 MIN_SHARED_PREFIX = 8  # tokens all prompts of a call share (system prompt, instruction, demos)
 
 
@@ -448,82 +452,6 @@ class _Job:
     @property
     def generates(self) -> bool:
         return self.max_new > 0
-
-
-class Grammars:
-    """Constrained decoding for one model: JSON-schema grammars compiled by llguidance (a Rust
-    library, the one vLLM and SGLang use too), applied as a token bitmask on the logits of every
-    decoding step. Why llguidance (docs/results.md has the measurements): the same speed as
-    xgrammar (about 0.01 ms per token mask for a slot-filling schema on one CPU core, SmolLM2's
-    49k vocabulary), a small wheel with no dependencies, where xgrammar pulls triton and a TVM
-    runtime into the install."""
-
-    def __init__(self, model: "LocalModel"):
-        self.lm = model
-        self._tokenizer: Any = None
-        self._grammars: dict[str, str] = {}
-        self._mask: Any = None
-
-    def tokenizer(self):
-        if self._tokenizer is None:
-            import llguidance.hf
-
-            vocab = self.lm.hf_model.get_output_embeddings().weight.shape[0]
-            self._tokenizer = llguidance.hf.from_tokenizer(self.lm.tokenizer, n_vocab=vocab,
-                                                           eos_token=self.lm.end_of_turn_ids()[0])
-        return self._tokenizer
-
-    def matcher(self, schema: dict | None):
-        """A fresh matcher for one answer under `schema` (None: any JSON value)."""
-        import json
-
-        import llguidance
-
-        key = json.dumps(schema if schema is not None else {}, sort_keys=True)
-        if key not in self._grammars:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(key, defaults={"whitespace_flexible": False})
-            error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer())
-            if error and not error.startswith("WARNING"):
-                raise UserError(f"cannot decode under this JSON schema: {error}", field="output.schema")
-            self._grammars[key] = grammar
-        return llguidance.LLMatcher(self.tokenizer(), self._grammars[key], log_level=0)
-
-    def closers(self, vocab: int):
-        """Token ids that close JSON (`"`, `}`, `]` and their runs), by preference: 2 ends an
-        object or array, 1 only ends a string."""
-        if getattr(self, "_closers", None) is None:
-            import torch
-
-            rank = torch.zeros(vocab)
-            for token_id in range(min(vocab, len(self.lm.tokenizer))):
-                text = self.lm.tokenizer.decode([token_id]).strip()
-                if text and set(text) <= set('"}]'):
-                    rank[token_id] = 2.0 if text[-1] in "}]" else 1.0
-            self._closers = rank
-        return self._closers
-
-    def mask(self, matchers: list, logits, remaining: list[int] | None = None):
-        """`logits` (rows x vocabulary) with the tokens each row's grammar forbids set to -inf
-        (rows without a grammar, or whose matcher failed, unchanged). A row with at most
-        CLOSE_MARGIN tokens of its budget left prefers, among the allowed tokens, those that close
-        the JSON value, so that an answer cut by max_tokens still parses (in practice)."""
-        import llguidance.torch as lt
-
-        rows, vocab = logits.shape
-        if self._mask is None or self._mask.shape[0] < rows:
-            self._mask = lt.allocate_token_bitmask(max(rows, 8), vocab)
-        mask = self._mask[:rows]
-        mask.fill_(-1)
-        for row, m in enumerate(matchers):
-            if m is not None and not m.is_error():
-                lt.fill_next_token_bitmask(m, mask, row)
-        cpu = logits if logits.device.type == "cpu" else logits.cpu()
-        closing = [row for row, m in enumerate(matchers)
-                   if m is not None and remaining is not None and remaining[row] <= CLOSE_MARGIN]
-        if closing:
-            cpu[closing] += self.closers(vocab)[None, :vocab] * 1e4
-        lt.apply_token_bitmask_inplace(cpu, mask)
-        return cpu if cpu is logits else cpu.to(logits.device)
 
 
 def _growing_layer_class():
