@@ -101,6 +101,7 @@ def demo_flow() -> Flow:
 # What `flow_for` checks before the flow starts: outputs must look like class labels.
 MAX_FLOW_LABELS = 50
 MAX_LABEL_CHARS = 60
+GENERATIVE_VALIDATION = 100  # JSON and text: fine-tuning validates on this many validation examples
 
 
 def _labels_yaml(labels: list[str]) -> str:
@@ -282,7 +283,10 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
     return Flow(data_dir=src, dataset=stem, base_prompt=f"{stem}-zero-shot", base_prompt_text=base,
                 short_prompt=f"{stem}-short", short_prompt_text=short, finetune=f"{stem}-ft", hybrid=f"{stem}-hybrid",
                 finetune_settings={"method": "lora", "lora_r": 16, "lora_alpha": 32.0, "lr": 1e-3,
-                                   "epochs": epochs, "batch_size": 8},
+                                   "epochs": epochs, "batch_size": 8,
+                                   # generated answers cost a decoding per validation example: early
+                                   # stopping watches a seeded sample of the validation split
+                                   **({"max_val_examples": GENERATIVE_VALIDATION} if kind != "label" else {})},
                 optimize_budget=budget, limit_validation=limit_validation,
                 extra_candidates=list(extra_candidates or []), output_type=kind,
                 constrained_prompt=f"{stem}-constrained" if constrained else None, constrained_prompt_text=constrained)

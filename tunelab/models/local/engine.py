@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import UserError
 from tunelab.models.base import Completion, Request
-from tunelab.models.local.grammar import Grammars
+from tunelab.models.local.grammar import CLOSE_MARGIN, Grammars
 from tunelab.models.local.layout import (LabelTrie, build_trie, common_prefix_len, find_stop, greedy_label, json_end,
                                          make_batches, trim_output)
 
@@ -369,8 +369,10 @@ class Engine:
             # confidence a hybrid routes on
             raw, norm = logits, torch.logsumexp(logits, dim=-1)
             if constrained:
-                logits = self.grammars.mask([jobs[j].grammar for j in live], logits.clone(),
-                                            [jobs[j].max_new - len(jobs[j].tokens) for j in live])
+                left = [jobs[j].max_new - len(jobs[j].tokens) for j in live]
+                texts = [tok.decode(jobs[j].tokens, skip_special_tokens=True)
+                         if jobs[j].grammar is not None and n <= CLOSE_MARGIN else "" for j, n in zip(live, left)]
+                logits = self.grammars.mask([jobs[j].grammar for j in live], logits.clone(), left, texts)
             choice = logits.argmax(dim=-1)
             for row, j in enumerate(live):
                 job = jobs[j]

@@ -31,6 +31,7 @@ class Grammars:
         self._tokenizer: Any = None
         self._grammars: dict[str, str] = {}
         self._mask: Any = None
+        self._closers: Any = None
 
     def tokenizer(self):
         if self._tokenizer is None:
@@ -55,24 +56,29 @@ class Grammars:
         return llguidance.LLMatcher(self.tokenizer(), self._grammars[key], log_level=0)
 
     def closers(self, vocab: int):
-        """Token ids that close JSON (`"`, `}`, `]` and their runs), by preference: 2 ends an
-        object or array, 1 only ends a string."""
-        if getattr(self, "_closers", None) is None:
+        """Two rankings of the tokens that close JSON: inside a string, those that start with `"`
+        (2 when they also close an object or array: `"}`); outside one, those made of `}`/`]`."""
+        if self._closers is None:
             import torch
 
-            rank = torch.zeros(vocab)
+            quote, brace = torch.zeros(vocab), torch.zeros(vocab)
             for token_id in range(min(vocab, len(self.lm.tokenizer))):
                 text = self.lm.tokenizer.decode([token_id]).strip()
-                if text and set(text) <= set('"}]'):
-                    rank[token_id] = 2.0 if text[-1] in "}]" else 1.0
-            self._closers = rank
+                if not text or not set(text) <= set('"}]'):
+                    continue
+                if text[0] == '"':
+                    quote[token_id] = 2.0 if text[-1] in "}]" else 1.0
+                else:
+                    brace[token_id] = 1.0
+            self._closers = (quote, brace)
         return self._closers
 
-    def mask(self, matchers: list, logits, remaining: list[int] | None = None):
+    def mask(self, matchers: list, logits, remaining: list[int] | None = None, texts: list[str] | None = None):
         """`logits` (rows x vocabulary) with the tokens each row's grammar forbids set to -inf
         (rows without a grammar, or whose matcher failed, unchanged). A row with at most
         CLOSE_MARGIN tokens of its budget left prefers, among the allowed tokens, those that close
-        the JSON value, so that an answer cut by max_tokens still parses (in practice)."""
+        its JSON value (`texts`: each row's answer so far), so that an answer cut by max_tokens
+        still parses."""
         import llguidance.torch as lt
 
         rows, vocab = logits.shape
@@ -84,9 +90,23 @@ class Grammars:
             if m is not None and not m.is_error():
                 lt.fill_next_token_bitmask(m, mask, row)
         cpu = logits if logits.device.type == "cpu" else logits.cpu()
-        closing = [row for row, m in enumerate(matchers)
-                   if m is not None and remaining is not None and remaining[row] <= CLOSE_MARGIN]
-        if closing:
-            cpu[closing] += self.closers(vocab)[None, :vocab] * 1e4
+        if remaining is not None and texts is not None:
+            quote, brace = self.closers(vocab)
+            for row, m in enumerate(matchers):
+                if m is not None and remaining[row] <= CLOSE_MARGIN:
+                    cpu[row] += (quote if in_string(texts[row]) else brace)[:vocab] * 1e4
         lt.apply_token_bitmask_inplace(cpu, mask)
         return cpu if cpu is logits else cpu.to(logits.device)
+
+
+def in_string(text: str) -> bool:
+    """Whether `text` (JSON so far) ends inside a string."""
+    inside = escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and inside:
+            escaped = True
+        elif ch == '"':
+            inside = not inside
+    return inside
