@@ -9,17 +9,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 
 from tests.fakes import fake_finetune
+from tests.servers import measured_and_served
 from tunelab.datasets import Example, get_dataset, save_dataset
 from tunelab.evaluate import evaluate, read_hybrid, resolve_candidate, run_rows
 from tunelab.files import write_atomic
 from tunelab.hybrid import create_hybrid
 from tunelab.models import clear_loaded, load_model
 from tunelab.prompts import commit_prompt, current_version
-from tunelab.server.app import create_app
-from tunelab.server.auth import create_key
 
 openai = pytest.importorskip("openai", reason="the official openai SDK (a dev dependency) is not installed")
 
@@ -76,21 +74,10 @@ def ws(workspace):
     clear_loaded()
 
 
-def _client(ws):
-    _, key = create_key(ws, "app", "viewer")
-    http = TestClient(create_app(ws))
-    return openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=http, max_retries=0), http
-
-
 @pytest.mark.parametrize("deployment", ["extract@current", "strict@current", "say@current", "ft:sl", "hybrid:hys"])
 def test_the_gateway_answers_generative_outputs_as_measured(ws, deployment):
-    measured = evaluate(ws, resolve_candidate(ws, deployment), "slots:test", progress=False)
-    rows = [r for r in run_rows(ws, measured.id) if r.repeat_index == 0]
-    client, http = _client(ws)
-    with http:
-        served = [client.chat.completions.create(model=deployment, messages=[{"role": "user", "content": r.input}])
-                  for r in rows]
-    assert [s.choices[0].message.content for s in served] == [r.prediction for r in rows]
+    rows, served = measured_and_served(ws, deployment, "slots:test")
+    assert served == [r.prediction for r in rows]
     assert len({r.prediction for r in rows}) > 1
 
 
