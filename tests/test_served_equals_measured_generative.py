@@ -12,7 +12,7 @@ import pytest
 
 from tests.fakes import fake_finetune
 from tests.servers import measured_and_served
-from tunelab.datasets import Example, get_dataset, save_dataset
+from tunelab.datasets import Example, save_dataset
 from tunelab.evaluate import evaluate, read_hybrid, resolve_candidate, run_rows
 from tunelab.files import write_atomic
 from tunelab.hybrid import create_hybrid
