@@ -123,6 +123,7 @@ class _Search:
             prompt = build_prompt(self.seed, variant, fixed)
         if self.constrain:  # JSON decoded under the schema's grammar won on the instructions: keep it
             prompt = constrained(prompt)
+            variant = InstructionVariant(f"{variant.name} + constrained", variant.text, variant.placement)
         cand_name = f"{self.seed.name}@{prompt.version}" + (f"+{spec.strategy}{spec.k}" if spec.per_input else "")
         kwargs = dict(name=cand_name, model_name=self.model_spec, free_text=self.free_text, workspace=self.ws)
         demos: list[Example] | DemoSelector = fixed
