@@ -263,10 +263,10 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
                         "'input' and 'output')")
     outputs = [ex.output for ex in train]
     distinct = sorted(set(outputs))
-    kind = infer_output(outputs)
-    if kind == "label" and len(distinct) < 2:
+    if len(distinct) < 2:
         raise UserError(f"{files['train'].path}: every train output is {distinct[0]!r}: nothing to learn "
-                        "(a label task needs 2 or more labels)")
+                        "(a task needs 2 or more different outputs)")
+    kind = infer_output(outputs)
     if schema is not None and kind != "json":
         raise UserError(f"--schema is for JSON outputs; the train outputs of {files['train'].path} are {kind}")
     stem = flow_name(name or (src.resolve().stem if src.is_file() else src.resolve().name))
