@@ -102,7 +102,9 @@ class FieldF1(Metric):
     """Per-field agreement of JSON objects, micro-averaged over fields: a predicted field is a
     true positive when the expected object has the same key with the same value. The primary
     metric of JSON outputs: it credits every right field, where json_match gives nothing for an
-    answer with one field wrong."""
+    answer with one field wrong. An answer that does not parse (or is not an object) has no fields,
+    as in slot-filling evaluations: it misses every expected field, and where none was expected it
+    counts as a correct empty answer — format_valid and json_valid measure the parse failures."""
 
     binary = False
 
