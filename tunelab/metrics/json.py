@@ -103,8 +103,10 @@ class FieldF1(Metric):
     true positive when the expected object has the same key with the same value. The primary
     metric of JSON outputs: it credits every right field, where json_match gives nothing for an
     answer with one field wrong. An answer that does not parse (or is not an object) has no fields,
-    as in slot-filling evaluations: it misses every expected field, and where none was expected it
-    counts as a correct empty answer — format_valid and json_valid measure the parse failures."""
+    as in slot-filling evaluations: in the aggregate it misses every expected field (and adds
+    nothing where none was expected; format_valid and json_valid count the parse failures), and its
+    own per-example score is 0 (a failure of its example, for the failures, the hybrid's tuning and
+    the side-by-side outputs)."""
 
     binary = False
 
@@ -118,6 +120,11 @@ class FieldF1(Metric):
         return field_counts(exp if ok_e else {}, pred if ok_p else {})
 
     def score(self, a: Answer) -> float | None:
+        ok_p, pred = parse_json(a.prediction)
+        if not ok_p or not isinstance(pred, dict):
+            ok_e, exp = parse_json(a.expected)
+            if not ok_e or isinstance(exp, dict):  # an unusable answer is a failure of its example
+                return 0.0
         tp, fp, fn = self.counts(a)
         v = num(self.value(np.array([tp, fp, fn], float), 1))
         return None if math.isnan(v) else v
