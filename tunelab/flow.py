@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import ValidationError
+
 from tunelab import finetune as ft
 from tunelab.compare import Advice, Comparison, Constraints, advise, compare, print_table
 from tunelab.datasets import (check_path, get_dataset, import_dataset, read_source, save_dataset, split_examples,
@@ -38,7 +40,8 @@ from tunelab.errors import UserError
 from tunelab.evaluate import RunResult, evaluate, hybrid_path, read_hybrid, resolve_candidate
 from tunelab.hybrid import create_hybrid
 from tunelab.optimize import find_optimization, optimize
-from tunelab.prompts import commit_prompt, parse_prompt, prompt_path, prompt_versions
+from tunelab.files import read_text
+from tunelab.prompts import OutputSpec, commit_prompt, parse_prompt, prompt_path, prompt_versions
 from tunelab.workspace import Workspace
 
 DATASET = "support"
@@ -84,6 +87,9 @@ class Flow:
     limit_validation: int | None = None   # optimize on the first N validation examples only
     label_definitions: dict[str, str] | None = None
     extra_candidates: list[str] = field(default_factory=list)  # more candidates for the comparison
+    output_type: str = "label"  # label | json | text, inferred from the train outputs
+    constrained_prompt: str | None = None  # json: the baseline decoded under its schema's grammar
+    constrained_prompt_text: str = ""
 
 
 def demo_flow() -> Flow:
@@ -95,6 +101,7 @@ def demo_flow() -> Flow:
 # What `flow_for` checks before the flow starts: outputs must look like class labels.
 MAX_FLOW_LABELS = 50
 MAX_LABEL_CHARS = 60
+GENERATIVE_VALIDATION = 100  # JSON and text: fine-tuning validates on this many validation examples
 
 
 def _labels_yaml(labels: list[str]) -> str:
@@ -145,6 +152,80 @@ Label this {field.lower()}.
     return base, short
 
 
+def infer_output(outputs: list[str]) -> str:
+    """The output type of a task from its train outputs: json when every output is a JSON object
+    (or array), label for 2 to MAX_FLOW_LABELS distinct short outputs, else text."""
+    def is_json(text: str) -> bool:
+        if not text.lstrip().startswith(("{", "[")):
+            return False
+        try:
+            return isinstance(json.loads(text), (dict, list))
+        except ValueError:
+            return False
+
+    if outputs and all(is_json(o) for o in outputs):
+        return "json"
+    distinct = set(outputs)
+    if 2 <= len(distinct) <= MAX_FLOW_LABELS and all(len(o) <= MAX_LABEL_CHARS and "\n" not in o for o in distinct):
+        return "label"
+    return "text"
+
+
+def infer_schema(outputs: list[str]) -> dict[str, Any]:
+    """A JSON Schema every train output matches, inferred by genson: the keys seen (optional unless
+    present in every output), their types, and no other keys (`additionalProperties: false`)."""
+    from genson import SchemaBuilder
+
+    builder = SchemaBuilder(schema_uri=None)
+    for text in outputs:
+        builder.add_object(json.loads(text))
+    schema = builder.to_schema()
+
+    def closed(node: Any) -> Any:
+        if isinstance(node, dict):
+            node = {k: closed(v) for k, v in node.items()}
+            if node.get("type") == "object" and "properties" in node:
+                node.setdefault("additionalProperties", False)
+            return node
+        if isinstance(node, list):
+            return [closed(v) for v in node]
+        return node
+
+    return closed(schema)
+
+
+def generative_prompts(name: str, output_type: str, outputs: list[str], schema: dict[str, Any] | None,
+                       task: str | None, field: str, origin: str) -> tuple[str, str, str]:
+    """(baseline, short, constrained) prompt texts for a JSON or text task: the baseline states the
+    task (and for JSON the schema); the short prompt is what the fine-tuned model is trained and
+    run with; the constrained prompt (JSON only, else "") is the baseline decoded under its
+    schema's grammar."""
+    longest = max((len(o) for o in outputs), default=64)
+    max_tokens = max(32, min(512, longest // 2 + 24))
+    field = (field or ("Text" if output_type == "json" else "Input")).strip()
+    if output_type == "json":
+        task = (task or "Extract the fields of this text as a JSON object.").strip()
+        spec = f"output:\n  type: json\n  schema: {json.dumps(schema, ensure_ascii=False)}\n"
+        instruction = f"{task} Answer with the JSON only, matching this JSON schema:\n{{{{ schema }}}}"
+        short_line = "Extract the fields as JSON."
+    else:
+        task = (task or "Write the answer for this input.").strip()
+        spec = "output: text\n"
+        instruction = task
+        short_line = "Write the answer."
+
+    def prompt(description: str, body: str, constrained: bool = False) -> str:
+        out = spec + ("  constrained: true\n" if constrained else "")
+        return (f"---\nmodel: smollm2-135m\ntemperature: 0\nmax_tokens: {max_tokens}\n{out}"
+                f"description: {description} ({origin})\n---\nuser:\n{body}\n\n{field}: {{{{ input }}}}\n")
+
+    base = prompt(f"baseline zero-shot prompt for {name}", instruction)
+    short = prompt("the short prompt the fine-tuned model is trained and run with", short_line)
+    constrained = prompt(f"the baseline for {name}, decoded under the schema's grammar", instruction, True) \
+        if output_type == "json" else ""
+    return base, short, constrained
+
+
 def flow_name(text: str) -> str:
     """`text` as a name the workspace accepts for datasets and prompts (letters, digits, '-', '_',
     '.'; starting with a letter or digit), short enough for the suffixes the flow adds."""
@@ -156,16 +237,18 @@ def flow_name(text: str) -> str:
 def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None = None, field: str | None = None,
              epochs: int = 1, budget: int = 8, limit_validation: int | None = 150,
              extra_candidates: list[str] | None = None, labels: list[str] | None = None,
-             origin: str = "tunelab flow") -> Flow:
+             schema: str | Path | dict | None = None, origin: str = "tunelab flow") -> Flow:
     """The whole flow for a labelled dataset of the user's: `data_dir` is a data file or a folder of
     train, validation and test files (.jsonl with input/output, or .csv; val/dev also name
     validation). Missing validation and test splits are split off train when the data is imported
     (`split_examples`: seeded, stratified, 10% each).
-    The labels are the train outputs; the dataset, prompts (`NAME-zero-shot`, `NAME-short`),
-    fine-tune (`NAME-ft`) and hybrid (`NAME-hybrid`) are named after `name` (default the folder's
-    name, made a valid name). Raises UserError when the path is missing, has no train data, or its
-    outputs do not look like labels (more than 50 distinct outputs, or long ones). `labels` gives
-    the label order for the prompts (default: the train outputs, sorted)."""
+    The output type is inferred from the train outputs (`infer_output`): JSON objects (their schema
+    inferred by genson unless `schema`, a JSON Schema file, is given), labels (2 to 50 distinct short
+    outputs: the labels), else free text. The dataset, prompts (`NAME-zero-shot`, `NAME-short`, for
+    JSON `NAME-constrained`), fine-tune (`NAME-ft`) and hybrid (`NAME-hybrid`) are named after `name`
+    (default the folder's name, made a valid name). Raises UserError when the path is missing or has
+    no train data. `labels` gives the label order for the prompts (default: the train outputs,
+    sorted)."""
     src = Path(data_dir).expanduser()
     expected = ("a data file, or a folder with a train file and optionally validation and test files "
                 "(train.jsonl, validation.jsonl, test.jsonl; .csv also works)")
@@ -180,22 +263,54 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
                         "'input' and 'output')")
     outputs = [ex.output for ex in train]
     distinct = sorted(set(outputs))
-    long = [o for o in distinct if len(o) > MAX_LABEL_CHARS or "\n" in o]
-    if len(distinct) > MAX_FLOW_LABELS or long or len(distinct) < 2:
-        why = (f"{len(distinct)} distinct outputs" + (f", {len(long)} of them longer than {MAX_LABEL_CHARS} "
-               "characters or on several lines" if long else ""))
-        raise UserError(f"{files['train'].path}: tunelab flow handles label outputs (2 to {MAX_FLOW_LABELS} "
-                        f"distinct short outputs); the train split has {why}")
+    if len(distinct) < 2:
+        raise UserError(f"{files['train'].path}: every train output is {distinct[0]!r}: nothing to learn "
+                        "(a task needs 2 or more different outputs)")
+    kind = infer_output(outputs)
+    if schema is not None and kind != "json":
+        raise UserError(f"--schema is for JSON outputs; the train outputs of {files['train'].path} are {kind}")
     stem = flow_name(name or (src.resolve().stem if src.is_file() else src.resolve().name))
     folder = src.resolve().name  # the descriptions name the folder as it is, where YAML reads it plainly
     about = folder if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", folder) else stem
-    base, short = flow_prompts(about, list(labels) if labels else distinct, task, field, origin=origin)
+    constrained = ""
+    if kind == "label":
+        base, short = flow_prompts(about, list(labels) if labels else distinct, task, field, origin=origin)
+    else:
+        if kind == "json":
+            schema = read_schema(schema) if schema is not None else infer_schema(outputs)
+        base, short, constrained = generative_prompts(about, kind, outputs, schema, task,
+                                                      field if field != "Text" or kind == "json" else "Input", origin)
     return Flow(data_dir=src, dataset=stem, base_prompt=f"{stem}-zero-shot", base_prompt_text=base,
                 short_prompt=f"{stem}-short", short_prompt_text=short, finetune=f"{stem}-ft", hybrid=f"{stem}-hybrid",
                 finetune_settings={"method": "lora", "lora_r": 16, "lora_alpha": 32.0, "lr": 1e-3,
-                                   "epochs": epochs, "batch_size": 8},
+                                   "epochs": epochs, "batch_size": 8,
+                                   # generated answers cost a decoding per validation example: early
+                                   # stopping watches a seeded sample of the validation split
+                                   **({"max_val_examples": GENERATIVE_VALIDATION} if kind != "label" else {})},
                 optimize_budget=budget, limit_validation=limit_validation,
-                extra_candidates=list(extra_candidates or []))
+                extra_candidates=list(extra_candidates or []), output_type=kind,
+                constrained_prompt=f"{stem}-constrained" if constrained else None, constrained_prompt_text=constrained)
+
+
+def read_schema(path: str | Path | dict) -> dict[str, Any]:
+    """A JSON Schema from a file (`--schema FILE`): a UserError naming the file when it is not JSON
+    or not a valid JSON Schema."""
+    if isinstance(path, dict):
+        schema = path
+        where: Any = "--schema"
+    else:
+        where = Path(path).expanduser()
+        try:
+            schema = json.loads(read_text(where, missing="schema file not found"))
+        except ValueError as exc:
+            raise UserError(f"not JSON: {exc}", path=where) from None
+    if not isinstance(schema, dict):
+        raise UserError("a JSON Schema is a JSON object", path=where)
+    try:
+        OutputSpec(type="json", schema=schema)
+    except ValidationError as exc:
+        raise UserError(exc.errors()[0]["msg"].removeprefix("Value error, "), path=where) from None
+    return schema
 
 
 def examples_dir() -> Path:
@@ -265,11 +380,16 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     log(f"workspace: {ws.root}")
     data_ref = _import_data(ws, flow, quick, log)
 
-    steps("baseline", f"baseline prompt '{flow.base_prompt}': evaluate on the test split")
+    steps("baseline", f"baseline prompt '{flow.base_prompt}'" + (f" (and '{flow.constrained_prompt}', decoded under "
+          "the schema's grammar)" if flow.constrained_prompt else "") + ": evaluate on the test split")
     baseline = _ensure_prompt(ws, flow.base_prompt, flow.base_prompt_text)
     short = _ensure_prompt(ws, flow.short_prompt, flow.short_prompt_text)
     base_result = evaluate(ws, resolve_candidate(ws, baseline), f"{data_ref}:test", progress=progress)
     _report_run(log, base_result)
+    constrained = None
+    if flow.constrained_prompt:  # the same prompt, decoded under the grammar of its schema
+        constrained = _ensure_prompt(ws, flow.constrained_prompt, flow.constrained_prompt_text)
+        _report_run(log, evaluate(ws, resolve_candidate(ws, constrained), f"{data_ref}:test", progress=progress))
 
     steps("optimization", "prompt optimization on the validation split (instructions, few-shot demos)")
     optimized = _optimize(ws, baseline, data_ref, flow, budget=optimize_budget or (2 if quick else flow.optimize_budget),
@@ -281,7 +401,8 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     steps("hybrid", f"hybrid: ft:{flow.finetune} first, {optimized} where it is unsure or the input is unusual")
     _hybrid(ws, flow, optimized, log=log, progress=progress)
 
-    candidates = [baseline] + ([optimized] if optimized != baseline else []) + [f"ft:{flow.finetune}", f"hybrid:{flow.hybrid}"]
+    candidates = [baseline] + ([optimized] if optimized != baseline else []) + ([constrained] if constrained else []) \
+        + [f"ft:{flow.finetune}", f"hybrid:{flow.hybrid}"]
     candidates += [c.replace("{short}", short) for c in flow.extra_candidates]
     steps("comparison", "comparison on the test split" + (" with the learning curve (fine-tunes on 10/25/50% of train)"
                                                           if learning_curve else ""))
@@ -338,7 +459,7 @@ def _import_data(ws, flow: Flow, quick: bool, log) -> str:
         log(f"  warning: {getattr(issue, 'message', issue)}")
     ds = get_dataset(ws, f"{flow.dataset}@{ds.version}")
     log(f"dataset {ds.ref}: " + ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items())
-        + f"; labels: {', '.join(ds.labels or [])}")
+        + (f"; labels: {', '.join(ds.labels)}" if ds.labels else f"; output: {flow.output_type}"))
     return ds.ref
 
 
@@ -397,11 +518,18 @@ def _hybrid(ws, flow: Flow, fallback: str, *, log, progress) -> None:
     if hybrid_path(ws, flow.hybrid).is_file():
         spec = read_hybrid(ws, flow.hybrid)
         if spec.fallback == fallback and spec.primary == f"ft:{flow.finetune}":
-            log(f"reusing hybrid:{flow.hybrid} (margin threshold {spec.margin_threshold:.3f})")
+            log(f"reusing hybrid:{flow.hybrid} ({_thresholds(spec)})")
             return
     spec = create_hybrid(ws, flow.hybrid, f"ft:{flow.finetune}", fallback, progress=progress).spec
     t = spec.tuning
-    log(f"hybrid:{flow.hybrid}: margin threshold {spec.margin_threshold:.3f}, similarity threshold "
+    log(f"hybrid:{flow.hybrid}: {_thresholds(spec)}, similarity threshold "
         f"{spec.similarity_threshold:.3f}; on validation {t['metric']} {t['validation_score']:.3f} "
         f"(fine-tuned alone {t['primary_score']:.3f}, prompt alone {t['fallback_score']:.3f}), "
         f"fallback share {t['fallback_share']:.0%}")
+
+
+def _thresholds(spec) -> str:
+    if spec.confidence_threshold or spec.min_token_threshold or spec.invalid_to_fallback:
+        return (f"token-probability threshold {spec.confidence_threshold:.3f} (least token "
+                f"{spec.min_token_threshold:.3f})" + (", invalid answers to the fallback" if spec.invalid_to_fallback else ""))
+    return f"margin threshold {spec.margin_threshold:.3f}"

@@ -78,7 +78,7 @@ def check(
     prompt, messages, example = check_prompt(ws, file, sample=_example(input, field), data=data)
     if as_json:
         print_json({"name": prompt.name, "version": prompt.version, "model": prompt.model,
-                    "output": prompt.output.model_dump(mode="json", by_alias=True, exclude_none=True),
+                    "output": {k: v for k, v in prompt.output.to_dict().items() if v is not None},
                     "max_tokens": prompt.max_tokens, "temperature": prompt.temperature,
                     "input": example.input, "messages": messages})
         return

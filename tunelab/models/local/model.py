@@ -83,6 +83,7 @@ def _stat_digest(folder: Path) -> str:
 
 class LocalModel(Model):
     backend = "local"
+    constrains_json = True  # Request.constrained: decoded under the JSON schema's grammar (engine.Grammars)
     reuse_greedy = True  # read a free answer that is a label off the scoring pass (False: always generate)
     fused_pass = True  # Llama-architecture models on the CPU: tunelab.models.fused (False: transformers' forward)
 
