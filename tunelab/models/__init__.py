@@ -1,6 +1,7 @@
 """Models: load a backend by its spec string.
 
     smollm2-135m            the bundled SmolLM2-135M-Instruct (local backend; also `smollm2`)
+    gemma3-270m             the bundled Gemma 3 270M, pretrained (local backend; plain-text prompts)
     local:PATH | PATH       any local Hugging Face model folder
     fake | fake:NAME        the fake model for tests
     ft:NAME                 a fine-tuned model of this workspace (its model folder, `tunelab.models.finetuned`)
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from tunelab.errors import NotFound, UserError
 from tunelab.models.base import Completion, Message, Model, Request, match_label
 from tunelab.models.finetuned import read_finetuned
-from tunelab.models.weights import BUNDLED_ALIASES
+from tunelab.models.weights import BUNDLED_ALIASES, bundled
 
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
@@ -72,7 +73,8 @@ def _build(spec: str, workspace: "Workspace | None", name: str | None = None, **
     if not spec:
         raise UserError("no model given")
     if spec.lower() in BUNDLED_ALIASES:
-        return backend_class("local")(name=name or "smollm2-135m", **options)
+        base = bundled(spec)
+        return backend_class("local")(name=name or base.name, path=base.name, **options)
     if workspace is not None and spec in workspace.config.models:
         cfg = workspace.config.models[spec]
         settings = cfg.model_dump(exclude_none=True, exclude={"backend", "pricing"})
@@ -104,7 +106,7 @@ def _build(spec: str, workspace: "Workspace | None", name: str | None = None, **
     hint = ""
     if workspace is not None and workspace.config.models:
         hint = f"; models in tunelab.yaml: {', '.join(sorted(workspace.config.models))}"
-    raise NotFound(f"unknown model '{spec}' (try smollm2-135m, a model folder, ft:NAME, openai:MODEL{hint})")
+    raise NotFound(f"unknown model '{spec}' (try smollm2-135m, gemma3-270m, a model folder, ft:NAME, openai:MODEL{hint})")
 
 
 def _finetuned(backend: str, spec: str, workspace: "Workspace | None", name: str | None = None,
