@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 from tunelab.errors import NotFound, UserError
 from tunelab.models.base import Completion, Message, Model, Request, match_label
 from tunelab.models.finetuned import read_finetuned
-from tunelab.models.weights import BUNDLED_ALIASES, bundled
+from tunelab.models.weights import BUNDLED_ALIASES, bundled, folder_template
 
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
 
 __all__ = ["Completion", "Message", "Model", "Request", "load_model", "backend_class", "match_label",
-           "BUNDLED_ALIASES"]
+           "BUNDLED_ALIASES", "template_of"]
 
 
 _loaded: dict[tuple, Model] = {}
@@ -122,3 +122,36 @@ def _finetuned(backend: str, spec: str, workspace: "Workspace | None", name: str
     if backend == "local":
         return _build(ft.base, workspace, name=name or spec, adapter=str(ft.adapter), **options)
     return backend_class(backend)(name=name or spec, path=ft.base, adapter=str(ft.adapter), **options)
+
+
+def template_of(spec: str, workspace: "Workspace | None" = None) -> str:
+    """How the model `spec` renders prompts, said without loading it: "chat template" (its own, e.g.
+    SmolLM2), "plain text" (a base model without one, e.g. gemma3-270m: `tunelab.models.chat`), or
+    what the backend does (a server's or GGUF's template, the fake model's none)."""
+    spec = (spec or "").strip()
+    base = bundled(spec)
+    if base is not None:
+        return base.template
+    if workspace is not None and spec in workspace.config.models:
+        cfg = workspace.config.models[spec]
+        if cfg.backend == "local" and getattr(cfg, "path", None):
+            return template_of(f"local:{cfg.path}")
+        return template_of(f"{cfg.backend}:{getattr(cfg, 'model', None) or spec}")
+    if spec.startswith("ft:") and workspace is not None:
+        try:
+            ft = read_finetuned(workspace, spec[3:])
+        except UserError:
+            return "unknown (fine-tune not found)"
+        return template_of(ft.base, workspace) if ft.adapter is not None else folder_template(ft.weights)
+    if spec == "fake" or spec.startswith("fake:"):
+        return "none (the fake model answers without rendering)"
+    backend, _, rest = spec.partition(":")
+    if backend == "openai":
+        return "the server's chat template"
+    if backend == "llamacpp":
+        return "the GGUF's chat template, plain text without one"
+    target = rest if backend == "local" else spec
+    if bundled(target) is not None:
+        return bundled(target).template
+    folder = Path(target).expanduser()
+    return folder_template(folder) if folder.is_dir() else "unknown"

