@@ -190,7 +190,7 @@ def _candidate_entry(ws: "Workspace", cand: Candidate, result: RunResult, volume
     lat = result.latency or {}
     curves = finetune.training_curves(ws, cand.name[3:]) if cand.kind == "ft" else None
     return CandidateEntry(
-        name=cand.name, kind=cand.kind, model=cand.model_name, local=is_local(ws, cand),
+        name=cand.name, kind=cand.kind, model=cand.model_name, base=base_of(ws, cand), local=is_local(ws, cand),
         run_id=result.id, reused_run=bool(result.reused), n=result.n_examples, eval_wall_s=eval_wall,
         metrics={k: _interval(v) for k, v in result.metrics.items()},
         consistency=Consistency(repeat=result.repeat, agreement=_value(cons.get("agreement")),
@@ -206,6 +206,17 @@ def _candidate_entry(ws: "Workspace", cand: Candidate, result: RunResult, volume
         training_curves=TrainingCurves(**curves) if curves else None,
         routing=routing_shares(first) if cand.kind == "hybrid" else None,
         examples_trained=made.examples)
+
+
+def base_of(ws: "Workspace", cand: Candidate) -> str:
+    """The base model under a candidate: a prompt's model, a fine-tune's base (bundled name or folder),
+    a hybrid's primary's base."""
+    if isinstance(cand, HybridCandidate):
+        return base_of(ws, cand.primary)
+    if cand.kind == "ft":
+        row = finetune.get_row(ws, cand.name[3:].split("@")[0])
+        return row.base if row is not None else cand.model_name
+    return cand.model_name
 
 
 def _value(x: Any) -> float | None:

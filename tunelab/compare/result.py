@@ -142,6 +142,7 @@ class CandidateEntry(Record):
     name: str
     kind: Kind
     model: str = ""
+    base: str = ""  # the base model under it: a prompt's model, a fine-tune's base, a hybrid's primary's
     local: bool = True
     run_id: str = ""
     reused_run: bool = False
