@@ -39,6 +39,10 @@ def test_flow_on_two_bases_with_a_search(labelled, tiny_base, tmp_path):  # noqa
         assert found is not None and len(found["trials"]) == 2
     report = json.loads(Path(result.report).parent.joinpath("report.json").read_text(encoding="utf-8"))
     assert {c["base"] for c in report["candidates"]} == {str(tiny_base), str(other)}
+    searched = [c for c in report["candidates"] if c["search"]]
+    assert [c["name"] for c in searched] == fts and all(len(c["search"]["trials"]) == 2 for c in searched)
+    html = Path(result.report).read_text(encoding="utf-8")
+    assert "Hyperparameter search: ft:My-Topics-v2-ft" in html
 
 
 @pytest.mark.parametrize("flags, words", [

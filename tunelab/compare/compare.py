@@ -32,8 +32,8 @@ from tunelab.compare.advise import advise
 from tunelab.compare.costs import ALPHA, DEFAULT_VOLUME, HORIZON_MONTHS, break_even_volume, horizon_cost, payback_months
 from tunelab.compare.report import write_report
 from tunelab.compare.result import (BreakEven, CandidateEntry, Comparison, Confusion, Consistency, DatasetRef,
-                                    Flexibility, Interval, Latency, LearningCurve, LearningCurvePoint, PairTest,
-                                    SetupCost, Tokens, TrafficShare, TrainingCurves, VsBest)
+                                    Flexibility, Interval, Latency, LearningCurve, LearningCurvePoint, PairTest, Search,
+                                    SearchTrial, SetupCost, Tokens, TrafficShare, TrainingCurves, VsBest)
 from tunelab.datasets import get_split
 from tunelab.errors import NotFound, UserError
 from tunelab.evaluate import (Candidate, HybridCandidate, PromptCandidate, RunResult, Setup, diff_runs, evaluate,
@@ -189,6 +189,7 @@ def _candidate_entry(ws: "Workspace", cand: Candidate, result: RunResult, volume
     cons = result.consistency or {}
     lat = result.latency or {}
     curves = finetune.training_curves(ws, cand.name[3:]) if cand.kind == "ft" else None
+    searched = finetune.search_of(ws, cand.name[3:]) if cand.kind == "ft" else None
     return CandidateEntry(
         name=cand.name, kind=cand.kind, model=cand.model_name, base=base_of(ws, cand), local=is_local(ws, cand),
         run_id=result.id, reused_run=bool(result.reused), n=result.n_examples, eval_wall_s=eval_wall,
@@ -204,8 +205,15 @@ def _candidate_entry(ws: "Workspace", cand: Candidate, result: RunResult, volume
         flexibility=flexibility(ws, cand, made, eval_wall),
         confusion=confusion(first) if cand.output.type == "label" else None,
         training_curves=TrainingCurves(**curves) if curves else None,
+        search=_search(searched) if searched else None,
         routing=routing_shares(first) if cand.kind == "hybrid" else None,
         examples_trained=made.examples)
+
+
+def _search(found: dict[str, Any]) -> Search:
+    keys = set(SearchTrial.model_fields)
+    return Search(best_trial=found["best_trial"],
+                  trials=[SearchTrial(**{k: v for k, v in t.items() if k in keys}) for t in found.get("trials", [])])
 
 
 def base_of(ws: "Workspace", cand: Candidate) -> str:

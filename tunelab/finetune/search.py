@@ -347,39 +347,14 @@ def search_of(ws: "Workspace", name: str) -> dict[str, Any] | None:
 
 
 def plot_trials(summary: dict[str, Any], path: Path, title: str = "") -> None:
-    """The trials as a PNG: each trial's validation curve by epoch (pruned ones dashed), and the
-    final value of each trial in order, the best marked."""
+    """The trials as a PNG (`draw_trials`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    trials = summary.get("trials") or []
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for t in trials:
-        if not t.get("curve"):
-            continue
-        xs = [k + 1 for k, _ in t["curve"]]
-        ys = [v for _, v in t["curve"]]
-        style = "--" if t["state"] == "pruned" else "-"
-        left.plot(xs, ys, style, marker="o", markersize=3, linewidth=1,
-                  label=f"trial {t['number']}" + (" (pruned)" if t["state"] == "pruned" else ""))
-    left.set_xlabel("validation (epoch)")
-    left.set_ylabel("validation score")
-    left.grid(alpha=0.3)
-    if len(trials) <= 12:
-        left.legend(fontsize=7)
-    colors = {"complete": "#1f5f99", "pruned": "#bbbbbb", "fail": "#d4572a"}
-    for t in trials:
-        value = t["value"] if t["value"] is not None else (t["curve"][-1][1] if t.get("curve") else None)
-        if value is None:
-            continue
-        best = t["number"] == summary.get("best_trial")
-        right.scatter([t["number"]], [value], color="#2a8d4f" if best else colors.get(t["state"], "#888888"),
-                      s=60 if best else 25, zorder=3)
-    right.set_xlabel("trial")
-    right.set_ylabel("validation score (last)")
-    right.grid(alpha=0.3)
+    draw_trials(left, right, summary.get("trials") or [], summary.get("best_trial"))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -387,3 +362,30 @@ def plot_trials(summary: dict[str, Any], path: Path, title: str = "") -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def draw_trials(left, right, trials: list[dict[str, Any]], best_trial: int | None) -> None:
+    """On two matplotlib axes: each trial's validation score by epoch (pruned ones dashed), and each
+    trial's last score in trial order, the best one marked (also drawn in the comparison report)."""
+    for t in trials:
+        if not t.get("curve"):
+            continue
+        pruned = t["state"] == "pruned"
+        left.plot([k + 1 for k, _ in t["curve"]], [v for _, v in t["curve"]], "--" if pruned else "-", marker="o",
+                  markersize=3, linewidth=1, label=f"trial {t['number']}" + (" (pruned)" if pruned else ""))
+    left.set_xlabel("validation (epoch)")
+    left.set_ylabel("validation score")
+    left.grid(alpha=0.3)
+    if 0 < len(trials) <= 12:
+        left.legend(fontsize=7)
+    colors = {"complete": "#1f5f99", "pruned": "#bbbbbb", "fail": "#d4572a"}
+    for t in trials:
+        value = t["value"] if t["value"] is not None else (t["curve"][-1][1] if t.get("curve") else None)
+        if value is None:
+            continue
+        best = t["number"] == best_trial
+        right.scatter([t["number"]], [value], color="#2a8d4f" if best else colors.get(t["state"], "#888888"),
+                      s=60 if best else 25, zorder=3, label="best" if best else None)
+    right.set_xlabel("trial")
+    right.set_ylabel("validation score (last)")
+    right.grid(alpha=0.3)
