@@ -46,9 +46,19 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not realmodel and not slow and not browser" $(PYTEST_ARGS)
 
 # The optional llama.cpp extra (builds llama.cpp from source, ~5 min the first time) and its tests,
-# which `make test` skips.
-test-llamacpp: setup
-	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-$$(nproc)} $(PIP) install -q -e '.[llamacpp]'
+# which `make test` skips. Built for an explicit x86-64 instruction set (AVX2, FMA, F16C: every
+# machine these projects run on has them) instead of the build machine's own (GGML_NATIVE), so the
+# build runs on another CPU too; never from pip's wheel cache (it may hold a native build).
+LLAMACPP_CMAKE_ARGS = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF
+LLAMACPP_STAMP := $(VENV)/.tunelab-llamacpp-portable
+
+$(LLAMACPP_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-$$(nproc)} \
+	  $(PIP) install -q --no-cache-dir --force-reinstall --no-deps 'llama-cpp-python>=0.3'
+	$(PIP) install -q -e '.[llamacpp]'
+	touch $@
+
+test-llamacpp: setup $(LLAMACPP_STAMP)
 	$(BIN)/python -m pytest -m llamacpp --llamacpp $(PYTEST_ARGS)
 
 # The console's screenshots in docs/ui/ (the README shows two), taken by the browser tests.

@@ -27,6 +27,7 @@ from tunelab.finetune import distributed as dist  # data-parallel when started b
 from tunelab.finetune.config import FineTuneConfig
 from tunelab.finetune.data import IGNORE, Tokenized, collate, epoch_batches, micro_batches
 from tunelab.finetune.distributed import device
+from tunelab.finetune.fused import FusedLoraLlama
 
 MATH_ATTENTION_MAX = 1024
 LOSS_CHUNK_LOGITS = 1 << 24  # vocabulary logits computed at once by the chunked loss
@@ -173,9 +174,22 @@ def chunked_cross_entropy(lm, hidden, target):
     return total
 
 
+def fused_pass(model, bf16: bool):
+    """The fused training pass for `model` (`tunelab.finetune.fused`), made once; None where it does
+    not apply (then transformers' forward runs)."""
+    cached = getattr(model, "_tunelab_fused", None)
+    if cached is None or cached[0] != bf16:
+        cached = (bf16, FusedLoraLlama.of(model, bf16))
+        model._tunelab_fused = cached
+    return cached[1]
+
+
 def completion_hidden(model, batch: dict[str, Any], bf16: bool):
     """The last hidden states at the positions that predict a completion token, and those tokens.
-    The decoder runs on every token; the vocabulary projection is left to the caller."""
+    The decoder runs on every token (the fused pass: its last layer only where a loss is read); the
+    vocabulary projection is left to the caller."""
+    import torch
+
     lm = causal_lm(model)
     dev = device()
     ids = batch["input_ids"].to(dev)
@@ -183,6 +197,10 @@ def completion_hidden(model, batch: dict[str, Any], bf16: bool):
     labels = batch["labels"].to(dev)
     target = labels[:, 1:]
     select = target != IGNORE
+    fused = fused_pass(model, bf16)
+    if fused is not None:
+        keep = torch.cat([select, select.new_zeros((select.shape[0], 1))], dim=1)
+        return fused(ids, mask, keep), target[select], select
     # recomputed activations must come from the same kernel: checkpointing keeps the default one
     checkpointing = (lm.is_activation_checkpointing if hasattr(lm, "is_activation_checkpointing")
                      else lm.is_gradient_checkpointing)
