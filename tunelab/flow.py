@@ -38,6 +38,7 @@ from tunelab.errors import UserError
 from tunelab.evaluate import RunResult, evaluate, hybrid_path, read_hybrid, resolve_candidate
 from tunelab.finetune.search import search as search_finetune
 from tunelab.hybrid import create_hybrid
+from tunelab.models import release_memory
 from tunelab.models.weights import BUNDLED, bundled
 from tunelab.optimize import find_optimization, optimize
 from tunelab.prompts import commit_prompt, parse_prompt, prompt_path, prompt_versions
@@ -332,6 +333,7 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
             candidates.append(optimized)
         per_base[base] = (optimized, per_base[base][1])
 
+    release_memory()  # the evaluator's models are not needed while training (they reload in a second)
     how = f"a search of {flow.search} trials" if flow.search else "LoRA"
     steps("fine-tuning", f"fine-tuning: {how} on {', '.join(flow.bases)} with the short prompt "
           f"'{flow.short_prompt}' -> " + ", ".join(f"ft:{finetune_name(flow, b)}" for b in flow.bases))
@@ -340,6 +342,7 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
         candidates.append(f"ft:{finetune_name(flow, base)}")
     optimized, short = per_base[first]
 
+    release_memory()
     steps("hybrid", f"hybrid: ft:{flow.finetune} first, {optimized} where it is unsure or the input is unusual")
     _hybrid(ws, flow, optimized, log=log, progress=progress)
 

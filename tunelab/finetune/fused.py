@@ -8,7 +8,9 @@ casts its input to bf16 again for every product. `FusedLoraLlama` computes the s
 - q, k and v as one product with the joined frozen weights (stored once, in the training dtype),
   gate and up as one; the LoRA deltas of the joined modules as one product with their joined A
   matrices and one small product per B (so their input is cast and dropped out once: the modules
-  of a joined product share one dropout mask, where PEFT draws one per module);
+  of a joined product share one dropout mask, where PEFT draws one per module; the mask comes from
+  uniform draws, as `bernoulli_` took 6% of a step);
+- the rotary embedding applied in the products' dtype (bf16 under autocast-like training);
 - the normed input cast to bf16 once per product, the residual stream kept in fp32 (as autocast
   keeps it);
 - grouped-query attention as batched matrix products over the key/value heads, softmax in fp32,
@@ -61,8 +63,8 @@ class _Product:
                 self.dropout = m.lora_dropout[name]
             self.parts.append((w.shape[0], lora))
 
-    def __call__(self, x, x_low):
-        """`x`: the input in fp32 (the LoRA path drops it out), `x_low`: the same in the weight's dtype."""
+    def __call__(self, x_low):
+        """`x_low`: the input in the weight's dtype."""
         import torch
         import torch.nn.functional as F
 
@@ -71,7 +73,11 @@ class _Product:
             return y
         loras = [lora for _, lora in self.parts if lora is not None]
         a = torch.cat([A for A, _, _ in loras]) if len(loras) > 1 else loras[0][0]
-        low = F.linear(self.dropout(x).to(self.dtype), a.to(self.dtype))  # (..., r x adapted modules)
+        p = self.dropout.p if self.dropout.training and isinstance(self.dropout, torch.nn.Dropout) else 0.0
+        if p > 0:  # dropout on the already-cast input, its mask from uniform draws (bernoulli_ is slow on CPUs)
+            x_low = x_low * (torch.rand(x_low.shape, dtype=torch.float32, device=x_low.device) >= p).to(
+                self.dtype) * (1.0 / (1.0 - p))
+        low = F.linear(x_low, a.to(self.dtype))  # (..., r x adapted modules)
         deltas, r0 = [], 0
         for rows, lora in self.parts:
             if lora is None:
@@ -157,7 +163,7 @@ class FusedLoraLlama:
         G = H // KVH
         positions = torch.arange(T, device=x.device).expand(B, T)
         cos, sin = body.rotary_emb(x, positions)
-        cos, sin = cos[:, :, None].float(), sin[:, :, None].float()
+        cos, sin = cos[:, :, None].to(self.low), sin[:, :, None].to(self.low)  # rotary in the products' dtype
         real = attention_mask.bool()
         allowed = torch.ones((T, T), dtype=torch.bool, device=x.device).tril()[None] & real[:, None, :]
         blocked = ~allowed[:, None, None]  # (B, 1, 1, T, T): the same for every head of a group
@@ -170,9 +176,9 @@ class FusedLoraLlama:
         last = len(self.layers) - 1
         for i, L in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), L["norm_in"].weight, L["norm_in"].variance_epsilon)
-            p = L["qkv"](h, h.to(self.low))
-            q = p[..., :L["n_q"]].float().view(B, T, H, D)
-            k = p[..., L["n_q"]:L["n_q"] + L["n_k"]].float().view(B, T, KVH, D)
+            p = L["qkv"](h.to(self.low))
+            q = p[..., :L["n_q"]].view(B, T, H, D)
+            k = p[..., L["n_q"]:L["n_q"] + L["n_k"]].view(B, T, KVH, D)
             v = p[..., L["n_q"] + L["n_k"]:].view(B, T, KVH, D)
             q_blocked = blocked
             if i == last:
@@ -182,17 +188,16 @@ class FusedLoraLlama:
                 q = rope(q, cos, sin)
             k = rope(k, cos, sin)
             Tq = q.shape[1]
-            q = q.to(self.low).transpose(1, 2).reshape(B, KVH, G * Tq, D)
-            k = k.to(self.low).transpose(1, 2)
-            v = v.to(self.low).transpose(1, 2)
+            q = q.transpose(1, 2).reshape(B, KVH, G * Tq, D)
+            k = k.transpose(1, 2)
+            v = v.transpose(1, 2)
             scores = torch.matmul(q, k.transpose(2, 3)).view(B, KVH, G, Tq, T).float() * L["scaling"]
             probs = torch.softmax(scores.masked_fill(q_blocked, float("-inf")), dim=-1)
             probs = probs.to(self.low).view(B, KVH, G * Tq, T)
             o = torch.matmul(probs, v).view(B, H, Tq, D).transpose(1, 2).reshape(B, Tq, H * D)
-            x = x + L["o"](o.float(), o).float()
+            x = x + L["o"](o)  # bf16 + fp32: the residual stream stays fp32
             h = F.rms_norm(x, (x.shape[-1],), L["norm_post"].weight, L["norm_post"].variance_epsilon)
-            gu = L["gate_up"](h, h.to(self.low))
-            a = F.silu(gu[..., :L["n_i"]].float()) * gu[..., L["n_i"]:].float()
-            x = x + L["down"](a, a.to(self.low)).float()
+            gu = L["gate_up"](h.to(self.low))
+            x = x + L["down"](F.silu(gu[..., :L["n_i"]]) * gu[..., L["n_i"]:])
         x = F.rms_norm(x, (x.shape[-1],), body.norm.weight, body.norm.variance_epsilon)
         return x[keep[:, rows]]

@@ -9,6 +9,7 @@ keeps the checkpoint that is best by the very number the comparison reports.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,6 +17,7 @@ from tunelab.evaluate import PromptCandidate
 from tunelab.finetune.data import Tokenized, collate, micro_batches
 from tunelab.finetune.train import causal_lm, completion_token_logprobs
 from tunelab.metrics import Answer, aggregate, default_metric_names, make_metrics, primary_metric
+from tunelab.models import trim_malloc
 from tunelab.models.local import LocalModel
 
 EVAL_TOKEN_BUDGET = 4096
@@ -85,7 +87,10 @@ def evaluator_metric(prompt, demos, examples, base_dir: Path, precision: str, na
         try:
             completions = candidate.predict(list(examples))
         finally:
-            served.close()
+            served.close()  # the inference copy goes: training continues without it
+            del candidate
+            gc.collect()
+            trim_malloc()
         answers = [Answer(expected=ex.output, prediction=c.text, example=ex,
                           extra={"label_logprobs": c.label_logprobs}) for ex, c in zip(examples, completions)]
         values = aggregate(metrics, answers, resamples=200)
