@@ -65,11 +65,8 @@ def test_backend_scores_and_answers_like_a_plain_forward_pass(gemma_dir):
 
 
 def test_lora_on_gemma_learns_leaves_the_base_frozen_and_evaluates(workspace, shared_data, gemma_dir, cli, tmp_path):
-    import torch
-
+    from tests.test_finetune_realmodel import train_and_compare
     from tunelab.finetune import FineTuneConfig, plan
-    from tunelab.finetune.train import load_for_training, train
-    from tunelab.finetune.validate import make_validator
 
     src = shared_data / "sms_spam"
     save_dataset(workspace, "sms", {"train": read(src, "train", 8), "validation": read(src, "validation", 4),
@@ -79,24 +76,9 @@ def test_lora_on_gemma_learns_leaves_the_base_frozen_and_evaluates(workspace, sh
                                        batch_size=4, epochs=2, patience=None, lora_r=4,
                                        target_modules=["q_proj", "v_proj"]))
     assert p.base_dir == gemma_dir and all(it.input_ids[0] == p.tokenizer.bos_token_id for it in p.train_items)
-    model, tok = load_for_training(p.base_dir, p.config)
-    before = {n: t.detach().clone() for n, t in model.named_parameters()}
-    validate = make_validator(p.val_items, tok, bf16=True)
-    model.eval()
-    with torch.no_grad():
-        loss_before = validate(model)["loss"]
-    model.train()
-    state = train(model, tok, p.train_items, validate, p.config, tmp_path / "run", progress=False).state
+    loss_before, state, lora_moved, frozen_moved = train_and_compare(p, tmp_path / "run")
     assert state["step"] == 4
     assert state["eval_curve"][-1]["loss"] < 0.7 * loss_before, (loss_before, state["eval_curve"])
-    lora_moved = frozen_moved = 0
-    for n, t in model.named_parameters():
-        moved = not torch.equal(before[n], t.detach())
-        if "lora_" in n:
-            lora_moved += moved
-        else:
-            assert not t.requires_grad
-            frozen_moved += moved
     assert lora_moved >= 18 * 2 and frozen_moved == 0  # 18 layers x 2 modules, A or B of each moved
 
     r = cli("finetune", "--data", "sms", "--prompt", "spam", "--name", "g", "--base", "gemma3-270m",

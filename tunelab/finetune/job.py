@@ -446,6 +446,13 @@ def plot_curves(curves: dict[str, Any], path: Path, title: str = "") -> None:
         ax2.set_xlabel("step")
         ax2.set_ylabel(f"validation {metric_name}")
         ax2.grid(alpha=0.3)
+    save_figure(fig, path, title)
+
+
+def save_figure(fig, path: Path, title: str = "") -> None:
+    """Write a matplotlib figure as a PNG, atomically (a reader never sees half a file), and close it."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title)
     fig.tight_layout()

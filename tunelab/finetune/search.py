@@ -34,7 +34,7 @@ from sqlalchemy import select
 from tunelab.errors import UserError, pydantic_message
 from tunelab.files import load_yaml, read_text, write_json
 from tunelab.finetune.config import FineTuneConfig
-from tunelab.finetune.job import FineTuneResult, Pruned, finetune, get_row, run_dir
+from tunelab.finetune.job import FineTuneResult, Pruned, finetune, get_row, run_dir, save_figure
 from tunelab.models.finetuned import write_manifest
 from tunelab.models.weights import bundled
 from tunelab.store.models import FineTuneRow, utcnow
@@ -355,13 +355,7 @@ def plot_trials(summary: dict[str, Any], path: Path, title: str = "") -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     draw_trials(left, right, summary.get("trials") or [], summary.get("best_trial"))
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, title)
 
 
 def draw_trials(left, right, trials: list[dict[str, Any]], best_trial: int | None) -> None:
