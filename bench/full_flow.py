@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a tiny version: a few examples, a few steps")
     ap.add_argument("--bases", default="smollm2-135m", help="base models side by side (flow --bases)")
     ap.add_argument("--search", type=int, default=None, help="fine-tune by a search of N trials (flow --search)")
+    ap.add_argument("--max-train", type=int, default=None,
+                    help="fine-tune on a seeded sample of this many training examples (default: all)")
     args = ap.parse_args()
     if args.threads:
         os.environ["TUNELAB_THREADS"] = str(args.threads)
@@ -70,6 +72,8 @@ def main() -> int:
     flow = flow_for(src, name=stem, task=task, field=field, epochs=args.epochs, budget=args.budget,
                     limit_validation=args.limit_validation, extra_candidates=["{short}"], labels=labels,
                     origin="bench/full_flow.py", bases=args.bases.split(","), search=args.search)
+    if args.max_train:
+        flow.finetune_settings["max_examples"] = args.max_train
     directory = Path(args.dir or f"/tmp/tunelab-flow-{args.dataset}")
     memory = PeakMemory()
     out = run_flow(directory, flow, quick=args.quick, volume=args.volume, workspace_name=f"flow-{stem}",

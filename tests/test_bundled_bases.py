@@ -66,3 +66,16 @@ def test_prompt_check_says_which_template(cli, workspace):
     assert "model gemma3-270m, rendered with plain text" in " ".join(r.stdout.split())
     r = cli("prompt", "check", "g", "--json")
     assert json.loads(r.stdout)["template"] == "plain text"
+
+
+def test_gguf_export_of_another_architecture_says_what_it_needs(tmp_path, monkeypatch):
+    from tunelab.models import gguf
+
+    folder = tmp_path / "gemma"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"]}))
+    monkeypatch.setattr(gguf, "find_converter", lambda script=None: None)
+    with pytest.raises(UserError) as err:
+        gguf.to_gguf(folder, tmp_path / "out.gguf", adapter_dir=tmp_path / "no-adapter-needed")
+    message = err.value.format()
+    assert "Gemma3ForCausalLM" in message and "convert_hf_to_gguf.py" in message and "\n" not in message
