@@ -1,3 +1,4 @@
+# longer than 600 lines: the flow reads top to bottom, its steps and their names in one place
 """The whole flow, start to finish: data → prompt → optimize | fine-tune → hybrid → compare → advice.
 
     run_flow("my-workspace", flow_for("data/tickets/"))   # or: tunelab flow data/tickets/ [--quick]
@@ -38,7 +39,10 @@ from tunelab.datasets import (check_path, get_dataset, import_dataset, read_sour
                               subsample)
 from tunelab.errors import UserError
 from tunelab.evaluate import RunResult, evaluate, hybrid_path, read_hybrid, resolve_candidate
+from tunelab.finetune.search import search as search_finetune
 from tunelab.hybrid import create_hybrid
+from tunelab.models import release_memory
+from tunelab.models.weights import BUNDLED, bundled
 from tunelab.optimize import find_optimization, optimize
 from tunelab.files import read_text
 from tunelab.prompts import OutputSpec, commit_prompt, parse_prompt, prompt_path, prompt_versions
@@ -49,6 +53,7 @@ BASE_PROMPT = "support-router"
 SHORT_PROMPT = "support-short"
 FINETUNE = "support-ft"
 HYBRID = "support-hybrid"
+DEFAULT_BASE = "smollm2-135m"
 MAX_PROMPT_TOKENS = 900  # few-shot candidates longer than this are not tried (they cost time on every request)
 
 SHORT_PROMPT_TEXT = """---
@@ -90,6 +95,8 @@ class Flow:
     output_type: str = "label"  # label | json | text, inferred from the train outputs
     constrained_prompt: str | None = None  # json: the baseline decoded under its schema's grammar
     constrained_prompt_text: str = ""
+    bases: list[str] = field(default_factory=lambda: [DEFAULT_BASE])  # prompts and fine-tunes on each, side by side
+    search: int | None = None  # fine-tune by a hyperparameter search of this many trials (`finetune.search`)
 
 
 def demo_flow() -> Flow:
@@ -237,7 +244,8 @@ def flow_name(text: str) -> str:
 def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None = None, field: str | None = None,
              epochs: int = 1, budget: int = 8, limit_validation: int | None = 150,
              extra_candidates: list[str] | None = None, labels: list[str] | None = None,
-             schema: str | Path | dict | None = None, origin: str = "tunelab flow") -> Flow:
+             schema: str | Path | dict | None = None, origin: str = "tunelab flow", bases: list[str] | None = None,
+             search: int | None = None) -> Flow:
     """The whole flow for a labelled dataset of the user's: `data_dir` is a data file or a folder of
     train, validation and test files (.jsonl with input/output, or .csv; val/dev also name
     validation). Missing validation and test splits are split off train when the data is imported
@@ -289,7 +297,8 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
                                    **({"max_val_examples": GENERATIVE_VALIDATION} if kind != "label" else {})},
                 optimize_budget=budget, limit_validation=limit_validation,
                 extra_candidates=list(extra_candidates or []), output_type=kind,
-                constrained_prompt=f"{stem}-constrained" if constrained else None, constrained_prompt_text=constrained)
+                constrained_prompt=f"{stem}-constrained" if constrained else None, constrained_prompt_text=constrained,
+                bases=check_bases(bases), search=search)
 
 
 def read_schema(path: str | Path | dict) -> dict[str, Any]:
@@ -311,6 +320,44 @@ def read_schema(path: str | Path | dict) -> dict[str, Any]:
     except ValidationError as exc:
         raise UserError(exc.errors()[0]["msg"].removeprefix("Value error, "), path=where) from None
     return schema
+
+
+def check_bases(bases: list[str] | None) -> list[str]:
+    """The base models to compare (default: the bundled SmolLM2), each a bundled name or a model folder;
+    an unknown one is a one-line error before anything runs."""
+    bases = [b.strip() for b in (bases or [DEFAULT_BASE]) if b.strip()]
+    if not bases:
+        raise UserError("--bases needs at least one base model, e.g. smollm2-135m,gemma3-270m", field="bases")
+    for base in bases:
+        if bundled(base) is None and not Path(base).expanduser().is_dir():
+            raise UserError(f"unknown base model '{base}' (bundled: {', '.join(BUNDLED)}; or a local Hugging Face "
+                            "model folder)", field="bases")
+    if len(set(bases)) < len(bases):
+        raise UserError(f"--bases lists a base twice: {','.join(bases)}", field="bases")
+    return bases
+
+
+def base_suffix(flow: Flow, base: str) -> str:
+    """What names the flow's prompts and fine-tune on `base`: nothing for the first base, else
+    `-BASE` (the bundled name, or the model folder's)."""
+    if base == flow.bases[0]:
+        return ""
+    return "-" + flow_name(bundled(base).name if bundled(base) else Path(base).name)
+
+
+def on_base(flow: Flow, base: str) -> tuple[str, str, str, str]:
+    """(baseline prompt name, its text, short prompt name, its text) on `base`."""
+    suffix = base_suffix(flow, base)
+
+    def pinned(text: str) -> str:
+        return re.sub(r"(?m)^model: .*$", f"model: {base}", text, count=1)
+
+    return (flow.base_prompt + suffix, pinned(flow.base_prompt_text), flow.short_prompt + suffix,
+            pinned(flow.short_prompt_text))
+
+
+def finetune_name(flow: Flow, base: str) -> str:
+    return flow.finetune + base_suffix(flow, base)
 
 
 def examples_dir() -> Path:
@@ -380,29 +427,50 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     log(f"workspace: {ws.root}")
     data_ref = _import_data(ws, flow, quick, log)
 
+    first = flow.bases[0]
+    candidates: list[str] = []
+    per_base: dict[str, tuple[str, str]] = {}  # base -> (optimized prompt, fine-tune)
     steps("baseline", f"baseline prompt '{flow.base_prompt}'" + (f" (and '{flow.constrained_prompt}', decoded under "
-          "the schema's grammar)" if flow.constrained_prompt else "") + ": evaluate on the test split")
-    baseline = _ensure_prompt(ws, flow.base_prompt, flow.base_prompt_text)
-    short = _ensure_prompt(ws, flow.short_prompt, flow.short_prompt_text)
-    base_result = evaluate(ws, resolve_candidate(ws, baseline), f"{data_ref}:test", progress=progress)
-    _report_run(log, base_result)
+          "the schema's grammar)" if flow.constrained_prompt else "") + ": evaluate on the test split"
+          + (f" (on {', '.join(flow.bases)})" if len(flow.bases) > 1 else ""))
+    for base in flow.bases:
+        base_name, base_text, short_name, short_text = on_base(flow, base)
+        baseline = _ensure_prompt(ws, base_name, base_text)
+        short = _ensure_prompt(ws, short_name, short_text)
+        base_result = evaluate(ws, resolve_candidate(ws, baseline), f"{data_ref}:test", progress=progress)
+        _report_run(log, base_result)
+        candidates.append(baseline)
+        per_base[base] = (baseline, short)
     constrained = None
-    if flow.constrained_prompt:  # the same prompt, decoded under the grammar of its schema
+    if flow.constrained_prompt:  # the baseline decoded under the grammar of its schema (first base)
         constrained = _ensure_prompt(ws, flow.constrained_prompt, flow.constrained_prompt_text)
         _report_run(log, evaluate(ws, resolve_candidate(ws, constrained), f"{data_ref}:test", progress=progress))
+        candidates.append(constrained)
 
     steps("optimization", "prompt optimization on the validation split (instructions, few-shot demos)")
-    optimized = _optimize(ws, baseline, data_ref, flow, budget=optimize_budget or (2 if quick else flow.optimize_budget),
-                          progress=progress, log=log)
+    for base in flow.bases:
+        baseline = per_base[base][0]
+        optimized = _optimize(ws, baseline, data_ref, flow,
+                              budget=optimize_budget or (2 if quick else flow.optimize_budget), progress=progress,
+                              log=log)
+        if optimized != baseline:
+            candidates.append(optimized)
+        per_base[base] = (optimized, per_base[base][1])
 
-    steps("fine-tuning", f"fine-tuning: LoRA on SmolLM2-135M with the short prompt '{flow.short_prompt}' -> ft:{flow.finetune}")
-    _finetune(ws, data_ref, flow, quick=quick, log=log)
+    release_memory()  # the evaluator's models are not needed while training (they reload in a second)
+    how = f"a search of {flow.search} trials" if flow.search else "LoRA"
+    steps("fine-tuning", f"fine-tuning: {how} on {', '.join(flow.bases)} with the short prompt "
+          f"'{flow.short_prompt}' -> " + ", ".join(f"ft:{finetune_name(flow, b)}" for b in flow.bases))
+    for base in flow.bases:
+        _finetune(ws, data_ref, flow, quick=quick, log=log, base=base, prompt=per_base[base][1].split("@")[0])
+        candidates.append(f"ft:{finetune_name(flow, base)}")
+    optimized, short = per_base[first]
 
+    release_memory()
     steps("hybrid", f"hybrid: ft:{flow.finetune} first, {optimized} where it is unsure or the input is unusual")
     _hybrid(ws, flow, optimized, log=log, progress=progress)
 
-    candidates = [baseline] + ([optimized] if optimized != baseline else []) + ([constrained] if constrained else []) \
-        + [f"ft:{flow.finetune}", f"hybrid:{flow.hybrid}"]
+    candidates.append(f"hybrid:{flow.hybrid}")
     candidates += [c.replace("{short}", short) for c in flow.extra_candidates]
     steps("comparison", "comparison on the test split" + (" with the learning curve (fine-tunes on 10/25/50% of train)"
                                                           if learning_curve else ""))
@@ -497,20 +565,31 @@ def _optimize(ws, baseline: str, data_ref: str, flow: Flow, *, budget: int, prog
     return result.candidate
 
 
-def _finetune(ws, data_ref: str, flow: Flow, *, quick: bool, log) -> None:
-    row = ft.get_row(ws, flow.finetune)
+def _finetune(ws, data_ref: str, flow: Flow, *, quick: bool, log, base: str | None = None,
+              prompt: str | None = None) -> None:
+    """ft:NAME on `base` (default the first base) with the short prompt: one LoRA, or with
+    `flow.search` a hyperparameter search whose best trial becomes ft:NAME. Reused when done."""
+    base = base or flow.bases[0]
+    name = finetune_name(flow, base)
+    row = ft.get_row(ws, name)
     if row is not None and row.status == "done":
-        log(f"reusing fine-tune ft:{flow.finetune} ({row.wall_s:.0f} s, {row.tokens_trained:,} tokens trained)")
+        log(f"reusing fine-tune ft:{name} ({row.wall_s:.0f} s, {row.tokens_trained:,} tokens trained)")
         return
-    settings: dict[str, Any] = {"data": data_ref.split(":")[0], "prompt": flow.short_prompt, "name": flow.finetune,
+    settings: dict[str, Any] = {"data": data_ref.split(":")[0], "prompt": prompt or flow.short_prompt, "name": name,
                                 **flow.finetune_settings}
+    if base != DEFAULT_BASE or "base" in settings:
+        settings["base"] = base
     if quick:
         settings.update(epochs=1, max_steps=3, batch_size=4, max_val_examples=8)
     config = ft.FineTuneConfig(**settings)  # an unknown setting is an error, never dropped
-    resume = row is not None
-    log(("resuming" if resume else "training") + f" ft:{flow.finetune}: " +
-        ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("data", "prompt", "name")))
-    result = ft.finetune(ws, config, resume=resume, progress=True, log=log)
+    if flow.search:
+        log(f"searching ft:{name}: {flow.search} trials on {base}")
+        result = search_finetune(ws, config, trials=flow.search, progress=True, log=log).best
+    else:
+        resume = row is not None
+        log(("resuming" if resume else "training") + f" ft:{name}: " +
+            ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("data", "prompt", "name")))
+        result = ft.finetune(ws, config, resume=resume, progress=True, log=log)
     log(f"{result.candidate}: {result.wall_s:.0f} s, {result.tokens_trained:,} tokens trained, cost ${result.cost:.4f}")
 
 

@@ -41,6 +41,11 @@ def flow(
     volume: float = typer.Option(100_000, "--volume", help="Expected requests a month for the cost model and advice."),
     quick: bool = typer.Option(False, "--quick", help="A tiny version: few examples, a few training steps (to try it out)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (TUNELAB_THREADS)."),
+    bases: str = typer.Option("smollm2-135m", "--bases", help="Base models to compare side by side, comma-separated "
+                              "(bundled: smollm2-135m, gemma3-270m; or model folders): prompts and a fine-tune on "
+                              "each; the advice names the base."),
+    search: Optional[int] = typer.Option(None, "--search", metavar="N", help="Fine-tune by a hyperparameter search "
+                                         "of N trials on the validation split (tunelab finetune --search)."),
 ) -> None:
     """Run the whole flow on your data: check the data, a zero-shot baseline prompt (for JSON also
     decoded under the schema's grammar), prompt optimization, a LoRA fine-tune with a short prompt, a
@@ -50,8 +55,12 @@ def flow(
     from tunelab.flow import flow_for, run_flow
 
 
+    from tunelab.errors import UserError
+
+    if search is not None and search < 1:
+        raise UserError(f"--search takes a number of trials of at least 1 (got {search})", field="search")
     spec = flow_for(data_dir, task=task, field=field, epochs=epochs, budget=budget, limit_validation=limit_validation,
-                    schema=schema)
+                    schema=schema, bases=bases.split(","), search=search)
     if threads:
         os.environ["TUNELAB_THREADS"] = str(threads)
     run_flow(directory or Path(f"tunelab-flow-{spec.dataset}"), spec, quick=quick, volume=volume, log=_log,

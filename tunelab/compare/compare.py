@@ -33,8 +33,8 @@ from tunelab.compare.costs import ALPHA, DEFAULT_VOLUME, HORIZON_MONTHS, break_e
 from tunelab.compare.report import write_report
 from tunelab.compare.result import (Answered, BreakEven, CandidateEntry, Comparison, Confusion, Consistency,
                                     DatasetRef, FieldScore, Flexibility, Interval, Latency, LearningCurve,
-                                    LearningCurvePoint, OutputRow, PairTest, SetupCost, Tokens, TrafficShare,
-                                    TrainingCurves, VsBest)
+                                    LearningCurvePoint, OutputRow, PairTest, Search, SearchTrial, SetupCost, Tokens,
+                                    TrafficShare, TrainingCurves, VsBest)
 from tunelab.datasets import get_split
 from tunelab.errors import NotFound, UserError
 from tunelab.evaluate import (Candidate, HybridCandidate, PromptCandidate, RunResult, Setup, diff_runs, evaluate,
@@ -193,8 +193,9 @@ def _candidate_entry(ws: "Workspace", cand: Candidate, result: RunResult, volume
     cons = result.consistency or {}
     lat = result.latency or {}
     curves = finetune.training_curves(ws, cand.name[3:]) if cand.kind == "ft" else None
+    searched = finetune.search_of(ws, cand.name[3:]) if cand.kind == "ft" else None
     return CandidateEntry(
-        name=cand.name, kind=cand.kind, model=cand.model_name, local=is_local(ws, cand),
+        name=cand.name, kind=cand.kind, model=cand.model_name, base=base_of(ws, cand), local=is_local(ws, cand),
         run_id=result.id, reused_run=bool(result.reused), n=result.n_examples, eval_wall_s=eval_wall,
         metrics={k: _interval(v) for k, v in result.metrics.items()},
         consistency=Consistency(repeat=result.repeat, agreement=_value(cons.get("agreement")),
@@ -208,6 +209,7 @@ def _candidate_entry(ws: "Workspace", cand: Candidate, result: RunResult, volume
         flexibility=flexibility(ws, cand, made, eval_wall),
         confusion=confusion(first) if cand.output.type == "label" else None,
         training_curves=TrainingCurves(**curves) if curves else None,
+        search=_search(searched) if searched else None,
         routing=routing_shares(first) if cand.kind == "hybrid" else None,
         examples_trained=made.examples,
         per_field=_per_field(result) if cand.output.type == "json" else None,
@@ -241,6 +243,23 @@ def _per_field(result: RunResult) -> dict[str, FieldScore] | None:
     return {k: FieldScore(**{n: (_num(v.get(n)) if n != "support" else int(v.get(n) or 0))
                              for n in ("precision", "recall", "f1", "support")})
             for k, v in fields.items()} if fields else None
+
+
+def _search(found: dict[str, Any]) -> Search:
+    keys = set(SearchTrial.model_fields)
+    return Search(best_trial=found["best_trial"],
+                  trials=[SearchTrial(**{k: v for k, v in t.items() if k in keys}) for t in found.get("trials", [])])
+
+
+def base_of(ws: "Workspace", cand: Candidate) -> str:
+    """The base model under a candidate: a prompt's model, a fine-tune's base (bundled name or folder),
+    a hybrid's primary's base."""
+    if isinstance(cand, HybridCandidate):
+        return base_of(ws, cand.primary)
+    if cand.kind == "ft":
+        row = finetune.get_row(ws, cand.name[3:].split("@")[0])
+        return row.base if row is not None else cand.model_name
+    return cand.model_name
 
 
 def _value(x: Any) -> float | None:

@@ -14,6 +14,7 @@ import base64
 import io
 from pathlib import Path
 
+from tunelab import finetune
 from tunelab.compare.costs import cost_curve, volume_grid
 from tunelab.compare.format import fmt_interval, fmt_money, fmt_months, fmt_p, fmt_seconds
 from tunelab.compare.result import CandidateEntry, Comparison
@@ -282,6 +283,17 @@ def plot_training(cand: CandidateEntry) -> str | None:
     return _png(fig)
 
 
+def plot_search(cand: CandidateEntry) -> str | None:
+    """The trials of the search that made a fine-tune: curves by epoch, and each trial's score."""
+    if cand.search is None or not cand.search.trials:
+        return None
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.3))
+    finetune.draw_trials(left, right, [t.model_dump() for t in cand.search.trials], cand.search.best_trial)
+    fig.suptitle(f"Hyperparameter search: {cand.name} is trial {cand.search.best_trial}", fontsize=10)
+    return _png(fig)
+
+
 def plot_routing(comparison: Comparison) -> str | None:
     cands = [c for c in comparison.candidates if c.routing is not None]
     if not cands:
@@ -373,6 +385,7 @@ def plots(comparison: Comparison) -> list[dict[str, str]]:
         add(f"confusion-{i}", f"Confusion matrix: {c.name}", plot_confusion(c))
     for i, c in enumerate(comparison.candidates):
         add(f"training-{i}", f"Training curves: {c.name}", plot_training(c))
+        add(f"search-{i}", f"Hyperparameter search: {c.name}", plot_search(c))
     return out
 
 

@@ -134,6 +134,23 @@ class TrainingCurves(Record):
     x_label: str = "epoch"
 
 
+class SearchTrial(Record):
+    """One trial of the hyperparameter search that made a fine-tune (`tunelab finetune --search`)."""
+
+    number: int
+    state: str  # complete | pruned | fail
+    value: float | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    curve: list[list[float]] = Field(default_factory=list)  # [validation index, score]
+    finetune: str | None = None
+    wall_s: float = 0.0
+
+
+class Search(Record):
+    best_trial: int
+    trials: list[SearchTrial] = Field(default_factory=list)
+
+
 class TrafficShare(Record):
     """Who answered a hybrid's requests: shares of the primary and the fallback, and why."""
 
@@ -175,6 +192,7 @@ class CandidateEntry(Record):
     name: str
     kind: Kind
     model: str = ""
+    base: str = ""  # the base model under it: a prompt's model, a fine-tune's base, a hybrid's primary's
     local: bool = True
     run_id: str = ""
     reused_run: bool = False
@@ -193,6 +211,7 @@ class CandidateEntry(Record):
     flexibility: Flexibility = Field(default_factory=Flexibility)
     confusion: Confusion | None = None
     training_curves: TrainingCurves | None = None
+    search: Search | None = None  # the hyperparameter search that made a fine-tune
     routing: TrafficShare | None = None
     examples_trained: int | None = None
     estimated_from_learning_curve: int | None = None  # advise: the learning-curve point standing in

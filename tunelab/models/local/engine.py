@@ -191,7 +191,7 @@ class Engine:
         max_new = max(1, min(req.max_tokens, limit - len(prompt))) if generates else 0
         grammar = self.grammars.matcher(req.json_schema) if (req.constrained and generates and not req.labels) else None
         return _Job(index=index, prompt=prompt, trie=trie, label_lengths=label_lengths, max_new=max_new,
-                    temperature=req.temperature, seed=req.seed, stop=req.stop or None,
+                    temperature=req.temperature, seed=req.seed, stop=(list(req.stop or []) + self.lm.answer_stops()) or None,
                     json=req.json_schema is not None or grammar is not None, grammar=grammar)
 
     def _completion(self, job: "_Job", req: Request, shared: int) -> Completion:
@@ -245,8 +245,12 @@ class Engine:
         cached = self._last_prefix
         if cached is not None and cached[0] == key:
             return cached[1]
+        from transformers import DynamicCache
+
         ids = torch.tensor([prefix], dtype=torch.long, device=self.lm.device)
-        cache = self.lm.hf_model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        # full layers (no sliding-window layers that drop old keys): the prefix is expanded over batches
+        cache = self.lm.hf_model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True,
+                                 logits_to_keep=1).past_key_values
         layers = getattr(cache, "layers", None)
         if not layers or not all(getattr(layer, "keys", None) is not None for layer in layers):
             return None  # an unusual cache: run without sharing the prefix
@@ -292,13 +296,9 @@ class Engine:
                 allow[b, S:S + n, C + n_pad:C + S] = True
                 allow[b, S:S + n, C + S:C + S + n] = job.trie.sees
             allow[b, idx, C + idx] = True  # padding sees itself (no all-masked rows)
-        if getattr(model.config, "_attn_implementation", None) == "sdpa":
-            mask = allow[:, None]  # SDPA on CPU is faster with a boolean mask than an additive one, same numbers
-        else:  # eager attention adds the mask to the scores
-            mask = torch.zeros((B, 1, T, C + T), dtype=self.lm.dtype)
-            mask.masked_fill_(~allow[:, None], torch.finfo(self.lm.dtype).min)
+        mask = self._mask(allow, pos, C)
         kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix[1]] if prefix else None
-        cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache(config=model.config)
+        cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
         body = getattr(model, "model", None)
         head = model.get_output_embeddings()
         fused = self.lm.fused() if head is not None else None
@@ -306,11 +306,11 @@ class Engine:
             hidden = fused(ids.to(dev), allow[:, None].to(dev), pos.to(dev), cache, keep_from=S - 1)
             project = head
         elif body is not None and head is not None:  # run the body; project only the positions needed
-            hidden = body(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+            hidden = body(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
                           past_key_values=cache, use_cache=True).last_hidden_state[:, S - 1:]
             project = head
         else:
-            hidden = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+            hidden = model(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
                            past_key_values=cache, use_cache=True, logits_to_keep=N + 1).logits
             project = None
         # label scores, a few rows at a time (logits are rows x nodes x vocabulary)
@@ -347,6 +347,28 @@ class Engine:
             attn[row, C:C + S - len(rests[b])] = 0
         return _Prefilled([jobs[b] for b in gen], first, cache, attn.to(dev),
                           torch.tensor([len(jobs[b].prompt) for b in gen], device=dev))
+
+    def _mask(self, allow, pos, C: int):
+        """The 4D attention mask for `allow` (B, T, C + T) in the form the model's attention takes: a
+        bool mask for SDPA, an additive one for eager attention; for a model with sliding-window
+        layers (Gemma 3) a mask per layer type, the sliding one also hiding keys `sliding_window` or
+        more positions back."""
+        import torch
+
+        config = self.lm.hf_model.config
+
+        def form(a):
+            if getattr(config, "_attn_implementation", None) == "sdpa":
+                return a[:, None].to(self.lm.device)  # SDPA on CPU is faster with a boolean mask, same numbers
+            mask = torch.zeros(a[:, None].shape, dtype=self.lm.dtype)  # eager attention adds the mask
+            return mask.masked_fill_(~a[:, None], torch.finfo(self.lm.dtype).min).to(self.lm.device)
+
+        window = getattr(config, "sliding_window", None)
+        if not window or "sliding_attention" not in (getattr(config, "layer_types", None) or []):
+            return form(allow)
+        keys = torch.cat([torch.arange(C).expand(pos.shape[0], C), pos], dim=1)
+        near = (pos[:, :, None] - keys[:, None, :]) < window
+        return {"full_attention": form(allow), "sliding_attention": form(allow & near)}
 
     def _decode(self, jobs: list["_Job"], logits, cache, attn, next_pos) -> None:
         """Greedy (temperature 0) or per-row seeded sampling, one token per step for every row
