@@ -248,19 +248,31 @@ class Engine:
 
     def _prefix_cache(self, prefix: list[int]):
         """(length, per-layer (key, value) of shape (1, heads, length, dim)) for a shared prompt
-        prefix; the last one is kept, since consecutive calls of an evaluation share it."""
+        prefix. The last one is kept, since consecutive calls of an evaluation share it: a call
+        whose prefix shares at least MIN_SHARED_PREFIX tokens with it (the instruction and label
+        list, where its examples happen to share a first word too, or a prompt with one more demo)
+        runs only the tokens after those."""
         import torch
 
         key = tuple(prefix)
+        start, past = 0, None
         cached = self._last_prefix
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None:
+            if cached[0] == key:
+                return cached[1]
+            start = common_prefix_len([list(cached[0]), prefix])
+            if start >= MIN_SHARED_PREFIX:
+                past = [(k[:, :, :start], v[:, :, :start]) for k, v in cached[1][1]]
+                if start == len(prefix):
+                    return start, past
+            else:
+                start = 0
         from transformers import DynamicCache
 
-        ids = torch.tensor([prefix], dtype=torch.long, device=self.lm.device)
+        ids = torch.tensor([prefix[start:]], dtype=torch.long, device=self.lm.device)
         # full layers (no sliding-window layers that drop old keys): the prefix is expanded over batches
-        cache = self.lm.hf_model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True,
-                                 logits_to_keep=1).past_key_values
+        cache = self.lm.hf_model(input_ids=ids, past_key_values=DynamicCache(ddp_cache_data=past) if past else DynamicCache(),
+                                 use_cache=True, logits_to_keep=1).past_key_values
         layers = getattr(cache, "layers", None)
         if not layers or not all(getattr(layer, "keys", None) is not None for layer in layers):
             return None  # an unusual cache: run without sharing the prefix

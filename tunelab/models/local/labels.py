@@ -55,7 +55,7 @@ def search(searches: dict[int, TrieSearch], forward: Callable, project: Callable
             return
         if len(keep) < len(live):  # rows whose search ended leave the pass (and the cache)
             sel = torch.tensor(keep)
-            cache.batch_select_indices(sel.to(key_pos.device) if key_pos.device.type != "cpu" else sel)
+            cache.batch_select_indices(sel)
             visible, key_pos, last_pos = visible[sel], key_pos[sel], last_pos[sel]
             live, picks = [live[r] for r in keep], [picks[r] for r in keep]
         rows = len(live)
