@@ -82,6 +82,17 @@ def bundled_model_dir():
     return find()
 
 
+@pytest.fixture(scope="module")
+def fp32_model(bundled_model_dir):
+    """The bundled SmolLM2 in fp32 (batched answers equal one-at-a-time ones), once per test module."""
+    from tunelab.models.local import LocalModel
+
+    model = LocalModel(precision="fp32")
+    _ = model.hf_model
+    yield model
+    model.close()
+
+
 def pytest_addoption(parser):
     parser.addoption("--llamacpp", action="store_true", default=False,
                      help="run the tests marked llamacpp (they need the optional llama.cpp extra; "

@@ -90,6 +90,12 @@ def test_defaults_come_from_the_data():
     assert huge.epochs == 1 and huge.max_steps == 2000  # a cap on the total steps
     mine = resolve(FineTuneConfig(epochs=7, lr=0.01, max_length=64), 400, 90)
     assert (mine.epochs, mine.lr, mine.max_length) == (7, 0.01, 64)  # what the user set is kept
+    # label outputs: few examples per label get more epochs (each label seen ~150 times, at most 8)
+    assert [default_epochs(2000, n) for n in (2, 8, 20, 77, 151)] == [2, 2, 2, 6, 8]
+    assert default_epochs(400, 2) == 3 and default_epochs(400, 40) == 8
+    intents = resolve(FineTuneConfig(), n_train=2000, longest=60, n_labels=151)
+    assert intents.epochs == 8 and intents.max_steps is None  # 250 steps an epoch: within the cap
+    assert resolve(FineTuneConfig(batch_size=1), 2000, 60, n_labels=151).epochs == 1  # the step cap still rules
 
 
 # -- the data pipeline ------------------------------------------------------------------------------

@@ -184,14 +184,6 @@ def test_greedy_label_reads_the_free_answer_off_the_label_trie():
     assert greedy_label(trie, lengths, top(prompt=8), stops, 1) == (2, [8])
 
 
-@pytest.fixture(scope="module")
-def fp32_model(bundled_model_dir):
-    model = LocalModel(precision="fp32")
-    _ = model.hf_model
-    yield model
-    model.close()
-
-
 def naive_label_logprob(model: LocalModel, messages, label: str) -> float:
     """The textbook computation: run prompt + label + end-of-turn as one sequence."""
     import torch

@@ -20,6 +20,8 @@ from tunelab.files import load_yaml, read_text
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MAX_AUTO_STEPS = 2000  # default epochs are lowered so that a run stays under this many steps
 MAX_AUTO_LENGTH = 1024
+LABEL_EXPOSURES = 150  # label outputs: default epochs so that each label is seen about this many times
+MAX_LABEL_EPOCHS = 8
 
 
 class FineTuneConfig(BaseModel):
@@ -35,7 +37,7 @@ class FineTuneConfig(BaseModel):
     lr: float | None = Field(None, gt=0, description="peak learning rate (default: 1e-3 for lora — 2e-4 left a 135M model at the majority class after an epoch —, 2e-5 for full)")
     batch_size: int = Field(8, ge=1, description="examples per batch")
     grad_accum: int = Field(1, ge=1, description="batches per optimizer step (gradient accumulation)")
-    epochs: int | None = Field(None, ge=1, description="passes over the training split (default: 3 up to 1,000 examples, 2 up to 5,000, else 1)")
+    epochs: int | None = Field(None, ge=1, description="passes over the training split (default: 3 up to 1,000 examples, 2 up to 5,000, else 1; label outputs with few examples per label: enough for each label to be seen ~150 times, at most 8)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (default: no limit beyond the epochs)")
     lora_r: int = Field(8, ge=1, description="LoRA rank")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha")
@@ -105,18 +107,21 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise UserError(pydantic_message(exc, FineTuneConfig), path=path) from None
 
 
-def default_epochs(n_train: int) -> int:
-    """Epochs by dataset size, as hosted fine-tuning services choose them."""
-    if n_train <= 1000:
-        return 3
-    if n_train <= 5000:
-        return 2
-    return 1
+def default_epochs(n_train: int, n_labels: int | None = None) -> int:
+    """Epochs by dataset size, as hosted fine-tuning services choose them; for label outputs with
+    few examples per label, more: each label seen about LABEL_EXPOSURES times (at most MAX_LABEL_EPOCHS
+    epochs; early stopping on validation keeps the best epoch). 77 intents with ~26 examples each
+    were still climbing after the size default's 2 epochs (validation accuracy 0.59, then 0.70)."""
+    epochs = 3 if n_train <= 1000 else 2 if n_train <= 5000 else 1
+    if n_labels and n_labels > 1 and n_train:
+        per_label = n_train / n_labels
+        epochs = max(epochs, min(MAX_LABEL_EPOCHS, math.ceil(LABEL_EXPOSURES / per_label)))
+    return epochs
 
 
-def resolve(config: FineTuneConfig, n_train: int, longest: int) -> FineTuneConfig:
+def resolve(config: FineTuneConfig, n_train: int, longest: int, n_labels: int | None = None) -> FineTuneConfig:
     """A copy with every unset field chosen from the data (`n_train` examples, the longest
-    rendered example `longest` tokens)."""
+    rendered example `longest` tokens, `n_labels` labels for a label output)."""
     changes: dict[str, Any] = {}
     if config.lr is None:
         changes["lr"] = 1e-3 if config.method == "lora" else 2e-5
@@ -125,7 +130,7 @@ def resolve(config: FineTuneConfig, n_train: int, longest: int) -> FineTuneConfi
     batches = math.ceil(n_train / config.batch_size)
     steps_per_epoch = max(1, math.ceil(batches / config.grad_accum))
     if config.epochs is None:
-        epochs = default_epochs(n_train)
+        epochs = default_epochs(n_train, n_labels)
         while epochs > 1 and epochs * steps_per_epoch > MAX_AUTO_STEPS:
             epochs -= 1
         changes["epochs"] = epochs

@@ -179,7 +179,7 @@ def plan(ws: "Workspace", config: FineTuneConfig) -> Plan:
     train_items = render_examples(train, render, tokenizer)
     val_items = render_examples(val, render, tokenizer)
     longest = max(len(it) for it in train_items)
-    config = resolve(config, len(train_items), longest)
+    config = resolve(config, len(train_items), longest, n_labels=len(prompt.labels or []) or None)
     cut = sum(len(it) > config.max_length for it in train_items)
     if cut:
         notes.append(f"{cut} training examples are longer than {config.max_length} tokens: the middle of "

@@ -10,6 +10,9 @@
    4D attention mask lets each trie node see the prompt and its own ancestors only, so the prompt
    and shared label prefixes ("Unilateral change" / "Unilateral termination") are computed once,
    and only the prompt's last position and the trie nodes go through the vocabulary projection.
+   A trie of more than `TRIE_PASS_NODES` nodes (many labels: 151 intents make 424) is not laid
+   out: the pass runs the prompts only, and `labels.search` then feeds each row's most promising
+   trie nodes, a few per pass, until the best label is settled (the same argmax as full scoring).
    A label request's free answer (`free_text=True`, temperature 0) is read off this same pass
    when greedy decoding would write one of the labels and stop: the argmax after the prompt and
    after each trie node is already computed, so `greedy_label` follows it (then
@@ -50,8 +53,11 @@ from typing import TYPE_CHECKING, Any
 from tunelab.errors import UserError
 from tunelab.models.base import Completion, Request
 from tunelab.models.local.grammar import CLOSE_MARGIN, Grammars
-from tunelab.models.local.layout import (LabelTrie, build_trie, common_prefix_len, find_stop, greedy_label, json_end,
-                                         make_batches, trim_output)
+from tunelab.models.local.kv import growing_layer
+from tunelab.models.local.labels import LABEL_TOLERANCE
+from tunelab.models.local.labels import search as label_search
+from tunelab.models.local.layout import (LabelTrie, TrieSearch, build_trie, common_prefix_len, find_stop, greedy_label,
+                                         json_end, make_batches, trim_output)
 
 if TYPE_CHECKING:
     from tunelab.models.local.model import LocalModel
@@ -66,6 +72,7 @@ PASS_OVERHEAD_TOKENS = 50
 # 34,000 slots: the free answers of 100 label requests with prompts of up to 300 tokens decode as one.
 GENERATE_KV_BYTES = 768 << 20
 MAX_DECODE_ROWS = 128  # rows of a decoding batch: a step costs ~35 ms + ~1 ms a row (2 cores, SmolLM2-135M)
+TRIE_PASS_NODES = 64  # a label trie of up to this many nodes is laid out after every prompt; bigger ones are searched
 MIN_SHARED_PREFIX = 8  # tokens all prompts of a call share (system prompt, instruction, demos)
 
 
@@ -109,8 +116,9 @@ class Engine:
             C = prefix[0] if prefix else 0
             prefix_share = (time.perf_counter() - start) / len(requests)
             # Prompt passes cost per token, plus a fixed cost per pass. Decoding steps gain from wide
-            # batches: the generating rows of several prompt passes decode together.
-            lengths = [len(j.prompt) - C + (len(j.trie.tokens) if j.trie else 0) for j in jobs]
+            # batches: the generating rows of several prompt passes decode together. A searched trie
+            # (many labels) costs about as much as the biggest trie laid out whole.
+            lengths = [len(j.prompt) - C + (min(len(j.trie.tokens), TRIE_PASS_NODES) if j.trie else 0) for j in jobs]
             pending: list[_Prefilled] = []
             for batch in make_batches(lengths, SCORE_TOKEN_BUDGET, self.lm.max_batch, PASS_OVERHEAD_TOKENS):
                 rows = [jobs[b] for b in batch]
@@ -202,6 +210,8 @@ class Engine:
         if job.sums is not None:
             best = max(range(len(job.sums)), key=lambda k: job.sums[k])
             meta["label_logprobs_raw"] = dict(zip(req.labels, job.sums))
+            if job.nodes_fed is not None:
+                meta["labels_cut"], meta["trie_nodes_fed"] = job.labels_cut, job.nodes_fed
             comp = Completion(text=req.labels[best], prompt_tokens=len(job.prompt),
                               completion_tokens=job.label_lengths[best], latency_s=share,
                               label_logprobs=dict(zip(req.labels, _log_softmax(job.sums))), meta=meta)
@@ -238,19 +248,31 @@ class Engine:
 
     def _prefix_cache(self, prefix: list[int]):
         """(length, per-layer (key, value) of shape (1, heads, length, dim)) for a shared prompt
-        prefix; the last one is kept, since consecutive calls of an evaluation share it."""
+        prefix. The last one is kept, since consecutive calls of an evaluation share it: a call
+        whose prefix shares at least MIN_SHARED_PREFIX tokens with it (the instruction and label
+        list, where its examples happen to share a first word too, or a prompt with one more demo)
+        runs only the tokens after those."""
         import torch
 
         key = tuple(prefix)
+        start, past = 0, None
         cached = self._last_prefix
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None:
+            if cached[0] == key:
+                return cached[1]
+            start = common_prefix_len([list(cached[0]), prefix])
+            if start >= MIN_SHARED_PREFIX:
+                past = [(k[:, :, :start], v[:, :, :start]) for k, v in cached[1][1]]
+                if start == len(prefix):
+                    return start, past
+            else:
+                start = 0
         from transformers import DynamicCache
 
-        ids = torch.tensor([prefix], dtype=torch.long, device=self.lm.device)
+        ids = torch.tensor([prefix[start:]], dtype=torch.long, device=self.lm.device)
         # full layers (no sliding-window layers that drop old keys): the prefix is expanded over batches
-        cache = self.lm.hf_model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True,
-                                 logits_to_keep=1).past_key_values
+        cache = self.lm.hf_model(input_ids=ids, past_key_values=DynamicCache(ddp_cache_data=past) if past else DynamicCache(),
+                                 use_cache=True, logits_to_keep=1).past_key_values
         layers = getattr(cache, "layers", None)
         if not layers or not all(getattr(layer, "keys", None) is not None for layer in layers):
             return None  # an unusual cache: run without sharing the prefix
@@ -275,7 +297,10 @@ class Engine:
         rests = [j.prompt[C:] for j in jobs]
         B = len(jobs)
         S = max(len(r) for r in rests)
-        N = max((len(j.trie.tokens) for j in jobs if j.trie), default=0)
+        head = model.get_output_embeddings()
+        # many labels: the tries are searched after the prompt pass (labels.search), not laid out
+        searching = head is not None and any(j.trie and len(j.trie.tokens) > TRIE_PASS_NODES for j in jobs)
+        N = 0 if searching else max((len(j.trie.tokens) for j in jobs if j.trie), default=0)
         T = S + N
         ids = torch.full((B, T), pad, dtype=torch.long)
         pos = torch.zeros((B, T), dtype=torch.long)
@@ -289,34 +314,22 @@ class Engine:
             pos[b, n_pad:S] = torch.arange(C, L)
             allow[b, :S, C:C + S] = causal
             allow[b, :, C:C + n_pad] = False
-            n = len(job.trie.tokens) if job.trie else 0
+            n = len(job.trie.tokens) if job.trie and not searching else 0
             if n:
                 ids[b, S:S + n] = torch.tensor(job.trie.tokens, dtype=torch.long)
                 pos[b, S:S + n] = L - 1 + torch.tensor(job.trie.depths, dtype=torch.long)
                 allow[b, S:S + n, C + n_pad:C + S] = True
                 allow[b, S:S + n, C + S:C + S + n] = job.trie.sees
             allow[b, idx, C + idx] = True  # padding sees itself (no all-masked rows)
-        mask = self._mask(allow, pos, C)
+        key_pos = torch.cat([torch.arange(C).expand(B, C), pos], dim=1)
         kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix[1]] if prefix else None
         cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
-        body = getattr(model, "model", None)
-        head = model.get_output_embeddings()
-        fused = self.lm.fused() if head is not None else None
-        if fused is not None:  # the fused pass computes the last layer for the positions needed only
-            hidden = fused(ids.to(dev), allow[:, None].to(dev), pos.to(dev), cache, keep_from=S - 1)
-            project = head
-        elif body is not None and head is not None:  # run the body; project only the positions needed
-            hidden = body(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
-                          past_key_values=cache, use_cache=True).last_hidden_state[:, S - 1:]
-            project = head
-        else:
-            hidden = model(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
-                           past_key_values=cache, use_cache=True, logits_to_keep=N + 1).logits
-            project = None
+        hidden, project = self._forward(ids, allow, pos, key_pos, cache, keep_from=S - 1, logits_to_keep=N + 1)
         # label scores, a few rows at a time (logits are rows x nodes x vocabulary)
         scored = [b for b, j in enumerate(jobs) if j.trie]
         step = max(1, (1 << 24) // ((N + 1) * max(1, self.lm.hf_model.config.vocab_size)))
         stop_ids = set(self.lm.stop_token_ids())
+        searches: dict[int, TrieSearch] = {}
         for lo in range(0, len(scored), step):
             chunk = scored[lo:lo + step]
             h = hidden[chunk]
@@ -324,15 +337,36 @@ class Engine:
             for row, b in enumerate(chunk):
                 job = jobs[b]
                 trie = job.trie
+                if searching:
+                    big = len(trie.tokens) > TRIE_PASS_NODES
+                    searches[b] = TrieSearch(trie, LABEL_TOLERANCE if big else 0.0)
+                    wanted = searches[b].wanted(-1)
+                    searches[b].feed(-1, logprobs[row, 0, wanted].tolist(), int(logprobs[row, 0].argmax()))
+                    continue
                 job.sums = [float(logprobs[row, torch.tensor([p + 1 for p in path]), torch.tensor(target)].sum())
                             for path, target in zip(trie.paths, trie.targets)]
-                if job.max_new and job.temperature <= 0 and self.lm.reuse_greedy:
-                    # the free answer is a label followed by a stop token: no generation needed
-                    top = logprobs[row, :len(trie.tokens) + 1].argmax(dim=-1).tolist()
-                    found = greedy_label(trie, job.label_lengths, top, stop_ids, job.max_new)
-                    if found is not None:
-                        self._finish_text(job, found[1])
-                        job.from_scoring = True
+                top = logprobs[row, :len(trie.tokens) + 1].argmax(dim=-1).tolist()
+                self._greedy_from_scoring(job, top, stop_ids)
+        if searches:
+            rows = list(searches)
+            sel = torch.tensor(rows)
+            # the search's own cache (the prompts' stays for decoding), growing in place as nodes are fed
+            room = max(len(searches[b].trie.tokens) for b in rows)
+            search_cache = DynamicCache()
+            search_cache.layers = [growing_layer([layer.keys[sel.to(dev)]], [layer.values[sel.to(dev)]], C + S, room)
+                                   for layer in cache.layers]
+            visible = allow[sel, S - 1, :C + S].clone()  # what a prompt's last token sees: the prefix and its prompt
+
+            def forward(new_ids, new_allow, new_pos, new_keys, on):
+                return self._forward(new_ids, new_allow, new_pos, new_keys, on, keep_from=0)[0]
+
+            label_search(searches, forward, project, search_cache, visible, key_pos[sel, :C + S], pos[sel, S - 1], pad)
+            del search_cache
+            for b, found in searches.items():
+                job = jobs[b]
+                job.sums, job.labels_cut = found.scores()
+                job.nodes_fed = sum(found.fed)
+                self._greedy_from_scoring(job, found.top, stop_ids)
         gen = [b for b, j in enumerate(jobs) if j.max_new and not j.from_scoring]
         if not gen:
             return None
@@ -348,8 +382,34 @@ class Engine:
         return _Prefilled([jobs[b] for b in gen], first, cache, attn.to(dev),
                           torch.tensor([len(jobs[b].prompt) for b in gen], device=dev))
 
-    def _mask(self, allow, pos, C: int):
-        """The 4D attention mask for `allow` (B, T, C + T) in the form the model's attention takes: a
+    def _forward(self, ids, allow, pos, key_pos, cache, keep_from: int, logits_to_keep: int = 1):
+        """One pass over `ids` (rows, tokens) after `cache`, each position seeing the cached and new
+        positions `allow` (rows, tokens, cache + tokens) says. Returns (the last hidden states from
+        `keep_from` on, the vocabulary projection to apply to them), or, for a model without a
+        separate head, (the last `logits_to_keep` positions' logits, None)."""
+        model, dev = self.lm.hf_model, self.lm.device
+        body = getattr(model, "model", None)
+        head = model.get_output_embeddings()
+        fused = self.lm.fused() if head is not None else None
+        if fused is not None:  # the fused pass computes the last layer for the positions needed only
+            return fused(ids.to(dev), allow[:, None].to(dev), pos.to(dev), cache, keep_from=keep_from), head
+        mask = self._mask(allow, pos, key_pos)
+        if body is not None and head is not None:  # run the body; project only the positions needed
+            return body(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
+                        past_key_values=cache, use_cache=True).last_hidden_state[:, keep_from:], head
+        return model(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
+                     past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep).logits, None
+
+    def _greedy_from_scoring(self, job: "_Job", top: list[int], stop_ids: set[int]) -> None:
+        """The free answer read off the scoring pass when greedy decoding would write a label."""
+        if job.max_new and job.temperature <= 0 and self.lm.reuse_greedy:
+            found = greedy_label(job.trie, job.label_lengths, top, stop_ids, job.max_new)
+            if found is not None:
+                self._finish_text(job, found[1])
+                job.from_scoring = True
+
+    def _mask(self, allow, pos, key_pos):
+        """The 4D attention mask for `allow` (B, T, K) (`key_pos`: the positions of the K keys) in the form the model's attention takes: a
         bool mask for SDPA, an additive one for eager attention; for a model with sliding-window
         layers (Gemma 3) a mask per layer type, the sliding one also hiding keys `sliding_window` or
         more positions back."""
@@ -366,8 +426,7 @@ class Engine:
         window = getattr(config, "sliding_window", None)
         if not window or "sliding_attention" not in (getattr(config, "layer_types", None) or []):
             return form(allow)
-        keys = torch.cat([torch.arange(C).expand(pos.shape[0], C), pos], dim=1)
-        near = (pos[:, :, None] - keys[:, None, :]) < window
+        near = (pos[:, :, None] - key_pos[:, None, :]) < window
         return {"full_attention": form(allow), "sliding_attention": form(allow & near)}
 
     def _decode(self, jobs: list["_Job"], logits, cache, attn, next_pos) -> None:
@@ -468,6 +527,8 @@ class _Job:
     stop: list[str] | None
     json: bool
     sums: list[float] | None = None
+    labels_cut: int = 0  # labels whose score is a bound (many labels: `labels.search`)
+    nodes_fed: int | None = None  # trie nodes the search fed (None: the trie was laid out whole)
     tokens: list[int] | None = None
     text: str | None = None
     n_generated: int = 0
@@ -483,79 +544,6 @@ class _Job:
     @property
     def generates(self) -> bool:
         return self.max_new > 0
-
-
-def _growing_layer_class():
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        """A KV cache layer that writes into a preallocated buffer instead of concatenating (which
-        copies the whole cache at every decoding step)."""
-
-        @classmethod
-        def of(cls, keys: list, values: list, n: int, extra: int) -> "GrowingLayer":
-            import torch
-
-            layer = cls()
-            rows = sum(k.shape[0] for k in keys)
-            shape = (rows, keys[0].shape[1], n + extra, keys[0].shape[3])
-            layer._kbuf = torch.empty(shape, dtype=keys[0].dtype, device=keys[0].device)
-            layer._vbuf = torch.empty(shape, dtype=values[0].dtype, device=values[0].device)
-            row = 0
-            for k, v in zip(keys, values):  # right-aligned, the padding on the left zeroed
-                b, pad = k.shape[0], n - k.shape[2]
-                for buf, t in ((layer._kbuf, k), (layer._vbuf, v)):
-                    if pad:
-                        buf[row:row + b, :, :pad].zero_()
-                    buf[row:row + b, :, pad:n] = t
-                row += b
-            layer.dtype, layer.device = keys[0].dtype, keys[0].device
-            layer.is_initialized = True
-            layer._set(n)
-            return layer
-
-        def _set(self, n: int) -> None:
-            self.n = n
-            self.keys = self._kbuf[:, :, :n]
-            self.values = self._vbuf[:, :, :n]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            import torch
-
-            q = key_states.shape[2]
-            if self.n + q > self._kbuf.shape[2]:  # out of room: grow (rare)
-                grow = max(q, self._kbuf.shape[2] // 2)
-                pad = list(self._kbuf.shape)
-                pad[2] = grow
-                self._kbuf = torch.cat([self._kbuf, self._kbuf.new_zeros(pad)], dim=2)
-                self._vbuf = torch.cat([self._vbuf, self._vbuf.new_zeros(pad)], dim=2)
-            self._kbuf[:, :, self.n:self.n + q] = key_states
-            self._vbuf[:, :, self.n:self.n + q] = value_states
-            self._set(self.n + q)
-            return self.keys, self.values
-
-        def crop(self, tokens_to_remove: int) -> None:
-            self._set(self.n - abs(tokens_to_remove))
-
-        def batch_select_indices(self, indices) -> None:
-            self._kbuf = self._kbuf[indices]
-            self._vbuf = self._vbuf[indices]
-            self._set(self.n)
-
-    return GrowingLayer
-
-
-_growing_layer: Any = None
-
-
-def growing_layer(keys: list, values: list, n: int, extra: int):
-    """A cache layer holding `keys`/`values` stacked over the batch, each left-padded with zeros to
-    `n` tokens, with room for `extra` more (the class is made on first use: transformers is imported
-    lazily)."""
-    global _growing_layer
-    if _growing_layer is None:
-        _growing_layer = _growing_layer_class()
-    return _growing_layer.of(keys, values, n, extra)
 
 
 @dataclass

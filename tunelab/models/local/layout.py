@@ -5,6 +5,7 @@ answer stops (a stop string, or the end of the first JSON value).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,7 @@ class LabelTrie:
     paths: list[list[int]]
     targets: list[list[int]]
     sees: Any = None  # ancestry() as a bool tensor, set by the backend
+    edges: Any = None  # trie_edges(), made on first use
 
     def ancestry(self) -> list[list[bool]]:
         """sees[j][k]: node j may attend to node k (k is j or one of its ancestors)."""
@@ -168,3 +170,96 @@ def greedy_label(trie: LabelTrie, label_lengths: list[int], top: list[int], stop
             continue
         return k, tokens
     return None
+
+
+class TrieSearch:
+    """Best-first scoring of one request's label trie, for tries too big to lay out whole after
+    every prompt (many labels). A position (-1: the prompt's last one, else a trie node) is *fed*
+    once the model has run it, which gives the log-probabilities of its children's tokens (and of
+    the final token of the labels that end there). A node's `bound` is the log-probability of its
+    path: the labels through it have at most that much probability together, as they are disjoint
+    continuations of it.
+
+    `expand(k)` picks the k unfed nodes with the highest bound whose parent is fed (the frontier),
+    until (a) the best fully scored label is at least every frontier bound, so it is the argmax
+    full scoring gives, and (b) the frontier's mass (the sum of its bounds' probabilities, at
+    least what the labels not scored to their end have together) is at most `tolerance` times the
+    scored labels' mass. A label not scored to its end gets an even share of its frontier node's
+    mass: label log-probabilities renormalized over the labels are off by at most that tolerance.
+    `tolerance=0` scores every label exactly."""
+
+    def __init__(self, trie: LabelTrie, tolerance: float):
+        n = len(trie.tokens)
+        self.trie, self.tolerance = trie, tolerance
+        self.fed = [False] * n
+        self.bound: list[float | None] = [None] * n
+        self.top = [-1] * (n + 1)  # argmax token after each fed position (-1: not fed), as `greedy_label` reads it
+        self.done: dict[int, float] = {}
+        self.best = float("-inf")
+        self.children, self.ends = trie_edges(trie)
+
+    def wanted(self, position: int) -> list[int]:
+        """The tokens whose log-probabilities `feed(position, ...)` needs, in order."""
+        return ([self.trie.tokens[j] for j in self.children[position + 1]]
+                + [token for _, token in self.ends[position + 1]])
+
+    def feed(self, position: int, logprobs: list[float], top: int) -> None:
+        """Record a fed position: `logprobs` of `wanted(position)`, `top` its argmax token."""
+        base = 0.0 if position < 0 else self.bound[position]
+        kids = self.children[position + 1]
+        for j, lp in zip(kids, logprobs):
+            self.bound[j] = base + lp
+        for (k, _), lp in zip(self.ends[position + 1], logprobs[len(kids):]):
+            self.done[k] = base + lp
+            self.best = max(self.best, base + lp)
+        if position >= 0:
+            self.fed[position] = True
+        self.top[position + 1] = top
+
+    def frontier(self) -> list[int]:
+        return [j for j, b in enumerate(self.bound) if b is not None and not self.fed[j]]
+
+    def expand(self, k: int) -> list[int]:
+        """The next nodes to feed: at most k, highest bound first; [] when the search is over."""
+        ready = sorted(self.frontier(), key=lambda j: -self.bound[j])
+        if not ready:
+            return []
+        if self.done and math.isinf(self.tolerance) or self._mass_settled(ready):
+            ready = [j for j in ready if self.bound[j] > self.best]  # only what could still beat the best
+        return ready[:k]
+
+    def _mass_settled(self, ready: list[int]) -> bool:
+        """Whether the frontier holds at most `tolerance` of the scored labels' mass."""
+        if not self.done:
+            return False
+        scored = sum(math.exp(v - self.best) for v in self.done.values())
+        return sum(math.exp(self.bound[j] - self.best) for j in ready) <= self.tolerance * scored
+
+    def scores(self) -> tuple[list[float], int]:
+        """Every label's score (exact, or its share of its frontier node's mass) and how many
+        labels were not scored to their end."""
+        cut: dict[int, list[int]] = {}
+        for k, path in enumerate(self.trie.paths):
+            if k not in self.done:
+                node = next(p for p in path[1:] if not self.fed[p])
+                cut.setdefault(node, []).append(k)
+        out = [self.done.get(k, 0.0) for k in range(len(self.trie.paths))]
+        for node, labels in cut.items():
+            for k in labels:
+                out[k] = self.bound[node] - math.log(len(labels))
+        return out, sum(len(labels) for labels in cut.values())
+
+
+def trie_edges(trie: LabelTrie) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Per position (index 0: the prompt's last one, j + 1: node j): its child nodes, and the
+    (label, final token) of the labels whose last fed position it is (cached on the trie)."""
+    cached = trie.edges
+    if cached is None:
+        children: list[list[int]] = [[] for _ in range(len(trie.tokens) + 1)]
+        for j, parent in enumerate(trie.parents):
+            children[parent + 1].append(j)
+        ends: list[list[tuple[int, int]]] = [[] for _ in range(len(trie.tokens) + 1)]
+        for k, (path, target) in enumerate(zip(trie.paths, trie.targets)):
+            ends[path[-1] + 1].append((k, target[-1]))
+        cached = trie.edges = (children, ends)
+    return cached
