@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import String, cast, func, or_, select
+from sqlalchemy import String, cast, func, insert, or_, select
 
 from tunelab.datasets import Example, save_dataset
 from tunelab.errors import NotFound, UserError
-from tunelab.store.models import CallLogRow, FeedbackRow, ShadowCallRow
+from tunelab.store.models import CallLogRow, FeedbackRow, ShadowCallRow, utcnow
 
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
@@ -276,11 +276,20 @@ class ShadowAnswer:
     error: str | None = None
     meta: dict = field(default_factory=dict)
 
-    def row(self) -> ShadowCallRow:
-        fields = dict(self.__dict__)
-        if fields["output"]:
-            fields["output"], _ = _clip(fields["output"])
-        return ShadowCallRow(**fields)
+    def fields(self) -> dict[str, Any]:
+        """The row's columns (the output clipped like a call's)."""
+        out = dict(self.__dict__)
+        if out["output"]:
+            out["output"], _ = _clip(out["output"])
+        return {**out, "created_at": utcnow()}
+
+
+def write_shadow_answers(ws: "Workspace", answers: list[ShadowAnswer]) -> None:
+    """Insert shadow answers in one transaction (a bulk insert: the gateway's shadow queue writes
+    them while no caller is being answered)."""
+    if answers:
+        with ws.store.session() as s:
+            s.execute(insert(ShadowCallRow), [a.fields() for a in answers])
 
 
 def shadow_rows(ws: "Workspace", deployment: str, since: datetime | None = None, until: datetime | None = None,
@@ -384,8 +393,7 @@ class LogWriter:
     """Group commit for call logs: concurrent callers hand their rows to one writer thread, which
     inserts everything pending in one transaction and then releases them. A call returns only once
     its row is committed (nothing is lost if the server dies), but 200 concurrent calls cost a few
-    transactions instead of 200 competing SQLite writers. Shadow answers go through it too
-    (`write_rows`), so the gateway has one writer."""
+    transactions instead of 200 competing SQLite writers."""
 
     def __init__(self, ws: "Workspace"):
         import queue
@@ -398,13 +406,9 @@ class LogWriter:
 
     def write(self, **fields: Any) -> None:
         """Log one call (a `call_logs` row's fields); returns once it is committed."""
-        self.write_rows([CallLogRow(**fields)])
-
-    def write_rows(self, rows: list) -> None:
-        """Insert rows of any table in the next group commit; returns once they are committed."""
         import threading
 
-        item = {"rows": rows, "done": threading.Event(), "error": None}
+        item = {"fields": fields, "done": threading.Event(), "error": None}
         self._queue.put(item)
         if not item["done"].wait(60):
             raise TimeoutError("the call log writer did not answer in 60 s")
@@ -423,7 +427,7 @@ class LogWriter:
                     break
             try:
                 with self.ws.store.session() as s:
-                    s.add_all([row for item in batch for row in item["rows"]])
+                    s.add_all([CallLogRow(**item["fields"]) for item in batch])
             except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
                 for item in batch:
                     item["error"] = exc

@@ -37,7 +37,7 @@ from tunelab.server.chat import ApiError
 from tunelab.server.deployments import Deployments
 from tunelab.server.gateway import router as gateway_router
 from tunelab.server.jobs import Worker
-from tunelab.lifecycle.calls import LogWriter
+from tunelab.lifecycle.calls import LogWriter, write_shadow_answers
 from tunelab.server.rollout import SHADOW_CAPACITY, Rollouts, ShadowQueue
 from tunelab.server.ui import error_page, mount_ui
 
@@ -62,7 +62,8 @@ def create_app(workspace: "Workspace", *, auth: bool = True, rate: float = 20.0,
     deployments = Deployments(workspace)
     job_worker = Worker(workspace) if worker else None
     writer = LogWriter(workspace)
-    shadows = ShadowQueue(deployments, writer.write_rows, capacity=shadow_capacity)
+    shadows = ShadowQueue(deployments, lambda answers: write_shadow_answers(workspace, answers),
+                          capacity=shadow_capacity)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -6,10 +6,13 @@ shadow queue that answers in the background.
 - `ShadowQueue`: the calls a shadow (or, on a canary's calls, the primary) must answer too. The
   caller never waits for them: `submit` puts a job on a bounded queue without blocking, and a job
   that does not fit is dropped and logged as `dropped` (counted, never silently lost). One worker
-  thread answers the jobs, in small batches, only while no call is being answered (`serving()`
-  marks the gateway busy), so a shadow on the same CPU or model never competes with a caller; a
-  gateway busy without a pause fills the queue and drops instead. Answers are logged as
-  `shadow_calls` rows through the call log's writer. On shutdown, what is left is logged as dropped.
+  thread answers the jobs, in small batches, only in a pause: no call being answered (`serving()`
+  marks the gateway busy) for `QUIET_S` seconds, so a shadow on the same CPU or model rarely
+  competes with a caller (a call arriving during a shadow's batch still shares the CPU with it);
+  a gateway busy without a pause fills the queue and drops instead. Answers are logged as
+  `shadow_calls` rows in bulk, at most `WRITE_AFTER_S` after they were answered and also only in a
+  pause (so a caller's own log write never queues behind them). On shutdown, what is left is
+  logged as dropped.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ if TYPE_CHECKING:
     from tunelab.workspace import Workspace
 
 SHADOW_CAPACITY = 1000  # jobs waiting at most; more are dropped (and logged as dropped)
-SHADOW_BATCH = 8  # jobs answered together by one candidate
+SHADOW_BATCH = 4  # jobs answered together by one candidate (small: a caller never waits long for the CPU)
+QUIET_S = 0.02  # the shadow works only once no call has been answered for this long
+WRITE_EVERY = 64  # shadow answers written in one transaction, at most
+WRITE_AFTER_S = 1.0  # and at the latest this long after the first of them was answered
 MAX_DROPS_KEPT = 100_000  # drop rows waiting to be written; beyond, only counted
 
 
@@ -76,9 +82,10 @@ class ShadowJob:
 class ShadowQueue:
     """The background answers of shadows and baselines (see the module's docstring)."""
 
-    def __init__(self, deployments: "Deployments", write_rows: Callable[[list], None], *,
-                 capacity: int = SHADOW_CAPACITY, batch: int = SHADOW_BATCH):
-        self.deployments, self.write_rows, self.batch = deployments, write_rows, batch
+    def __init__(self, deployments: "Deployments", write: Callable[[list[ShadowAnswer]], None], *,
+                 capacity: int = SHADOW_CAPACITY, batch: int = SHADOW_BATCH, quiet_s: float = QUIET_S):
+        self.deployments, self.write, self.batch, self.quiet_s = deployments, write, batch, quiet_s
+        self._idle_since = time.monotonic()
         self._jobs: queue.Queue = queue.Queue(maxsize=capacity)
         self._drops: list[ShadowAnswer] = []
         self._busy = 0
@@ -99,6 +106,7 @@ class ShadowQueue:
             with self._cond:
                 self._busy -= 1
                 if self._busy == 0:
+                    self._idle_since = time.monotonic()
                     self._cond.notify_all()
 
     def submit(self, job: ShadowJob) -> bool:
@@ -148,19 +156,38 @@ class ShadowQueue:
     def _flush_drops(self, extra: list[ShadowAnswer] | None = None) -> None:
         with self._cond:
             drops, self._drops = self._drops + list(extra or []), []
-        if drops:
+        self._write(drops)
+
+    def _write(self, answers: list[ShadowAnswer]) -> None:
+        if answers:
             try:
-                self.write_rows([d.row() for d in drops])
-            except Exception:  # noqa: BLE001 - counted in counts["dropped"] all the same
-                pass
+                self.write(answers)
+            except Exception:  # noqa: BLE001 - the writer failed: these rows are lost, count them
+                self.counts["errors"] += len(answers)
 
     def _run(self) -> None:
+        pending: list[ShadowAnswer] = []  # answered, written together in a pause
+        done, since = 0, time.monotonic()
+
+        def write_pending() -> None:
+            nonlocal pending, done
+            self._write(pending)
+            pending = []
+            for _ in range(done):
+                self._jobs.task_done()
+            done = 0
+
         while True:
-            self._flush_drops()
+            if self._drops and self._pause():
+                self._flush_drops()
+            if pending and (len(pending) >= WRITE_EVERY or time.monotonic() - since > WRITE_AFTER_S) \
+                    and self._pause():
+                write_pending()
             try:
-                first = self._jobs.get(timeout=0.2)
+                first = self._jobs.get(timeout=0.05 if pending else 0.2)
             except queue.Empty:
                 if self._stop:
+                    write_pending()
                     return
                 continue
             jobs = [first]
@@ -169,23 +196,28 @@ class ShadowQueue:
                     jobs.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
-            with self._cond:  # never alongside a caller: wait for a pause
-                while self._busy > 0 and not self._stop:
-                    self._cond.wait(0.05)
-                stopping = self._stop
-            if stopping:
+            self._pause(wait=True)  # never alongside a caller
+            if self._stop:
+                write_pending()
                 self.counts["dropped"] += len(jobs)
                 self._flush_drops([j.dropped("the server stopped before the shadow answered") for j in jobs])
                 for _ in jobs:
                     self._jobs.task_done()
                 return
-            rows = self._answer(jobs)
-            try:
-                self.write_rows([r.row() for r in rows])
-            except Exception:  # noqa: BLE001 - the writer failed: these answers are lost, count them
-                self.counts["errors"] += len(rows)
-            for _ in jobs:
-                self._jobs.task_done()
+            if not pending:
+                since = time.monotonic()
+            pending += self._answer(jobs)
+            done += len(jobs)
+
+    def _pause(self, wait: bool = False) -> bool:
+        """Whether the gateway is in a pause: no call answered for `quiet_s` (`wait`: until it is,
+        or until stopped)."""
+        with self._cond:
+            while True:
+                quiet = self._busy == 0 and time.monotonic() - self._idle_since >= self.quiet_s
+                if quiet or self._stop or not wait:
+                    return quiet or self._stop
+                self._cond.wait(self.quiet_s if self._busy == 0 else 0.05)
 
     def _answer(self, jobs: list[ShadowJob]) -> list[ShadowAnswer]:
         out: list[ShadowAnswer] = []
