@@ -375,3 +375,50 @@ def test_shadow_answer_rows_keep_long_outputs_clipped(ws):
     write_shadow_answers(ws, [ShadowAnswer("c1", "d", "x", output="y" * 30_000)])
     (row,) = shadow_rows(ws, "d")
     assert len(row.output) < 21_000 and "more characters" in row.output and row.created_at is not None
+
+
+# -- the monitor on a hybrid and on JSON answers --------------------------------------------------------
+EXTRACT = """---
+model: fake:extract
+output: {type: json, schema: {type: object, properties: {team: {type: string}}, required: [team]}}
+---
+user:
+The team as JSON: {{ input }}
+"""
+
+
+def test_monitor_alarms_for_a_hybrids_fallback_share_and_for_json_validity(ws, cli):
+    from tunelab.evaluate import HybridSpec, evaluate, resolve_candidate, save_hybrid
+    from tunelab.lifecycle.drift import monitor
+
+    ds = get_dataset(ws, "tickets")
+    fake_finetune(ws, "tk", prompt=f"route@{prompt_labels(ws, 'route')['production']}", dataset=ds.ref,
+                  rules={"card": "billing"})
+    save_hybrid(ws, HybridSpec(name="hy", primary="ft:tk", fallback="route@production", similarity_threshold=0.3,
+                               train_data=f"{ds.ref}:train"))
+    write_atomic(ws.prompts_dir / "extract.prompt", EXTRACT)
+    commit_prompt(ws, "extract", "first")
+    tag_prompt(ws, "extract@current", "production")
+    load_model("fake:extract", ws).rules.update({"card": '{"team": "billing"}', "password": "Sure! The team is IT."})
+    save_dataset(ws, "teams", {"test": [Example(f"my card was charged {i}", '{"team": "billing"}') for i in range(5)]})
+    evaluate(ws, resolve_candidate(ws, "hybrid:hy"), "tickets:test", progress=False)  # inputs like its training: primary
+    evaluate(ws, resolve_candidate(ws, "extract@production"), "teams:test", progress=False)
+    app, client = _app(ws)
+    _, key = create_key(ws, "svc", "app")
+    for i in range(24):  # unlike the training inputs: the hybrid's fallback answers them all
+        _call(client, key, f"please reset the router password for office {i}", model="hybrid:hy")
+        _call(client, key, f"please reset the router password for office {i}", model="extract@production")
+    hy = monitor(ws, "hybrid:hy")
+    assert hy.baseline.fallback_share == 0.0 and hy.current.fallback_share > 0.5
+    fallback = next(a for a in hy.alarms if a.metric == "fallback_share")
+    assert "retrain on the new window: tunelab distill --from hybrid:hy" in fallback.action
+    inputs = next(a for a in hy.alarms if a.metric in ("input_distance", "ood_share"))
+    assert "widen the hybrid's fallback" in inputs.action and "tunelab distill --from hybrid:hy" in inputs.action
+    ex = monitor(ws, "extract@production", reference="teams:test")
+    assert ex.baseline.json_valid == 1.0 and ex.current.json_valid == 0.0
+    assert any(a.metric == "json_valid" and "format instructions" in a.action for a in ex.alarms)
+    res = cli("monitor", "extract@production", "--since", "2000-01-01T00:00", "--until", "2000-01-02T00:00",
+              "--reference", "teams:test")
+    assert res.exit_code == 0 and "0 calls in the window" in res.stdout
+    res = cli("monitor", "route@next")
+    assert res.exit_code == 2 and "no finished evaluation" in res.stderr and "--reference" in res.stderr

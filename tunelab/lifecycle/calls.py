@@ -294,7 +294,7 @@ def write_shadow_answers(ws: "Workspace", answers: list[ShadowAnswer]) -> None:
 
 def shadow_rows(ws: "Workspace", deployment: str, since: datetime | None = None, until: datetime | None = None,
                 candidate: str | None = None, limit: int = 200_000) -> list:
-    """The shadow answers of `deployment` (of `candidate`), oldest first."""
+    """The newest `limit` shadow answers of `deployment` (of `candidate`), oldest first."""
     q = select(ShadowCallRow).where(ShadowCallRow.deployment == deployment)
     if candidate:
         q = q.where(ShadowCallRow.candidate == candidate)
@@ -303,7 +303,7 @@ def shadow_rows(ws: "Workspace", deployment: str, since: datetime | None = None,
     if until:
         q = q.where(ShadowCallRow.created_at < until)
     with ws.store.session() as s:
-        return list(s.scalars(q.order_by(ShadowCallRow.id).limit(limit)))
+        return list(reversed(list(s.scalars(q.order_by(ShadowCallRow.id.desc()).limit(limit)))))
 
 
 def call_facets(ws: "Workspace") -> dict[str, list[str]]:

@@ -3,7 +3,8 @@ evaluated on, and alarms that say what to do.
 
     report = monitor(ws, "support@production", since=datetime.utcnow() - timedelta(hours=24))
     report.alarms          # [Alarm(metric, value, threshold, message, action)], empty when healthy
-    report.current, report.reference, report.series    # the window, the split, the window in buckets
+    report.current, report.baseline, report.series     # the window, the split, the window in buckets
+                                                       # (from its first call to its end)
 
 The reference is the newest finished run of the candidate the deployment answers with (its inputs
 and the candidate's own answers on them: the split it was measured on), or a split named with
@@ -261,8 +262,10 @@ def _sample(items: list, n: int) -> list:
 
 
 def monitor(ws: "Workspace", deployment: str, *, since: datetime | None = None, until: datetime | None = None,
-            reference: str | None = None, thresholds: Thresholds | None = None, buckets: int = 12) -> DriftReport:
-    """The window [since, until) of `deployment` (default: the last 24 hours) against its reference."""
+            reference: str | None = None, thresholds: Thresholds | None = None, buckets: int = 12,
+            max_inputs: int = MAX_WINDOW_INPUTS) -> DriftReport:
+    """The window [since, until) of `deployment` (default: the last 24 hours) against its reference;
+    at most `max_inputs` of its calls (an even sample) are embedded."""
     th = thresholds or Thresholds()
     until = until or datetime.utcnow()
     since = since or until - timedelta(hours=24)
@@ -284,15 +287,16 @@ def monitor(ws: "Workspace", deployment: str, *, since: datetime | None = None, 
                      confidence=_mean(ref.margins))
     if baseline.fallback_share is None and candidate.startswith("hybrid:"):
         baseline.fallback_share = read_hybrid(ws, candidate[7:]).tuning.get("fallback_share")
-    calls = [c for c in reversed(list_calls(ws, deployment, limit=None, status="ok", since=since, until=until))]
-    calls = _sample(calls, MAX_WINDOW_INPUTS)  # oldest first
+    calls = list(reversed(list_calls(ws, deployment, limit=200_000, status="ok", since=since, until=until)))
+    calls = _sample(calls, max_inputs)  # oldest first
     vecs = embed_inputs([call_input(c) for c in calls]) if calls else np.zeros((0, ref_vecs.shape[1]), dtype=np.float32)
     nearest = (vecs @ ref_vecs.T).max(axis=1) if calls else np.zeros(0)
     report = DriftReport(deployment, candidate, _kind(candidate), output.type, ref.name,
                          _stats(calls, vecs, nearest, ref_mean, ood_cut, output, ref_shares, since, until), baseline)
-    step = (until - since) / max(1, buckets)
+    first = max(since, calls[0].created_at) if calls else since  # the buckets span the window's calls
+    step = (until - first) / max(1, buckets)
     for b in range(max(1, buckets)):
-        lo, hi = since + b * step, since + (b + 1) * step
+        lo, hi = first + b * step, (first + (b + 1) * step) if b < buckets - 1 else until
         idx = [i for i, c in enumerate(calls) if lo <= c.created_at < hi]
         report.series.append(_stats([calls[i] for i in idx], vecs[idx], nearest[idx], ref_mean, ood_cut, output,
                                     ref_shares, lo, hi))
@@ -314,8 +318,9 @@ def _todo(report: DriftReport, problem: str) -> str:
     since = (report.current.start or datetime.utcnow()).strftime("%Y-%m-%dT%H:%M")
     retrain = (f"retrain on the new window: tunelab distill --from {d} --teacher TEACHER --since {since} "
                f"--name NEW-NAME, then shadow and promote it")
-    reoptimize = (f"re-optimize the prompt on recent calls: tunelab logs export --deployment {d} --to-dataset "
-                  f"recent, correct the outputs (or give feedback on calls), then tunelab optimize {c} --data recent")
+    reoptimize = (f"re-optimize the prompt on recent calls: give feedback on a sample of them (corrections), "
+                  f"tunelab logs export --deployment {d} --to-dataset recent, tunelab data split recent, "
+                  f"then tunelab optimize {c} --data recent")
     widen = (f"widen the hybrid's fallback until then: tunelab hybrid create {c[7:]}-wide --model PRIMARY --fallback "
              "FALLBACK --threshold HIGHER (a higher margin threshold sends more inputs to the prompt)") \
         if report.kind == "hybrid" else ""
@@ -323,7 +328,8 @@ def _todo(report: DriftReport, problem: str) -> str:
         return ("re-optimize the prompt's format instructions (tunelab optimize) or serve it on a backend that "
                 "constrains JSON; look at the failing answers in the call log")
     if problem == "fallback":
-        return f"the fine-tuned side is unsure of more inputs than when it was measured: {retrain}"
+        return (f"the fine-tuned side hands more inputs to the fallback than when it was measured (unsure, or "
+                f"unlike its training data), which costs a second call each: {retrain}")
     if problem == "confidence":
         return widen + "; " + retrain if widen else (retrain if report.kind == "ft" else reoptimize)
     if report.kind == "prompt":

@@ -17,7 +17,8 @@ of right answers has a Wilson interval; "significantly worse" is a one-sided Fis
 (scipy) of the challenger's right/wrong counts against the primary's.
 
 Latency and cost per 1,000 calls are means over the answers, with percentile-bootstrap intervals
-(`tunelab.stats.bootstrap`); p50 and p95 latency are given as measured.
+(`tunelab.stats.bootstrap`); p50 and p95 latency are given as measured. The newest `MAX_CALLS`
+calls of a window count.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from tunelab.models.base import normalize
 
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
+
+MAX_CALLS = 200_000
 
 
 def same_answer(a: str | None, b: str | None) -> bool:
@@ -194,7 +197,7 @@ def _iso(t: datetime | None) -> str | None:
 def evidence(ws: "Workspace", deployment: str, primary: str, challenger: str, *, since: datetime | None = None,
              until: datetime | None = None) -> Evidence:
     """`challenger` against `primary` on `deployment`'s calls from `since` until before `until`."""
-    calls = {c.call_id: c for c in list_calls(ws, deployment, limit=None, since=since, until=until) if c.call_id}
+    calls = {c.call_id: c for c in list_calls(ws, deployment, limit=MAX_CALLS, since=since, until=until) if c.call_id}
     fb = feedback_for(ws, [cid for cid, c in calls.items()])
     agree: list[bool] = []
     sides: dict[str, dict[str, list]] = {name: {"lat": [], "cost": [], "judged": [], "errors": [0]}
@@ -243,8 +246,9 @@ def compare_shadow(ws: "Workspace", deployment: str, shadow: str, *, since: date
         raise UserError(f"no shadow answers of '{shadow}' on deployment '{deployment}'"
                         f"{' in this window' if since or until else ''}: mirror its calls first with "
                         f"tunelab rollout shadow {deployment} {shadow}")
-    answered = [c for c in list_calls(ws, deployment, limit=None, since=since, until=until)
-                if c.call_id in {r.call_id for r in rows} and c.candidate]
+    mirrored = {r.call_id for r in rows}
+    answered = [c for c in list_calls(ws, deployment, limit=MAX_CALLS, since=since, until=until)
+                if c.call_id in mirrored and c.candidate]
     primaries = sorted({c.candidate for c in answered})
     if not primaries:
         raise UserError(f"the calls '{shadow}' mirrored on '{deployment}' are no longer in the call log")
@@ -257,7 +261,7 @@ def arm_stats(ws: "Workspace", deployment: str, *, since: datetime | None = None
               until: datetime | None = None) -> dict[str, Side]:
     """Per arm (primary, canary) of `deployment`: its candidate's answers, errors, latency, cost,
     quality by feedback and, for the canary, agreement with the primary's baseline answers."""
-    calls = [c for c in list_calls(ws, deployment, limit=None, since=since, until=until) if c.arm]
+    calls = [c for c in list_calls(ws, deployment, limit=MAX_CALLS, since=since, until=until) if c.arm]
     if not calls:
         return {}
     fb = feedback_for(ws, [c.call_id for c in calls])

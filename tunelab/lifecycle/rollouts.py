@@ -159,25 +159,27 @@ def _change(ws: "Workspace", deployment: str, author: str | None, note: str, **f
         return _rollout(row, deployment)
 
 
+def _challenger(ws: "Workspace", deployment: str, candidate: str, what: str, share: float, name: str) -> float:
+    """The checks a canary and a shadow share: a share from 0 to 1, two candidates, not the same one."""
+    share = _weight(share, name)
+    check_candidate(ws, deployment, "deployment")
+    check_candidate(ws, candidate, what)
+    if candidate == get_rollout(ws, deployment).answering:
+        raise UserError(f"'{candidate}' already answers {deployment}: a {what} is another candidate")
+    return share
+
+
 def set_canary(ws: "Workspace", deployment: str, candidate: str, weight: float, *, sticky: bool = False,
                author: str | None = None, note: str = "") -> Rollout:
     """Send `weight` (0-1) of `deployment`'s calls to `candidate`; `sticky`: per caller."""
-    weight = _weight(weight, "weight")
-    check_candidate(ws, deployment, "deployment")
-    check_candidate(ws, candidate, "canary")
-    if candidate == get_rollout(ws, deployment).answering:
-        raise UserError(f"'{candidate}' already answers {deployment}: a canary is another candidate")
+    weight = _challenger(ws, deployment, candidate, "canary", weight, "weight")
     return _change(ws, deployment, author, note, canary=candidate, canary_weight=weight, sticky=bool(sticky))
 
 
 def set_shadow(ws: "Workspace", deployment: str, candidate: str, share: float = 1.0, *,
                author: str | None = None, note: str = "") -> Rollout:
     """Mirror `share` (0-1) of `deployment`'s calls to `candidate` in the background."""
-    share = _weight(share, "share")
-    check_candidate(ws, deployment, "deployment")
-    check_candidate(ws, candidate, "shadow")
-    if candidate == get_rollout(ws, deployment).answering:
-        raise UserError(f"'{candidate}' already answers {deployment}: a shadow is another candidate")
+    share = _challenger(ws, deployment, candidate, "shadow", share, "share")
     return _change(ws, deployment, author, note, shadow=candidate, shadow_share=share)
 
 

@@ -22,6 +22,7 @@ from tunelab.server.ui.render import bad_request, polyline, page, ws_of
 
 router = APIRouter()
 viewer = require("viewer")
+UI_INPUTS = 500  # window inputs embedded for a page view (an even sample): a page answers in seconds
 WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 PLOTS = [("distance", "input embedding distance", ".3f"), ("ood_share", "out-of-distribution share", ".0%"),
          ("mean_length", "mean input length (chars)", ".0f"), ("label_shift", "label shift (total variation)", ".0%"),
@@ -46,7 +47,7 @@ def monitor_page(request: Request, deployment: str, key: KeyInfo = Depends(viewe
     until = datetime.utcnow()
     report, problem = None, None
     try:
-        report = monitor(ws, deployment, since=until - WINDOWS[window], until=until)
+        report = monitor(ws, deployment, since=until - WINDOWS[window], until=until, max_inputs=UI_INPUTS)
     except UserError as exc:
         problem = str(exc)
     plots = []
