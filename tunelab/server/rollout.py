@@ -111,16 +111,20 @@ class ShadowQueue:
 
     def submit(self, job: ShadowJob) -> bool:
         """Queue `job` without waiting; False when the queue is full (the job is logged as dropped)."""
-        self.counts["submitted"] += 1
-        try:
-            self._jobs.put_nowait(job)
-            return True
-        except queue.Full:
-            self.counts["dropped"] += 1
-            with self._cond:
+        with self._cond:  # callers submit from many threads: count under the lock
+            self.counts["submitted"] += 1
+            try:
+                self._jobs.put_nowait(job)
+                return True
+            except queue.Full:
+                self.counts["dropped"] += 1
                 if len(self._drops) < MAX_DROPS_KEPT:
                     self._drops.append(job.dropped("the shadow queue was full"))
-            return False
+                return False
+
+    def _count(self, name: str, n: int) -> None:
+        with self._cond:
+            self.counts[name] += n
 
     def pending(self) -> int:
         return self._jobs.qsize()
@@ -149,7 +153,7 @@ class ShadowQueue:
                 self._jobs.task_done()
             except queue.Empty:
                 break
-        self.counts["dropped"] += len(left)
+        self._count("dropped", len(left))
         self._flush_drops(left)
 
     # -- the worker ------------------------------------------------------------------------------
@@ -163,7 +167,7 @@ class ShadowQueue:
             try:
                 self.write(answers)
             except Exception:  # noqa: BLE001 - the writer failed: these rows are lost, count them
-                self.counts["errors"] += len(answers)
+                self._count("errors", len(answers))
 
     def _run(self) -> None:
         pending: list[ShadowAnswer] = []  # answered, written together in a pause
@@ -199,7 +203,7 @@ class ShadowQueue:
             self._pause(wait=True)  # never alongside a caller
             if self._stop:
                 write_pending()
-                self.counts["dropped"] += len(jobs)
+                self._count("dropped", len(jobs))
                 self._flush_drops([j.dropped("the server stopped before the shadow answered") for j in jobs])
                 for _ in jobs:
                     self._jobs.task_done()
@@ -233,11 +237,11 @@ class ShadowQueue:
                 else:
                     comps = [dep.answer(j.messages, j.variables, seed, a, {}) for j, a in zip(group, applied)]
             except Exception as exc:  # noqa: BLE001 - a failing shadow is logged, never raised
-                self.counts["errors"] += len(group)
+                self._count("errors", len(group))
                 out += [ShadowAnswer(j.call_id, j.deployment, spec, j.role, status="error",
                                      error=f"{type(exc).__name__}: {exc}"[:2000]) for j in group]
                 continue
-            self.counts["answered"] += len(group)
+            self._count("answered", len(group))
             for job, comp in zip(group, comps):
                 meta = {k: v for k, v in (comp.meta or {}).items() if k.startswith("route") or k == "margin"}
                 if comp.label_margin is not None:
