@@ -1,6 +1,12 @@
 """Fine-tuning throughput: TRL's SFTTrainer against tunelab's loop, in one process.
 
     .venv/bin/python bench/finetune_throughput.py [--steps 20] [--batch-size 8] [--max-length 256] [--rounds 1]
+        [--threads 1] [--base smollm2-135m|gemma3-270m|both]
+
+Three trainers alternate in each round: TRL, tunelab (its fused LoRA pass on Llama models:
+`tunelab.finetune.fused`), and tunelab with `TUNELAB_FUSED=0` (transformers' forward under
+tunelab's loop), so the fused pass's own gain is measured in the same process. `--base both`
+prints the ratios for SmolLM2 and for Gemma 3 270M (no fused pass: Gemma goes through transformers).
 
 Both train SmolLM2-135M-Instruct with the same LoRA (r=8, alpha=16, dropout 0.05, q/k/v/o_proj), the
 same learning rate, batch size, maximum length and number of steps, on the same sms_spam training
@@ -68,7 +74,7 @@ def run_trl(rows: list[dict], args, bf16: bool) -> dict:
 
     from tunelab.models.weights import bundled_model_dir
 
-    base = bundled_model_dir()
+    base = bundled_model_dir(args.base)
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -114,7 +120,7 @@ def run_tunelab(rows: list[dict], args, bf16: bool) -> dict:
                             lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
                             target_modules=LORA["target_modules"], max_length=args.max_length, warmup_ratio=0.0,
                             precision="bf16" if bf16 else "fp32", patience=None, max_grad_norm=1.0)
-    model, tok = load_for_training(bundled_model_dir(), config)
+    model, tok = load_for_training(bundled_model_dir(args.base), config)
     items = render_examples([Example(r["input"], r["output"]) for r in rows], messages_of, tok)
     items = [truncate(it, args.max_length) for it in items]
     reset_peak()
@@ -132,6 +138,18 @@ def messages_of(example) -> list[dict[str, str]]:
     return messages({"input": example.input})
 
 
+def run_tunelab_plain(rows: list[dict], args, bf16: bool) -> dict:
+    """tunelab's loop with transformers' forward (the fused pass off)."""
+    os.environ["TUNELAB_FUSED"] = "0"
+    try:
+        return run_tunelab(rows, args, bf16)
+    finally:
+        os.environ.pop("TUNELAB_FUSED", None)
+
+
+TRAINERS = (("trl", run_trl), ("tunelab", run_tunelab), ("tunelab-unfused", run_tunelab_plain))
+
+
 def main() -> None:
     import tempfile
 
@@ -139,48 +157,61 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps for each trainer")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=1, help="alternate TRL and tunelab this many times")
-    parser.add_argument("--only", choices=["trl", "tunelab"], help="run one trainer (a clean peak-memory figure)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the trainers this many times")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (one on a shared machine)")
+    parser.add_argument("--base", default="smollm2-135m", help="smollm2-135m, gemma3-270m or both")
+    parser.add_argument("--only", choices=[n for n, _ in TRAINERS], help="run one trainer (a clean peak-memory figure)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["TUNELAB_THREADS"] = str(args.threads)
     from tunelab.finetune.train import bf16_supported
 
     bf16 = bf16_supported()
     rows = examples(args.steps * args.batch_size)
-    import torch
-
-    print(f"# {len(rows)} sms_spam examples, {args.steps} steps of batch {args.batch_size}, max length "
-          f"{args.max_length}, LoRA r=8 alpha=16 q/k/v/o, {'bf16' if bf16 else 'fp32'}, torch threads "
-          f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
-          file=sys.stderr)
-    figures: dict[str, list[dict]] = {"trl": [], "tunelab": []}
-    with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
-        args.tmp = tmp
-        for _ in range(args.rounds):
-            for name, fn in (("trl", run_trl), ("tunelab", run_tunelab)):
-                if args.only and name != args.only:
-                    continue
-                r = fn(rows, args, bf16)
-                gc.collect()
-                r["load_average"] = round(os.getloadavg()[0], 1)
-                figures[name].append(r)
-                print(f"{name:8s} {r['tokens']:>7,} tokens in {r['seconds']:7.1f} s = {r['tokens_per_s']:7.1f} "
-                      f"tokens/s; peak RSS {r['peak_mib']:,.0f} MiB; load {r['load_average']}", file=sys.stderr)
-    if args.only:
-        print(json.dumps(figures[args.only], indent=2) if args.json else "")
-        return
-    best = {k: max(v, key=lambda r: r["tokens_per_s"]) for k, v in figures.items()}
-    ratio = best["tunelab"]["tokens_per_s"] / best["trl"]["tokens_per_s"]
-    summary = {"trl_tokens_per_s": round(best["trl"]["tokens_per_s"], 1),
-               "tunelab_tokens_per_s": round(best["tunelab"]["tokens_per_s"], 1), "ratio": round(ratio, 2),
-               "trl_peak_mib": round(best["trl"]["peak_mib"]), "tunelab_peak_mib": round(best["tunelab"]["peak_mib"]),
-               "runs": figures}
+    bases = ["smollm2-135m", "gemma3-270m"] if args.base == "both" else [args.base]
+    summaries = {}
+    for base in bases:
+        args.base = base
+        print(f"# {base}: {len(rows)} sms_spam examples, {args.steps} steps of batch {args.batch_size}, max length "
+              f"{args.max_length}, LoRA r=8 alpha=16 q/k/v/o, {'bf16' if bf16 else 'fp32'}, torch threads "
+              f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+              file=sys.stderr)
+        figures: dict[str, list[dict]] = {name: [] for name, _ in TRAINERS}
+        with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
+            args.tmp = tmp
+            for _ in range(args.rounds):
+                for name, fn in TRAINERS:
+                    if args.only and name != args.only:
+                        continue
+                    r = fn(rows, args, bf16)
+                    gc.collect()
+                    r["load_average"] = round(os.getloadavg()[0], 1)
+                    figures[name].append(r)
+                    print(f"{name:15s} {r['tokens']:>7,} tokens in {r['seconds']:7.1f} s = {r['tokens_per_s']:7.1f} "
+                          f"tokens/s; peak RSS {r['peak_mib']:,.0f} MiB; load {r['load_average']}", file=sys.stderr)
+        if args.only:
+            print(json.dumps(figures[args.only], indent=2) if args.json else "")
+            return
+        best = {k: max(v, key=lambda r: r["tokens_per_s"]) for k, v in figures.items()}
+        trl = best["trl"]["tokens_per_s"]
+        summary = {"trl_tokens_per_s": round(trl, 1),
+                   "tunelab_tokens_per_s": round(best["tunelab"]["tokens_per_s"], 1),
+                   "tunelab_unfused_tokens_per_s": round(best["tunelab-unfused"]["tokens_per_s"], 1),
+                   "ratio": round(best["tunelab"]["tokens_per_s"] / trl, 2),
+                   "ratio_unfused": round(best["tunelab-unfused"]["tokens_per_s"] / trl, 2),
+                   "trl_peak_mib": round(best["trl"]["peak_mib"]), "tunelab_peak_mib": round(best["tunelab"]["peak_mib"]),
+                   "runs": figures}
+        summaries[base] = summary
+        print(f"{base}: TRL SFTTrainer {summary['trl_tokens_per_s']:.1f} tokens/s; tunelab "
+              f"{summary['tunelab_tokens_per_s']:.1f} tokens/s = {summary['ratio']:.2f}x (without the fused pass "
+              f"{summary['tunelab_unfused_tokens_per_s']:.1f} = {summary['ratio_unfused']:.2f}x); peak RSS TRL "
+              f"{summary['trl_peak_mib']} MiB, tunelab {summary['tunelab_peak_mib']} MiB")
     if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(f"TRL SFTTrainer {summary['trl_tokens_per_s']:.1f} tokens/s (peak {summary['trl_peak_mib']} MiB); "
-              f"tunelab {summary['tunelab_tokens_per_s']:.1f} tokens/s (peak {summary['tunelab_peak_mib']} MiB); "
-              f"ratio {ratio:.2f}x")
+        print(json.dumps(summaries, indent=2))
 
 
 if __name__ == "__main__":

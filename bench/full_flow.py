@@ -10,7 +10,11 @@ fine-tune's own zero-shot starting point), the fine-tuned model and the hybrid â
     python bench/full_flow.py tweeteval_emotion   --dir /tmp/flow-emotion --epochs 1
     python bench/full_flow.py sms_spam --quick    # a tiny version (a few examples, a few steps)
 
+    python bench/full_flow.py tweeteval_emotion --bases smollm2-135m,gemma3-270m --search 8
+
 Every step is reused or resumed when run again in the same --dir, so an interrupted run continues.
+Memory: the peak resident set of each step (VmHWM, reset at every step through
+/proc/self/clear_refs) and of the whole run are printed at the end.
 Prints the comparison table and the wall time of each step; writes the comparison JSON and the
 HTML report into --dir (the paths are printed). Shared data: TUNELAB_SHARED_DATA, else
 ../shared/data next to the repository.
@@ -51,6 +55,10 @@ def main() -> int:
     ap.add_argument("--volume", type=float, default=100_000, help="requests per month for the cost comparison")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (TUNELAB_THREADS)")
     ap.add_argument("--quick", action="store_true", help="a tiny version: a few examples, a few steps")
+    ap.add_argument("--bases", default="smollm2-135m", help="base models side by side (flow --bases)")
+    ap.add_argument("--search", type=int, default=None, help="fine-tune by a search of N trials (flow --search)")
+    ap.add_argument("--max-train", type=int, default=None,
+                    help="fine-tune on a seeded sample of this many training examples (default: all)")
     args = ap.parse_args()
     if args.threads:
         os.environ["TUNELAB_THREADS"] = str(args.threads)
@@ -63,14 +71,55 @@ def main() -> int:
     stem = args.dataset.split("_")[-1]
     flow = flow_for(src, name=stem, task=task, field=field, epochs=args.epochs, budget=args.budget,
                     limit_validation=args.limit_validation, extra_candidates=["{short}"], labels=labels,
-                    origin="bench/full_flow.py")
+                    origin="bench/full_flow.py", bases=args.bases.split(","), search=args.search)
+    if args.max_train:
+        flow.finetune_settings["max_examples"] = args.max_train
     directory = Path(args.dir or f"/tmp/tunelab-flow-{args.dataset}")
-    out = run_flow(directory, flow, quick=args.quick, volume=args.volume, workspace_name=f"flow-{stem}")
+    memory = PeakMemory()
+    out = run_flow(directory, flow, quick=args.quick, volume=args.volume, workspace_name=f"flow-{stem}",
+                   log=memory.log)
+    memory.step("")
     path = directory / "comparison.json"
     path.write_text(json.dumps(out.comparison.to_json(), indent=2, default=str), encoding="utf-8")
     print(f"\ncomparison JSON: {path}\nreport: {out.report}")
     print("times: " + json.dumps({k: round(v, 1) for k, v in out.times.items()}) + f"; wall {out.wall_s:.0f} s")
+    print("peak RSS per step (MiB): " + json.dumps({k: round(v) for k, v in memory.peaks.items()})
+          + f"; whole flow {max(memory.peaks.values()):,.0f} MiB; load average {os.getloadavg()[0]:.1f}")
     return 0
+
+
+class PeakMemory:
+    """The process's peak resident set per flow step: the flow logs "[k/n] title" as a step starts."""
+
+    def __init__(self):
+        self.peaks: dict[str, float] = {}
+        self.current = "start"
+        self._reset()
+
+    @staticmethod
+    def _reset() -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+
+    @staticmethod
+    def _peak_mib() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def step(self, name: str) -> None:
+        self.peaks[self.current] = max(self.peaks.get(self.current, 0.0), self._peak_mib())
+        self.current = name
+        self._reset()
+
+    def log(self, line: str) -> None:
+        stripped = line.strip()
+        if stripped.startswith("[") and "/" in stripped.split("]", 1)[0]:
+            self.step(stripped.split("]", 1)[1].split(":")[0].split("(")[0].strip()[:40])
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

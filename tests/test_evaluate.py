@@ -260,7 +260,7 @@ def test_json_candidate_metrics(workspace):
                              "hello": "no idea", "8pm": '{"people": "2 people", "time": "8pm"}'})
     result = evaluate(workspace, cand, "slots:test", progress=False, batch_size=10, use_cache=False)
     m = result.metrics
-    assert result.primary_metric == "json_match"
+    assert result.primary_metric == "field_f1"
     assert m["json_valid"]["value"] == pytest.approx(3 / 4)
     assert m["json_schema"]["value"] == pytest.approx(3 / 4)
     assert m["json_match"]["value"] == pytest.approx(2 / 4)

@@ -387,9 +387,34 @@ def test_gradient_checkpointing_trains_the_same(tiny_base):
         model, _ = load_for_training(tiny_base, FineTuneConfig(gradient_checkpointing=ckpt, lora_dropout=0.0,
                                                                    precision="fp32"))
         model.train()
-        loss, n, _, _ = completion_loss(model, batch, bf16=False)
+        loss, n = completion_loss(model, batch, bf16=False)
         (loss / n).backward()
         grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for k in grads[0]:
         assert (grads[0][k] - grads[1][k]).abs().max() < 1e-5, k
+
+
+def test_chunked_loss_equals_the_whole_loss_and_its_gradients(tiny_base, monkeypatch):
+    """The vocabulary projection a few positions at a time (recomputed in the backward pass) gives
+    the loss and the gradients of the projection done at once."""
+    from tunelab.finetune import train as tr
+    from tunelab.finetune.config import FineTuneConfig
+    from tunelab.finetune.data import collate
+
+    items = [Tokenized(list(range(5, 25)), 6), Tokenized(list(range(30, 42)), 3)]
+    batch = collate(items, pad_id=2)
+    model, _ = tr.load_for_training(tiny_base, FineTuneConfig(lora_dropout=0.0, precision="fp32"))
+    model.train()
+    vocab = model.config.get_text_config().vocab_size
+    results = []
+    for chunk_logits in (1 << 30, 5 * vocab):  # everything at once; 16 positions a chunk (the floor)
+        monkeypatch.setattr(tr, "LOSS_CHUNK_LOGITS", chunk_logits)
+        model.zero_grad()
+        loss, n = tr.completion_loss(model, batch, bf16=False)
+        (loss / n).backward()
+        results.append((float(loss), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    assert tr.loss_chunk_rows(vocab) == 16 and results[0][1] == 14 + 9 and results[0][1] > 16
+    assert abs(results[0][0] - results[1][0]) < 1e-4 * abs(results[0][0])
+    for k, g in results[0][2].items():
+        assert (g - results[1][2][k]).abs().max() < 1e-6, k

@@ -38,15 +38,14 @@ def ws(workspace, shared_data):
     return workspace
 
 
-def test_lora_learns_and_leaves_the_base_frozen(ws, bundled_model_dir, tmp_path):
+def train_and_compare(p, run_dir):
+    """Train the plan `p` as `train()` does; returns (validation loss before, the trainer state, LoRA
+    tensors that moved, frozen tensors that moved), checking every LoRA tensor trains and nothing else."""
     import torch
 
-    from tunelab.finetune import FineTuneConfig, plan
     from tunelab.finetune.train import load_for_training, train
     from tunelab.finetune.validate import make_validator
 
-    p = plan(ws, FineTuneConfig(data="sms", prompt="spam", name="unit", lr=1e-3, batch_size=8, max_examples=32,
-                                epochs=1, patience=None))
     model, tok = load_for_training(p.base_dir, p.config)
     before = {n: t.detach().clone() for n, t in model.named_parameters()}
     validate = make_validator(p.val_items, tok, bf16=True)
@@ -54,20 +53,27 @@ def test_lora_learns_and_leaves_the_base_frozen(ws, bundled_model_dir, tmp_path)
     with torch.no_grad():
         loss_before = validate(model)["loss"]
     model.train()
-    result = train(model, tok, p.train_items, validate, p.config, tmp_path / "run", progress=False)
-    state = result.state
+    state = train(model, tok, p.train_items, validate, p.config, run_dir, progress=False).state
+    lora_moved = frozen_moved = 0
+    for n, t in model.named_parameters():
+        moved = not torch.equal(before[n], t.detach())
+        assert t.requires_grad == ("lora_" in n), n
+        if "lora_" in n:
+            lora_moved += moved
+        else:
+            frozen_moved += moved
+    return loss_before, state, lora_moved, frozen_moved
+
+
+def test_lora_learns_and_leaves_the_base_frozen(ws, bundled_model_dir, tmp_path):
+    from tunelab.finetune import FineTuneConfig, plan
+
+    p = plan(ws, FineTuneConfig(data="sms", prompt="spam", name="unit", lr=1e-3, batch_size=8, max_examples=32,
+                                epochs=1, patience=None))
+    loss_before, state, changed_lora, frozen_moved = train_and_compare(p, tmp_path / "run")
     assert state["step"] == 4 and state["tokens"] > 0
     loss_after = state["eval_curve"][-1]["loss"]
     assert loss_after < 0.7 * loss_before, (loss_before, loss_after)
-    changed_lora = frozen_moved = 0
-    for n, t in model.named_parameters():
-        moved = not torch.equal(before[n], t.detach())
-        if "lora_" in n:
-            assert t.requires_grad
-            changed_lora += moved
-        else:
-            assert not t.requires_grad
-            frozen_moved += moved
     assert changed_lora >= 60 and frozen_moved == 0  # 30 layers x 4 modules, A or B of each moved
 
 

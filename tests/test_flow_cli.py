@@ -152,20 +152,21 @@ def test_a_folder_with_train_and_test_gets_a_validation_split(tmp_path):
     assert set(small.splits) == {"train", "validation", "test"} and all(small.splits.values())
 
 
-def test_cli_free_text_outputs(cli, tmp_path):
+def test_free_text_and_long_outputs_make_a_text_flow(tmp_path):
+    """Many distinct or long outputs are free text now (tests/test_flow_generative.py runs those flows)."""
+    from tunelab.flow import flow_for
+
     splits = {s: [{"input": f"question {i} of {s}", "output": f"a long free answer number {i} about {s}"}
                   for i in range(60)] for s in ("train", "validation", "test")}
-    folder = _write(tmp_path / "answers", splits)
-    _one_line_error(cli("flow", folder, "--dir", tmp_path / "ws"), "handles label outputs", "60 distinct outputs")
-    assert not (tmp_path / "ws").exists()
-
-
-def test_cli_long_outputs_and_a_single_label(cli, tmp_path):
+    assert flow_for(_write(tmp_path / "answers", splits)).output_type == "text"
     splits = {s: [{"input": f"{s} text {i}", "output": "x" * 80 if i % 2 else "short"} for i in range(6)]
               for s in ("train", "validation", "test")}
-    _one_line_error(cli("flow", _write(tmp_path / "long", splits)), "2 distinct outputs", "longer than 60")
+    assert flow_for(_write(tmp_path / "long", splits)).output_type == "text"
+
+
+def test_cli_a_single_label(cli, tmp_path):
     splits = {s: [{"input": f"{s} text {i}", "output": "same"} for i in range(6)] for s in ("train", "validation", "test")}
-    _one_line_error(cli("flow", _write(tmp_path / "one", splits)), "1 distinct outputs")
+    _one_line_error(cli("flow", _write(tmp_path / "one", splits)), "every train output is 'same'")
 
 
 @pytest.mark.realmodel

@@ -72,6 +72,8 @@ def ws(workspace):
     load_model("fake:extract", workspace).rules.update({"card": '{"team": "billing"}'})
     workspace.config.models["strict"] = ModelConfig(backend="fake")  # a raw model whose backend constrains JSON
     load_model("strict", workspace).constrains_json = True
+    workspace.config.models["loose"] = ModelConfig(backend="fake")  # a raw model whose backend cannot constrain
+    load_model("loose", workspace).constrains_json = False
     examples = [Example(f"my card problem {i}", "billing") for i in range(3)] + [Example("app crash", "bug")]
     save_dataset(workspace, "tickets", {"train": examples, "validation": examples, "test": examples})
     yield workspace
@@ -140,7 +142,7 @@ def test_response_format_json_object_and_json_schema(client):
     assert got.choices[0].message.content.startswith("{")
     # and 400 wherever it cannot be honoured
     for model, fmt, words in [("route@production", {"type": "json_object"}, "answers label"),
-                              ("fake", {"type": "json_object"}, "cannot constrain"),
+                              ("loose", {"type": "json_object"}, "cannot constrain"),
                               ("extract@production", {"type": "json_schema", "json_schema": {
                                   "name": "Other", "schema": {"type": "object", "properties": {"x": {"type": "integer"}}}}},
                                "not the requested schema 'Other'")]:

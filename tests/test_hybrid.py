@@ -210,3 +210,14 @@ def test_hybrid_errors(hybrid_ws):
         create_hybrid(hybrid_ws, "h3", "prim", "fall", data="tickets", threshold="2", progress=False)
     with pytest.raises(UserError, match="invalid regular expression"):
         create_hybrid(hybrid_ws, "h3", "prim", "fall", data="tickets", rules=["(x"], progress=False)
+
+
+def test_generated_answers_tune_on_the_mean_and_the_least_likely_token():
+    # the primary is wrong exactly where one of its tokens was unlikely, whatever its mean
+    primary = [1, 1, 0, 1, 0, 1]
+    fallback = [0, 0, 1, 0, 1, 0]
+    means = [0.9, 0.8, 0.85, 0.7, 0.9, 0.75]
+    mins = [0.6, 0.5, 0.05, 0.4, 0.1, 0.45]
+    t = tune_thresholds(primary, fallback, means, min_probs=mins)
+    assert t["score"] == 1.0 and t["fallback_share"] == pytest.approx(2 / 6)
+    assert 0.1 < t["min_token_threshold"] <= 0.4 and t["margin_threshold"] == 0.0

@@ -126,7 +126,8 @@ def test_json_metrics_hand_computed():
         (json.dumps({"people": "2"}), ' {"people": "2"} '),
     ])
     names = default_metric_names(out)
-    assert names == ["json_valid", "json_schema", "field_f1", "field_precision", "field_recall", "json_match"]
+    assert names == ["field_f1", "field_precision", "field_recall", "json_match", "json_valid", "json_schema",
+                     "format_valid"]
     vals = aggregate(make_metrics(names, out), ans)
     assert vals["json_valid"].value == pytest.approx(4 / 5)
     assert vals["json_schema"].value == pytest.approx(3 / 5)  # 'extra' breaks additionalProperties

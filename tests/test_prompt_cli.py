@@ -30,6 +30,9 @@ MALFORMED = {
     "sandbox_globals.prompt": (4, ["unsafe template", "__globals__"]),
     "sandbox_template_reference.prompt": (4, ["unsafe template", "_TemplateReference__context"]),
     "sandbox_dynamic_attr.prompt": (4, ["unsafe template", "__class__"]),
+    "invalid_schema.prompt": (3, ["field 'output'", "invalid JSON schema", "objekt"]),
+    "constrained_text.prompt": (3, ["'constrained: true' is only for type json"]),
+    "judge_no_scale.prompt": (4, ["field 'output.judge.scale'", "required"]),
 }
 
 SMS = """---

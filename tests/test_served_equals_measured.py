@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.fakes import fake_finetune
+from tests.servers import measured_and_served
 from tunelab.datasets import Example, get_dataset, save_dataset
 from tunelab.evaluate import evaluate, resolve_candidate, run_rows
 from tunelab.files import write_atomic
@@ -95,13 +96,8 @@ def _client(ws):
 @pytest.mark.parametrize("deployment", ["route@production", "warm@current", "knn@current", "ft:tk", "hybrid:hy",
                                         "extract@current"])
 def test_the_gateway_answers_as_the_evaluator_measured(ws, deployment):
-    measured = evaluate(ws, resolve_candidate(ws, deployment), "tickets:test", progress=False)
-    rows = [r for r in run_rows(ws, measured.id) if r.repeat_index == 0]
-    client, http = _client(ws)
-    with http:
-        served = [client.chat.completions.create(model=deployment, messages=[{"role": "user", "content": r.input}])
-                  for r in rows]
-    assert [s.choices[0].message.content for s in served] == [r.prediction for r in rows]
+    rows, served = measured_and_served(ws, deployment, "tickets:test")
+    assert served == [r.prediction for r in rows]
     assert {r.prediction for r in rows} != {""}  # something was answered
     if deployment == "hybrid:hy":  # both sides answered some requests, in the gateway as in the run
         routes = [(r.extra or {}).get("meta", {}).get("route") for r in rows]

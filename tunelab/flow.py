@@ -1,3 +1,4 @@
+# longer than 600 lines: the flow reads top to bottom, its steps and their names in one place
 """The whole flow, start to finish: data → prompt → optimize | fine-tune → hybrid → compare → advice.
 
     run_flow("my-workspace", flow_for("data/tickets/"))   # or: tunelab flow data/tickets/ [--quick]
@@ -30,15 +31,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import ValidationError
+
 from tunelab import finetune as ft
 from tunelab.compare import Advice, Comparison, Constraints, advise, compare, print_table
 from tunelab.datasets import (check_path, get_dataset, import_dataset, read_source, save_dataset, split_examples,
                               subsample)
 from tunelab.errors import UserError
 from tunelab.evaluate import RunResult, evaluate, hybrid_path, read_hybrid, resolve_candidate
+from tunelab.finetune.search import search as search_finetune
 from tunelab.hybrid import create_hybrid
+from tunelab.models import release_memory
+from tunelab.models.weights import BUNDLED, bundled
 from tunelab.optimize import find_optimization, optimize
-from tunelab.prompts import commit_prompt, parse_prompt, prompt_path, prompt_versions
+from tunelab.files import read_text
+from tunelab.prompts import OutputSpec, commit_prompt, parse_prompt, prompt_path, prompt_versions
 from tunelab.workspace import Workspace
 
 DATASET = "support"
@@ -46,6 +53,7 @@ BASE_PROMPT = "support-router"
 SHORT_PROMPT = "support-short"
 FINETUNE = "support-ft"
 HYBRID = "support-hybrid"
+DEFAULT_BASE = "smollm2-135m"
 MAX_PROMPT_TOKENS = 900  # few-shot candidates longer than this are not tried (they cost time on every request)
 
 SHORT_PROMPT_TEXT = """---
@@ -84,6 +92,11 @@ class Flow:
     limit_validation: int | None = None   # optimize on the first N validation examples only
     label_definitions: dict[str, str] | None = None
     extra_candidates: list[str] = field(default_factory=list)  # more candidates for the comparison
+    output_type: str = "label"  # label | json | text, inferred from the train outputs
+    constrained_prompt: str | None = None  # json: the baseline decoded under its schema's grammar
+    constrained_prompt_text: str = ""
+    bases: list[str] = field(default_factory=lambda: [DEFAULT_BASE])  # prompts and fine-tunes on each, side by side
+    search: int | None = None  # fine-tune by a hyperparameter search of this many trials (`finetune.search`)
 
 
 def demo_flow() -> Flow:
@@ -95,6 +108,7 @@ def demo_flow() -> Flow:
 # What `flow_for` checks before the flow starts: outputs must look like class labels.
 MAX_FLOW_LABELS = 50
 MAX_LABEL_CHARS = 60
+GENERATIVE_VALIDATION = 100  # JSON and text: fine-tuning validates on this many validation examples
 
 
 def _labels_yaml(labels: list[str]) -> str:
@@ -145,6 +159,80 @@ Label this {field.lower()}.
     return base, short
 
 
+def infer_output(outputs: list[str]) -> str:
+    """The output type of a task from its train outputs: json when every output is a JSON object
+    (or array), label for 2 to MAX_FLOW_LABELS distinct short outputs, else text."""
+    def is_json(text: str) -> bool:
+        if not text.lstrip().startswith(("{", "[")):
+            return False
+        try:
+            return isinstance(json.loads(text), (dict, list))
+        except ValueError:
+            return False
+
+    if outputs and all(is_json(o) for o in outputs):
+        return "json"
+    distinct = set(outputs)
+    if 2 <= len(distinct) <= MAX_FLOW_LABELS and all(len(o) <= MAX_LABEL_CHARS and "\n" not in o for o in distinct):
+        return "label"
+    return "text"
+
+
+def infer_schema(outputs: list[str]) -> dict[str, Any]:
+    """A JSON Schema every train output matches, inferred by genson: the keys seen (optional unless
+    present in every output), their types, and no other keys (`additionalProperties: false`)."""
+    from genson import SchemaBuilder
+
+    builder = SchemaBuilder(schema_uri=None)
+    for text in outputs:
+        builder.add_object(json.loads(text))
+    schema = builder.to_schema()
+
+    def closed(node: Any) -> Any:
+        if isinstance(node, dict):
+            node = {k: closed(v) for k, v in node.items()}
+            if node.get("type") == "object" and "properties" in node:
+                node.setdefault("additionalProperties", False)
+            return node
+        if isinstance(node, list):
+            return [closed(v) for v in node]
+        return node
+
+    return closed(schema)
+
+
+def generative_prompts(name: str, output_type: str, outputs: list[str], schema: dict[str, Any] | None,
+                       task: str | None, field: str, origin: str) -> tuple[str, str, str]:
+    """(baseline, short, constrained) prompt texts for a JSON or text task: the baseline states the
+    task (and for JSON the schema); the short prompt is what the fine-tuned model is trained and
+    run with; the constrained prompt (JSON only, else "") is the baseline decoded under its
+    schema's grammar."""
+    longest = max((len(o) for o in outputs), default=64)
+    max_tokens = max(32, min(512, longest // 2 + 24))
+    field = (field or ("Text" if output_type == "json" else "Input")).strip()
+    if output_type == "json":
+        task = (task or "Extract the fields of this text as a JSON object.").strip()
+        spec = f"output:\n  type: json\n  schema: {json.dumps(schema, ensure_ascii=False)}\n"
+        instruction = f"{task} Answer with the JSON only, matching this JSON schema:\n{{{{ schema }}}}"
+        short_line = "Extract the fields as JSON."
+    else:
+        task = (task or "Write the answer for this input.").strip()
+        spec = "output: text\n"
+        instruction = task
+        short_line = "Write the answer."
+
+    def prompt(description: str, body: str, constrained: bool = False) -> str:
+        out = spec + ("  constrained: true\n" if constrained else "")
+        return (f"---\nmodel: smollm2-135m\ntemperature: 0\nmax_tokens: {max_tokens}\n{out}"
+                f"description: {description} ({origin})\n---\nuser:\n{body}\n\n{field}: {{{{ input }}}}\n")
+
+    base = prompt(f"baseline zero-shot prompt for {name}", instruction)
+    short = prompt("the short prompt the fine-tuned model is trained and run with", short_line)
+    constrained = prompt(f"the baseline for {name}, decoded under the schema's grammar", instruction, True) \
+        if output_type == "json" else ""
+    return base, short, constrained
+
+
 def flow_name(text: str) -> str:
     """`text` as a name the workspace accepts for datasets and prompts (letters, digits, '-', '_',
     '.'; starting with a letter or digit), short enough for the suffixes the flow adds."""
@@ -156,16 +244,19 @@ def flow_name(text: str) -> str:
 def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None = None, field: str | None = None,
              epochs: int = 1, budget: int = 8, limit_validation: int | None = 150,
              extra_candidates: list[str] | None = None, labels: list[str] | None = None,
-             origin: str = "tunelab flow") -> Flow:
+             schema: str | Path | dict | None = None, origin: str = "tunelab flow", bases: list[str] | None = None,
+             search: int | None = None) -> Flow:
     """The whole flow for a labelled dataset of the user's: `data_dir` is a data file or a folder of
     train, validation and test files (.jsonl with input/output, or .csv; val/dev also name
     validation). Missing validation and test splits are split off train when the data is imported
     (`split_examples`: seeded, stratified, 10% each).
-    The labels are the train outputs; the dataset, prompts (`NAME-zero-shot`, `NAME-short`),
-    fine-tune (`NAME-ft`) and hybrid (`NAME-hybrid`) are named after `name` (default the folder's
-    name, made a valid name). Raises UserError when the path is missing, has no train data, or its
-    outputs do not look like labels (more than 50 distinct outputs, or long ones). `labels` gives
-    the label order for the prompts (default: the train outputs, sorted)."""
+    The output type is inferred from the train outputs (`infer_output`): JSON objects (their schema
+    inferred by genson unless `schema`, a JSON Schema file, is given), labels (2 to 50 distinct short
+    outputs: the labels), else free text. The dataset, prompts (`NAME-zero-shot`, `NAME-short`, for
+    JSON `NAME-constrained`), fine-tune (`NAME-ft`) and hybrid (`NAME-hybrid`) are named after `name`
+    (default the folder's name, made a valid name). Raises UserError when the path is missing or has
+    no train data. `labels` gives the label order for the prompts (default: the train outputs,
+    sorted)."""
     src = Path(data_dir).expanduser()
     expected = ("a data file, or a folder with a train file and optionally validation and test files "
                 "(train.jsonl, validation.jsonl, test.jsonl; .csv also works)")
@@ -180,22 +271,93 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
                         "'input' and 'output')")
     outputs = [ex.output for ex in train]
     distinct = sorted(set(outputs))
-    long = [o for o in distinct if len(o) > MAX_LABEL_CHARS or "\n" in o]
-    if len(distinct) > MAX_FLOW_LABELS or long or len(distinct) < 2:
-        why = (f"{len(distinct)} distinct outputs" + (f", {len(long)} of them longer than {MAX_LABEL_CHARS} "
-               "characters or on several lines" if long else ""))
-        raise UserError(f"{files['train'].path}: tunelab flow handles label outputs (2 to {MAX_FLOW_LABELS} "
-                        f"distinct short outputs); the train split has {why}")
+    if len(distinct) < 2:
+        raise UserError(f"{files['train'].path}: every train output is {distinct[0]!r}: nothing to learn "
+                        "(a task needs 2 or more different outputs)")
+    kind = infer_output(outputs)
+    if schema is not None and kind != "json":
+        raise UserError(f"--schema is for JSON outputs; the train outputs of {files['train'].path} are {kind}")
     stem = flow_name(name or (src.resolve().stem if src.is_file() else src.resolve().name))
     folder = src.resolve().name  # the descriptions name the folder as it is, where YAML reads it plainly
     about = folder if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", folder) else stem
-    base, short = flow_prompts(about, list(labels) if labels else distinct, task, field, origin=origin)
+    constrained = ""
+    if kind == "label":
+        base, short = flow_prompts(about, list(labels) if labels else distinct, task, field, origin=origin)
+    else:
+        if kind == "json":
+            schema = read_schema(schema) if schema is not None else infer_schema(outputs)
+        base, short, constrained = generative_prompts(about, kind, outputs, schema, task,
+                                                      field if field != "Text" or kind == "json" else "Input", origin)
     return Flow(data_dir=src, dataset=stem, base_prompt=f"{stem}-zero-shot", base_prompt_text=base,
                 short_prompt=f"{stem}-short", short_prompt_text=short, finetune=f"{stem}-ft", hybrid=f"{stem}-hybrid",
                 finetune_settings={"method": "lora", "lora_r": 16, "lora_alpha": 32.0, "lr": 1e-3,
-                                   "epochs": epochs, "batch_size": 8},
+                                   "epochs": epochs, "batch_size": 8,
+                                   # generated answers cost a decoding per validation example: early
+                                   # stopping watches a seeded sample of the validation split
+                                   **({"max_val_examples": GENERATIVE_VALIDATION} if kind != "label" else {})},
                 optimize_budget=budget, limit_validation=limit_validation,
-                extra_candidates=list(extra_candidates or []))
+                extra_candidates=list(extra_candidates or []), output_type=kind,
+                constrained_prompt=f"{stem}-constrained" if constrained else None, constrained_prompt_text=constrained,
+                bases=check_bases(bases), search=search)
+
+
+def read_schema(path: str | Path | dict) -> dict[str, Any]:
+    """A JSON Schema from a file (`--schema FILE`): a UserError naming the file when it is not JSON
+    or not a valid JSON Schema."""
+    if isinstance(path, dict):
+        schema = path
+        where: Any = "--schema"
+    else:
+        where = Path(path).expanduser()
+        try:
+            schema = json.loads(read_text(where, missing="schema file not found"))
+        except ValueError as exc:
+            raise UserError(f"not JSON: {exc}", path=where) from None
+    if not isinstance(schema, dict):
+        raise UserError("a JSON Schema is a JSON object", path=where)
+    try:
+        OutputSpec(type="json", schema=schema)
+    except ValidationError as exc:
+        raise UserError(exc.errors()[0]["msg"].removeprefix("Value error, "), path=where) from None
+    return schema
+
+
+def check_bases(bases: list[str] | None) -> list[str]:
+    """The base models to compare (default: the bundled SmolLM2), each a bundled name or a model folder;
+    an unknown one is a one-line error before anything runs."""
+    bases = [b.strip() for b in (bases or [DEFAULT_BASE]) if b.strip()]
+    if not bases:
+        raise UserError("--bases needs at least one base model, e.g. smollm2-135m,gemma3-270m", field="bases")
+    for base in bases:
+        if bundled(base) is None and not Path(base).expanduser().is_dir():
+            raise UserError(f"unknown base model '{base}' (bundled: {', '.join(BUNDLED)}; or a local Hugging Face "
+                            "model folder)", field="bases")
+    if len(set(bases)) < len(bases):
+        raise UserError(f"--bases lists a base twice: {','.join(bases)}", field="bases")
+    return bases
+
+
+def base_suffix(flow: Flow, base: str) -> str:
+    """What names the flow's prompts and fine-tune on `base`: nothing for the first base, else
+    `-BASE` (the bundled name, or the model folder's)."""
+    if base == flow.bases[0]:
+        return ""
+    return "-" + flow_name(bundled(base).name if bundled(base) else Path(base).name)
+
+
+def on_base(flow: Flow, base: str) -> tuple[str, str, str, str]:
+    """(baseline prompt name, its text, short prompt name, its text) on `base`."""
+    suffix = base_suffix(flow, base)
+
+    def pinned(text: str) -> str:
+        return re.sub(r"(?m)^model: .*$", f"model: {base}", text, count=1)
+
+    return (flow.base_prompt + suffix, pinned(flow.base_prompt_text), flow.short_prompt + suffix,
+            pinned(flow.short_prompt_text))
+
+
+def finetune_name(flow: Flow, base: str) -> str:
+    return flow.finetune + base_suffix(flow, base)
 
 
 def examples_dir() -> Path:
@@ -265,23 +427,50 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     log(f"workspace: {ws.root}")
     data_ref = _import_data(ws, flow, quick, log)
 
-    steps("baseline", f"baseline prompt '{flow.base_prompt}': evaluate on the test split")
-    baseline = _ensure_prompt(ws, flow.base_prompt, flow.base_prompt_text)
-    short = _ensure_prompt(ws, flow.short_prompt, flow.short_prompt_text)
-    base_result = evaluate(ws, resolve_candidate(ws, baseline), f"{data_ref}:test", progress=progress)
-    _report_run(log, base_result)
+    first = flow.bases[0]
+    candidates: list[str] = []
+    per_base: dict[str, tuple[str, str]] = {}  # base -> (optimized prompt, fine-tune)
+    steps("baseline", f"baseline prompt '{flow.base_prompt}'" + (f" (and '{flow.constrained_prompt}', decoded under "
+          "the schema's grammar)" if flow.constrained_prompt else "") + ": evaluate on the test split"
+          + (f" (on {', '.join(flow.bases)})" if len(flow.bases) > 1 else ""))
+    for base in flow.bases:
+        base_name, base_text, short_name, short_text = on_base(flow, base)
+        baseline = _ensure_prompt(ws, base_name, base_text)
+        short = _ensure_prompt(ws, short_name, short_text)
+        base_result = evaluate(ws, resolve_candidate(ws, baseline), f"{data_ref}:test", progress=progress)
+        _report_run(log, base_result)
+        candidates.append(baseline)
+        per_base[base] = (baseline, short)
+    constrained = None
+    if flow.constrained_prompt:  # the baseline decoded under the grammar of its schema (first base)
+        constrained = _ensure_prompt(ws, flow.constrained_prompt, flow.constrained_prompt_text)
+        _report_run(log, evaluate(ws, resolve_candidate(ws, constrained), f"{data_ref}:test", progress=progress))
+        candidates.append(constrained)
 
     steps("optimization", "prompt optimization on the validation split (instructions, few-shot demos)")
-    optimized = _optimize(ws, baseline, data_ref, flow, budget=optimize_budget or (2 if quick else flow.optimize_budget),
-                          progress=progress, log=log)
+    for base in flow.bases:
+        baseline = per_base[base][0]
+        optimized = _optimize(ws, baseline, data_ref, flow,
+                              budget=optimize_budget or (2 if quick else flow.optimize_budget), progress=progress,
+                              log=log)
+        if optimized != baseline:
+            candidates.append(optimized)
+        per_base[base] = (optimized, per_base[base][1])
 
-    steps("fine-tuning", f"fine-tuning: LoRA on SmolLM2-135M with the short prompt '{flow.short_prompt}' -> ft:{flow.finetune}")
-    _finetune(ws, data_ref, flow, quick=quick, log=log)
+    release_memory()  # the evaluator's models are not needed while training (they reload in a second)
+    how = f"a search of {flow.search} trials" if flow.search else "LoRA"
+    steps("fine-tuning", f"fine-tuning: {how} on {', '.join(flow.bases)} with the short prompt "
+          f"'{flow.short_prompt}' -> " + ", ".join(f"ft:{finetune_name(flow, b)}" for b in flow.bases))
+    for base in flow.bases:
+        _finetune(ws, data_ref, flow, quick=quick, log=log, base=base, prompt=per_base[base][1].split("@")[0])
+        candidates.append(f"ft:{finetune_name(flow, base)}")
+    optimized, short = per_base[first]
 
+    release_memory()
     steps("hybrid", f"hybrid: ft:{flow.finetune} first, {optimized} where it is unsure or the input is unusual")
     _hybrid(ws, flow, optimized, log=log, progress=progress)
 
-    candidates = [baseline] + ([optimized] if optimized != baseline else []) + [f"ft:{flow.finetune}", f"hybrid:{flow.hybrid}"]
+    candidates.append(f"hybrid:{flow.hybrid}")
     candidates += [c.replace("{short}", short) for c in flow.extra_candidates]
     steps("comparison", "comparison on the test split" + (" with the learning curve (fine-tunes on 10/25/50% of train)"
                                                           if learning_curve else ""))
@@ -338,7 +527,7 @@ def _import_data(ws, flow: Flow, quick: bool, log) -> str:
         log(f"  warning: {getattr(issue, 'message', issue)}")
     ds = get_dataset(ws, f"{flow.dataset}@{ds.version}")
     log(f"dataset {ds.ref}: " + ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items())
-        + f"; labels: {', '.join(ds.labels or [])}")
+        + (f"; labels: {', '.join(ds.labels)}" if ds.labels else f"; output: {flow.output_type}"))
     return ds.ref
 
 
@@ -376,20 +565,31 @@ def _optimize(ws, baseline: str, data_ref: str, flow: Flow, *, budget: int, prog
     return result.candidate
 
 
-def _finetune(ws, data_ref: str, flow: Flow, *, quick: bool, log) -> None:
-    row = ft.get_row(ws, flow.finetune)
+def _finetune(ws, data_ref: str, flow: Flow, *, quick: bool, log, base: str | None = None,
+              prompt: str | None = None) -> None:
+    """ft:NAME on `base` (default the first base) with the short prompt: one LoRA, or with
+    `flow.search` a hyperparameter search whose best trial becomes ft:NAME. Reused when done."""
+    base = base or flow.bases[0]
+    name = finetune_name(flow, base)
+    row = ft.get_row(ws, name)
     if row is not None and row.status == "done":
-        log(f"reusing fine-tune ft:{flow.finetune} ({row.wall_s:.0f} s, {row.tokens_trained:,} tokens trained)")
+        log(f"reusing fine-tune ft:{name} ({row.wall_s:.0f} s, {row.tokens_trained:,} tokens trained)")
         return
-    settings: dict[str, Any] = {"data": data_ref.split(":")[0], "prompt": flow.short_prompt, "name": flow.finetune,
+    settings: dict[str, Any] = {"data": data_ref.split(":")[0], "prompt": prompt or flow.short_prompt, "name": name,
                                 **flow.finetune_settings}
+    if base != DEFAULT_BASE or "base" in settings:
+        settings["base"] = base
     if quick:
         settings.update(epochs=1, max_steps=3, batch_size=4, max_val_examples=8)
     config = ft.FineTuneConfig(**settings)  # an unknown setting is an error, never dropped
-    resume = row is not None
-    log(("resuming" if resume else "training") + f" ft:{flow.finetune}: " +
-        ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("data", "prompt", "name")))
-    result = ft.finetune(ws, config, resume=resume, progress=True, log=log)
+    if flow.search:
+        log(f"searching ft:{name}: {flow.search} trials on {base}")
+        result = search_finetune(ws, config, trials=flow.search, progress=True, log=log).best
+    else:
+        resume = row is not None
+        log(("resuming" if resume else "training") + f" ft:{name}: " +
+            ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("data", "prompt", "name")))
+        result = ft.finetune(ws, config, resume=resume, progress=True, log=log)
     log(f"{result.candidate}: {result.wall_s:.0f} s, {result.tokens_trained:,} tokens trained, cost ${result.cost:.4f}")
 
 
@@ -397,11 +597,18 @@ def _hybrid(ws, flow: Flow, fallback: str, *, log, progress) -> None:
     if hybrid_path(ws, flow.hybrid).is_file():
         spec = read_hybrid(ws, flow.hybrid)
         if spec.fallback == fallback and spec.primary == f"ft:{flow.finetune}":
-            log(f"reusing hybrid:{flow.hybrid} (margin threshold {spec.margin_threshold:.3f})")
+            log(f"reusing hybrid:{flow.hybrid} ({_thresholds(spec)})")
             return
     spec = create_hybrid(ws, flow.hybrid, f"ft:{flow.finetune}", fallback, progress=progress).spec
     t = spec.tuning
-    log(f"hybrid:{flow.hybrid}: margin threshold {spec.margin_threshold:.3f}, similarity threshold "
+    log(f"hybrid:{flow.hybrid}: {_thresholds(spec)}, similarity threshold "
         f"{spec.similarity_threshold:.3f}; on validation {t['metric']} {t['validation_score']:.3f} "
         f"(fine-tuned alone {t['primary_score']:.3f}, prompt alone {t['fallback_score']:.3f}), "
         f"fallback share {t['fallback_share']:.0%}")
+
+
+def _thresholds(spec) -> str:
+    if spec.confidence_threshold or spec.min_token_threshold or spec.invalid_to_fallback:
+        return (f"token-probability threshold {spec.confidence_threshold:.3f} (least token "
+                f"{spec.min_token_threshold:.3f})" + (", invalid answers to the fallback" if spec.invalid_to_fallback else ""))
+    return f"margin threshold {spec.margin_threshold:.3f}"

@@ -5,7 +5,9 @@ thresholds tuned on the validation split.
     result.candidate                 # "hybrid:support", which every command and the gateway accept
     result.setup, result.spec        # what tuning took; the stored routing (tunelab.evaluate.routing)
 
-Both thresholds (the primary's label margin, the input's similarity to the training inputs) are
+The thresholds (the primary's unsureness: its label margin, or for generated JSON and text the
+probability of its answer's tokens — their geometric mean and the least likely one —; the input's
+similarity to the training inputs; for JSON whether an unusable answer goes to the fallback) are
 tuned on the **validation** split (never the test split) to maximize the primary metric; among
 equally good settings the one sending the least traffic to the fallback wins. Both sides are
 evaluated on validation by the one evaluator (their runs are stored and reused next time). How a
@@ -17,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
 
 from tunelab.datasets import get_dataset, validate_name
 from tunelab.errors import UserError
@@ -47,52 +51,65 @@ class HybridResult:
 
 def tune_thresholds(primary_scores: Sequence[float], fallback_scores: Sequence[float],
                     margins: Sequence[float | None], similarities: Sequence[float | None] | None = None,
-                    forced: Sequence[bool] | None = None, *, max_grid: int = 60) -> dict[str, Any]:
+                    forced: Sequence[bool] | None = None, *, min_probs: Sequence[float | None] | None = None,
+                    max_grid: int = 60) -> dict[str, Any]:
     """Thresholds that maximize the mean per-example score of the combined answers.
 
     `primary_scores[i]`/`fallback_scores[i]`: each side's score on validation example i;
-    `margins[i]`: the primary's label margin; `similarities[i]`: max similarity to the training
-    inputs; `forced[i]`: the example goes to the fallback anyway (rule, length). Ties go to the
-    setting with the least fallback traffic, then to the lower thresholds.
+    `margins[i]`: the primary's unsureness signal (its label margin, or for generated answers the
+    geometric-mean probability of its tokens); `min_probs[i]`: (generated answers) the probability
+    of its least likely token; `similarities[i]`: max similarity to the training inputs;
+    `forced[i]`: the example goes to the fallback anyway (rule, length, invalid answer). Ties go to
+    the setting with the least fallback traffic, then to the lower thresholds.
     """
     n = len(primary_scores)
     if n == 0:
-        return {"margin_threshold": 0.0, "similarity_threshold": 0.0, "score": None, "fallback_share": 0.0,
-                "primary_score": None, "fallback_score": None, "n": 0}
-    forced = list(forced) if forced is not None else [False] * n
-    sims = list(similarities) if similarities is not None else [None] * n
+        return {"margin_threshold": 0.0, "similarity_threshold": 0.0, "min_token_threshold": 0.0, "score": None,
+                "fallback_share": 0.0, "primary_score": None, "fallback_score": None, "n": 0}
+    P = np.asarray(primary_scores, float)
+    F = np.asarray(fallback_scores, float)
+    forced_a = np.asarray(list(forced) if forced is not None else [False] * n, bool)
 
-    def grid(values: list[float]) -> list[float]:
-        vals = sorted(set(v for v in values if v is not None))
-        cuts = [0.0]
+    def signal(values: Sequence[float | None] | None) -> np.ndarray | None:
+        if values is None or all(v is None for v in values):
+            return None
+        return np.array([np.nan if v is None else float(v) for v in values])
+
+    def grid(values: np.ndarray | None, size: int) -> np.ndarray:
+        if values is None:
+            return np.zeros(1)
+        vals = np.unique(values[~np.isnan(values)])
         # a threshold just above each observed value routes that value and everything below it
-        for a, b in zip(vals, vals[1:] + [None]):
-            cuts.append(a + 1e-9 if b is None else (a + b) / 2)
-        if len(cuts) > max_grid:
-            step = len(cuts) / max_grid
-            cuts = sorted(set([0.0] + [cuts[int(i * step)] for i in range(max_grid)]))
-        return [min(1.0, c) for c in cuts]
+        cuts = [0.0] + [float(a + 1e-9 if b is None else (a + b) / 2)
+                        for a, b in zip(vals, list(vals[1:]) + [None])]
+        if len(cuts) > size:
+            step = len(cuts) / size
+            cuts = sorted(set([0.0] + [cuts[int(i * step)] for i in range(size)]))
+        return np.minimum(1.0, np.asarray(cuts))
 
-    margin_grid = grid([m for m in margins if m is not None])
-    sim_grid = grid([s for s in sims if s is not None]) if any(s is not None for s in sims) else [0.0]
+    marg, sims, mins = signal(margins), signal(similarities), signal(min_probs)
+    size = max_grid if mins is None or sims is None else max(10, max_grid // 3)
+    m_grid, s_grid, t_grid = grid(marg, max_grid), grid(sims, size), grid(mins, size)
+    below_m = (np.nan_to_num(marg, nan=np.inf)[None, :] < m_grid[:, None]) if marg is not None \
+        else np.zeros((1, n), bool)
     best: tuple | None = None
-    for st in sim_grid:
-        for mt in margin_grid:
-            total = 0.0
-            fb = 0
-            for i in range(n):
-                to_fb = forced[i] or (sims[i] is not None and sims[i] < st) or (margins[i] is not None and margins[i] < mt)
-                total += fallback_scores[i] if to_fb else primary_scores[i]
-                fb += to_fb
-            key = (round(total / n, 12), -fb, -st, -mt)
-            if best is None or key > best[0]:
-                best = (key, mt, st, total / n, fb / n)
+    with np.errstate(invalid="ignore"):
+        for st in s_grid:
+            by_sim = forced_a | ((sims < st) if sims is not None else False)
+            for tt in t_grid:
+                base = by_sim | ((mins < tt) if mins is not None else False)
+                fb = base[None, :] | below_m  # (margin grid, n)
+                totals = np.where(fb, F[None, :], P[None, :]).sum(1)
+                shares = fb.sum(1)
+                for k, mt in enumerate(m_grid if marg is not None else [0.0]):
+                    key = (round(float(totals[k]) / n, 12), -int(shares[k]), -st, -tt, -mt)
+                    if best is None or key > best[0]:
+                        best = (key, float(mt), float(st), float(tt), float(totals[k]) / n, int(shares[k]) / n)
     assert best is not None
-    return {"margin_threshold": best[1], "similarity_threshold": best[2], "score": best[3], "fallback_share": best[4],
-            "primary_score": sum(primary_scores) / n, "fallback_score": sum(fallback_scores) / n, "n": n,
-            "grid": {"margin": len(margin_grid), "similarity": len(sim_grid)}}
-
-
+    return {"margin_threshold": best[1], "similarity_threshold": best[2], "min_token_threshold": best[3],
+            "score": best[4], "fallback_share": best[5], "primary_score": float(P.mean()),
+            "fallback_score": float(F.mean()), "n": n,
+            "grid": {"margin": len(m_grid), "similarity": len(s_grid), "min_token": len(t_grid)}}
 
 
 def create_hybrid(ws: "Workspace", name: str, primary: str, fallback: str, *,
@@ -139,28 +156,53 @@ def create_hybrid(ws: "Workspace", name: str, primary: str, fallback: str, *,
     f_rows = {r.example_index: r for r in run_rows(ws, f_run.id) if r.repeat_index == 0}
     common = sorted(set(p_rows) & set(f_rows))
     inputs = [p_rows[i].input for i in common]
-    margins = [(p_rows[i].extra or {}).get("margin") for i in common]
+    generative = p_cand.output.type != "label"
+    if generative:  # the primary's confidence in its generated tokens (geometric mean, least likely)
+        confidence = [(p_rows[i].extra or {}).get("confidence") or {} for i in common]
+        margins = [c.get("mean") for c in confidence]
+        min_probs: list | None = [c.get("min") for c in confidence]
+    else:
+        margins = [(p_rows[i].extra or {}).get("margin") for i in common]
+        min_probs = None
     index = NgramIndex(inputs_train) if (inputs_train and similarity != "off") else None
     sims = index.max_similarity(inputs) if index is not None else None
     forced = [r is not None and r.route == "fallback" for r in Routing(spec).before(inputs)]
+    # JSON: an answer that does not parse or match the schema is of no use to a caller; whether to
+    # send it to the fallback is tuned like the thresholds (ties: send it)
+    invalid = [p_cand.output.type == "json" and (p_rows[i].extra or {}).get("format_valid") is False for i in common]
 
     fixed_margin = None if threshold == "auto" else (0.0 if threshold == "off" else _unit(threshold, "threshold"))
     fixed_sim = None if similarity == "auto" else (0.0 if similarity == "off" else _unit(similarity, "similarity"))
-    tuned = tune_thresholds([float((p_rows[i].scores or {}).get(metric, 0.0)) for i in common],
-                            [float((f_rows[i].scores or {}).get(metric, 0.0)) for i in common],
-                            margins if fixed_margin is None else [None] * len(common),
-                            sims if fixed_sim is None else None, forced)
-    spec.margin_threshold = tuned["margin_threshold"] if fixed_margin is None else fixed_margin
+    p_scores = [float((p_rows[i].scores or {}).get(metric, 0.0)) for i in common]
+    f_scores = [float((f_rows[i].scores or {}).get(metric, 0.0)) for i in common]
+    options = [False, True] if any(invalid) else [False]
+    results = []
+    for on in options:
+        forced_now = [a or (on and b) for a, b in zip(forced, invalid)]
+        results.append((on, forced_now, tune_thresholds(
+            p_scores, f_scores, margins if fixed_margin is None else [None] * len(common),
+            sims if fixed_sim is None else None, forced_now,
+            min_probs=min_probs if fixed_margin is None else None)))
+    on, forced, tuned = max(results, key=lambda r: (round(r[2]["score"] or 0.0, 12), r[0]))
+    spec.invalid_to_fallback = on
+    threshold_value = tuned["margin_threshold"] if fixed_margin is None else fixed_margin
+    if generative:
+        spec.confidence_threshold = threshold_value
+        spec.min_token_threshold = tuned["min_token_threshold"] if fixed_margin is None else 0.0
+    else:
+        spec.margin_threshold = threshold_value
     spec.similarity_threshold = tuned["similarity_threshold"] if fixed_sim is None else fixed_sim
     if fixed_margin is not None or fixed_sim is not None:  # the score of the setting actually kept
         fb = [forced[k] or (sims is not None and sims[k] < spec.similarity_threshold)
-              or (margins[k] is not None and margins[k] < spec.margin_threshold) for k in range(len(common))]
+              or (margins[k] is not None and margins[k] < threshold_value) for k in range(len(common))]
         scores = [float(((f_rows if fb[k] else p_rows)[i].scores or {}).get(metric, 0.0)) for k, i in enumerate(common)]
         tuned["score"] = sum(scores) / len(scores) if scores else None
         tuned["fallback_share"] = sum(fb) / len(fb) if fb else 0.0
     wall = float(p_run.throughput.get("wall_s") or 0) + float(f_run.throughput.get("wall_s") or 0)
     cost = float(p_run.cost.get("total") or 0) + float(f_run.cost.get("total") or 0)
     spec.tuning = {"data": val_ref, "metric": metric, "n": len(common), "validation_score": tuned["score"],
+                   "signal": "token probability (geometric mean, least likely token)" if generative else "label margin",
+                   "invalid_share": sum(invalid) / len(invalid) if invalid else 0.0,
                    "primary_score": tuned["primary_score"], "fallback_score": tuned["fallback_score"],
                    "fallback_share": tuned["fallback_share"], "threshold": str(threshold), "similarity": str(similarity),
                    "runs": {"primary": p_run.id, "fallback": f_run.id}}

@@ -37,6 +37,7 @@ from tunelab.prompts import OutputSpec
 
 if TYPE_CHECKING:
     from tunelab.models.base import Model
+    from tunelab.prompts import JudgeRubric
     from tunelab.workspace import Workspace
 
 DEFAULT_RUBRIC = ("Grade how well the response answers the input: correct, complete and to the point. "
@@ -125,10 +126,16 @@ class JudgeMetric(Metric):
                 "rubric": self.judge.rubric}
 
 
-def make_judge(spec: str | None, ws: "Workspace | None" = None) -> Judge:
+def make_judge(spec: str | None, ws: "Workspace | None" = None, rubric: "JudgeRubric | None" = None) -> Judge:
     """The judge named by a metric spec: `judge` (the `judge:` section of `ws`'s tunelab.yaml,
-    else its default model) or `judge:MODEL`. Without a workspace: the bundled model, default rubric."""
+    else its default model) or `judge:MODEL`. Without a workspace: the bundled model, default rubric.
+    `rubric` (a prompt's `output.judge`) sets the rubric, the scale and, unless `spec` names one,
+    the model."""
     settings = ws.config.judge if ws is not None else None
+    if rubric is not None:
+        model = spec or rubric.model or (settings.model if settings is not None and settings.model else None)
+        model = model or (ws.config.default_model if ws is not None else "smollm2-135m")
+        return Judge(load_model(model, ws), rubric.rubric, rubric.scale[0], rubric.scale[1])
     model = spec or (settings.model if settings is not None and settings.model else None)
     if model is None:
         model = ws.config.default_model if ws is not None else "smollm2-135m"
@@ -138,9 +145,11 @@ def make_judge(spec: str | None, ws: "Workspace | None" = None) -> Judge:
 
 
 def judge_metric(name: str, output: "OutputSpec | None" = None, workspace: "Workspace | None" = None) -> JudgeMetric:
-    """The metric `judge` or `judge:MODEL` (the `tunelab.metrics` entry point)."""
+    """The metric `judge` or `judge:MODEL` (the `tunelab.metrics` entry point). A prompt whose
+    output has a `judge:` rubric is graded on that rubric and scale."""
     spec = name.split(":", 1)[1] if ":" in name else None
-    return JudgeMetric(name, make_judge(spec or None, workspace))
+    rubric = output.judge if output is not None else None
+    return JudgeMetric(name, make_judge(spec or None, workspace, rubric))
 
 
 # -- agreement with humans -------------------------------------------------------------------------
@@ -242,12 +251,40 @@ def agreement(judge: Judge, examples: Sequence["Example"], scores: Sequence[Judg
         human, machine = [p[0] for p in pairs], [p[1] for p in pairs]
         result.update(exact=sum(h == m for h, m in pairs) / len(pairs),
                       kappa=cohen_kappa(human, machine, cats),
-                      weighted_kappa=cohen_kappa(human, machine, cats, weights="quadratic"))
+                      weighted_kappa=cohen_kappa(human, machine, cats, weights="quadratic"),
+                      spearman=spearman(human, machine))
     if passes:
         result.update(pass_agreement=sum(h == m for h, m in passes) / len(passes),
                       mcc=mcc([p[0] for p in passes], [p[1] for p in passes]),
                       pass_kappa=cohen_kappa([p[0] for p in passes], [p[1] for p in passes], [False, True]))
+    result["trust"] = trust(result)
     return result
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation of two raters (nan when one never varies)."""
+    from scipy.stats import spearmanr
+
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+# Landis & Koch's reading of kappa: below 0.2 slight, 0.2-0.4 fair, 0.4-0.6 moderate, 0.6-0.8 substantial
+TRUST_LEVELS = ((0.8, "almost perfect"), (0.6, "substantial"), (0.4, "moderate"), (0.2, "fair"), (-1.0, "slight"))
+
+
+def trust(agreement: dict[str, Any]) -> str:
+    """How far the judge can be trusted, in words, from its agreement with the human grades."""
+    value = next((agreement[k] for k in ("weighted_kappa", "pass_kappa")
+                  if agreement.get(k) is not None and agreement[k] == agreement[k]), None)
+    n = agreement.get("n", 0)
+    if value is None:
+        return f"unknown: the judge's grades do not vary over the {n} human-graded examples"
+    level = next(name for floor, name in TRUST_LEVELS if value >= floor)
+    use = ("use its scores" if value >= 0.6 else "use its scores only beside the reference metrics"
+           if value >= 0.4 else "do not rely on its scores")
+    return f"{level} agreement with humans (kappa {value:.2f} on {n} examples): {use}"
 
 
 def judge_sample(ws: "Workspace", data: str, judge: Judge, *, limit: int | None = None) -> JudgeReport:

@@ -47,7 +47,7 @@ def compare(
     report: Optional[Path] = typer.Option(None, "--report", help="Write the HTML report here (default .tunelab/artifacts/comparisons/ID/report.html); report.json beside it."),
     repeat: int = typer.Option(1, "--repeat", help="Answers per example, for consistency (agreement, pass^k)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N examples of the split."),
-    metric: Optional[str] = typer.Option(None, "--metric", help="The metric to compare on (default: accuracy for labels, json_match for JSON, exact_match for text)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="The metric to compare on (default: accuracy for labels, field_f1 for JSON, chrf for text)."),
     learning_curve: bool = typer.Option(False, "--learning-curve", help="Also fine-tune on 10/25/50% of train to measure the data requirements (slow)."),
     engineer_hours: List[str] = typer.Option([], "--engineer-hours", help="Engineer hours in a setup: NAME=H or KIND=H (prompt, ft, hybrid); default: the setup's wall time. Costed at engineer_hourly_rate."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison JSON instead of the table."),

@@ -318,16 +318,22 @@ def judge(
                                                                    "judge.model, else the default model)."),
     rubric: Optional[str] = typer.Option(None, "--rubric", help="What a good answer is (default: tunelab.yaml's "
                                                                "judge.rubric, else a generic rubric)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Grade on this prompt's rubric and scale "
+                                         "(its front matter's output.judge)."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Only the first N examples."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Grade a labelled sample with the LLM judge: its mean score, and its agreement with the human
-    grades (Cohen's kappa, weighted kappa, MCC of pass/fail), so you know how far to trust it."""
+    grades (Cohen's kappa, weighted kappa, Spearman, MCC of pass/fail), so you know how far to trust it."""
+    from tunelab.errors import UserError
     from tunelab.judge import judge_sample, make_judge
-
+    from tunelab.prompts import load_prompt
 
     ws = workspace()
-    j = make_judge(judge_model, ws)
+    graded = load_prompt(ws, prompt).output.judge if prompt else None
+    if prompt and graded is None:
+        raise UserError(f"prompt '{prompt}' has no judge rubric (output: {{judge: {{rubric: ..., scale: [1, 5]}}}})")
+    j = make_judge(judge_model, ws, graded)
     if rubric:
         j.rubric = rubric
     report = judge_sample(ws, data, j, limit=limit)
@@ -341,9 +347,10 @@ def judge(
     if not a:
         console.print("agreement: no example carries meta.human_score or meta.human_label", markup=False)
         return
-    parts = [f"{k} {a[k]:.3f}" for k in ("kappa", "weighted_kappa", "exact", "mcc", "pass_kappa", "pass_agreement")
-             if a.get(k) is not None and a[k] == a[k]]
+    parts = [f"{k} {a[k]:.3f}" for k in ("kappa", "weighted_kappa", "spearman", "exact", "mcc", "pass_kappa",
+                                         "pass_agreement") if a.get(k) is not None and a[k] == a[k]]
     console.print(f"agreement with humans on {a['n']} examples: " + ", ".join(parts), markup=False)
+    console.print(f"trust: {a['trust']}", markup=False)
 
 
 @app.command("judge-pairwise")

@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from tunelab.cli._common import console, err_console, print_json, workspace
+from tunelab.errors import UserError
 from tunelab.finetune.config import field_help as h
 
 
@@ -51,6 +52,17 @@ def finetune(
                                           help="YAML file with any of these settings (flags given here override it)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted fine-tune of this name from its "
                                                         "last checkpoint (its stored settings are used)."),
+    search_trials: Optional[int] = typer.Option(None, "--search", metavar="N",
+                                                help="Search the hyperparameters on the validation split with N "
+                                                     "trials (Optuna: TPE sampler, median pruner on each epoch's "
+                                                     "validation); the best trial becomes ft:NAME. Run again to "
+                                                     "continue a killed search."),
+    search_minutes: Optional[float] = typer.Option(None, "--search-minutes", metavar="M",
+                                                   help="Search budget in minutes (with or instead of --search N; "
+                                                        "a running trial is finished)."),
+    search_space: Optional[Path] = typer.Option(None, "--search-space",
+                                                help="YAML file of the search space: lr, epochs ([low, high]); "
+                                                     "lora_r, lora_alpha_ratio, target_modules, base (choices)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Fine-tune a model (LoRA or full) on a dataset, rendered by a prompt: the result is the model
@@ -74,10 +86,25 @@ def finetune(
     def log(line: str) -> None:
         err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-    result = run(workspace(), cfg, resume=resume, progress=not as_json, log=log)
+    searched = None
+    if search_trials is not None or search_minutes is not None or search_space is not None:
+        from tunelab.finetune.search import load_space, search
+
+        if cfg.launcher != "local":
+            raise UserError("a search runs its trials in this process: drop --launcher", field="launcher")
+        searched = search(workspace(), cfg, trials=search_trials, minutes=search_minutes,
+                          space=load_space(search_space), progress=not as_json, log=log)
+        result = searched.best
+    else:
+        result = run(workspace(), cfg, resume=resume, progress=not as_json, log=log)
     if as_json:
-        print_json(result.to_dict(curves=False))
+        print_json({**result.to_dict(curves=False), **({"search": searched.summary()} if searched else {})})
         return
+    if searched is not None:
+        pruned = sum(t["state"] == "pruned" for t in searched.trials)
+        console.print(f"search: {len(searched.trials)} trials ({pruned} pruned) in {searched.wall_s:.0f} s; best "
+                      f"trial {searched.best_trial} -> ft:{result.name} (plot: "
+                      f"{workspace().artifacts_dir / 'searches' / result.name / 'search.png'})", markup=False)
     console.print(f"ft:{result.name}: {result.steps} steps ({result.epochs_run:g} epochs"
                   + (", stopped early" if result.stopped_early else "") + f") in {result.wall_s:.0f} s, "
                   f"{result.tokens_trained:,} tokens at {result.tokens_per_s:.0f} tokens/s, cost ${result.cost:.4f}",

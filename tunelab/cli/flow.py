@@ -1,6 +1,7 @@
-"""`tunelab flow DATA_DIR`: the whole flow (the steps of `tunelab demo`) on your own labelled data.
+"""`tunelab flow DATA_DIR`: the whole flow (the steps of `tunelab demo`) on your own data: labels,
+JSON extraction or free text, inferred from the train outputs.
 
-    tunelab flow data/tickets [--dir DIR] [--task TEXT] [--field NAME] [--epochs N] [--quick]
+    tunelab flow data/tickets [--dir DIR] [--task TEXT] [--field NAME] [--schema FILE] [--epochs N] [--quick]
 
 Thin: tunelab.demo.flow_for builds the flow for the data, tunelab.demo.run_flow runs it.
 """
@@ -27,8 +28,12 @@ def flow(
     directory: Optional[Path] = typer.Option(None, "--dir", help="The workspace for the flow (made if missing, reused "
                                              "if there; default ./tunelab-flow-NAME, NAME from the data file or folder)."),
     task: Optional[str] = typer.Option(None, "--task", help="The question the baseline prompt asks, in your words "
-                                       "(default: 'Which label fits this text?')."),
-    field: str = typer.Option("Text", "--field", help="What the prompts call the input, e.g. Message, Ticket, Tweet."),
+                                       "(default: 'Which label fits this text?'; JSON: 'Extract the fields of this "
+                                       "text as a JSON object.'; text: 'Write the answer for this input.')."),
+    field: str = typer.Option("Text", "--field", help="What the prompts call the input, e.g. Message, Ticket, Tweet "
+                              "(text outputs: Input)."),
+    schema: Optional[Path] = typer.Option(None, "--schema", help="JSON outputs: the JSON Schema file the answers must "
+                                          "match (default: inferred from the train outputs with genson)."),
     epochs: int = typer.Option(1, "--epochs", min=1, help="Fine-tuning epochs over the train split."),
     budget: int = typer.Option(8, "--budget", min=1, help="Prompt optimization: candidates to evaluate."),
     limit_validation: Optional[int] = typer.Option(150, "--limit-validation", min=1, help="Prompt optimization: "
@@ -36,14 +41,26 @@ def flow(
     volume: float = typer.Option(100_000, "--volume", help="Expected requests a month for the cost model and advice."),
     quick: bool = typer.Option(False, "--quick", help="A tiny version: few examples, a few training steps (to try it out)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (TUNELAB_THREADS)."),
+    bases: str = typer.Option("smollm2-135m", "--bases", help="Base models to compare side by side, comma-separated "
+                              "(bundled: smollm2-135m, gemma3-270m; or model folders): prompts and a fine-tune on "
+                              "each; the advice names the base."),
+    search: Optional[int] = typer.Option(None, "--search", metavar="N", help="Fine-tune by a hyperparameter search "
+                                         "of N trials on the validation split (tunelab finetune --search)."),
 ) -> None:
-    """Run the whole flow on your labelled data: check the data, a zero-shot baseline prompt,
-    prompt optimization, a LoRA fine-tune with a short prompt, a hybrid, the comparison on the test split
-    and the advice; prints where the report is. Re-running in the same --dir reuses finished work."""
+    """Run the whole flow on your data: check the data, a zero-shot baseline prompt (for JSON also
+    decoded under the schema's grammar), prompt optimization, a LoRA fine-tune with a short prompt, a
+    hybrid, the comparison on the test split and the advice; prints where the report is. The output
+    type (labels, JSON, text) is inferred from the train outputs. Re-running in the same --dir reuses
+    finished work."""
     from tunelab.flow import flow_for, run_flow
 
 
-    spec = flow_for(data_dir, task=task, field=field, epochs=epochs, budget=budget, limit_validation=limit_validation)
+    from tunelab.errors import UserError
+
+    if search is not None and search < 1:
+        raise UserError(f"--search takes a number of trials of at least 1 (got {search})", field="search")
+    spec = flow_for(data_dir, task=task, field=field, epochs=epochs, budget=budget, limit_validation=limit_validation,
+                    schema=schema, bases=bases.split(","), search=search)
     if threads:
         os.environ["TUNELAB_THREADS"] = str(threads)
     run_flow(directory or Path(f"tunelab-flow-{spec.dataset}"), spec, quick=quick, volume=volume, log=_log,

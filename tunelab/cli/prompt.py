@@ -71,18 +71,20 @@ def check(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Validate a prompt file and render it against a sample input (exit status 2 when invalid)."""
+    from tunelab.models import template_of
     from tunelab.prompts import check_prompt
 
 
     ws = _optional_workspace()
     prompt, messages, example = check_prompt(ws, file, sample=_example(input, field), data=data)
+    template = template_of(prompt.model, ws)
     if as_json:
-        print_json({"name": prompt.name, "version": prompt.version, "model": prompt.model,
-                    "output": prompt.output.model_dump(mode="json", by_alias=True, exclude_none=True),
+        print_json({"name": prompt.name, "version": prompt.version, "model": prompt.model, "template": template,
+                    "output": {k: v for k, v in prompt.output.to_dict().items() if v is not None},
                     "max_tokens": prompt.max_tokens, "temperature": prompt.temperature,
                     "input": example.input, "messages": messages})
         return
-    console.print(f"ok: {prompt.where} (version {prompt.version}; model {prompt.model}; "
+    console.print(f"ok: {prompt.where} (version {prompt.version}; model {prompt.model}, rendered with {template}; "
                   f"output {_output_text(prompt)}; max_tokens {prompt.max_tokens}; "
                   f"temperature {prompt.temperature:g})", markup=False)
     _print_messages(messages)

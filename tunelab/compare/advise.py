@@ -184,9 +184,14 @@ def advise(comparison: Comparison, constraints: Constraints | None = None) -> Ad
     if cons.required_metric is not None:
         reasons.append(f"{len(remaining)} candidate(s) meet the required {metric} of {cons.required_metric:g}")
 
+    bases = {c.base for c in comparison.candidates if c.base}
+
+    def on_base(choice: CandidateEntry) -> str:  # with several bases compared, the advice names the base
+        return f" on {choice.base}" if len(bases) > 1 and choice.base else ""
+
     def done(choice: CandidateEntry, why: list[str]) -> Advice:
         return Advice(**base, recommendation=choice.kind, candidate=choice.name,
-                      headline=f"{HEADLINE.get(choice.kind, choice.kind)}: {choice.name}",
+                      headline=f"{HEADLINE.get(choice.kind, choice.kind)}: {choice.name}" + on_base(choice),
                       reasons=why + reasons + [e.reason for e in excluded], contenders=[c.name for c in contenders])
 
     if len(contenders) == 1:

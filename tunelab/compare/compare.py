@@ -31,9 +31,10 @@ from tunelab import finetune, optimize
 from tunelab.compare.advise import advise
 from tunelab.compare.costs import ALPHA, DEFAULT_VOLUME, HORIZON_MONTHS, break_even_volume, horizon_cost, payback_months
 from tunelab.compare.report import write_report
-from tunelab.compare.result import (BreakEven, CandidateEntry, Comparison, Confusion, Consistency, DatasetRef,
-                                    Flexibility, Interval, Latency, LearningCurve, LearningCurvePoint, PairTest,
-                                    SetupCost, Tokens, TrafficShare, TrainingCurves, VsBest)
+from tunelab.compare.result import (Answered, BreakEven, CandidateEntry, Comparison, Confusion, Consistency,
+                                    DatasetRef, FieldScore, Flexibility, Interval, Latency, LearningCurve,
+                                    LearningCurvePoint, OutputRow, PairTest, Search, SearchTrial, SetupCost, Tokens,
+                                    TrafficShare, TrainingCurves, VsBest)
 from tunelab.datasets import get_split
 from tunelab.errors import NotFound, UserError
 from tunelab.evaluate import (Candidate, HybridCandidate, PromptCandidate, RunResult, Setup, diff_runs, evaluate,
@@ -110,6 +111,9 @@ def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float 
             raise UserError("--learning-curve needs a fine-tuned candidate (ft:NAME) to vary the training data of")
         comparison.learning_curve = run_learning_curve(ws, ft[0].name[3:], ref, metric_name, limit=limit,
                                                        progress=progress, log=say)
+    comparison.output_type = resolved[0].output.type
+    if comparison.output_type != "label":
+        comparison.outputs = output_matrix(ws, [(c.name, runs[c.name].id) for c in resolved], metric_name)
     comparison.recommendation = advise(comparison)
     save_comparison(ws, comparison, report)
     return comparison
@@ -189,8 +193,9 @@ def _candidate_entry(ws: "Workspace", cand: Candidate, result: RunResult, volume
     cons = result.consistency or {}
     lat = result.latency or {}
     curves = finetune.training_curves(ws, cand.name[3:]) if cand.kind == "ft" else None
+    searched = finetune.search_of(ws, cand.name[3:]) if cand.kind == "ft" else None
     return CandidateEntry(
-        name=cand.name, kind=cand.kind, model=cand.model_name, local=is_local(ws, cand),
+        name=cand.name, kind=cand.kind, model=cand.model_name, base=base_of(ws, cand), local=is_local(ws, cand),
         run_id=result.id, reused_run=bool(result.reused), n=result.n_examples, eval_wall_s=eval_wall,
         metrics={k: _interval(v) for k, v in result.metrics.items()},
         consistency=Consistency(repeat=result.repeat, agreement=_value(cons.get("agreement")),
@@ -204,8 +209,57 @@ def _candidate_entry(ws: "Workspace", cand: Candidate, result: RunResult, volume
         flexibility=flexibility(ws, cand, made, eval_wall),
         confusion=confusion(first) if cand.output.type == "label" else None,
         training_curves=TrainingCurves(**curves) if curves else None,
+        search=_search(searched) if searched else None,
         routing=routing_shares(first) if cand.kind == "hybrid" else None,
-        examples_trained=made.examples)
+        examples_trained=made.examples,
+        per_field=_per_field(result) if cand.output.type == "json" else None,
+        scores=[round(float(v), 4) for r in first if (v := (r.scores or {}).get(result.primary_metric)) is not None])
+
+
+OUTPUT_ROWS = 60  # examples in a report's side-by-side outputs
+
+
+def output_matrix(ws: "Workspace", runs: list[tuple[str, str]], metric: str, limit: int = OUTPUT_ROWS) -> list[OutputRow]:
+    """Every candidate's answer to each example (first repeat), scored by `metric`: the examples
+    where the candidates' scores differ most first, then the lowest best score (all wrong)."""
+    by_name = {name: {r.example_index: r for r in run_rows(ws, run_id) if r.repeat_index == 0} for name, run_id in runs}
+    common = sorted(set.intersection(*(set(rows) for rows in by_name.values()))) if by_name else []
+    out = []
+    for i in common:
+        first = next(iter(by_name.values()))[i]
+        answers = {name: Answered(text=rows[i].prediction, score=_num((rows[i].scores or {}).get(metric)))
+                   for name, rows in by_name.items()}
+        scores = [a.score for a in answers.values() if a.score is not None]
+        refs = (first.extra or {}).get("refs") or []
+        out.append(OutputRow(index=i, input=first.input, reference=first.expected, references=list(refs),
+                             answers=answers, spread=(max(scores) - min(scores)) if scores else 0.0))
+    out.sort(key=lambda r: (-r.spread, max((a.score or 0.0) for a in r.answers.values()), r.index))
+    return out[:limit]
+
+
+def _per_field(result: RunResult) -> dict[str, FieldScore] | None:
+    details = (result.metrics.get("field_f1") or {}).get("details") or {}
+    fields = details.get("per_field")
+    return {k: FieldScore(**{n: (_num(v.get(n)) if n != "support" else int(v.get(n) or 0))
+                             for n in ("precision", "recall", "f1", "support")})
+            for k, v in fields.items()} if fields else None
+
+
+def _search(found: dict[str, Any]) -> Search:
+    keys = set(SearchTrial.model_fields)
+    return Search(best_trial=found["best_trial"],
+                  trials=[SearchTrial(**{k: v for k, v in t.items() if k in keys}) for t in found.get("trials", [])])
+
+
+def base_of(ws: "Workspace", cand: Candidate) -> str:
+    """The base model under a candidate: a prompt's model, a fine-tune's base (bundled name or folder),
+    a hybrid's primary's base."""
+    if isinstance(cand, HybridCandidate):
+        return base_of(ws, cand.primary)
+    if cand.kind == "ft":
+        row = finetune.get_row(ws, cand.name[3:].split("@")[0])
+        return row.base if row is not None else cand.model_name
+    return cand.model_name
 
 
 def _value(x: Any) -> float | None:

@@ -14,6 +14,7 @@ import base64
 import io
 from pathlib import Path
 
+from tunelab import finetune
 from tunelab.compare.costs import cost_curve, volume_grid
 from tunelab.compare.format import fmt_interval, fmt_money, fmt_months, fmt_p, fmt_seconds
 from tunelab.compare.result import CandidateEntry, Comparison
@@ -282,6 +283,17 @@ def plot_training(cand: CandidateEntry) -> str | None:
     return _png(fig)
 
 
+def plot_search(cand: CandidateEntry) -> str | None:
+    """The trials of the search that made a fine-tune: curves by epoch, and each trial's score."""
+    if cand.search is None or not cand.search.trials:
+        return None
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.3))
+    finetune.draw_trials(left, right, [t.model_dump() for t in cand.search.trials], cand.search.best_trial)
+    fig.suptitle(f"Hyperparameter search: {cand.name} is trial {cand.search.best_trial}", fontsize=10)
+    return _png(fig)
+
+
 def plot_routing(comparison: Comparison) -> str | None:
     cands = [c for c in comparison.candidates if c.routing is not None]
     if not cands:
@@ -310,6 +322,50 @@ def plot_routing(comparison: Comparison) -> str | None:
     return _png(fig)
 
 
+def plot_fields(comparison: Comparison) -> str | None:
+    """JSON outputs: F1 of each field, one bar per candidate."""
+    cands = [c for c in comparison.candidates if c.per_field]
+    if not cands or not any(v.support for c in cands for v in (c.per_field or {}).values()):
+        return None
+    fields = sorted({f for c in cands for f, v in (c.per_field or {}).items() if v.support},
+                    key=lambda f: -max((c.per_field or {}).get(f).support if f in (c.per_field or {}) else 0
+                                       for c in cands))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(fields) * max(1, len(cands)) / 2 + 1.5))
+    height = 0.8 / len(cands)
+    for k, (c, col) in enumerate(zip(cands, _colors(cands))):
+        ys = [i + k * height for i in range(len(fields))]
+        vals = [((c.per_field or {}).get(f).f1 if f in (c.per_field or {}) else None) or 0.0 for f in fields]
+        ax.barh(ys, vals, height=height, color=col, label=c.name)
+    support = {f: max(c.per_field[f].support for c in cands if f in (c.per_field or {})) for f in fields}
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(fields))], [f"{f} ({support[f]})" for f in fields])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("field F1 (support: expected occurrences)")
+    ax.set_title("JSON fields: who gets which field right")
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def plot_scores(comparison: Comparison) -> str | None:
+    """Generative outputs: the distribution of the per-example primary metric of each candidate."""
+    cands = [c for c in comparison.candidates if c.scores]
+    if comparison.output_type == "label" or not cands:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(cands) + 1.5))
+    parts = ax.boxplot([c.scores for c in cands], vert=False, patch_artist=True, showmeans=True)
+    for patch, col in zip(parts["boxes"], _colors(cands)):
+        patch.set_facecolor(col)
+        patch.set_alpha(0.4)
+    ax.set_yticks(range(1, len(cands) + 1), [c.name for c in cands])
+    ax.invert_yaxis()
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel(f"{comparison.metric} per example (box: quartiles; triangle: mean)")
+    ax.set_title("Score distribution")
+    return _png(fig)
+
+
 def plots(comparison: Comparison) -> list[dict[str, str]]:
     """Every plot of the report: [{"id", "title", "src"}] with data: URLs."""
     out = []
@@ -320,6 +376,8 @@ def plots(comparison: Comparison) -> list[dict[str, str]]:
 
     add("metric", "Quality", plot_metric(comparison))
     add("cost", "Cost against volume", plot_cost(comparison))
+    add("scores", "Score distribution", plot_scores(comparison))
+    add("fields", "Per-field F1", plot_fields(comparison))
     add("latency", "Latency", plot_latency(comparison))
     add("routing", "Hybrid traffic share", plot_routing(comparison))
     add("learning-curve", "Learning curve", plot_learning_curve(comparison))
@@ -327,6 +385,7 @@ def plots(comparison: Comparison) -> list[dict[str, str]]:
         add(f"confusion-{i}", f"Confusion matrix: {c.name}", plot_confusion(c))
     for i, c in enumerate(comparison.candidates):
         add(f"training-{i}", f"Training curves: {c.name}", plot_training(c))
+        add(f"search-{i}", f"Hyperparameter search: {c.name}", plot_search(c))
     return out
 
 

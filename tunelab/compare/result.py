@@ -23,10 +23,15 @@ ways. Schema "tunelab.comparison/2":
         training_curves: {train_loss, val_loss, val_metric, x_label} | null
         routing: {primary, fallback, reasons, n} | null  (a hybrid's traffic share)
         examples_trained: int | null
+        per_field: {field: {precision, recall, f1, support}} | null   (JSON outputs)
+        scores: [float]   (the primary metric of each example: its distribution)
       pairwise: [{a, b, test, p_value, difference, diff_low, diff_high, n, significant, verdict}]   (a − b)
       break_even: [{a, b, volume_per_month, payback_months}]   (a: the higher setup cost)
       learning_curve: {candidate, metric, points: [{fraction, n_train, candidate, metric, wall_s, cost, run_id}]} | null
       recommendation: Advice | null
+      output_type: label | json | text
+      outputs: [{index, input, reference, references, answers: {candidate: {text, score}}, spread}]
+               (JSON and text: the examples where the candidates disagree most, first)
 
     Advice
       recommendation (prompt | ft | hybrid | none: the candidate kind, or none), candidate, headline,
@@ -129,6 +134,23 @@ class TrainingCurves(Record):
     x_label: str = "epoch"
 
 
+class SearchTrial(Record):
+    """One trial of the hyperparameter search that made a fine-tune (`tunelab finetune --search`)."""
+
+    number: int
+    state: str  # complete | pruned | fail
+    value: float | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    curve: list[list[float]] = Field(default_factory=list)  # [validation index, score]
+    finetune: str | None = None
+    wall_s: float = 0.0
+
+
+class Search(Record):
+    best_trial: int
+    trials: list[SearchTrial] = Field(default_factory=list)
+
+
 class TrafficShare(Record):
     """Who answered a hybrid's requests: shares of the primary and the fallback, and why."""
 
@@ -138,10 +160,39 @@ class TrafficShare(Record):
     n: int = 0
 
 
+class FieldScore(Record):
+    """One JSON field's agreement with the expected objects."""
+
+    precision: float | None = None
+    recall: float | None = None
+    f1: float | None = None
+    support: int = 0
+
+
+class Answered(Record):
+    """One candidate's answer to one example in the side-by-side outputs."""
+
+    text: str
+    score: float | None = None  # the primary metric of this answer
+
+
+class OutputRow(Record):
+    """One test example with every candidate's answer (generative outputs: the report's output
+    matrix, the examples where the candidates disagree most first)."""
+
+    index: int
+    input: str
+    reference: str
+    references: list[str] = Field(default_factory=list)  # every reference, when the data has several
+    answers: dict[str, Answered] = Field(default_factory=dict)  # by candidate name
+    spread: float = 0.0  # best minus worst score of the candidates on this example
+
+
 class CandidateEntry(Record):
     name: str
     kind: Kind
     model: str = ""
+    base: str = ""  # the base model under it: a prompt's model, a fine-tune's base, a hybrid's primary's
     local: bool = True
     run_id: str = ""
     reused_run: bool = False
@@ -160,9 +211,12 @@ class CandidateEntry(Record):
     flexibility: Flexibility = Field(default_factory=Flexibility)
     confusion: Confusion | None = None
     training_curves: TrainingCurves | None = None
+    search: Search | None = None  # the hyperparameter search that made a fine-tune
     routing: TrafficShare | None = None
     examples_trained: int | None = None
     estimated_from_learning_curve: int | None = None  # advise: the learning-curve point standing in
+    per_field: dict[str, FieldScore] | None = None  # JSON outputs: agreement per field
+    scores: list[float] = Field(default_factory=list)  # the primary metric per example (its distribution)
 
 
 class BreakEven(Record):
@@ -235,6 +289,8 @@ class Comparison(Record):
     break_even: list[BreakEven] = Field(default_factory=list)
     learning_curve: LearningCurve | None = None
     recommendation: Advice | None = None
+    output_type: Literal["label", "json", "text"] = "label"
+    outputs: list[OutputRow] = Field(default_factory=list)  # generative outputs: the side-by-side matrix
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

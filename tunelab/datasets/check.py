@@ -126,6 +126,7 @@ def check_examples(splits: dict[str, list[Example]], *, source: str = "examples"
     _check_duplicates(splits, where, found, report)
     _check_leakage(splits, where, found, report)
     _check_labels(splits, where, found, report)
+    _check_refs(splits, where, found)
     _check_tokens(splits, where, found, report, model)
     report.issues.extend(found.finish())
     return report
@@ -183,6 +184,24 @@ def _check_leakage(splits, where, found: Issues, report: CheckReport) -> None:
                 found.add("warning", "leakage", f"{len(shared)} inputs of split '{b}' also appear in split '{a}' "
                           f"(e.g. line {line_b} = {where[a][0]} line {line_a}); scores on '{b}' would be "
                           "inflated", line_b, path=where[b][0])
+
+
+def _check_refs(splits, where, found: Issues) -> None:
+    """`meta.refs` (every reference answer, for multi-reference metrics) is a list of strings."""
+    for s, exs in splits.items():
+        path, lines = where[s]
+        for i, ex in enumerate(exs):
+            refs = (ex.meta or {}).get("refs")
+            if refs is None:
+                continue
+            if not isinstance(refs, list) or not refs:
+                found.add("error", "bad_refs", f"meta.refs must be a non-empty list of reference texts (got "
+                          f"{type(refs).__name__})", lines[i], field="meta.refs", path=path)
+                continue
+            bad = next((k for k, r in enumerate(refs) if not isinstance(r, str) or not r.strip()), None)
+            if bad is not None:
+                found.add("error", "bad_refs", f"meta.refs[{bad}] must be a non-empty string (got "
+                          f"{json.dumps(refs[bad])[:40]})", lines[i], field=f"meta.refs[{bad}]", path=path)
 
 
 def _output_kind(outputs: list[str]) -> str:

@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field
 from tunelab.canonical import canonical_json, sha256
 from tunelab.datasets import Example
 from tunelab.demos import DemoSelector
+from tunelab.errors import UserError
 from tunelab.evaluate.cache import CachedModel, ResponseCache
 from tunelab.models.base import Completion, Model, Request
 from tunelab.prompts import OutputSpec, Prompt
@@ -129,6 +130,10 @@ class PromptCandidate(Candidate):
     def __init__(self, prompt: Prompt, model: Model, demos: "list[Example] | DemoSelector | None" = None, *,
                  name: str | None = None, kind: str = "prompt", model_name: str | None = None,
                  free_text: bool = True, workspace: "Workspace | None" = None):
+        if prompt.output.constrained and not getattr(model, "constrains_json", False):
+            raise UserError(f"prompt '{prompt.name}' decodes under its JSON schema (output.constrained), which "
+                            f"model '{getattr(model, 'name', model)}' (backend {getattr(model, 'backend', '?')}) "
+                            "cannot do: use a local or llamacpp model, or drop 'constrained'")
         self.prompt = prompt
         self.model = model
         demos = prompt.resolve_demos(workspace) if demos is None else demos

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from tunelab.datasets import Example
 from tunelab.errors import UserError
 from tunelab.evaluate.candidates import Candidate, PromptCandidate
 from tunelab.evaluate.routing import HybridCandidate, Routing, read_hybrid, train_inputs
-from tunelab.metrics import parse_json
+from tunelab.metrics import Answer, FormatValid, parse_json
 from tunelab.models import Model, load_model
 from tunelab.models.finetuned import read_finetuned
 from tunelab.prompts import SUFFIX, as_example, load_prompt, read_prompt_file
@@ -64,7 +64,14 @@ def hybrid_candidate(ws: "Workspace", name: str) -> HybridCandidate:
     spec = read_hybrid(ws, name)
     primary, fallback = resolve_candidate(ws, spec.primary), resolve_candidate(ws, spec.fallback)
     inputs = train_inputs(ws, spec.train_data) if spec.similarity_threshold > 0 else None
-    return HybridCandidate(ws, spec, primary, fallback, Routing(spec, inputs))
+    valid = format_check(primary.output) if primary.output.type == "json" else None
+    return HybridCandidate(ws, spec, primary, fallback, Routing(spec, inputs, valid))
+
+
+def format_check(output) -> Callable[[str], bool]:
+    """Is an answer of `output` usable as is (the format_valid metric: JSON parses and matches the schema)?"""
+    metric = FormatValid(output)
+    return lambda text: bool(metric.score(Answer(expected="", prediction=text)))
 
 
 def answer(ws: "Workspace | None", ref: str, example: Example | str, model: str | None = None,

@@ -7,9 +7,14 @@ Per example, in this order:
 2. **out of distribution** — an input whose length (characters) lies outside the training inputs'
    range, or whose highest cosine similarity to the training inputs (TF-IDF over words and word
    pairs) is below `similarity_threshold`, goes to the fallback (`out_of_distribution`);
-3. **unsure** — otherwise the fine-tuned model answers; when its label-probability margin
-   (`Completion.label_margin`: best minus second-best label probability) is below
-   `margin_threshold`, the fallback answers instead (`unsure`).
+3. **invalid** — (JSON outputs, `invalid_to_fallback`) the fine-tuned model's answer does not parse
+   or does not match the output schema: the fallback answers (`invalid_output`);
+4. **unsure** — otherwise the fine-tuned model answers; when it is unsure, the fallback answers
+   instead (`unsure`). For labels: its label-probability margin (`Completion.label_margin`: best
+   minus second-best label probability) is below `margin_threshold`. For generated answers (JSON,
+   text): the probability of its answer's tokens (`Completion.confidence`: the geometric mean,
+   exp of the mean token log-probability, and the least likely token) is below
+   `confidence_threshold` or `min_token_threshold`.
 
 A hybrid is stored as JSON at `artifacts/hybrids/NAME.json` (`HybridSpec`: primary, fallback,
 thresholds, rules, how they were tuned, its setup); no table is needed. The combined completion
@@ -40,7 +45,7 @@ if TYPE_CHECKING:
     from tunelab.workspace import Workspace
 
 ROUTES = ("primary", "fallback")
-REASONS = ("rule", "out_of_distribution", "unsure")
+REASONS = ("rule", "out_of_distribution", "invalid_output", "unsure")
 
 
 class ExceptionRule(BaseModel):
@@ -58,6 +63,9 @@ class HybridSpec(BaseModel):
     fallback: str = Field(description="the prompt candidate for the rest: PROMPT[@VERSION|@LABEL]")
     margin_threshold: float = Field(0.0, ge=0, le=1, description="fallback when the primary's label margin is below this")
     similarity_threshold: float = Field(0.0, ge=0, le=1, description="fallback when the input's max similarity to training inputs is below this")
+    confidence_threshold: float = Field(0.0, ge=0, le=1, description="generated answers: fallback when the geometric-mean probability of the primary's tokens is below this")
+    min_token_threshold: float = Field(0.0, ge=0, le=1, description="generated answers: fallback when the primary's least likely token's probability is below this")
+    invalid_to_fallback: bool = Field(False, description="JSON outputs: fallback when the primary's answer does not parse or match the schema")
     length_range: tuple[int, int] | None = Field(None, description="fallback when the input's length (characters) is outside")
     rules: list[ExceptionRule] = Field(default_factory=list)
     train_data: str | None = Field(None, description="DATASET@VERSION:train — the training inputs for the distribution check")
@@ -101,6 +109,7 @@ class Route:
     detail: str = ""
     similarity: float | None = None
     margin: float | None = None
+    confidence: dict[str, float] | None = None
 
     def to_meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"route": self.route}
@@ -112,14 +121,18 @@ class Route:
             meta["similarity"] = round(self.similarity, 4)
         if self.margin is not None:
             meta["margin"] = round(self.margin, 4)
+        if self.confidence is not None:
+            meta["confidence"] = {k: round(v, 4) for k, v in self.confidence.items()}
         return meta
 
 
 class Routing:
     """The routing decisions of a hybrid, with no models attached (testable on its own)."""
 
-    def __init__(self, spec: HybridSpec, train_inputs: Sequence[str] | None = None):
+    def __init__(self, spec: HybridSpec, train_inputs: Sequence[str] | None = None,
+                 valid: Callable[[str], bool] | None = None):
         self.spec = spec
+        self.valid = valid  # JSON outputs: is an answer usable (parses, matches the schema)?
         self._rules = []
         for i, rule in enumerate(spec.rules):
             try:
@@ -148,13 +161,22 @@ class Routing:
         return out
 
     def after(self, completion: Completion, pre: Route | None) -> Route:
-        """The route once the primary has answered: fallback when it is unsure."""
+        """The route once the primary has answered: fallback when its answer is unusable or it is unsure."""
+        spec = self.spec
         margin = completion.label_margin
+        conf = completion.confidence if margin is None else None
         sim = pre.similarity if pre is not None else None
-        if margin is not None and margin < self.spec.margin_threshold:
-            return Route("fallback", "unsure", f"margin {margin:.3f} < {self.spec.margin_threshold:.3f}",
+        if spec.invalid_to_fallback and self.valid is not None and not self.valid(completion.text):
+            return Route("fallback", "invalid_output", "the answer does not match the output format",
+                         similarity=sim, confidence=conf)
+        if margin is not None and margin < spec.margin_threshold:
+            return Route("fallback", "unsure", f"margin {margin:.3f} < {spec.margin_threshold:.3f}",
                          similarity=sim, margin=margin)
-        return Route("primary", similarity=sim, margin=margin)
+        if conf is not None and (conf["mean"] < spec.confidence_threshold or conf["min"] < spec.min_token_threshold):
+            return Route("fallback", "unsure", f"token probability {conf['mean']:.3f} (least {conf['min']:.3f}) "
+                         f"< {spec.confidence_threshold:.3f} (least {spec.min_token_threshold:.3f})",
+                         similarity=sim, confidence=conf)
+        return Route("primary", similarity=sim, margin=margin, confidence=conf)
 
 
 def merge(route: Route, primary: Completion | None, fallback: Completion | None) -> Completion:
@@ -232,6 +254,9 @@ class HybridCandidate(Candidate):
         data = super().describe()
         data.update(primary=self.primary.describe(), fallback=self.fallback.describe(),
                     thresholds={"margin": self.spec.margin_threshold, "similarity": self.spec.similarity_threshold,
+                                "confidence": self.spec.confidence_threshold,
+                                "min_token": self.spec.min_token_threshold,
+                                "invalid_to_fallback": self.spec.invalid_to_fallback,
                                 "length_range": self.spec.length_range})
         return data
 

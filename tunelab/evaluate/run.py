@@ -225,6 +225,11 @@ def _rows(run_id: str, indices: list[int], repeat_index: int, examples: list[Exa
         if comp.label_logprobs:
             extra["label_logprobs"] = comp.label_logprobs
             extra["margin"] = comp.label_margin
+        if comp.confidence is not None:  # generated answers: the model's confidence in its tokens
+            extra["confidence"] = {k: round(v, 6) for k, v in comp.confidence.items()}
+        refs = (ex.meta or {}).get("refs")
+        if isinstance(refs, list) and refs:  # multi-reference data: a stored row re-scores without the dataset
+            extra["refs"] = refs
         if comp.free_text is not None:
             extra["free_text"] = comp.free_text
             labels = list(comp.label_logprobs or format_metric.output.labels or [])

@@ -131,8 +131,8 @@ def load_run(ws: "Workspace", run: str) -> RunResult:
 
 
 def _answers(rows: list[RunExampleRow]) -> tuple[list[Answer], list[int]]:
-    return ([Answer(expected=r.expected, prediction=r.prediction, extra=r.extra or {}, scores=r.scores or {})
-             for r in rows], [r.example_index for r in rows])
+    return ([Answer(expected=r.expected, prediction=r.prediction, extra={**(r.extra or {}), "input": r.input},
+                    scores=r.scores or {}) for r in rows], [r.example_index for r in rows])
 
 
 def stored_metrics(run: RunRow) -> list[Metric]:

@@ -26,7 +26,7 @@ _WHERE = {
     "FineTuneConfig": "config", "load_config": "config", "field_help": "config", "export": "exporter",
     "FineTuneResult": "job", "examples_trained": "job", "finetune": "job", "finetune_info": "job",
     "get_row": "job", "list_finetunes": "job", "plan": "job", "setup_of": "job", "training_curves": "job",
-    "run": "launch",
+    "run": "launch", "search": "search", "search_of": "search", "draw_trials": "search",
 }
 
 __all__ = sorted(_WHERE)

@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 VALIDATION_SHARE = 0.1  # held out of train when the dataset has no validation split
 
 
+class Pruned(Exception):
+    """Raised by a fine-tune's `on_validation` hook to stop it (a hyperparameter search's pruner):
+    the row is left `pruned`."""
+
+
 @dataclass
 class FineTuneResult:
     """What `finetune()` returns (and what the finetunes row's `result` holds, plus the config)."""
@@ -213,9 +218,11 @@ def describe(p: Plan) -> list[str]:
 
 
 def finetune(ws: "Workspace", config: FineTuneConfig, *, resume: bool = False, progress: bool = True,
-             log: Callable[[str], None] | None = None) -> FineTuneResult:
+             log: Callable[[str], None] | None = None,
+             on_validation: Callable[[int, dict[str, Any]], None] | None = None) -> FineTuneResult:
     """Train `ft:NAME` as `config` says. With `resume`, continue an interrupted run of that name
-    (its stored configuration wins). Returns the result; the row and artifacts are stored."""
+    (its stored configuration wins). Returns the result; the row and artifacts are stored.
+    `on_validation(k, result)` is called after the k-th validation (k from 0) and may raise `Pruned`."""
     log = log or (lambda s: None)
     if not config.name:
         raise UserError("missing name: pass --name NAME", field="name")
@@ -243,7 +250,7 @@ def finetune(ws: "Workspace", config: FineTuneConfig, *, resume: bool = False, p
     model, _ = tr.load_for_training(p.base_dir, p.config)  # may still fail on bad input: before registering
     for line in describe(p):
         log(line)
-    return _run(ws, p, model, row, progress=progress, log=log)
+    return _run(ws, p, model, row, progress=progress, log=log, on_validation=on_validation)
 
 
 def _register(ws: "Workspace", p: Plan) -> None:
@@ -269,7 +276,8 @@ def _update(ws: "Workspace", name: str, **values: Any) -> None:
             setattr(row, k, v)
 
 
-def _run(ws: "Workspace", p: Plan, model, row: FineTuneRow | None, *, progress: bool, log) -> FineTuneResult:
+def _run(ws: "Workspace", p: Plan, model, row: FineTuneRow | None, *, progress: bool, log,
+         on_validation=None) -> FineTuneResult:
     c = p.config
     folder = run_dir(ws, c.name)
     if row is None:
@@ -284,6 +292,8 @@ def _run(ws: "Workspace", p: Plan, model, row: FineTuneRow | None, *, progress: 
     precision = "bf16" if bf16 else "fp32"
     metric = evaluator_metric(p.prompt, p.demos, p.val_examples, p.base_dir, precision, c.name)
     validate = make_validator(p.val_items, p.tokenizer, bf16, metric)
+    if on_validation is not None:
+        validate = _reporting(validate, on_validation)
     pricing = ws.pricing_for("local", "local")
 
     def on_checkpoint(state: dict[str, Any]) -> None:  # the row shows progress while training
@@ -295,11 +305,12 @@ def _run(ws: "Workspace", p: Plan, model, row: FineTuneRow | None, *, progress: 
                            progress=progress, log=log, on_checkpoint=on_checkpoint)
         result = _finish(ws, p, model, trained, pricing.per_hour)
     except BaseException as exc:
-        message = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+        message = ("interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) if isinstance(exc, Pruned)
+                   else f"{type(exc).__name__}: {exc}")
         try:
             with ws.store.session() as s:
                 r = s.scalar(select(FineTuneRow).where(FineTuneRow.name == c.name))
-                r.status = "failed"
+                r.status = "pruned" if isinstance(exc, Pruned) else "failed"
                 r.result = {**(r.result or {}), "error": message}
         finally:
             raise
@@ -308,6 +319,19 @@ def _run(ws: "Workspace", p: Plan, model, row: FineTuneRow | None, *, progress: 
     log(f"ft:{c.name} done in {result.wall_s:.0f} s: {result.tokens_trained:,} tokens at "
         f"{result.tokens_per_s:.0f} tokens/s" + (f"; best validation {_best_text(result.best)}" if result.best else ""))
     return result
+
+
+def _reporting(validate, on_validation):
+    """`validate` that hands each result to `on_validation(k, result)` (k: the validation's index)."""
+    count = [0]
+
+    def reported(model) -> dict[str, Any]:
+        result = validate(model)
+        k, count[0] = count[0], count[0] + 1
+        on_validation(k, result)
+        return result
+
+    return reported
 
 
 def _lock(folder: Path, name: str):
@@ -422,6 +446,13 @@ def plot_curves(curves: dict[str, Any], path: Path, title: str = "") -> None:
         ax2.set_xlabel("step")
         ax2.set_ylabel(f"validation {metric_name}")
         ax2.grid(alpha=0.3)
+    save_figure(fig, path, title)
+
+
+def save_figure(fig, path: Path, title: str = "") -> None:
+    """Write a matplotlib figure as a PNG, atomically (a reader never sees half a file), and close it."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title)
     fig.tight_layout()

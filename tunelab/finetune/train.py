@@ -27,8 +27,10 @@ from tunelab.finetune import distributed as dist  # data-parallel when started b
 from tunelab.finetune.config import FineTuneConfig
 from tunelab.finetune.data import IGNORE, Tokenized, collate, epoch_batches, micro_batches
 from tunelab.finetune.distributed import device
+from tunelab.finetune.fused import FusedLoraLlama
 
 MATH_ATTENTION_MAX = 1024
+LOSS_CHUNK_LOGITS = 1 << 24  # vocabulary logits computed at once by the chunked loss
 
 
 def bf16_supported() -> bool:
@@ -136,12 +138,57 @@ def attention_kernel(length: int):
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def completion_loss(model, batch: dict[str, Any], bf16: bool):
-    """Summed cross-entropy over the completion tokens and their count.
+def head_logits(lm, hidden):
+    """The vocabulary logits of `hidden`: the output projection, then the model's final logit
+    soft-capping where its config has one (Gemma 2)."""
+    logits = lm.get_output_embeddings()(hidden)
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    return logits if not cap else (logits / cap).tanh() * cap
 
-    The decoder runs on every token; the vocabulary projection (49k columns for SmolLM2) only on
-    the positions that predict a completion token."""
+
+def loss_chunk_rows(vocab_size: int) -> int:
+    """Completion positions per vocabulary projection: about 16M logits (64 MB in fp32) at a time."""
+    return max(16, LOSS_CHUNK_LOGITS // max(1, vocab_size))
+
+
+def chunked_cross_entropy(lm, hidden, target):
+    """Summed cross-entropy of `hidden` (positions x hidden size) against `target`, the vocabulary
+    projection computed a chunk of positions at a time. While training, each chunk's logits are
+    recomputed in the backward pass instead of kept (activation checkpointing of the head alone):
+    with a 262k vocabulary (Gemma 3) the logits of a batch's completions would otherwise hold
+    gigabytes."""
+    import torch
     import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h, t):
+        return F.cross_entropy(head_logits(lm, h).float(), t, reduction="sum")
+
+    rows = loss_chunk_rows(lm.config.get_text_config().vocab_size)
+    if hidden.shape[0] <= rows:
+        return piece(hidden, target)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for lo in range(0, hidden.shape[0], rows):
+        h, t = hidden[lo:lo + rows], target[lo:lo + rows]
+        total = total + (checkpoint(piece, h, t, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t))
+    return total
+
+
+def fused_pass(model, bf16: bool):
+    """The fused training pass for `model` (`tunelab.finetune.fused`), made once; None where it does
+    not apply (then transformers' forward runs)."""
+    cached = getattr(model, "_tunelab_fused", None)
+    if cached is None or cached[0] != bf16:
+        cached = (bf16, FusedLoraLlama.of(model, bf16))
+        model._tunelab_fused = cached
+    return cached[1]
+
+
+def completion_hidden(model, batch: dict[str, Any], bf16: bool):
+    """The last hidden states at the positions that predict a completion token, and those tokens.
+    The decoder runs on every token (the fused pass: its last layer only where a loss is read); the
+    vocabulary projection is left to the caller."""
+    import torch
 
     lm = causal_lm(model)
     dev = device()
@@ -150,15 +197,44 @@ def completion_loss(model, batch: dict[str, Any], bf16: bool):
     labels = batch["labels"].to(dev)
     target = labels[:, 1:]
     select = target != IGNORE
+    fused = fused_pass(model, bf16)
+    if fused is not None:
+        keep = torch.cat([select, select.new_zeros((select.shape[0], 1))], dim=1)
+        return fused(ids, mask, keep), target[select], select
     # recomputed activations must come from the same kernel: checkpointing keeps the default one
     checkpointing = (lm.is_activation_checkpointing if hasattr(lm, "is_activation_checkpointing")
                      else lm.is_gradient_checkpointing)
     with autocast(bf16), attention_kernel(0 if checkpointing else ids.shape[1]):
         hidden = lm.base_model(input_ids=ids, attention_mask=None if bool(mask.all()) else mask,
                                use_cache=False).last_hidden_state
-        logits = lm.get_output_embeddings()(hidden[:, :-1][select])
-    loss = F.cross_entropy(logits.float(), target[select], reduction="sum")
-    return loss, int(select.sum()), logits, select
+    return hidden[:, :-1][select], target[select], select
+
+
+def completion_loss(model, batch: dict[str, Any], bf16: bool):
+    """Summed cross-entropy over the completion tokens and their count. The vocabulary projection
+    (49k columns for SmolLM2, 262k for Gemma 3) runs only on the positions that predict a
+    completion token, a chunk of them at a time (`chunked_cross_entropy`)."""
+    lm = causal_lm(model)
+    hidden, target, _ = completion_hidden(model, batch, bf16)
+    with autocast(bf16):
+        loss = chunked_cross_entropy(lm, hidden, target)
+    return loss, int(target.numel())
+
+
+def completion_token_logprobs(model, batch: dict[str, Any], bf16: bool):
+    """The log-probability of every completion token (no gradients), and the (rows, positions)
+    selection they come from."""
+    import torch
+
+    lm = causal_lm(model)
+    hidden, target, select = completion_hidden(model, batch, bf16)
+    rows = loss_chunk_rows(lm.config.get_text_config().vocab_size)
+    out = []
+    with autocast(bf16):
+        for lo in range(0, hidden.shape[0], rows):
+            logp = torch.log_softmax(head_logits(lm, hidden[lo:lo + rows]).float(), dim=-1)
+            out.append(logp.gather(1, target[lo:lo + rows].unsqueeze(1)).squeeze(1))
+    return (torch.cat(out) if out else hidden.new_zeros(0)), select
 
 
 @dataclass
@@ -323,7 +399,7 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
                 loss_total, tokens = 0.0, 0
                 for piece in pieces:
                     batch = collate([items[i] for i in piece], pad_id)
-                    loss_sum, _, _, _ = completion_loss(model, batch, bf16)
+                    loss_sum, _ = completion_loss(model, batch, bf16)
                     (loss_sum / n_loss).backward()
                     loss_total += float(loss_sum.detach())
                     tokens += int(batch["attention_mask"].sum())

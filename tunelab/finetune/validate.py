@@ -9,13 +9,15 @@ keeps the checkpoint that is best by the very number the comparison reports.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any, Callable
 
 from tunelab.evaluate import PromptCandidate
 from tunelab.finetune.data import Tokenized, collate, micro_batches
-from tunelab.finetune.train import causal_lm, completion_loss
+from tunelab.finetune.train import causal_lm, completion_token_logprobs
 from tunelab.metrics import Answer, aggregate, default_metric_names, make_metrics, primary_metric
+from tunelab.models import trim_malloc
 from tunelab.models.local import LocalModel
 
 EVAL_TOKEN_BUDGET = 4096
@@ -24,16 +26,11 @@ SKIP_METRICS = ("format_valid", "free_accuracy")  # need free generation; not wo
 
 def completion_logprobs(model, items: list[Tokenized], pad_id: int, bf16: bool) -> list[float]:
     """Per item: the summed log-likelihood of its completion tokens."""
-    import torch
-
     lengths = [len(it) for it in items]
     sums = [0.0] * len(items)
     for piece in micro_batches(list(range(len(items))), lengths, EVAL_TOKEN_BUDGET):
         batch = collate([items[i] for i in piece], pad_id)
-        _, _, logits, select = completion_loss(model, batch, bf16)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        target = batch["labels"][:, 1:].to(logp.device)[select]
-        token_lp = logp.gather(1, target.unsqueeze(1)).squeeze(1)
+        token_lp, select = completion_token_logprobs(model, batch, bf16)
         offset = 0
         for row, n in enumerate(select.sum(dim=1).tolist()):
             sums[piece[row]] = float(token_lp[offset:offset + n].sum())
@@ -90,7 +87,10 @@ def evaluator_metric(prompt, demos, examples, base_dir: Path, precision: str, na
         try:
             completions = candidate.predict(list(examples))
         finally:
-            served.close()
+            served.close()  # the inference copy goes: training continues without it
+            del candidate
+            gc.collect()
+            trim_malloc()
         answers = [Answer(expected=ex.output, prediction=c.text, example=ex,
                           extra={"label_logprobs": c.label_logprobs}) for ex, c in zip(examples, completions)]
         values = aggregate(metrics, answers, resamples=200)

@@ -1,6 +1,7 @@
 """Models: load a backend by its spec string.
 
     smollm2-135m            the bundled SmolLM2-135M-Instruct (local backend; also `smollm2`)
+    gemma3-270m             the bundled Gemma 3 270M, pretrained (local backend; plain-text prompts)
     local:PATH | PATH       any local Hugging Face model folder
     fake | fake:NAME        the fake model for tests
     ft:NAME                 a fine-tuned model of this workspace (its model folder, `tunelab.models.finetuned`)
@@ -25,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 from tunelab.errors import NotFound, UserError
 from tunelab.models.base import Completion, Message, Model, Request, match_label
 from tunelab.models.finetuned import read_finetuned
-from tunelab.models.weights import BUNDLED_ALIASES
+from tunelab.models.weights import BUNDLED_ALIASES, bundled, folder_template
 
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
 
 __all__ = ["Completion", "Message", "Model", "Request", "load_model", "backend_class", "match_label",
-           "BUNDLED_ALIASES"]
+           "BUNDLED_ALIASES", "template_of"]
 
 
 _loaded: dict[tuple, Model] = {}
@@ -67,12 +68,39 @@ def clear_loaded() -> None:
         _loaded.clear()
 
 
+def release_memory() -> None:
+    """Drop the loaded models (they load again on their next use, from the safetensors cache in
+    about a second) and hand freed memory back to the system (glibc's `malloc_trim`): the flow calls
+    it between steps, so a fine-tune does not train beside the evaluator's models."""
+    import gc
+
+    for model in list(_loaded.values()):
+        close = getattr(model, "close", None)
+        if close is not None:
+            close()
+    clear_loaded()
+    gc.collect()
+    trim_malloc()
+
+
+def trim_malloc() -> None:
+    """Return the C heap's free pages to the system where glibc is the allocator (no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _build(spec: str, workspace: "Workspace | None", name: str | None = None, **options: Any) -> Model:
     spec = (spec or "").strip()
     if not spec:
         raise UserError("no model given")
     if spec.lower() in BUNDLED_ALIASES:
-        return backend_class("local")(name=name or "smollm2-135m", **options)
+        base = bundled(spec)
+        return backend_class("local")(name=name or base.name, path=base.name, **options)
     if workspace is not None and spec in workspace.config.models:
         cfg = workspace.config.models[spec]
         settings = cfg.model_dump(exclude_none=True, exclude={"backend", "pricing"})
@@ -104,7 +132,7 @@ def _build(spec: str, workspace: "Workspace | None", name: str | None = None, **
     hint = ""
     if workspace is not None and workspace.config.models:
         hint = f"; models in tunelab.yaml: {', '.join(sorted(workspace.config.models))}"
-    raise NotFound(f"unknown model '{spec}' (try smollm2-135m, a model folder, ft:NAME, openai:MODEL{hint})")
+    raise NotFound(f"unknown model '{spec}' (try smollm2-135m, gemma3-270m, a model folder, ft:NAME, openai:MODEL{hint})")
 
 
 def _finetuned(backend: str, spec: str, workspace: "Workspace | None", name: str | None = None,
@@ -120,3 +148,36 @@ def _finetuned(backend: str, spec: str, workspace: "Workspace | None", name: str
     if backend == "local":
         return _build(ft.base, workspace, name=name or spec, adapter=str(ft.adapter), **options)
     return backend_class(backend)(name=name or spec, path=ft.base, adapter=str(ft.adapter), **options)
+
+
+def template_of(spec: str, workspace: "Workspace | None" = None) -> str:
+    """How the model `spec` renders prompts, said without loading it: "chat template" (its own, e.g.
+    SmolLM2), "plain text" (a base model without one, e.g. gemma3-270m: `tunelab.models.chat`), or
+    what the backend does (a server's or GGUF's template, the fake model's none)."""
+    spec = (spec or "").strip()
+    base = bundled(spec)
+    if base is not None:
+        return base.template
+    if workspace is not None and spec in workspace.config.models:
+        cfg = workspace.config.models[spec]
+        if cfg.backend == "local" and getattr(cfg, "path", None):
+            return template_of(f"local:{cfg.path}")
+        return template_of(f"{cfg.backend}:{getattr(cfg, 'model', None) or spec}")
+    if spec.startswith("ft:") and workspace is not None:
+        try:
+            ft = read_finetuned(workspace, spec[3:])
+        except UserError:
+            return "unknown (fine-tune not found)"
+        return template_of(ft.base, workspace) if ft.adapter is not None else folder_template(ft.weights)
+    if spec == "fake" or spec.startswith("fake:"):
+        return "none (the fake model answers without rendering)"
+    backend, _, rest = spec.partition(":")
+    if backend == "openai":
+        return "the server's chat template"
+    if backend == "llamacpp":
+        return "the GGUF's chat template, plain text without one"
+    target = rest if backend == "local" else spec
+    if bundled(target) is not None:
+        return bundled(target).template
+    folder = Path(target).expanduser()
+    return folder_template(folder) if folder.is_dir() else "unknown"

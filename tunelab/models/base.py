@@ -49,6 +49,17 @@ class Completion:
     label_logprobs: dict[str, float] | None = None  # per label, when labels were scored
     free_text: str | None = None  # the unconstrained answer, when asked for
     meta: dict[str, Any] = field(default_factory=dict)
+    token_logprobs: list[float] | None = None  # per generated token, when the backend reports them
+
+    @property
+    def confidence(self) -> dict[str, float] | None:
+        """The model's confidence in a generated answer: the probability of its tokens as their
+        geometric mean (exp of the mean log-probability) and of the least likely one (exp of the
+        minimum); None without token log-probabilities (a hybrid's unsureness for JSON and text)."""
+        lps = self.token_logprobs
+        if not lps:
+            return None
+        return {"mean": math.exp(sum(lps) / len(lps)), "min": math.exp(min(lps))}
 
     @property
     def label_margin(self) -> float | None:

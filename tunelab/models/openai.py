@@ -55,6 +55,8 @@ class OpenAIModel(Model):
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.structured_output = structured_output
+        # a server asked for structured output (response_format json_schema) decodes under the schema
+        self.constrains_json = bool(structured_output)  # type: ignore[misc]
 
     @property
     def fingerprint(self) -> str:

@@ -17,6 +17,10 @@ The search, in stages, within the budget (a number of candidates, or seconds):
    4 and 8 nearest neighbours per input by TF-IDF, 4 by sentence embeddings;
 4. with a proposer model: rewrites of the best instruction from its failures on train examples.
 
+For JSON outputs on a model that can constrain its decoding (`Model.constrains_json`: local,
+llamacpp), the best candidate after stage 2 is also tried decoded under the grammar of its schema
+(`output.constrained`); when that scores higher, the demo stage keeps it on.
+
 With enough validation examples (90 or more) each stage screens its candidates on the first
 third of the validation split and evaluates only the best few on all of it — none whose screen
 score is already below the 95% interval of the best so far (successive halving; the response
@@ -92,6 +96,7 @@ class _Search:
         self.data_val = f"{ds.name}@{ds.version}:validation"
         self.on_trial: Callable[[Trial], None] = lambda t: None
         self.notes: list[str] = []
+        self.constrain = False  # JSON: every later trial decodes under the schema's grammar
         self.tokens_spent = 0
         self.cost = 0.0
 
@@ -116,6 +121,9 @@ class _Search:
             if spec.strategy != "none" and not fixed:
                 return None
             prompt = build_prompt(self.seed, variant, fixed)
+        if self.constrain:  # JSON decoded under the schema's grammar won on the instructions: keep it
+            prompt = constrained(prompt)
+            variant = InstructionVariant(f"{variant.name} + constrained", variant.text, variant.placement)
         cand_name = f"{self.seed.name}@{prompt.version}" + (f"+{spec.strategy}{spec.k}" if spec.per_input else "")
         kwargs = dict(name=cand_name, model_name=self.model_spec, free_text=self.free_text, workspace=self.ws)
         demos: list[Example] | DemoSelector = fixed
@@ -129,6 +137,18 @@ class _Search:
             demos = seed_selector
         cand = PromptCandidate(prompt, self.model, demos, **kwargs)
         trial = Trial(0, stage, variant, spec, prompt, fixed, candidate=cand)
+        if trial.key() in self.made:
+            return None
+        self.made.add(trial.key())
+        return trial
+
+    def constrained_trial(self, base: Trial) -> Trial | None:
+        """`base` decoded under its schema's grammar (a JSON output on a model that can)."""
+        prompt = constrained(base.prompt)
+        variant = InstructionVariant(f"{base.variant.name} + constrained", base.variant.text, base.variant.placement)
+        cand = PromptCandidate(prompt, self.model, base.candidate.demos, name=f"{self.seed.name}@{prompt.version}",
+                               model_name=self.model_spec, free_text=self.free_text, workspace=self.ws)
+        trial = Trial(0, "constrained", variant, base.demos, prompt, base.fixed_demos, candidate=cand)
         if trial.key() in self.made:
             return None
         self.made.add(trial.key())
@@ -252,6 +272,12 @@ class _Search:
         return wrong[:MAX_FAILURES], len(sample)
 
 
+def constrained(prompt: "Prompt") -> "Prompt":
+    """`prompt` with its JSON output decoded under the grammar of its schema."""
+    output = prompt.output.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return prompt.replace(output={**output, "constrained": True})
+
+
 def _objective_for(output_type: str, objective: str | None) -> str:
     name = objective or PRIMARY[output_type]
     make_metric(name, None if output_type != "label" else {"type": "label", "labels": ["a"]})  # NotFound if unknown
@@ -343,7 +369,8 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
         seed_demos = seed_prompt.resolve_demos(ws)
         seed_spec = DemoSpec("seed", k=len(seed_demos)) if seed_demos else DemoSpec("none")
         variants = instruction_variants(seed_task(seed_prompt), search.labels, definitions=label_definitions,
-                                        seed_placement="system" if has_system_part(seed_prompt) else "user")
+                                        seed_placement="system" if has_system_part(seed_prompt) else "user",
+                                        output_type=output_type)
         seed_trial = search.make_trial("seed", variants[0], seed_spec)
         search.run(seed_trial, search.n_full, baseline=True)
         if seed_trial.status != "ok":
@@ -363,6 +390,16 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
             if t.variant not in top:
                 top.append(t.variant)
         top = top[:TOP_INSTRUCTIONS] or [variants[0]]
+
+        # 2b. JSON: the best candidate so far decoded under the schema's grammar (constrained
+        # decoding is prompt engineering's structured-output tool, as servers offer it)
+        if (seed_prompt.output.type == "json" and not seed_prompt.output.constrained
+                and getattr(llm, "constrains_json", False) and (best := search.best()) is not None):
+            trial = search.constrained_trial(best)
+            if trial is not None:
+                search.stage([trial], promote=1)
+                if trial.status == "ok" and trial.score is not None and trial.score > (best.score or 0):
+                    search.constrain = True
 
         # 3. the best instructions x demo strategies
         trials = [t for v in top for spec in specs if (t := search.make_trial("demos", v, spec))]

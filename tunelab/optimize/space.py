@@ -62,11 +62,16 @@ def boundary_line(labels: Sequence[str]) -> str:
     return "If you are unsure, answer the single most likely label; never answer anything else."
 
 
+JSON_CONTRACT = "Answer with the JSON object only: no other text, no code fence."
+TEXT_CONTRACT = "Answer with the text only: no preamble, no explanation."
+
+
 def instruction_variants(seed_instruction: str, labels: Sequence[str] | None, *,
                          seed_placement: Placement = "system",
-                         definitions: Mapping[str, str] | None = None) -> list[InstructionVariant]:
+                         definitions: Mapping[str, str] | None = None,
+                         output_type: str = "label") -> list[InstructionVariant]:
     """The instruction variants to try, the seed's own first. Without labels (JSON or free-text
-    outputs) only the role line and the placement vary."""
+    outputs) the role line, the output-format contract and the placement vary."""
     task = seed_instruction.strip() or "Classify the text."
     other_place: Placement = "user" if seed_placement == "system" else "system"
     variants: list[InstructionVariant] = [InstructionVariant("seed", task, seed_placement)]
@@ -79,7 +84,10 @@ def instruction_variants(seed_instruction: str, labels: Sequence[str] | None, *,
             variants.append(InstructionVariant(name, text, placement))
 
     if not labels:
+        contract = JSON_CONTRACT if output_type == "json" else TEXT_CONTRACT
+        add("format", [task, contract])
         add("role", [ROLE_LINE, task])
+        add("role+format", [ROLE_LINE, task, contract])
         add("role", [ROLE_LINE, task], other_place)
         return variants
     contract = format_contract(labels)

@@ -9,7 +9,7 @@ Modules: `spec` (the typed front matter, the content hash), `template` (the sand
 body, `Prompt`, `parse_prompt`), `versions` (the working file, commits, labels, diff, rollback).
 """
 
-from tunelab.prompts.spec import (Demo, DemoSource, FrontMatter, OutputSpec, canonical_body, canonical_front_matter,
+from tunelab.prompts.spec import (Demo, DemoSource, FrontMatter, JudgeRubric, OutputSpec, canonical_body, canonical_front_matter,
                                   content_hash, format_prompt)
 from tunelab.prompts.sandbox import MAX_RENDERED, RENDER_SECONDS, jinja_env
 from tunelab.prompts.template import (ROLES, SAMPLE_INPUT, Part, Prompt, as_example, compile_part, demos_data,
@@ -21,7 +21,8 @@ from tunelab.prompts.versions import (OVERRIDABLE, RESERVED_LABELS, SUFFIX, Comm
                                       prompt_versions, read_prompt_file, resolve_version, rollback_prompt, save_version,
                                       show_prompt, tag_prompt)
 
-__all__ = ["MAX_RENDERED", "OVERRIDABLE", "RENDER_SECONDS", "Commit", "Deploy", "Demo", "DemoSource", "FrontMatter", "OutputSpec", "Part", "Prompt", "PromptSummary",
+__all__ = ["MAX_RENDERED", "OVERRIDABLE", "RENDER_SECONDS", "Commit", "Deploy", "Demo", "DemoSource", "FrontMatter",
+           "JudgeRubric", "OutputSpec", "Part", "Prompt", "PromptSummary",
            "RESERVED_LABELS", "ROLES", "SAMPLE_INPUT", "SUFFIX", "as_example", "canonical_body",
            "canonical_front_matter", "check_prompt", "commit_prompt", "compile_part", "content_hash",
            "current_version", "default_author", "deploy_log", "label_overrides", "demos_data", "diff_prompts", "format_prompt", "jinja_env",

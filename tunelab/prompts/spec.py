@@ -4,7 +4,8 @@
     model: smollm2-135m          # optional: default the workspace's default_model
     temperature: 0
     max_tokens: 16               # default 16 for label outputs, 256 otherwise
-    output: {type: label, labels: [spam, ham]}   # or {type: json, schema: {...}}, or text
+    output: {type: label, labels: [spam, ham]}   # or {type: json, schema: {...}, constrained: true}, or text
+    # output: {type: text, judge: {rubric: "every fact stated, nothing invented", scale: [1, 5]}}
     demos:                       # few-shot demos: inline ...
       - {input: "WIN a prize", output: spam}
     # demos: {dataset: sms, split: train, k: 4, strategy: stratified, seed: 0}   # ... or drawn
@@ -34,6 +35,33 @@ from tunelab.demos import PER_INPUT
 FENCE = re.compile(r"^---[ \t]*$")
 
 # -- front matter ------------------------------------------------------------------------------
+class JudgeRubric(BaseModel):
+    """How an LLM judge grades this prompt's answers (`--metric judge`): the rubric and its scale."""
+
+    model_config = ConfigDict(extra="forbid")
+    rubric: str = Field(description="what a good answer is, e.g. faithfulness (every input fact stated, nothing "
+                                    "invented), format, style")
+    scale: tuple[int, int] = Field(description="lowest and highest grade, e.g. [1, 5]")
+    model: str | None = Field(None, description="the judge model (default: tunelab.yaml's judge.model, else the "
+                                                "default model)")
+
+    @field_validator("rubric")
+    @classmethod
+    def _rubric(cls, rubric: str) -> str:
+        if not rubric.strip():
+            raise ValueError("the rubric is empty: say what a good answer is")
+        return rubric
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, scale: tuple[int, int]) -> tuple[int, int]:
+        if scale[1] <= scale[0]:
+            raise ValueError(f"the high end of the scale must be above the low end (got {list(scale)})")
+        if scale[1] - scale[0] > 100:
+            raise ValueError(f"at most 101 grades (got {list(scale)})")
+        return scale
+
+
 class OutputSpec(BaseModel):
     """What the model must answer: one of `labels`, JSON (optionally matching `schema`), or text."""
 
@@ -41,6 +69,9 @@ class OutputSpec(BaseModel):
     type: Literal["label", "json", "text"] = Field("text", description="label, json or text")
     labels: list[str] | None = Field(None, description="type label: the allowed answers")
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="type json: a JSON Schema")
+    constrained: bool = Field(False, description="type json: decode under the grammar of the schema (any JSON "
+                                                 "without one), on backends that can (local, llamacpp)")
+    judge: JudgeRubric | None = Field(None, description="the LLM judge's rubric and scale for these answers")
 
     @property
     def schema(self) -> dict[str, Any] | None:  # type: ignore[override]
@@ -54,8 +85,13 @@ class OutputSpec(BaseModel):
         return cls.model_validate(value if value is not None else {})
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data: {type, labels, schema} (what runs store)."""
-        return {"type": self.type, "labels": self.labels, "schema": self.schema_}
+        """Plain data: {type, labels, schema[, constrained]} (what runs store)."""
+        data = {"type": self.type, "labels": self.labels, "schema": self.schema_}
+        if self.constrained:
+            data["constrained"] = True
+        if self.judge is not None:
+            data["judge"] = self.judge.model_dump(mode="json")
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -86,6 +122,10 @@ class OutputSpec(BaseModel):
             raise ValueError(f"'labels' is only for type label (this output is type {self.type})")
         if self.type != "json" and self.schema_ is not None:
             raise ValueError(f"'schema' is only for type json (this output is type {self.type})")
+        if self.constrained and self.type != "json":
+            why = ("label outputs are always constrained: each label is scored"
+                   if self.type == "label" else "free text has no grammar to decode under")
+            raise ValueError(f"'constrained: true' is only for type json ({why})")
         if self.schema_ is not None:
             import jsonschema
 

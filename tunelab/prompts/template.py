@@ -278,6 +278,7 @@ class Prompt:
             "temperature": self.temperature,
             "labels": list(self.labels) if self.output.type == "label" else None,
             "json_schema": self.output.schema if self.output.type == "json" else None,
+            "constrained": self.output.constrained,
         }
         params.update(overrides)
         return Request(**params)

@@ -18,7 +18,11 @@
    of several prompt passes are merged into one wide batch (their KV caches left-padded, with the
    trie dropped) and decoded one token per step into preallocated KV buffers; a row leaves the
    batch when it ends (end of turn / eos, `max_tokens`, a `stop` string, or for JSON requests the
-   end of the first balanced JSON value).
+   end of the first balanced JSON value). A request with `constrained=True` decodes under the
+   grammar of its JSON schema (`Grammars`: llguidance computes each step's allowed tokens, a
+   bitmask applied to its row's logits), so its answer parses and matches the schema.
+   Every generated token's log-probability (under the model, before the grammar's mask) is kept:
+   `Completion.token_logprobs`, the confidence a hybrid routes generated answers on.
 
 A label's score is the sum of the log-probabilities of its tokens (tokenized without a leading
 space) followed by the end-of-turn token (`<|im_end|>` for SmolLM2, `tunelab.models.chat`): the
@@ -45,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import UserError
 from tunelab.models.base import Completion, Request
+from tunelab.models.local.grammar import CLOSE_MARGIN, Grammars
 from tunelab.models.local.layout import (LabelTrie, build_trie, common_prefix_len, find_stop, greedy_label, json_end,
                                          make_batches, trim_output)
 
@@ -72,6 +77,7 @@ class Engine:
         self.lm = model
         self._tries: dict[str, tuple[LabelTrie, list[int]]] = {}
         self._last_prefix: tuple | None = None
+        self.grammars = Grammars(model)
 
     def _prompt_ids(self, requests: list[Request]) -> list[list[int]]:
         texts = [self.lm.render(r.messages) for r in requests]
@@ -183,9 +189,10 @@ class Engine:
         limit = self.lm.context_length or 10**9
         self._check_length(len(prompt) + (len(trie.tokens) if trie else 0) + 1, index)
         max_new = max(1, min(req.max_tokens, limit - len(prompt))) if generates else 0
+        grammar = self.grammars.matcher(req.json_schema) if (req.constrained and generates and not req.labels) else None
         return _Job(index=index, prompt=prompt, trie=trie, label_lengths=label_lengths, max_new=max_new,
-                    temperature=req.temperature, seed=req.seed, stop=req.stop or None,
-                    json=req.json_schema is not None)
+                    temperature=req.temperature, seed=req.seed, stop=(list(req.stop or []) + self.lm.answer_stops()) or None,
+                    json=req.json_schema is not None or grammar is not None, grammar=grammar)
 
     def _completion(self, job: "_Job", req: Request, shared: int) -> Completion:
         share = job.latency
@@ -208,9 +215,13 @@ class Engine:
             return comp
         if job.cut:
             meta["stopped"] = True
+        if job.grammar is not None:
+            meta["constrained"] = "json_schema"
+            if job.grammar.is_error():
+                meta["grammar_error"] = job.grammar.get_error()[:200]
         meta["decode_batch_size"] = job.decode_batch_size
         return Completion(text=text, prompt_tokens=len(job.prompt), completion_tokens=job.n_generated,
-                          latency_s=share, meta=meta)
+                          latency_s=share, token_logprobs=job.logprobs, meta=meta)
 
     def _label_trie(self, labels: list[str]) -> tuple[LabelTrie, list[int]]:
         key = "\x00".join(labels)
@@ -234,8 +245,12 @@ class Engine:
         cached = self._last_prefix
         if cached is not None and cached[0] == key:
             return cached[1]
+        from transformers import DynamicCache
+
         ids = torch.tensor([prefix], dtype=torch.long, device=self.lm.device)
-        cache = self.lm.hf_model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        # full layers (no sliding-window layers that drop old keys): the prefix is expanded over batches
+        cache = self.lm.hf_model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True,
+                                 logits_to_keep=1).past_key_values
         layers = getattr(cache, "layers", None)
         if not layers or not all(getattr(layer, "keys", None) is not None for layer in layers):
             return None  # an unusual cache: run without sharing the prefix
@@ -281,13 +296,9 @@ class Engine:
                 allow[b, S:S + n, C + n_pad:C + S] = True
                 allow[b, S:S + n, C + S:C + S + n] = job.trie.sees
             allow[b, idx, C + idx] = True  # padding sees itself (no all-masked rows)
-        if getattr(model.config, "_attn_implementation", None) == "sdpa":
-            mask = allow[:, None]  # SDPA on CPU is faster with a boolean mask than an additive one, same numbers
-        else:  # eager attention adds the mask to the scores
-            mask = torch.zeros((B, 1, T, C + T), dtype=self.lm.dtype)
-            mask.masked_fill_(~allow[:, None], torch.finfo(self.lm.dtype).min)
+        mask = self._mask(allow, pos, C)
         kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix[1]] if prefix else None
-        cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache(config=model.config)
+        cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
         body = getattr(model, "model", None)
         head = model.get_output_embeddings()
         fused = self.lm.fused() if head is not None else None
@@ -295,11 +306,11 @@ class Engine:
             hidden = fused(ids.to(dev), allow[:, None].to(dev), pos.to(dev), cache, keep_from=S - 1)
             project = head
         elif body is not None and head is not None:  # run the body; project only the positions needed
-            hidden = body(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+            hidden = body(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
                           past_key_values=cache, use_cache=True).last_hidden_state[:, S - 1:]
             project = head
         else:
-            hidden = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+            hidden = model(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
                            past_key_values=cache, use_cache=True, logits_to_keep=N + 1).logits
             project = None
         # label scores, a few rows at a time (logits are rows x nodes x vocabulary)
@@ -337,6 +348,28 @@ class Engine:
         return _Prefilled([jobs[b] for b in gen], first, cache, attn.to(dev),
                           torch.tensor([len(jobs[b].prompt) for b in gen], device=dev))
 
+    def _mask(self, allow, pos, C: int):
+        """The 4D attention mask for `allow` (B, T, C + T) in the form the model's attention takes: a
+        bool mask for SDPA, an additive one for eager attention; for a model with sliding-window
+        layers (Gemma 3) a mask per layer type, the sliding one also hiding keys `sliding_window` or
+        more positions back."""
+        import torch
+
+        config = self.lm.hf_model.config
+
+        def form(a):
+            if getattr(config, "_attn_implementation", None) == "sdpa":
+                return a[:, None].to(self.lm.device)  # SDPA on CPU is faster with a boolean mask, same numbers
+            mask = torch.zeros(a[:, None].shape, dtype=self.lm.dtype)  # eager attention adds the mask
+            return mask.masked_fill_(~a[:, None], torch.finfo(self.lm.dtype).min).to(self.lm.device)
+
+        window = getattr(config, "sliding_window", None)
+        if not window or "sliding_attention" not in (getattr(config, "layer_types", None) or []):
+            return form(allow)
+        keys = torch.cat([torch.arange(C).expand(pos.shape[0], C), pos], dim=1)
+        near = (pos[:, :, None] - keys[:, None, :]) < window
+        return {"full_attention": form(allow), "sliding_attention": form(allow & near)}
+
     def _decode(self, jobs: list["_Job"], logits, cache, attn, next_pos) -> None:
         """Greedy (temperature 0) or per-row seeded sampling, one token per step for every row
         still running; finished rows leave the batch."""
@@ -349,29 +382,44 @@ class Engine:
         gens = {}
         for job in jobs:
             job.tokens = []
+            job.logprobs = []
             if job.temperature > 0:
                 g = torch.Generator(device=dev)
                 g.manual_seed(int(job.seed or 0))
                 gens[id(job)] = g
         live = list(range(len(jobs)))
+        constrained = any(job.grammar is not None for job in jobs)
         step = 0
         while True:
+            # the model's own log-probability of each chosen token (before any grammar mask): the
+            # confidence a hybrid routes on
+            raw, norm = logits, torch.logsumexp(logits, dim=-1)
+            if constrained:
+                left = [jobs[j].max_new - len(jobs[j].tokens) for j in live]
+                texts = [tok.decode(jobs[j].tokens, skip_special_tokens=True)
+                         if jobs[j].grammar is not None and n <= CLOSE_MARGIN else "" for j, n in zip(live, left)]
+                logits = self.grammars.mask([jobs[j].grammar for j in live], logits.clone(), left, texts)
             choice = logits.argmax(dim=-1)
             for row, j in enumerate(live):
                 job = jobs[j]
                 if job.temperature > 0:
                     probs = torch.softmax(logits[row] / job.temperature, dim=-1)
                     choice[row] = torch.multinomial(probs, 1, generator=gens[id(job)])[0]
+            chosen_lp = (raw.gather(1, choice[:, None])[:, 0] - norm).tolist()
             finished = torch.isin(choice, stop_ids).tolist()
             keep = []
             for row, j in enumerate(live):
                 job = jobs[j]
                 if finished[row]:
                     continue
-                job.tokens.append(int(choice[row]))
+                token = int(choice[row])
+                job.tokens.append(token)
+                job.logprobs.append(round(float(chosen_lp[row]), 4))
+                if job.grammar is not None:
+                    job.grammar.consume_token(token)
                 if job.on_tokens is not None:
                     job.on_tokens(job.tokens)
-                done = len(job.tokens) >= job.max_new
+                done = len(job.tokens) >= job.max_new or (job.grammar is not None and job.grammar.is_stopped())
                 if not done and (job.stop or job.json):
                     text = tok.decode(job.tokens, skip_special_tokens=True)
                     done = find_stop(text, job.stop) is not None or (job.json and json_end(text) is not None)
@@ -429,6 +477,8 @@ class _Job:
     decode_batch_size: int = 0  # rows it was decoded with
     from_scoring: bool = False  # the free answer was read off the label-scoring pass
     on_tokens: Any = None  # called with the tokens so far after each decoding step (streaming)
+    grammar: Any = None  # an llguidance matcher: the answer is decoded under its grammar (Request.constrained)
+    logprobs: list[float] | None = None  # the log-probability of each generated token
 
     @property
     def generates(self) -> bool:

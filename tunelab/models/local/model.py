@@ -16,7 +16,7 @@ answer. In bf16 a few answers may differ with the batch they ran in.
 
 Prompts are rendered with the model's own chat template (`tunelab.models.chat`; SmolLM2's template
 adds its default system prompt when the messages have none; that is the model's behaviour and is
-kept). How a call is batched, scored and decoded: `tunelab.models.local.engine`.
+kept), or as plain text for a base model without one (the bundled `gemma3-270m`). How a call is batched, scored and decoded: `tunelab.models.local.engine`.
 
 Threads: torch's default (one per core). `threads=` or `TUNELAB_THREADS` sets fewer; on a machine
 whose cores are busy with other work one thread avoids stalls of the second one.
@@ -33,7 +33,7 @@ from typing import Any
 
 from tunelab.errors import UserError
 from tunelab.models.base import Completion, Model, Request, StreamText
-from tunelab.models.chat import end_of_turn_ids, render_chat
+from tunelab.models.chat import PLAIN_END, end_of_turn_ids, has_template, render_chat, template_name
 from tunelab.models.local.engine import MAX_DECODE_ROWS, Engine
 from tunelab.models.local.fused import FusedLlama
 from tunelab.models.local.layout import MAX_BATCH
@@ -83,6 +83,7 @@ def _stat_digest(folder: Path) -> str:
 
 class LocalModel(Model):
     backend = "local"
+    constrains_json = True  # Request.constrained: decoded under the JSON schema's grammar (engine.Grammars)
     reuse_greedy = True  # read a free answer that is a label off the scoring pass (False: always generate)
     fused_pass = True  # Llama-architecture models on the CPU: tunelab.models.fused (False: transformers' forward)
 
@@ -238,6 +239,15 @@ class LocalModel(Model):
     def render(self, messages: list[dict[str, str]]) -> str:
         """The prompt text the model sees: its chat template with the assistant turn opened."""
         return render_chat(self.tokenizer, messages)
+
+    @property
+    def template(self) -> str:
+        """How prompts are rendered: "chat template" (SmolLM2) or "plain text" (a base model such as Gemma 3)."""
+        return template_name(self.tokenizer)
+
+    def answer_stops(self) -> list[str]:
+        """Stop strings every free answer has: the newline for plain-text prompts (`tunelab.models.chat`)."""
+        return [] if has_template(self.tokenizer) else [PLAIN_END]
 
     def end_of_turn_ids(self) -> list[int]:
         """The token(s) that end an answer (SmolLM2: <|im_end|>); see `tunelab.models.chat`."""
