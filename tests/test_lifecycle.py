@@ -422,3 +422,54 @@ def test_monitor_alarms_for_a_hybrids_fallback_share_and_for_json_validity(ws, c
     assert res.exit_code == 0 and "0 calls in the window" in res.stdout
     res = cli("monitor", "route@next")
     assert res.exit_code == 2 and "no finished evaluation" in res.stderr and "--reference" in res.stderr
+
+
+def _token_probability(text: str) -> float:
+    """The fake model's confidence (geometric-mean token probability) when it answers `text`."""
+    from tunelab.models.base import Request
+    from tunelab.models.fake import FakeModel
+
+    (comp,) = FakeModel(rules={"x": text}).complete([Request(messages=[{"role": "user", "content": "x"}])])
+    return comp.confidence["mean"]
+
+
+def test_json_answers_log_their_token_confidence_the_monitor_alarms_and_distill_marks_unsure(ws, cli):
+    from tunelab.evaluate import evaluate, resolve_candidate
+    from tunelab.lifecycle.drift import monitor
+
+    answers = [f'{{"team": "billing", "ticket": {i}}}' for i in range(200)]
+    sure = next(a for a in answers if _token_probability(a) >= 0.9)
+    unsure = next(a for a in answers if _token_probability(a) <= 0.45)
+    write_atomic(ws.prompts_dir / "extract.prompt", EXTRACT)
+    commit_prompt(ws, "extract", "first")
+    tag_prompt(ws, "extract@current", "production")
+    model = load_model("fake:extract", ws)
+    model.rules["card"] = sure
+    save_dataset(ws, "teams", {"test": [Example(f"my card was charged {i}", sure) for i in range(5)]})
+    run = evaluate(ws, resolve_candidate(ws, "extract@production"), "teams:test", progress=False)
+    assert run.status == "done"
+    model.rules["card"] = unsure  # the same inputs, answered less surely
+    app, client = _app(ws)
+    _, key = create_key(ws, "svc", "app")
+    for i in range(5, 29):  # like the split's inputs, new to the response cache
+        _call(client, key, f"my card was charged {i}", model="extract@production")
+    logged = list_calls(ws, "extract@production")
+    assert {c.meta["confidence"] for c in logged} == {round(_token_probability(unsure), 4)}
+    report = monitor(ws, "extract@production")
+    assert report.confidence_measure == "token probability"
+    assert report.baseline.confidence == pytest.approx(_token_probability(sure), abs=1e-3)
+    assert report.current.confidence == pytest.approx(_token_probability(unsure), abs=1e-3)
+    alarm = next(a for a in report.alarms if a.metric == "confidence")
+    assert "mean token probability" in alarm.message and "re-optimize the prompt" in alarm.action
+    res = cli("monitor", "extract@production")
+    assert res.exit_code == 1 and "token probability" in res.stdout and "ALARM confidence" in res.stdout
+    # distillation reads the same confidence of a JSON teacher
+    between = (_token_probability(sure) + _token_probability(unsure)) / 2
+    base = dict(deployment="extract@production", teacher="extract@production", train=False, holdout=0.0,
+                min_confidence=between)
+    with pytest.raises(Exception, match="no training examples left: 24 teacher answers were unsure"):
+        distilled_dataset(ws, DistillConfig(name="j1", **base))
+    ref, prov = distilled_dataset(ws, DistillConfig(name="j2", unsure="mark", **base))
+    train = get_dataset(ws, ref).splits["train"] + get_dataset(ws, ref).splits.get("validation", [])
+    assert len(train) == 24 and prov["unsure"]["count"] == 24 and all(ex.meta["teacher_unsure"] for ex in train)
+    assert {ex.meta["teacher"]["confidence"] for ex in train} == {round(_token_probability(unsure), 4)}

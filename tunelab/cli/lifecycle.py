@@ -194,7 +194,7 @@ def distill(
     until: Optional[str] = typer.Option(None, "--until", help="Only calls before this time (UTC) or age."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most this many distinct inputs (the newest)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="The student's prompt (default: the one the deployment answers with)."),
-    min_confidence: float = typer.Option(0.0, "--min-confidence", help="Teacher answers with a label margin below this (0-1) are unsure."),
+    min_confidence: float = typer.Option(0.0, "--min-confidence", help="Teacher answers less sure than this (0-1) are unsure: the label margin for labels, the mean token probability for JSON and text."),
     unsure: str = typer.Option("drop", "--unsure", help="Unsure teacher answers: drop (left out) or mark (kept, meta.teacher_unsure)."),
     holdout: float = typer.Option(0.2, "--holdout", help="Share of the inputs held back to measure the student's agreement with the teacher."),
     pii: str = typer.Option("ask", "--pii", help="Inputs that look like personal data: ask (stop and list them), keep, or drop."),
@@ -279,7 +279,7 @@ def monitor(
         row("label shift", cur.label_shift, ref.label_shift, ".1%")
         row("JSON valid", cur.json_valid, ref.json_valid, ".1%")
         row("fallback share", cur.fallback_share, ref.fallback_share, ".1%")
-        row("confidence", cur.confidence, ref.confidence, ".3f")
+        row(report.confidence_measure, cur.confidence, ref.confidence, ".3f")
         for n in report.notes:
             _out(n)
         for a in report.alarms:

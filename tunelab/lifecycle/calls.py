@@ -347,6 +347,26 @@ def call_stats(ws: "Workspace", where: CallFilter, hours: int = 48) -> dict[str,
     return {"start": start, "end": end, "hours": n_hours, "deployments": stats}
 
 
+def answer_confidence(comp) -> float | None:
+    """How sure the model was of an answer (a `Completion`), logged with the call as
+    `meta["confidence"]` for the drift monitor and used by distillation: the label margin (best minus
+    second-best label probability) for a label, else the geometric-mean probability of the generated
+    tokens (`Completion.confidence["mean"]`, JSON and text); None when the backend reports neither."""
+    if comp.label_margin is not None:
+        return round(comp.label_margin, 4)
+    conf = comp.confidence
+    return round(conf["mean"], 4) if conf else None
+
+
+def row_confidence(extra: dict[str, Any] | None) -> float | None:
+    """The same figure from a stored evaluation row's `extra` (its `margin`, else `confidence.mean`)."""
+    extra = extra or {}
+    if extra.get("margin") is not None:
+        return float(extra["margin"])
+    conf = extra.get("confidence")
+    return float(conf["mean"]) if isinstance(conf, dict) and conf.get("mean") is not None else None
+
+
 def call_input(row) -> str:
     variables = row.variables or {}
     if variables.get("input") is not None:

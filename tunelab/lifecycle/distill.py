@@ -15,8 +15,9 @@ The steps, each a function a Python user can call on its own:
    command stops until the user chooses `pii="keep"` or `pii="drop"`.
 3. `label_examples`: a seeded `holdout` share of the inputs is held back; the teacher (a prompt
    on a strong `openai:` model in practice, a hybrid or an optimized prompt offline) answers all,
-   through the response cache. An answer whose confidence (the label margin) is below
-   `min_confidence`, or a JSON answer that does not parse, is unsure: left out (`unsure="drop"`)
+   through the response cache. An answer whose confidence (`answer_confidence`: the label margin
+   for labels, the mean token probability for JSON and text) is below `min_confidence`, or a JSON
+   answer that does not parse, is unsure: left out (`unsure="drop"`)
    or kept and marked (`meta.teacher_unsure`). Feedback counts where people gave it: a correction
    replaces the teacher's label, and a teacher answer equal to an answer the feedback called wrong
    is left out.
@@ -43,7 +44,7 @@ from tunelab.datasets import Example, get_dataset, normalize_input, save_dataset
 from tunelab.errors import NotFound, UserError, pydantic_message
 from tunelab.evaluate import DEFAULT_BATCH, ResponseCache, RunResult, evaluate, read_hybrid, resolve_candidate
 from tunelab.finetune import FineTuneConfig, finetune
-from tunelab.lifecycle.calls import call_input, count_calls, feedback_for, list_calls
+from tunelab.lifecycle.calls import answer_confidence, call_input, count_calls, feedback_for, list_calls
 from tunelab.lifecycle.evidence import same_answer
 from tunelab.lifecycle.pii import PiiReport, find_pii
 from tunelab.lifecycle.rollouts import get_rollout, unit_hash
@@ -69,7 +70,7 @@ class DistillConfig(BaseModel):
     until: datetime | None = Field(None, description="only calls before this time (UTC)")
     limit: int | None = Field(None, ge=1, description="at most this many distinct inputs (the newest)")
     prompt: str | None = Field(None, description="the student's prompt (default: the one the deployment answers with)")
-    min_confidence: float = Field(0.0, ge=0, le=1, description="teacher answers with a label margin below this are unsure")
+    min_confidence: float = Field(0.0, ge=0, le=1, description="teacher answers less sure than this (label margin, or mean token probability) are unsure")
     unsure: Literal["drop", "mark"] = Field("drop", description="unsure teacher answers: left out, or kept and marked")
     holdout: float = Field(0.2, ge=0, lt=1, description="share of the inputs held back to measure agreement")
     validation: float = Field(0.15, ge=0, lt=1, description="share of the rest used for validation while training")
@@ -177,10 +178,10 @@ def label_examples(ws: "Workspace", config: DistillConfig, examples: list[Exampl
     for ex, comp in zip(examples, comps):
         meta = {k: v for k, v in ex.meta.items() if k != "_feedback"}
         fb = ex.meta.get("_feedback") or {}
-        margin = comp.label_margin
-        unsure = ((margin is not None and margin < config.min_confidence)
+        sure = answer_confidence(comp)
+        unsure = ((sure is not None and sure < config.min_confidence)
                   or (teacher.output.type == "json" and not parse_json(comp.text)[0]))
-        meta["teacher"] = {"answer": comp.text, **({"confidence": round(margin, 4)} if margin is not None else {})}
+        meta["teacher"] = {"answer": comp.text, **({"confidence": sure} if sure is not None else {})}
         output = comp.text
         if "correction" in fb:
             output, unsure = fb["correction"], False

@@ -17,7 +17,10 @@ and the candidate's own answers on them: the split it was measured on), or a spl
   the mean length in characters (and a two-sample Kolmogorov-Smirnov p-value, scipy);
 - **outputs**: the label shares (their total variation distance from the reference's), the share
   of answers that parse as JSON (`tunelab.metrics.parse_json`), a hybrid's fallback share;
-- **confidence**: the mean label margin of the answers (best minus second-best label probability).
+- **confidence**: the mean confidence of the answers as the gateway logs it
+  (`tunelab.lifecycle.calls.answer_confidence`): the label margin (best minus second-best label
+  probability) for labels, the geometric-mean probability of the generated tokens
+  (`Completion.confidence`) for JSON and text; the reference's from its run rows (`row_confidence`).
 
 An alarm is raised when a threshold (`Thresholds`) is crossed in a window with at least
 `min_calls` calls, and says what to do for this kind of deployment: re-optimize the prompt,
@@ -40,7 +43,7 @@ from tunelab.datasets import get_split
 from tunelab.demos import embed
 from tunelab.errors import UserError
 from tunelab.evaluate import list_runs, read_hybrid, run_rows
-from tunelab.lifecycle.calls import call_input, list_calls
+from tunelab.lifecycle.calls import call_input, list_calls, row_confidence
 from tunelab.lifecycle.rollouts import get_rollout
 from tunelab.metrics import parse_json
 from tunelab.models.finetuned import read_finetuned
@@ -64,7 +67,7 @@ class Thresholds(BaseModel):
     max_label_shift: float = Field(0.25, ge=0, le=1, description="total variation distance of the label shares")
     min_json_valid: float = Field(0.9, ge=0, le=1, description="share of answers that parse as JSON (JSON outputs)")
     max_fallback_rise: float = Field(0.15, ge=0, le=1, description="a hybrid's fallback share above the measured one")
-    max_confidence_drop: float = Field(0.15, ge=0, le=1, description="mean label margin below the measured one")
+    max_confidence_drop: float = Field(0.15, ge=0, le=1, description="mean confidence (label margin, or token probability) below the measured one")
     min_calls: int = Field(20, ge=1, description="calls a window needs before it can raise an alarm")
 
 
@@ -121,9 +124,15 @@ class DriftReport:
     def healthy(self) -> bool:
         return not self.alarms
 
+    @property
+    def confidence_measure(self) -> str:
+        """What `confidence` is for this deployment's answers, in words."""
+        return "label margin" if self.output_type == "label" else "token probability"
+
     def to_dict(self) -> dict[str, Any]:
         return {"deployment": self.deployment, "candidate": self.candidate, "kind": self.kind,
-                "output_type": self.output_type, "reference": self.reference, "current": self.current.to_dict(),
+                "output_type": self.output_type, "reference": self.reference,
+                "confidence_measure": self.confidence_measure, "current": self.current.to_dict(),
                 "baseline": self.baseline.to_dict(), "series": [s.to_dict() for s in self.series],
                 "alarms": [a.to_dict() for a in self.alarms], "notes": self.notes, "length_p": self.length_p,
                 "healthy": self.healthy}
@@ -167,7 +176,7 @@ def find_reference(ws: "Workspace", candidate: str, data: str | None = None) -> 
         raise UserError(f"'{candidate}' has no finished evaluation to compare its traffic with: evaluate it "
                         f"(tunelab eval {candidate} --data DATASET:SPLIT) or pass --reference DATASET:SPLIT")
     rows = [r for r in run_rows(ws, run.id) if r.repeat_index == 0][:MAX_REFERENCE_INPUTS]
-    margins = [float(r.extra["margin"]) for r in rows if (r.extra or {}).get("margin") is not None]
+    margins = [m for m in (row_confidence(r.extra) for r in rows) if m is not None]
     routes = [str(((r.extra or {}).get("meta") or {}).get("route")) for r in rows
               if ((r.extra or {}).get("meta") or {}).get("route")]
     return Reference(f"run {run.id} of {run.candidate} on {run.dataset}@{run.dataset_version}:{run.split}",
@@ -322,7 +331,8 @@ def _todo(report: DriftReport, problem: str) -> str:
                   f"tunelab logs export --deployment {d} --to-dataset recent, tunelab data split recent, "
                   f"then tunelab optimize {c} --data recent")
     widen = (f"widen the hybrid's fallback until then: tunelab hybrid create {c[7:]}-wide --model PRIMARY --fallback "
-             "FALLBACK --threshold HIGHER (a higher margin threshold sends more inputs to the prompt)") \
+             f"FALLBACK --threshold HIGHER (a higher {report.confidence_measure} threshold sends more inputs to the "
+             "prompt)") \
         if report.kind == "hybrid" else ""
     if problem == "json":
         return ("re-optimize the prompt's format instructions (tunelab optimize) or serve it on a backend that "
@@ -372,6 +382,7 @@ def alarms(report: DriftReport, th: Thresholds) -> list[Alarm]:
     if cur.confidence is not None and ref.confidence is not None \
             and ref.confidence - cur.confidence > th.max_confidence_drop:
         out.append(Alarm("confidence", cur.confidence, ref.confidence - th.max_confidence_drop,
-                         f"answers are less sure: mean label margin {cur.confidence:.2f} (measured: {ref.confidence:.2f})",
+                         f"answers are less sure: mean {report.confidence_measure} {cur.confidence:.2f} "
+                         f"(measured: {ref.confidence:.2f})",
                          _todo(report, "confidence")))
     return out

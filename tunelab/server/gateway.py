@@ -42,7 +42,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tunelab.errors import NotFound, UserError, pydantic_message
 from tunelab.evaluate import request_cost
-from tunelab.lifecycle.calls import LOG_TEXT_CHARS, MAX_NOTE, add_feedback, clip_call, get_call
+from tunelab.lifecycle.calls import LOG_TEXT_CHARS, MAX_NOTE, add_feedback, answer_confidence, clip_call, get_call
 from tunelab.lifecycle.rollouts import Rollout
 from tunelab.models.base import Completion
 from tunelab.server.auth import KeyInfo, require
@@ -294,8 +294,8 @@ def _fingerprint(dep: Deployment) -> str:
 def _log_ok(state, dep: Deployment, record: dict, comps: list[Completion], started: float, **meta: Any) -> None:
     first = comps[0]
     record = {**record, "meta": {**record["meta"], **meta}}
-    if first.label_margin is not None:
-        record["meta"]["confidence"] = round(first.label_margin, 4)  # the label margin (drift monitoring)
+    if (confidence := answer_confidence(first)) is not None:  # label margin or token probability (drift)
+        record["meta"]["confidence"] = confidence
     if first.meta.get("route"):
         record["meta"]["route"] = first.meta["route"]
     if len(comps) > 1:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from tunelab.evaluate import example_for, request_cost
-from tunelab.lifecycle.calls import ShadowAnswer
+from tunelab.lifecycle.calls import ShadowAnswer, answer_confidence
 from tunelab.lifecycle.rollouts import REFRESH_S, Rollout, get_rollout
 
 if TYPE_CHECKING:
@@ -244,8 +244,8 @@ class ShadowQueue:
             self._count("answered", len(group))
             for job, comp in zip(group, comps):
                 meta = {k: v for k, v in (comp.meta or {}).items() if k.startswith("route") or k == "margin"}
-                if comp.label_margin is not None:
-                    meta["confidence"] = round(comp.label_margin, 4)
+                if (confidence := answer_confidence(comp)) is not None:
+                    meta["confidence"] = confidence
                 out.append(ShadowAnswer(job.call_id, job.deployment, spec, job.role, output=comp.text,
                                         prompt_tokens=comp.prompt_tokens, completion_tokens=comp.completion_tokens,
                                         latency_s=comp.latency_s, cost=request_cost(dep.pricing, comp), meta=meta))

@@ -27,7 +27,7 @@ WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta
 PLOTS = [("distance", "input embedding distance", ".3f"), ("ood_share", "out-of-distribution share", ".0%"),
          ("mean_length", "mean input length (chars)", ".0f"), ("label_shift", "label shift (total variation)", ".0%"),
          ("json_valid", "JSON valid", ".0%"), ("fallback_share", "hybrid fallback share", ".0%"),
-         ("confidence", "mean label margin", ".2f")]
+         ("confidence", "mean confidence", ".2f")]
 
 
 @router.get("/ui/monitor", response_class=HTMLResponse)
@@ -57,6 +57,8 @@ def monitor_page(request: Request, deployment: str, key: KeyInfo = Depends(viewe
             now, then = getattr(report.current, attr), getattr(report.baseline, attr)
             if now is None and then is None:
                 continue
+            if attr == "confidence":
+                title = f"mean {report.confidence_measure}"
             plots.append({"attr": attr, "title": title, "line": polyline([v for v in values if v is not None]),
                           "now": "-" if now is None else format(now, fmt),
                           "then": "-" if then is None else format(then, fmt)})
