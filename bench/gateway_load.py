@@ -95,6 +95,14 @@ def start_server(ws_root: Path, threads: int | None = None) -> tuple[subprocess.
     raise SystemExit("server did not start in 60 s")
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 async def load(url: str, key: str, model: str, n: int, concurrency: int) -> tuple[list[float], list[str], float]:
     import httpx
 
@@ -271,11 +279,7 @@ def main() -> int:
                        errors, wall, logged)
                 ok = ok and not errors and logged == args.real_n
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     print("PASS" if ok else "FAIL: errors, missing call logs or lost shadow answers")
     return 0 if ok else 1
 

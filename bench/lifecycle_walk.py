@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from gateway_load import loads, shadow_rows, start_server  # noqa: E402
+from gateway_load import loads, shadow_rows, start_server, stop_server  # noqa: E402
 
 DEP = "support-router@production"
 STUDENT = "ft:support-distilled"
@@ -204,11 +204,7 @@ def main() -> int:
             tunelab(ws.root, "monitor", DEP, "--since", shifted_from, ok=(0, 1))
             print(f"  ({time.perf_counter() - t:.0f} s)")
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     print(f"\nthe walk took {(time.perf_counter() - started) / 60:.1f} min [{loads()}]")
     return 0
 
