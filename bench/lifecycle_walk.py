@@ -22,8 +22,11 @@ demos come from them); the next `--traffic` train tickets arrive as calls. The s
 Every command's output is printed, with the wall time of each step and the load averages (the
 machine is shared: compare the times with care).
 
-    python bench/lifecycle_walk.py                       # 200 calls, 1 epoch (~20 min on 2 cores)
-    python bench/lifecycle_walk.py --traffic 100 --epochs 1 --threads 1
+    python bench/lifecycle_walk.py                       # 200 calls, 1 epoch
+    python bench/lifecycle_walk.py --traffic 100 --no-eval-data --threads 1
+
+Slow on a busy CPU: every step runs SmolLM2 (the first, `tunelab eval` on the 83 test tickets,
+took 5.5 min on 2 cores at load average 13; an idle machine is several times faster).
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def main() -> int:
     parser.add_argument("--feedback", type=int, default=40, help="calls a reviewer gives feedback on")
     parser.add_argument("--epochs", type=int, default=1, help="the student's fine-tuning epochs")
     parser.add_argument("--gate", default="0.8:80", help="the second promotion gate, MIN_AGREEMENT:MIN_CALLS")
+    parser.add_argument("--no-eval-data", action="store_true", help="skip student vs teacher on support:test")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the server")
     args = parser.parse_args()
 
@@ -164,7 +168,7 @@ def main() -> int:
 
             t = step("2. distill")
             distill = ["distill", "--from", DEP, "--teacher", "support-teacher@v1", "--name", "support-distilled",
-                       "--eval-data", "support:test", "--epochs", str(args.epochs)]
+                       "--epochs", str(args.epochs), *([] if args.no_eval_data else ["--eval-data", "support:test"])]
             res = tunelab(ws.root, *distill, ok=(0, 2))
             if res.returncode == 2:
                 if "personal data" not in res.stderr:
