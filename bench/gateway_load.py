@@ -3,14 +3,23 @@
 1. 200 concurrent requests (one asyncio.gather, httpx.AsyncClient) against a prompt deployment
    on the fake model: asserts 0 errors and 200 rows in the call logs; prints p50/p95 latency
    and requests/s.
-2. A smaller run against a prompt deployment on the real bundled SmolLM2-135M (label output,
+2. The same 200 with a canary (20% of calls) and a shadow (half of the calls) active: asserts 0
+   errors, 200 calls logged with their arm, and every shadow answer the calls asked for logged as
+   answered or as dropped (nothing lost).
+3. Shadow overhead: rounds of calls at a fixed concurrency, alternately without and with a shadow
+   mirroring every call (the same server, the rollout switched between rounds); prints p50/p95
+   with and without, their ratio and difference. `--shadow-real` puts the bundled SmolLM2 in the
+   shadow (it then competes for the same CPU, waiting for pauses between calls).
+4. A smaller run against a prompt deployment on the real bundled SmolLM2-135M (label output,
    so each call is one batched scoring pass): prints requests/s and p50/p95.
 
 The server is a real `tunelab serve` subprocess (its own process, rate limit off, no worker) on
 a fresh temporary workspace, authenticated with an API key, exactly as an application calls it.
+Load averages are printed with each figure (other work on the machine moves them).
 
-    python bench/gateway_load.py                    # 200 fake + 16 real (concurrency 8)
-    python bench/gateway_load.py --n 500 --real-n 0
+    python bench/gateway_load.py                    # all four (16 real calls at concurrency 8)
+    python bench/gateway_load.py --n 500 --real-n 0 --rounds 0
+    python bench/gateway_load.py --real-n 0 --rounds 8 --round-n 100 --shadow-real --threads 1
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ user:
 {{ input }}
 """
 
+NEXT_PROMPT = FAKE_PROMPT.replace("Answer the customer.", "Answer the customer briefly.")
+
 REAL_PROMPT = """---
 model: smollm2-135m
 output: {type: label, labels: [billing, shipping, other]}
@@ -58,11 +69,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def start_server(ws_root: Path) -> tuple[subprocess.Popen, str]:
+def start_server(ws_root: Path, threads: int | None = None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "TUNELAB_WORKSPACE": str(ws_root)}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.pop("TUNELAB_DATABASE_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", "--port", str(port), "--rate", "0",
                              "--no-worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -80,6 +93,14 @@ def start_server(ws_root: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
     proc.kill()
     raise SystemExit("server did not start in 60 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 async def load(url: str, key: str, model: str, n: int, concurrency: int) -> tuple[list[float], list[str], float]:
@@ -109,37 +130,134 @@ async def load(url: str, key: str, model: str, n: int, concurrency: int) -> tupl
     return latencies, errors, wall
 
 
+def loads() -> str:
+    return "load %.2f %.2f %.2f" % os.getloadavg()
+
+
 def report(title: str, n: int, latencies: list[float], errors: list[str], wall: float, logged: int) -> None:
-    print(f"{title}: {n} requests in {wall:.2f} s = {n / wall:.1f} req/s; "
+    print(f"[{loads()}] {title}: {n} requests in {wall:.2f} s = {n / wall:.1f} req/s; "
           f"latency p50 {percentile(latencies, 0.5) * 1000:.0f} ms, p95 {percentile(latencies, 0.95) * 1000:.0f} ms, "
           f"mean {statistics.mean(latencies) * 1000:.0f} ms; errors {len(errors)}; logged {logged}")
     for e in errors[:5]:
         print("   ", e)
 
 
+def shadow_rows(ws, deployment: str) -> list:
+    from tunelab.lifecycle.calls import shadow_rows as rows
+
+    return rows(ws, deployment)
+
+
+def wait_for_shadows(ws, deployment: str, want: int, timeout: float = 120.0) -> int:
+    """Poll the store until `want` shadow rows of `deployment` are there (the server writes them)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        have = len(shadow_rows(ws, deployment))
+        if have >= want:
+            return have
+        time.sleep(0.2)
+    return len(shadow_rows(ws, deployment))
+
+
+def with_rollout(ws, url: str, key: str, n: int, concurrency: int) -> bool:
+    """200 concurrent calls with a canary and a shadow active: every call logged with its arm, every
+    shadow answer asked for logged as answered or dropped."""
+    from tunelab.lifecycle.calls import list_calls
+    from tunelab.lifecycle.rollouts import get_rollout, set_canary, set_shadow
+
+    dep = "support@production"
+    set_canary(ws, dep, "support@next", 0.2)
+    set_shadow(ws, dep, "support-shadow@production", 0.5)
+    time.sleep(1.2)  # the server re-reads rollouts every second
+    before = {c.call_id for c in list_calls(ws, dep, limit=None)}
+    shadows_before = len(shadow_rows(ws, dep))
+    lat, errors, wall = asyncio.run(load(url, key, dep, n, concurrency))
+    calls = [c for c in list_calls(ws, dep, limit=None) if c.call_id not in before]
+    rollout = get_rollout(ws, dep)
+    wanted = sum(c.arm == "canary" for c in calls) + sum(rollout.mirrors(c.call_id) for c in calls)
+    have = wait_for_shadows(ws, dep, shadows_before + wanted) - shadows_before
+    rows = shadow_rows(ws, dep)[shadows_before:]
+    dropped = sum(r.status == "dropped" for r in rows)
+    report(f"fake model with a canary (20%) and a shadow (50%), concurrency {concurrency}", n, lat, errors, wall,
+           len(calls))
+    arms = {a: sum(c.arm == a for c in calls) for a in ("primary", "canary")}
+    print(f"    arms {arms}; shadow answers asked for {wanted}: {have - dropped} answered, {dropped} dropped")
+    return not errors and len(calls) == n and all(c.arm for c in calls) and have == wanted
+
+
+def shadow_overhead(ws, url: str, key: str, rounds: int, n: int, concurrency: int, real: bool) -> bool:
+    """p95 latency of the caller with and without a shadow, alternating rounds on one server."""
+    from tunelab.lifecycle.rollouts import set_shadow, stop_rollout
+
+    dep, shadow = "plain@production", "shadow-real@production" if real else "support-shadow@production"
+    asyncio.run(load(url, key, dep, 20, concurrency))  # warm up
+    got: dict[bool, list[float]] = {False: [], True: []}
+    errors: list[str] = []
+    for r in range(rounds):
+        on = r % 2 == 1
+        if on:
+            set_shadow(ws, dep, shadow, 1.0)
+        elif r:
+            stop_rollout(ws, dep, "shadow")
+        time.sleep(1.2)  # the server re-reads rollouts every second
+        lat, errs, _ = asyncio.run(load(url, key, dep, n, concurrency))
+        got[on] += lat
+        errors += errs
+        time.sleep(0.5 if not real else 3.0)  # let a real shadow drain between rounds
+    if not got[True] or not got[False]:
+        return not errors
+    mirrored = (rounds // 2) * n
+    rows = shadow_rows(ws, dep)
+    for _ in range(900):  # the last answers are written in the next pause (a real shadow takes a while)
+        if len(rows) >= mirrored:
+            break
+        time.sleep(0.2)
+        rows = shadow_rows(ws, dep)
+    answered, dropped = sum(r.status == "ok" for r in rows), sum(r.status == "dropped" for r in rows)
+    failed = [r.error for r in rows if r.status == "error"]
+    p = {on: (percentile(v, 0.5) * 1000, percentile(v, 0.95) * 1000) for on, v in got.items()}
+    print(f"[{loads()}] shadow overhead ({'SmolLM2' if real else 'fake'} shadow on every call, concurrency "
+          f"{concurrency}, {rounds} alternating rounds of {n}): p50 {p[False][0]:.1f} -> {p[True][0]:.1f} ms, "
+          f"p95 {p[False][1]:.1f} -> {p[True][1]:.1f} ms; p95 ratio {p[True][1] / p[False][1]:.2f}, "
+          f"p95 difference {p[True][1] - p[False][1]:+.1f} ms; errors {len(errors)}")
+    print(f"    shadow answers: {answered} answered, {dropped} dropped (queue full), {len(failed)} failed, of "
+          f"{mirrored} mirrored calls" + (f"; first failure: {failed[0]}" if failed else ""))
+    return not errors and answered + dropped + len(failed) == mirrored
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="requests against the fake-model deployment")
     parser.add_argument("--concurrency", type=int, default=200, help="requests in flight at once (fake model)")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds without/with a shadow (0: skip)")
+    parser.add_argument("--round-n", type=int, default=100, help="requests per round")
+    parser.add_argument("--round-concurrency", type=int, default=4, help="requests in flight at once in a round")
+    parser.add_argument("--shadow-real", action="store_true", help="the shadow runs on the bundled SmolLM2")
     parser.add_argument("--real-n", type=int, default=16, help="requests against the real-model deployment (0: skip)")
     parser.add_argument("--real-concurrency", type=int, default=8, help="requests in flight at once (real model)")
+    parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads of the server")
     args = parser.parse_args()
 
     from tunelab.files import write_atomic
+    from tunelab.lifecycle.calls import count_calls
     from tunelab.prompts import commit_prompt, tag_prompt
     from tunelab.server.auth import create_key
-    from tunelab.server.logs import count_calls
     from tunelab.workspace import Workspace
 
     os.environ.pop("TUNELAB_DATABASE_URL", None)
     with tempfile.TemporaryDirectory(prefix="tunelab-gw-bench-") as tmp:
         ws = Workspace.init(Path(tmp) / "ws")
-        for name, text in (("support", FAKE_PROMPT), ("support-real", REAL_PROMPT)):
+        prompts = (("support", FAKE_PROMPT), ("plain", FAKE_PROMPT), ("support-real", REAL_PROMPT),
+                   ("support-shadow", NEXT_PROMPT), ("shadow-real", REAL_PROMPT))
+        for name, text in prompts:
             write_atomic(ws.prompts_dir / f"{name}.prompt", text)
             commit_prompt(ws, name, "bench")
             tag_prompt(ws, f"{name}@current", "production")
-        _, key = create_key(ws, "bench", "app", deployments=["support@*", "support-real@*"])
-        proc, url = start_server(ws.root)
+        write_atomic(ws.prompts_dir / "support.prompt", NEXT_PROMPT)
+        commit_prompt(ws, "support", "the canary")
+        tag_prompt(ws, "support@current", "next")
+        _, key = create_key(ws, "bench", "app", deployments=["support@*", "support-real@*", "plain@*"])
+        proc, url = start_server(ws.root, args.threads)
         ok = True
         try:
             asyncio.run(load(url, key, "support@production", 10, 10))  # warm up (not logged in the figures)
@@ -148,6 +266,10 @@ def main() -> int:
             logged = count_calls(ws, "support@production") - before
             report(f"fake model, concurrency {args.concurrency}", args.n, lat, errors, wall, logged)
             ok = not errors and logged == args.n
+            ok = with_rollout(ws, url, key, args.n, args.concurrency) and ok
+            if args.rounds:
+                ok = shadow_overhead(ws, url, key, args.rounds, args.round_n, args.round_concurrency,
+                                     args.shadow_real) and ok
             if args.real_n:
                 asyncio.run(load(url, key, "support-real@production", 2, 1))  # load the weights
                 lat, errors, wall = asyncio.run(load(url, key, "support-real@production", args.real_n,
@@ -157,12 +279,8 @@ def main() -> int:
                        errors, wall, logged)
                 ok = ok and not errors and logged == args.real_n
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    print("PASS" if ok else "FAIL: errors or missing call logs")
+            stop_server(proc)
+    print("PASS" if ok else "FAIL: errors, missing call logs or lost shadow answers")
     return 0 if ok else 1
 
 

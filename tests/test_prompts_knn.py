@@ -179,7 +179,7 @@ def test_the_gateway_serves_a_knn_prompt(workspace, sms, monkeypatch):
     import tunelab.models as models
     from tunelab.server.app import create_app
     from tunelab.server.auth import create_key
-    from tunelab.server.logs import list_calls
+    from tunelab.lifecycle.calls import list_calls
 
     write_atomic(prompt_path(workspace, "knn"), KNN.replace("---\noutput", "---\nmodel: copier\noutput"))
     commit_prompt(workspace, "knn", "nearest demos")

@@ -4,7 +4,8 @@ application would.
 
 Kinds: a labelled prompt version; a prompt at temperature > 0 (the seeded draw among the labels); a
 prompt with per-input (nearest-neighbour) demos; a fine-tuned model `ft:NAME` (its training prompt on
-its model); a hybrid `hybrid:NAME`; a JSON-output prompt. This module uses the fake model; the same
+its model); a hybrid `hybrid:NAME`; a JSON-output prompt; and each arm of a canary and a shadow
+answering a deployment's calls. This module uses the fake model; the same
 checks on the real SmolLM2 are in tests/test_served_equals_measured_realmodel.py.
 """
 
@@ -101,6 +102,33 @@ def test_the_gateway_answers_as_the_evaluator_measured(ws, deployment):
     if deployment == "hybrid:hy":  # both sides answered some requests, in the gateway as in the run
         routes = [(r.extra or {}).get("meta", {}).get("route") for r in rows]
         assert {"primary", "fallback"} <= set(routes)
+
+
+def test_each_arm_of_a_canary_and_a_shadow_answer_as_their_candidates_were_measured(ws):
+    from tunelab.lifecycle.calls import shadow_rows
+    from tunelab.lifecycle.rollouts import set_canary, set_shadow
+
+    measured = {c: {r.input: r.prediction for r in run_rows(ws, evaluate(ws, resolve_candidate(ws, c), "tickets:test",
+                                                                         progress=False).id)}
+                for c in ("route@production", "ft:tk", "hybrid:hy")}
+    set_canary(ws, "route@production", "ft:tk", 0.5)
+    set_shadow(ws, "route@production", "hybrid:hy", 1.0)
+    client, http = _client(ws)
+    http.app.state.rollouts.refresh_s = 0.0
+    with http:
+        served = [(text, client.chat.completions.create(model="route@production",
+                                                        messages=[{"role": "user", "content": text}]))
+                  for text in measured["ft:tk"]]
+        assert http.app.state.shadows.wait_idle()
+    arms = {s.model_extra["tunelab"]["arm"] for _, s in served}
+    assert arms == {"primary", "canary"}
+    for text, s in served:
+        assert s.choices[0].message.content == measured[s.model_extra["tunelab"]["candidate"]][text]
+    inputs = {s.id: text for text, s in served}
+    shadows = shadow_rows(ws, "route@production")
+    assert {r.role for r in shadows} == {"shadow", "baseline"}
+    for r in shadows:  # the answers the callers never saw are the measured ones too
+        assert r.output == measured[r.candidate][inputs[r.call_id]]
 
 
 def test_a_deployment_keeps_its_measured_settings_and_says_what_it_ignored(ws):

@@ -15,7 +15,7 @@ from tunelab.prompts import commit_prompt, tag_prompt
 from tunelab.server.app import create_app
 from tunelab.server.auth import authenticate, create_key
 from tunelab.server.jobs import Worker, claim_job, enqueue_job, get_job, requeue_stale
-from tunelab.server.logs import list_calls
+from tunelab.lifecycle.calls import list_calls
 
 PROMPT = """---
 model: fake

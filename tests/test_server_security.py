@@ -162,7 +162,7 @@ def test_sql_and_html_injection_strings_are_inert(server):
                           data={"text": body, "sample": INJECTIONS[2]}).text
     assert "<img src=x" not in preview and "&lt;img src=x" in preview
     # the database is intact and holds the strings as plain text
-    from tunelab.server.logs import list_calls
+    from tunelab.lifecycle.calls import list_calls
 
     calls = list_calls(ws)
     assert {c.output for c in calls} >= set(INJECTIONS)
@@ -285,7 +285,7 @@ def test_a_10_mb_body_is_413_before_it_is_read(server):
 
     r = client.post("/v1/chat/completions", headers=bearer(keys["viewer"]), content=chunks())
     assert r.status_code == 413
-    from tunelab.server.logs import list_calls
+    from tunelab.lifecycle.calls import list_calls
 
     assert list_calls(ws) == []  # nothing ran, nothing stored
 
@@ -293,7 +293,7 @@ def test_a_10_mb_body_is_413_before_it_is_read(server):
 def test_a_message_longer_than_the_context_is_400_before_any_compute(server):
     ws, client, keys = server
     from tunelab.models import load_model
-    from tunelab.server.logs import list_calls
+    from tunelab.lifecycle.calls import list_calls
 
     model = load_model("fake", ws)
     seen = len(model.calls)
@@ -310,7 +310,7 @@ def test_a_message_longer_than_the_context_is_400_before_any_compute(server):
 
 def test_logged_bodies_are_clipped_with_the_full_size_recorded(server):
     ws, client, keys = server
-    from tunelab.server.logs import LOG_TEXT_CHARS, list_calls
+    from tunelab.lifecycle.calls import LOG_TEXT_CHARS, list_calls
 
     text = "x" * 300_000  # one "token" for the fake model: fits its context, too long for a log
     assert chat(client, keys["viewer"], content=text, model="fake").status_code == 200

@@ -121,7 +121,7 @@ def test_datasets_prompts_runs_and_logs_round_trip_on_postgres(pg_workspace):
     from tunelab.files import write_atomic
     from tunelab.prompts import commit_prompt, load_prompt, prompt_log, tag_prompt
     from tunelab.server.auth import authenticate, create_key
-    from tunelab.server.logs import list_calls, log_call
+    from tunelab.lifecycle.calls import list_calls, log_call
 
     ws = pg_workspace
     assert ws.store.engine.dialect.name == "postgresql"

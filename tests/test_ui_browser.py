@@ -298,3 +298,47 @@ def test_users_page_and_a_viewers_read_only_views(browser, console, shots, works
         expect(page.locator("h1")).to_have_text("Not allowed")
         expect(page.locator(".error-page")).to_contain_text("admin role")
         page.screenshot(path=str(shots / "forbidden.png"))
+
+
+def test_feedback_on_a_call_and_the_monitor_page(browser, console, shots, workspace):
+    from playwright.sync_api import expect
+
+    from tunelab.evaluate import evaluate, resolve_candidate
+    from tunelab.lifecycle.rollouts import set_canary
+
+    url, keys = console
+    write_atomic(workspace.prompts_dir / "router.prompt", ROUTER)
+    commit_prompt(workspace, "router", "first")
+    tag_prompt(workspace, "router@current", "production")
+    write_atomic(workspace.prompts_dir / "router.prompt", ROUTER.replace("Which team?", "Which team must act?"))
+    commit_prompt(workspace, "router", "second")
+    tag_prompt(workspace, "router@current", "next")
+    tickets = [Example(f"my card was charged twice for order {i}", "billing") for i in range(12)]
+    save_dataset(workspace, "tickets", {"train": tickets, "validation": tickets, "test": tickets})
+    evaluate(workspace, resolve_candidate(workspace, "router@production"), "tickets:test", progress=False)
+    set_canary(workspace, "router@production", "router@next", 0.3)
+    recipes = [f"how long do I bake {food} at 180 degrees" for food in
+               ("bread", "a cake", "salmon", "potatoes", "cookies", "a pie", "lasagne", "muffins", "a quiche", "pizza")]
+    for i in range(30):
+        text = tickets[i % 12].input if i < 10 else recipes[i % 10] + f" for {i} people?"
+        r = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {keys['checkout-app']}"},
+                       timeout=30, json={"model": "router@production", "messages": [{"role": "user", "content": text}]})
+        assert r.status_code == 200, r.text
+    with session(browser, url, keys["ed"], shots, "feedback") as page:
+        page.goto(f"{url}/ui/logs?deployment=router%40production")
+        page.locator("#calls a.call-link").last.click()
+        expect(page.locator("#no-feedback")).to_be_visible()
+        page.check("#fb-wrong")
+        page.fill("#fb-correction", "billing")
+        page.fill("#fb-note", "a double charge")
+        page.click("#fb-save")
+        expect(page.locator("#feedback-message")).to_have_text("feedback saved")
+        expect(page.locator("#feedback-history")).to_contain_text("a double charge")
+        page.goto(f"{url}/ui/monitor")
+        expect(page.locator("#deployments")).to_contain_text("router@next (30%)")
+        page.click("text=router@production")
+        expect(page.locator("#alarms .alarm").first).to_be_visible()
+        expect(page.locator("#alarms")).to_contain_text("what to do")
+        assert page.locator("#drift-charts svg polyline").count() >= 3
+        expect(page.locator("#arms tr[data-arm=canary]")).to_contain_text("router@next")
+        page.screenshot(path=str(shots / "monitor.png"), full_page=True)

@@ -88,6 +88,13 @@ from tunelab.cli import finetune as _finetune  # noqa: E402
 
 app.command(name="finetune")(_finetune.finetune)
 app.command(name="export")(_finetune.export)
+from tunelab.cli import lifecycle as _lifecycle  # noqa: E402
+
+app.add_typer(_lifecycle.rollout_app, name="rollout")
+app.command(name="promote")(_lifecycle.promote)
+app.command(name="rollback")(_lifecycle.rollback)
+app.command(name="distill")(_lifecycle.distill)
+app.command(name="monitor")(_lifecycle.monitor)
 # -------------------------------------------------------------------------------------------------
 
 

@@ -38,8 +38,11 @@ def _hours(values: list[str]) -> dict[str, float]:
 
 
 def compare(
-    candidates: List[str] = typer.Argument(..., help="Candidates: PROMPT[@VERSION|@LABEL], ft:NAME, hybrid:NAME."),
-    data: str = typer.Option(..., "--data", "-d", help="The split every candidate is measured on: NAME[@VERSION][:SPLIT] (default split test)."),
+    candidates: List[str] = typer.Argument(None, help="Candidates: PROMPT[@VERSION|@LABEL], ft:NAME, hybrid:NAME."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="The split every candidate is measured on: NAME[@VERSION][:SPLIT] (default split test)."),
+    from_logs: Optional[str] = typer.Option(None, "--from-logs", help="Compare on a deployment's live calls instead: the deployment (with --shadow)."),
+    shadow: Optional[str] = typer.Option(None, "--shadow", help="With --from-logs: the shadow candidate to compare with what answered the calls."),
+    since: Optional[str] = typer.Option(None, "--since", help="With --from-logs: calls from this time (UTC) or age (24h, 7d)."),
     volume: Optional[float] = typer.Option(None, "--volume", help="Expected requests a month, for the 12-month cost and the advice (default 10,000)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the HTML report here (default .tunelab/artifacts/comparisons/ID/report.html); report.json beside it."),
     repeat: int = typer.Option(1, "--repeat", help="Answers per example, for consistency (agreement, pass^k)."),
@@ -53,11 +56,27 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Print the comparison JSON instead of the table."),
 ) -> None:
     """Measure candidates side by side on one split: quality with intervals and paired tests, consistency,
-    tokens, latency, setup and running cost, break-even volume, flexibility; write the HTML report."""
+    tokens, latency, setup and running cost, break-even volume, flexibility; write the HTML report.
+    With --from-logs DEPLOYMENT --shadow CANDIDATE: the shadow against what answered the live calls
+    (agreement, latency, cost and, where feedback exists, quality, with intervals)."""
     from tunelab.compare import compare as run_compare, print_table
 
-
     ws = workspace()
+    if from_logs or shadow:
+        if not (from_logs and shadow) or candidates or data:
+            raise UserError("--from-logs DEPLOYMENT needs --shadow CANDIDATE (and no --data or candidates)")
+        from tunelab.lifecycle.calls import parse_time
+        from tunelab.lifecycle.evidence import compare_shadow
+
+        ev = compare_shadow(ws, from_logs, shadow, since=parse_time(since))
+        if as_json:
+            print_json(ev.to_dict())
+            return
+        for line in ev.lines():
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return
+    if not data or not candidates:
+        raise UserError("compare needs --data NAME[:SPLIT] and candidates (or --from-logs DEPLOYMENT --shadow CANDIDATE)")
     comp = run_compare(ws, data, list(candidates), volume=volume, repeat=repeat, limit=limit, metric=metric,
                        learning_curve=learning_curve, engineer_hours=_hours(engineer_hours), report=report,
                        progress=err_console if not as_json else False, log=_log, judge_sample=judge_sample)

@@ -16,11 +16,13 @@ def serve(
     rate: float = typer.Option(20.0, help="Requests per second allowed per API key on average (0: no limit)."),
     burst: int = typer.Option(200, help="Requests an API key may send at once before the rate applies."),
     max_body: int = typer.Option(1_000_000, "--max-body", help="The largest request body in bytes (413 above)."),
+    shadow_queue: int = typer.Option(1000, "--shadow-queue", help="Shadow answers waiting at most; more are dropped (and logged as dropped)."),
 ) -> None:
-    """Serve deployments behind an OpenAI-compatible API (/v1/chat/completions, /v1/models) and the web UI."""
+    """Serve deployments behind an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/feedback) and the web UI."""
     from tunelab.server.app import serve as run_server
 
-    run_server(workspace(), host=host, port=port, worker=worker, rate=rate, burst=burst, max_body=max_body)
+    run_server(workspace(), host=host, port=port, worker=worker, rate=rate, burst=burst, max_body=max_body,
+               shadow_capacity=shadow_queue)
 
 
 def worker(
@@ -93,10 +95,10 @@ def logs_list(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show the newest gateway calls."""
-    from tunelab.server.api import call_dict
-    from tunelab.server.logs import list_calls
+    from tunelab.lifecycle.calls import calls_with_feedback, list_calls
 
-    rows = [call_dict(r) for r in list_calls(workspace(), deployment, limit=limit)]
+    ws = workspace()
+    rows = calls_with_feedback(ws, list_calls(ws, deployment, limit=limit))
     if as_json:
         print_json(rows)
         return
@@ -113,10 +115,27 @@ def logs_export(
     limit: Optional[int] = typer.Option(None, help="Only the newest N calls."),
 ) -> None:
     """Turn successful gateway calls into a dataset (split train) for the next evaluation or fine-tune."""
-    from tunelab.server.logs import logs_to_dataset
+    from tunelab.lifecycle.calls import logs_to_dataset
 
     ds = logs_to_dataset(workspace(), to_dataset, deployment, limit=limit)
     console.print(f"saved dataset {ds.name}@{ds.version} ({sum(len(v) for v in ds.splits.values())} examples)",
+                  markup=False)
+
+
+@logs_app.command("feedback")
+def logs_feedback(
+    call_id: str = typer.Argument(..., help="The call's id (the response's id, header X-Tunelab-Call-Id)."),
+    score: Optional[float] = typer.Option(None, "--score", help="1: the answer was right, 0: wrong (0 to 1)."),
+    correction: Optional[str] = typer.Option(None, "--correction", help="The correct output."),
+    note: str = typer.Option("", "--note", help="A note."),
+) -> None:
+    """Give feedback on a call (as POST /v1/feedback does): a score, the correct output, or both."""
+    from tunelab.lifecycle.calls import add_feedback
+    from tunelab.prompts import default_author
+
+    ws = workspace()
+    fb = add_feedback(ws, call_id, score=score, correction=correction, note=note, author=default_author(ws))
+    console.print(f"feedback on {call_id} stored: " + ", ".join(f"{k} {v!r}" for k, v in fb.to_dict(brief=True).items()),
                   markup=False)
 
 

@@ -1,7 +1,7 @@
 """The JSON API beside the gateway (Bearer key or UI session; roles as in `tunelab.server.auth`).
 
     GET  /api/prompts                 viewer   the prompts and their status
-    GET  /api/logs?deployment=D       viewer   the newest call logs (an app key: only its own calls)
+    GET  /api/logs?deployment=D       app      the newest call logs with their feedback (an app key: only its own calls)
     POST /api/logs/export             editor   {"name": DATASET, "deployment": D} -> a dataset
     GET  /api/jobs, /api/jobs/{id}    viewer   background jobs
     POST /api/jobs                    editor   {"kind": "eval"|"optimize"|"finetune", "args": {...}}
@@ -19,7 +19,7 @@ from tunelab.errors import NotFound, UserError
 from tunelab.prompts import list_prompts
 from tunelab.server.auth import KeyInfo, require
 from tunelab.server.jobs import enqueue_job, get_job, job_dict, list_jobs
-from tunelab.server.logs import CallFilter, find_calls, logs_to_dataset
+from tunelab.lifecycle.calls import CallFilter, calls_with_feedback, find_calls, logs_to_dataset
 
 router = APIRouter(prefix="/api")
 
@@ -56,21 +56,13 @@ def prompts(request: Request, key: KeyInfo = Depends(require("viewer"))):
     return {"prompts": [p.to_dict() for p in list_prompts(_ws(request))]}
 
 
-def call_dict(r) -> dict[str, Any]:
-    return {"id": r.id, "created_at": r.created_at.isoformat(timespec="seconds"), "key_name": r.key_name,
-            "deployment": r.deployment, "kind": r.kind, "prompt_version": r.prompt_version, "messages": r.messages,
-            "variables": r.variables, "output": r.output, "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens, "latency_s": r.latency_s, "cost": r.cost,
-            "status": r.status, "error": r.error}
-
-
 @router.get("/logs")
 def logs(request: Request, deployment: str | None = None, limit: int = 200, page: int = 1,
          key: KeyInfo = Depends(require("app"))):
     """The newest calls; a key whose role does not read logs (app) sees only its own calls."""
     where = CallFilter(deployment=deployment, key=None if key.reads_logs else key.name)
     rows, total = find_calls(_ws(request), where, page=max(1, page), per_page=max(1, min(limit, 5000)))
-    return {"calls": [call_dict(r) for r in rows], "total": total}
+    return {"calls": calls_with_feedback(_ws(request), rows), "total": total}
 
 
 class ExportBody(BaseModel):

@@ -16,8 +16,9 @@ Every response carries the usual security headers and a Content-Security-Policy 
 styles from /static only); a request body over `max_body` bytes is refused with 413 before it is
 read. Errors are JSON in OpenAI's shape, except for a browser asking for a page, which gets a page
 that says what happened and where to go.
-- `tunelab.server.logs`: every gateway call logged (group-committed: a call returns once its row
-  is written); `tunelab.server.jobs`: background jobs and the worker.
+- `tunelab.lifecycle.calls`: every gateway call logged (group-committed: a call returns once its row
+  is written); `tunelab.server.rollout`: canaries and shadows (the shadow queue answers in the
+  background); `tunelab.server.jobs`: background jobs and the worker.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from tunelab.server.chat import ApiError
 from tunelab.server.deployments import Deployments
 from tunelab.server.gateway import router as gateway_router
 from tunelab.server.jobs import Worker
-from tunelab.server.logs import LogWriter
+from tunelab.lifecycle.calls import LogWriter, write_shadow_answers
+from tunelab.server.rollout import SHADOW_CAPACITY, Rollouts, ShadowQueue
 from tunelab.server.ui import error_page, mount_ui
 
 MAX_BODY = 1_000_000  # bytes of a request body (413 above)
@@ -46,17 +48,22 @@ if TYPE_CHECKING:
 
 
 def create_app(workspace: "Workspace", *, auth: bool = True, rate: float = 20.0, burst: int = 200, ui: bool = True,
-               worker: bool = False, max_body: int = MAX_BODY) -> FastAPI:
+               worker: bool = False, max_body: int = MAX_BODY, shadow_capacity: int = SHADOW_CAPACITY) -> FastAPI:
     """The FastAPI app serving `workspace`: the gateway, the JSON API and the web UI.
 
     `auth=False` lets every request in as an admin (only for tests of the wire format);
     `rate`/`burst`: the token bucket per key (`rate=0`: no limit); `max_body`: the largest request
     body in bytes (413 above); `worker`: run a background-job
-    worker thread while the app runs. While the app lives, `app.state.deployments` holds the
-    resolved deployments and their micro-batchers (`forget()` after a deploy).
+    worker thread while the app runs; `shadow_capacity`: shadow answers waiting at most (more are
+    dropped and logged as dropped). While the app lives, `app.state.deployments` holds the
+    resolved deployments and their micro-batchers (`forget()` after a deploy), `app.state.rollouts`
+    their canaries and shadows, `app.state.shadows` the shadow queue.
     """
     deployments = Deployments(workspace)
     job_worker = Worker(workspace) if worker else None
+    writer = LogWriter(workspace)
+    shadows = ShadowQueue(deployments, lambda answers: write_shadow_answers(workspace, answers),
+                          capacity=shadow_capacity)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -67,6 +74,7 @@ def create_app(workspace: "Workspace", *, auth: bool = True, rate: float = 20.0,
         finally:
             if job_worker is not None:
                 job_worker.stop()
+            shadows.close()  # what it did not answer is logged as dropped
             deployments.forget()  # stops the batchers' threads
 
     app = FastAPI(title="tunelab gateway", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None,
@@ -74,8 +82,10 @@ def create_app(workspace: "Workspace", *, auth: bool = True, rate: float = 20.0,
     app.state.workspace = workspace
     app.state.auth = auth
     app.state.limiter = RateLimiter(rate, burst)
-    app.state.log_call = LogWriter(workspace).write
+    app.state.log_call = writer.write
     app.state.deployments = deployments
+    app.state.rollouts = Rollouts(workspace, deployments)
+    app.state.shadows = shadows
     app.state.worker = job_worker
 
     def answer(request, status: int, error: dict, headers=None):
@@ -213,8 +223,9 @@ class SecurityHeaders:
 
 
 def serve(workspace: "Workspace", host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", *,
-          worker: bool = True, rate: float = 20.0, burst: int = 200, max_body: int = MAX_BODY) -> None:
+          worker: bool = True, rate: float = 20.0, burst: int = 200, max_body: int = MAX_BODY,
+          shadow_capacity: int = SHADOW_CAPACITY) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(workspace, worker=worker, rate=rate, burst=burst, max_body=max_body), host=host,
-                port=port, log_level=log_level)
+    uvicorn.run(create_app(workspace, worker=worker, rate=rate, burst=burst, max_body=max_body,
+                           shadow_capacity=shadow_capacity), host=host, port=port, log_level=log_level)

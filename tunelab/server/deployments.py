@@ -175,6 +175,11 @@ class Deployments:
                 self._deployed[name] = self._resolve(name)
             return self._deployed[name]
 
+    def drop(self, name: str) -> None:
+        """Resolve `name` again on its next call (a label or a rollout moved); the batchers stay."""
+        with self._lock:
+            self._deployed.pop(name, None)
+
     def forget(self) -> None:
         """Drop every deployment and stop their batchers (after a deploy: labels point elsewhere)."""
         with self._lock:

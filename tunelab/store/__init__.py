@@ -23,7 +23,7 @@ from tunelab.store import models  # noqa: F401  (the tables)
 from tunelab.store.models import Base  # noqa: F401
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-SCHEMA_HEAD = "0003"  # the newest migration; a test checks it against Alembic's head
+SCHEMA_HEAD = "0004"  # the newest migration; a test checks it against Alembic's head
 
 _migrate_lock = threading.Lock()
 

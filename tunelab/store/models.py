@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -263,6 +263,82 @@ class CallLogRow(Base):
     status: Mapped[str] = mapped_column(String(20), default="ok")  # ok | error
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    # migration 0004: the public id the response carried (`chatcmpl-...`, header X-Tunelab-Call-Id),
+    # the arm that answered (primary | canary) and the candidate it resolved to
+    call_id: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True, index=True)
+    arm: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    candidate: Mapped[str | None] = mapped_column(String(300), nullable=True)
+
+
+# -- the lifecycle (migration 0004) --------------------------------------------------------------
+class FeedbackRow(Base):
+    """Feedback on one call: a score in [0, 1] and/or the correct output, and a note."""
+
+    __tablename__ = "call_feedback"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    call_id: Mapped[str] = mapped_column(String(64), index=True)
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    correction: Mapped[str | None] = mapped_column(Text, nullable=True)
+    note: Mapped[str] = mapped_column(Text, default="")
+    author: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ShadowCallRow(Base):
+    """A second candidate's answer to a logged call, never returned to the caller: a shadow's
+    (`role` shadow), or the primary's answer to a call the canary answered (`role` baseline).
+    `status` dropped: the shadow queue was full and the call was not mirrored (counted, not lost)."""
+
+    __tablename__ = "shadow_calls"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    call_id: Mapped[str] = mapped_column(String(64), index=True)
+    deployment: Mapped[str] = mapped_column(String(300), index=True)
+    candidate: Mapped[str] = mapped_column(String(300))
+    role: Mapped[str] = mapped_column(String(20), default="shadow")  # shadow | baseline
+    status: Mapped[str] = mapped_column(String(20), default="ok")  # ok | error | dropped
+    output: Mapped[str] = mapped_column(Text, default="")
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    latency_s: Mapped[float] = mapped_column(Float, default=0.0)
+    cost: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class RolloutRow(Base):
+    """How a deployment name answers beyond its own candidate: the candidate it was promoted to
+    (`primary`), a canary taking `canary_weight` of the calls (sticky per caller or not), a shadow
+    mirroring `shadow_share` of them."""
+
+    __tablename__ = "rollouts"
+    deployment: Mapped[str] = mapped_column(String(300), primary_key=True)
+    primary: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    canary: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    canary_weight: Mapped[float] = mapped_column(Float, default=0.0)
+    sticky: Mapped[bool] = mapped_column(Boolean, default=False)
+    shadow: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    shadow_share: Mapped[float] = mapped_column(Float, default=0.0)
+    author: Mapped[str] = mapped_column(String(200), default="")
+    note: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    generation: Mapped[int] = mapped_column(Integer, default=0)  # bumped on every change (servers re-read)
+
+
+class PromotionRow(Base):
+    """One promotion, rollback or refused promotion of a deployment: who, when, the gate, the evidence."""
+
+    __tablename__ = "promotions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    deployment: Mapped[str] = mapped_column(String(300), index=True)
+    action: Mapped[str] = mapped_column(String(20))  # promote | rollback | refused
+    from_candidate: Mapped[str] = mapped_column(String(300))
+    to_candidate: Mapped[str] = mapped_column(String(300))
+    gate: Mapped[dict] = mapped_column(JSON, default=dict)
+    evidence: Mapped[dict] = mapped_column(JSON, default=dict)
+    author: Mapped[str] = mapped_column(String(200), default="")
+    note: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class JobRow(Base):

@@ -1,6 +1,7 @@
 """The call log in the console: pages of calls with filters (deployment, key, status, time, text),
-one call's detail, charts per deployment (calls, cost and p50 latency by hour), and calls saved as
-a dataset. Viewers and up read every call (an `app` key never logs into the console)."""
+one call's detail (with the answers its shadows gave and its feedback), charts per deployment
+(calls, cost and p50 latency by hour), and calls saved as a dataset. Viewers and up read every
+call (an `app` key never logs into the console); editors give feedback on a call."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from fastapi.responses import HTMLResponse
 
 from tunelab.errors import UserError
 from tunelab.server.auth import KeyInfo, form_fields, require
-from tunelab.server.logs import CallFilter, call_facets, call_input, call_stats, find_calls, get_call, logs_to_dataset
+from tunelab.lifecycle.calls import (CallFilter, add_feedback, call_facets, call_input, call_stats, feedback_for,
+                                    feedback_history, find_calls, get_call, logs_to_dataset, shadow_rows)
+from tunelab.lifecycle.evidence import same_answer
 from tunelab.server.ui.render import bad_request, bars, field, not_found, page, polyline, ws_of
 
 router = APIRouter()
@@ -64,15 +67,40 @@ def logs_page(request: Request, key: KeyInfo = Depends(viewer), message: str | N
 
     return page(request, "logs.html", calls=calls, total=total, page=number, pages=pages, params=params,
                 facets=call_facets(ws), charts=charts, stats=stats, link=link, call_input=call_input,
-                message=message, windows=list(WINDOWS))
+                message=message, windows=list(WINDOWS), feedback=feedback_for(ws, [c.call_id for c in calls]))
 
 
 @router.get("/ui/logs/{call_id}", response_class=HTMLResponse)
-def call_page(request: Request, call_id: int, key: KeyInfo = Depends(viewer)):
-    call = get_call(ws_of(request), call_id)
+def call_page(request: Request, call_id: int, key: KeyInfo = Depends(viewer), message: str | None = None):
+    ws = ws_of(request)
+    call = get_call(ws, call_id)
     if call is None:
         raise not_found(f"no call #{call_id}")
-    return page(request, "call.html", call=call, call_input=call_input(call))
+    shadows = [r for r in shadow_rows(ws, call.deployment, since=call.created_at) if r.call_id == call.call_id] \
+        if call.call_id else []
+    return page(request, "call.html", call=call, call_input=call_input(call), shadows=shadows,
+                agrees=lambda r: r.status == "ok" and same_answer(r.output, call.output),
+                feedback=feedback_history(ws, call.call_id) if call.call_id else [], message=message)
+
+
+@router.post("/ui/logs/{call_id}/feedback", response_class=HTMLResponse)
+def give_feedback(request: Request, call_id: int, form: dict = Depends(form_fields), key: KeyInfo = Depends(editor)):
+    ws = ws_of(request)
+    call = get_call(ws, call_id)
+    if call is None or not call.call_id:
+        raise not_found(f"no call #{call_id} with an id to give feedback on")
+    score = form.get("score", "")
+    correction = form.get("correction", "")
+    try:
+        add_feedback(ws, call.call_id, score=float(score) if score.strip() else None,
+                     correction=correction if correction.strip() else None, note=form.get("note", ""),
+                     author=key.name)
+        message = "feedback saved"
+    except ValueError:
+        raise bad_request("'score' is 0 (wrong) or 1 (right)") from None
+    except UserError as exc:
+        message = f"error: {exc}"
+    return call_page(request, call_id, key=key, message=message)
 
 
 @router.post("/ui/logs/export", response_class=HTMLResponse)
