@@ -20,6 +20,8 @@ each run (reset in between through /proc/self/clear_refs; memory the first run l
 allocator still counts for the second, so `--only trl` / `--only tunelab` give clean figures).
 
 The machine may be shared: the load average is printed; run it twice and trust figures that agree.
+Each run's process CPU time is measured too (tokens per CPU second): with `--threads 1` on a loaded
+machine it is the steadier figure, as it does not count the time the process waited for a core.
 """
 
 from __future__ import annotations
@@ -102,12 +104,13 @@ def run_trl(rows: list[dict], args, bf16: bool) -> dict:
     trainer.data_collator = counting
     trainer.train_dataset  # (tokenized at construction, before the clock starts)
     reset_peak()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs on stdout
         trainer.train()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {"tokens": counted["tokens"], "loss_tokens": counted["loss_tokens"], "seconds": seconds,
-            "tokens_per_s": counted["tokens"] / seconds, "peak_mib": peak_mib(), "steps": args.steps}
+            "tokens_per_s": counted["tokens"] / seconds, "cpu_s": cpu, "tokens_per_cpu_s": counted["tokens"] / cpu,
+            "peak_mib": peak_mib(), "steps": args.steps}
 
 
 def run_tunelab(rows: list[dict], args, bf16: bool) -> dict:
@@ -125,14 +128,14 @@ def run_tunelab(rows: list[dict], args, bf16: bool) -> dict:
     items = render_examples([Example(r["input"], r["output"]) for r in rows], messages_of, tok)
     items = [truncate(it, args.max_length) for it in items]
     reset_peak()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = train(model, tok, items, lambda m: {"loss": 0.0}, config, Path(args.tmp) / "tunelab",
                    progress=False)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     state = result.state
     return {"tokens": state["tokens"], "loss_tokens": state["loss_tokens"], "seconds": state["train_s"],
-            "tokens_per_s": state["tokens"] / state["train_s"], "peak_mib": peak_mib(), "steps": state["step"],
-            "wall_with_validation_s": seconds}
+            "tokens_per_s": state["tokens"] / state["train_s"], "cpu_s": cpu, "tokens_per_cpu_s": state["tokens"] / cpu,
+            "peak_mib": peak_mib(), "steps": state["step"], "wall_with_validation_s": seconds}
 
 
 def messages_of(example) -> list[dict[str, str]]:
@@ -197,7 +200,7 @@ def main() -> None:
                     r["load_average"] = round(os.getloadavg()[0], 1)
                     figures[name].append(r)
                     print(f"{name:15s} {r['tokens']:>7,} tokens in {r['seconds']:7.1f} s = {r['tokens_per_s']:7.1f} "
-                          f"tokens/s; peak RSS {r['peak_mib']:,.0f} MiB; load {r['load_average']}", file=sys.stderr)
+                          f"tokens/s ({r['tokens_per_cpu_s']:.1f} per CPU second); peak RSS {r['peak_mib']:,.0f} MiB; load {r['load_average']}", file=sys.stderr)
         if args.only:
             print(json.dumps(figures[args.only], indent=2) if args.json else "")
             return
@@ -209,6 +212,8 @@ def main() -> None:
                    "tunelab_unfused_tokens_per_s": round(best["tunelab-unfused"]["tokens_per_s"], 1),
                    "ratio": round(best["tunelab"]["tokens_per_s"] / trl, 2),
                    "ratio_unfused": round(best["tunelab-unfused"]["tokens_per_s"] / trl, 2),
+                   "ratio_cpu": round(max(r["tokens_per_cpu_s"] for r in figures["tunelab"])
+                                      / max(r["tokens_per_cpu_s"] for r in figures["trl"]), 2),
                    "trl_peak_mib": round(best["trl"]["peak_mib"]), "tunelab_peak_mib": round(best["tunelab"]["peak_mib"]),
                    "runs": figures}
         summaries[base] = summary
@@ -216,7 +221,8 @@ def main() -> None:
                    f"{summary['ratio_unfused']:.2f}x" if figures.get("tunelab-unfused") else "no fused pass here")
         print(f"{base}: TRL SFTTrainer {summary['trl_tokens_per_s']:.1f} tokens/s; tunelab "
               f"{summary['tunelab_tokens_per_s']:.1f} tokens/s = {summary['ratio']:.2f}x ({unfused}); peak RSS TRL "
-              f"{summary['trl_peak_mib']} MiB, tunelab {summary['tunelab_peak_mib']} MiB")
+              f"{summary['trl_peak_mib']} MiB, tunelab {summary['tunelab_peak_mib']} MiB; per CPU second "
+              f"{summary['ratio_cpu']:.2f}x")
     if args.json:
         print(json.dumps(summaries, indent=2))
 
