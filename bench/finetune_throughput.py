@@ -9,9 +9,10 @@ tunelab's loop), so the fused pass's own gain is measured in the same process. `
 prints the ratios for SmolLM2 and for Gemma 3 270M (no fused pass: Gemma goes through transformers, so
 its `tunelab-unfused` run would repeat the `tunelab` one and is skipped).
 
-Both train SmolLM2-135M-Instruct with the same LoRA (r=8, alpha=16, dropout 0.05, q/k/v/o_proj), the
-same learning rate, batch size, maximum length and number of steps, on the same sms_spam training
-examples rendered by the same chat template as prompt/completion pairs, with the loss on the
+Both train the base (SmolLM2-135M-Instruct by default) with the same LoRA (r=8, alpha=16, dropout
+0.05, q/k/v/o_proj), the same learning rate, batch size, maximum length and number of steps, on the
+same sms_spam training examples rendered by the same chat template as prompt/completion pairs (for a
+base model without one, Gemma 3 270M, the plain-text prompt tunelab renders), with the loss on the
 completion only. TRL is configured to run on CPU (`use_cpu=True`, no gradient checkpointing, bf16
 where the CPU supports it, `save_strategy="no"`). Trained tokens are counted the same way for both:
 the non-padding tokens of every batch the model was trained on (prompt + completion), over the
@@ -75,14 +76,18 @@ def run_trl(rows: list[dict], args, bf16: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from tunelab.models.chat import PLAIN_END, has_template, plain_text
     from tunelab.models.weights import bundled_model_dir
 
     base = bundled_model_dir(args.base)
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    data = Dataset.from_list([{"prompt": messages(r), "completion": [{"role": "assistant", "content": r["output"]}]}
-                              for r in rows])
+    if has_template(tok):
+        pairs = [{"prompt": messages(r), "completion": [{"role": "assistant", "content": r["output"]}]} for r in rows]
+    else:  # a base model (Gemma 3 270M): tunelab's plain-text prompts; TRL's tokenizer adds the bos token
+        pairs = [{"prompt": plain_text(messages(r)), "completion": r["output"] + PLAIN_END} for r in rows]
+    data = Dataset.from_list(pairs)
     config = SFTConfig(output_dir=str(Path(args.tmp) / "trl"), use_cpu=True, gradient_checkpointing=False,
                        bf16=bf16, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
                        max_steps=args.steps, max_length=args.max_length, learning_rate=LR, warmup_steps=0,
