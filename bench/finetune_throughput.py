@@ -6,11 +6,13 @@
 Three trainers alternate in each round: TRL, tunelab (its fused LoRA pass on Llama models:
 `tunelab.finetune.fused`), and tunelab with `TUNELAB_FUSED=0` (transformers' forward under
 tunelab's loop), so the fused pass's own gain is measured in the same process. `--base both`
-prints the ratios for SmolLM2 and for Gemma 3 270M (no fused pass: Gemma goes through transformers).
+prints the ratios for SmolLM2 and for Gemma 3 270M (no fused pass: Gemma goes through transformers, so
+its `tunelab-unfused` run would repeat the `tunelab` one and is skipped).
 
-Both train SmolLM2-135M-Instruct with the same LoRA (r=8, alpha=16, dropout 0.05, q/k/v/o_proj), the
-same learning rate, batch size, maximum length and number of steps, on the same sms_spam training
-examples rendered by the same chat template as prompt/completion pairs, with the loss on the
+Both train the base (SmolLM2-135M-Instruct by default) with the same LoRA (r=8, alpha=16, dropout
+0.05, q/k/v/o_proj), the same learning rate, batch size, maximum length and number of steps, on the
+same sms_spam training examples rendered by the same chat template as prompt/completion pairs (for a
+base model without one, Gemma 3 270M, the plain-text prompt tunelab renders), with the loss on the
 completion only. TRL is configured to run on CPU (`use_cpu=True`, no gradient checkpointing, bf16
 where the CPU supports it, `save_strategy="no"`). Trained tokens are counted the same way for both:
 the non-padding tokens of every batch the model was trained on (prompt + completion), over the
@@ -19,6 +21,8 @@ each run (reset in between through /proc/self/clear_refs; memory the first run l
 allocator still counts for the second, so `--only trl` / `--only tunelab` give clean figures).
 
 The machine may be shared: the load average is printed; run it twice and trust figures that agree.
+Each run's process CPU time is measured too (tokens per CPU second): with `--threads 1` on a loaded
+machine it is the steadier figure, as it does not count the time the process waited for a core.
 """
 
 from __future__ import annotations
@@ -72,14 +76,18 @@ def run_trl(rows: list[dict], args, bf16: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from tunelab.models.chat import PLAIN_END, has_template, plain_text
     from tunelab.models.weights import bundled_model_dir
 
     base = bundled_model_dir(args.base)
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    data = Dataset.from_list([{"prompt": messages(r), "completion": [{"role": "assistant", "content": r["output"]}]}
-                              for r in rows])
+    if has_template(tok):
+        pairs = [{"prompt": messages(r), "completion": [{"role": "assistant", "content": r["output"]}]} for r in rows]
+    else:  # a base model (Gemma 3 270M): tunelab's plain-text prompts; TRL's tokenizer adds the bos token
+        pairs = [{"prompt": plain_text(messages(r)), "completion": r["output"] + PLAIN_END} for r in rows]
+    data = Dataset.from_list(pairs)
     config = SFTConfig(output_dir=str(Path(args.tmp) / "trl"), use_cpu=True, gradient_checkpointing=False,
                        bf16=bf16, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
                        max_steps=args.steps, max_length=args.max_length, learning_rate=LR, warmup_steps=0,
@@ -101,12 +109,13 @@ def run_trl(rows: list[dict], args, bf16: bool) -> dict:
     trainer.data_collator = counting
     trainer.train_dataset  # (tokenized at construction, before the clock starts)
     reset_peak()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs on stdout
         trainer.train()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {"tokens": counted["tokens"], "loss_tokens": counted["loss_tokens"], "seconds": seconds,
-            "tokens_per_s": counted["tokens"] / seconds, "peak_mib": peak_mib(), "steps": args.steps}
+            "tokens_per_s": counted["tokens"] / seconds, "cpu_s": cpu, "tokens_per_cpu_s": counted["tokens"] / cpu,
+            "peak_mib": peak_mib(), "steps": args.steps}
 
 
 def run_tunelab(rows: list[dict], args, bf16: bool) -> dict:
@@ -124,14 +133,14 @@ def run_tunelab(rows: list[dict], args, bf16: bool) -> dict:
     items = render_examples([Example(r["input"], r["output"]) for r in rows], messages_of, tok)
     items = [truncate(it, args.max_length) for it in items]
     reset_peak()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = train(model, tok, items, lambda m: {"loss": 0.0}, config, Path(args.tmp) / "tunelab",
                    progress=False)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     state = result.state
     return {"tokens": state["tokens"], "loss_tokens": state["loss_tokens"], "seconds": state["train_s"],
-            "tokens_per_s": state["tokens"] / state["train_s"], "peak_mib": peak_mib(), "steps": state["step"],
-            "wall_with_validation_s": seconds}
+            "tokens_per_s": state["tokens"] / state["train_s"], "cpu_s": cpu, "tokens_per_cpu_s": state["tokens"] / cpu,
+            "peak_mib": peak_mib(), "steps": state["step"], "wall_with_validation_s": seconds}
 
 
 def messages_of(example) -> list[dict[str, str]]:
@@ -180,11 +189,15 @@ def main() -> None:
               f"{args.max_length}, LoRA r=8 alpha=16 q/k/v/o, {'bf16' if bf16 else 'fp32'}, torch threads "
               f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
               file=sys.stderr)
-        figures: dict[str, list[dict]] = {name: [] for name, _ in TRAINERS}
+        from tunelab.models.weights import bundled_model_dir
+
+        config = json.loads((bundled_model_dir(base) / "config.json").read_text())
+        trainers = [(n, fn) for n, fn in TRAINERS if n != "tunelab-unfused" or config.get("model_type") == "llama"]
+        figures: dict[str, list[dict]] = {name: [] for name, _ in trainers}
         with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
             args.tmp = tmp
             for _ in range(args.rounds):
-                for name, fn in TRAINERS:
+                for name, fn in trainers:
                     if args.only and name != args.only:
                         continue
                     r = fn(rows, args, bf16)
@@ -192,24 +205,29 @@ def main() -> None:
                     r["load_average"] = round(os.getloadavg()[0], 1)
                     figures[name].append(r)
                     print(f"{name:15s} {r['tokens']:>7,} tokens in {r['seconds']:7.1f} s = {r['tokens_per_s']:7.1f} "
-                          f"tokens/s; peak RSS {r['peak_mib']:,.0f} MiB; load {r['load_average']}", file=sys.stderr)
+                          f"tokens/s ({r['tokens_per_cpu_s']:.1f} per CPU second); peak RSS {r['peak_mib']:,.0f} MiB; load {r['load_average']}", file=sys.stderr)
         if args.only:
             print(json.dumps(figures[args.only], indent=2) if args.json else "")
             return
         best = {k: max(v, key=lambda r: r["tokens_per_s"]) for k, v in figures.items()}
+        best.setdefault("tunelab-unfused", best["tunelab"])  # no fused pass on this architecture
         trl = best["trl"]["tokens_per_s"]
         summary = {"trl_tokens_per_s": round(trl, 1),
                    "tunelab_tokens_per_s": round(best["tunelab"]["tokens_per_s"], 1),
                    "tunelab_unfused_tokens_per_s": round(best["tunelab-unfused"]["tokens_per_s"], 1),
                    "ratio": round(best["tunelab"]["tokens_per_s"] / trl, 2),
                    "ratio_unfused": round(best["tunelab-unfused"]["tokens_per_s"] / trl, 2),
+                   "ratio_cpu": round(max(r["tokens_per_cpu_s"] for r in figures["tunelab"])
+                                      / max(r["tokens_per_cpu_s"] for r in figures["trl"]), 2),
                    "trl_peak_mib": round(best["trl"]["peak_mib"]), "tunelab_peak_mib": round(best["tunelab"]["peak_mib"]),
                    "runs": figures}
         summaries[base] = summary
+        unfused = (f"without the fused pass {summary['tunelab_unfused_tokens_per_s']:.1f} = "
+                   f"{summary['ratio_unfused']:.2f}x" if figures.get("tunelab-unfused") else "no fused pass here")
         print(f"{base}: TRL SFTTrainer {summary['trl_tokens_per_s']:.1f} tokens/s; tunelab "
-              f"{summary['tunelab_tokens_per_s']:.1f} tokens/s = {summary['ratio']:.2f}x (without the fused pass "
-              f"{summary['tunelab_unfused_tokens_per_s']:.1f} = {summary['ratio_unfused']:.2f}x); peak RSS TRL "
-              f"{summary['trl_peak_mib']} MiB, tunelab {summary['tunelab_peak_mib']} MiB")
+              f"{summary['tunelab_tokens_per_s']:.1f} tokens/s = {summary['ratio']:.2f}x ({unfused}); peak RSS TRL "
+              f"{summary['trl_peak_mib']} MiB, tunelab {summary['tunelab_peak_mib']} MiB; per CPU second "
+              f"{summary['ratio_cpu']:.2f}x")
     if args.json:
         print(json.dumps(summaries, indent=2))
 

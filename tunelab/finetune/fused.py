@@ -74,18 +74,18 @@ class _Product:
         loras = [lora for _, lora in self.parts if lora is not None]
         a = torch.cat([A for A, _, _ in loras]) if len(loras) > 1 else loras[0][0]
         p = self.dropout.p if self.dropout.training and isinstance(self.dropout, torch.nn.Dropout) else 0.0
-        if p > 0:  # dropout on the already-cast input, its mask from uniform draws (bernoulli_ is slow on CPUs)
-            x_low = x_low * (torch.rand(x_low.shape, dtype=torch.float32, device=x_low.device) >= p).to(
-                self.dtype) * (1.0 / (1.0 - p))
+        if p > 0:  # dropout on the already-cast input, its mask from uniform draws (bernoulli_ is slow on CPUs);
+            # the 1/(1-p) rescaling is folded into the LoRA scale of the (small) deltas below
+            x_low = x_low.masked_fill(torch.rand(x_low.shape, dtype=torch.float32, device=x_low.device) < p, 0)
         low = F.linear(x_low, a.to(self.dtype))  # (..., r x adapted modules)
-        deltas, r0 = [], 0
+        lows = iter(low.split([A.shape[0] for A, _, _ in loras], dim=-1) if len(loras) > 1 else [low])
+        deltas = []
         for rows, lora in self.parts:
             if lora is None:
                 deltas.append(y.new_zeros(y.shape[:-1] + (rows,)))
                 continue
-            A, B, scale = lora
-            deltas.append(F.linear(low[..., r0:r0 + A.shape[0]], B.to(self.dtype)) * scale)
-            r0 += A.shape[0]
+            _, B, scale = lora
+            deltas.append(F.linear(next(lows), B.to(self.dtype)) * (scale / (1.0 - p)))
         return y + (torch.cat(deltas, dim=-1) if len(deltas) > 1 else deltas[0])
 
 
@@ -176,10 +176,8 @@ class FusedLoraLlama:
         last = len(self.layers) - 1
         for i, L in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), L["norm_in"].weight, L["norm_in"].variance_epsilon)
-            p = L["qkv"](h.to(self.low))
-            q = p[..., :L["n_q"]].view(B, T, H, D)
-            k = p[..., L["n_q"]:L["n_q"] + L["n_k"]].view(B, T, KVH, D)
-            v = p[..., L["n_q"] + L["n_k"]:].view(B, T, KVH, D)
+            q, k, v = L["qkv"](h.to(self.low)).split([L["n_q"], L["n_k"], L["n_k"]], dim=-1)  # one backward (a cat)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, KVH, D), v.view(B, T, KVH, D)
             q_blocked = blocked
             if i == last:
                 q, x, q_blocked = q[:, rows], x[:, rows], blocked[..., rows, :]
@@ -197,7 +195,7 @@ class FusedLoraLlama:
             o = torch.matmul(probs, v).view(B, H, Tq, D).transpose(1, 2).reshape(B, Tq, H * D)
             x = x + L["o"](o)  # bf16 + fp32: the residual stream stays fp32
             h = F.rms_norm(x, (x.shape[-1],), L["norm_post"].weight, L["norm_post"].variance_epsilon)
-            gu = L["gate_up"](h.to(self.low))
-            x = x + L["down"](F.silu(gu[..., :L["n_i"]]) * gu[..., L["n_i"]:])
+            gate, up = L["gate_up"](h.to(self.low)).split(L["n_i"], dim=-1)
+            x = x + L["down"](F.silu(gate) * up)
         x = F.rms_norm(x, (x.shape[-1],), body.norm.weight, body.norm.variance_epsilon)
         return x[keep[:, rows]]
