@@ -38,14 +38,16 @@ def _hours(values: list[str]) -> dict[str, float]:
 
 
 def compare(
-    candidates: List[str] = typer.Argument(..., help="Candidates: PROMPT[@VERSION|@LABEL], ft:NAME, hybrid:NAME."),
+    candidates: List[str] = typer.Argument(..., help="Candidates: PROMPT[@VERSION|@LABEL], ft:NAME, hybrid:NAME, "
+                                           "baseline:majority|tfidf|embed (trained on the data's train split)."),
     data: str = typer.Option(..., "--data", "-d", help="The split every candidate is measured on: NAME[@VERSION][:SPLIT] (default split test)."),
     volume: Optional[float] = typer.Option(None, "--volume", help="Expected requests a month, for the 12-month cost and the advice (default 10,000)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the HTML report here (default .tunelab/artifacts/comparisons/ID/report.html); report.json beside it."),
     repeat: int = typer.Option(1, "--repeat", help="Answers per example, for consistency (agreement, pass^k)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N examples of the split."),
     metric: Optional[str] = typer.Option(None, "--metric", help="The metric to compare on (default: accuracy for labels, field_f1 for JSON, chrf for text)."),
-    learning_curve: bool = typer.Option(False, "--learning-curve", help="Also fine-tune on 10/25/50% of train to measure the data requirements (slow)."),
+    learning_curve: bool = typer.Option(False, "--learning-curve", help="Also measure every trainable candidate (fine-tune: retrained, baselines, a prompt's per-input demo pool) on 10/25/50% of train, with the crossover point (a fine-tune makes it slow)."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Label outputs: add the classical reference rows baseline:majority and baseline:tfidf."),
     engineer_hours: List[str] = typer.Option([], "--engineer-hours", help="Engineer hours in a setup: NAME=H or KIND=H (prompt, ft, hybrid); default: the setup's wall time. Costed at engineer_hourly_rate."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison JSON instead of the table."),
 ) -> None:
@@ -56,7 +58,8 @@ def compare(
 
     ws = workspace()
     comp = run_compare(ws, data, list(candidates), volume=volume, repeat=repeat, limit=limit, metric=metric,
-                       learning_curve=learning_curve, engineer_hours=_hours(engineer_hours), report=report,
+                       learning_curve=learning_curve, baselines=baselines, engineer_hours=_hours(engineer_hours),
+                       report=report,
                        progress=err_console if not as_json else False, log=_log)
     if as_json:
         print_json(comp.to_json())
@@ -175,7 +178,7 @@ def demo(
     directory: Path = typer.Option(Path("demo-workspace"), "--dir", help="The demo workspace (made if missing, reused if there)."),
     quick: bool = typer.Option(False, "--quick", help="A tiny version: few examples, a few training steps (for tests)."),
     volume: float = typer.Option(100_000, "--volume", help="Expected requests a month for the cost model and advice."),
-    learning_curve: bool = typer.Option(False, "--learning-curve", help="Also fine-tune on 10/25/50% of train, for the data-requirements curve (adds a few minutes)."),
+    learning_curve: Optional[bool] = typer.Option(None, "--learning-curve/--no-learning-curve", help="Learning curves on 10/25/50/100% of train (default: those that fit a time budget; --learning-curve: the fine-tune retrained too, adds a few minutes)."),
 ) -> None:
     """Run the whole flow on the bundled support-ticket data: check the data, a baseline prompt,
     optimization, fine-tuning, a hybrid, the comparison and the advice; prints where the report is.
