@@ -103,3 +103,37 @@ def test_label_comparisons_show_the_baselines_as_reference_rows(ws):
     assert any("you may not need an LLM" in r for r in advice.reasons)
     none = compare(ws, "tickets:test", ["route"], progress=False, baselines=False)
     assert [c.kind for c in none.candidates] == ["prompt"]
+
+
+def test_learning_curves_of_the_baselines_and_the_demo_prompt(ws):
+    """Every trainable candidate on 10/25/50/100% of train: the baselines retrained on the sample
+    a fine-tune would get, the per-input-demo prompt with its demo pool limited to it."""
+    from tunelab.compare.report import plot_learning_curve
+    from tunelab.files import write_atomic
+    from tunelab.prompts import commit_prompt
+
+    write_atomic(ws.prompts_dir / "knn.prompt", "---\nmodel: fake:knn\noutput: {type: label, labels: [account, "
+                 "billing, bug]}\ndemos: {dataset: tickets, split: train, strategy: knn_tfidf, k: 2}\n---\nuser:\n"
+                 "Which team? {{ input }}\n")
+    commit_prompt(ws, "knn", "first")
+    comp = compare(ws, "tickets:test", ["knn"], learning_curve=True, progress=False)
+    curve = comp.learning_curve
+    kinds = {s.candidate.split(":")[1] if s.kind == "baseline" else s.kind: s for s in curve.series}
+    assert set(kinds) == {"tfidf", "prompt"}  # the majority class is the floor, not a curve
+    assert curve.points == [] and curve.candidate == ""  # no fine-tune in this comparison
+    tfidf = kinds["tfidf"]
+    assert [p.n_train for p in tfidf.points] == [6, 15, 30, 60]
+    assert [p.fraction for p in tfidf.points] == [0.1, 0.25, 0.5, 1.0]
+    assert tfidf.points[-1].candidate == next(c.name for c in comp.candidates if c.name.startswith("baseline:tfidf"))
+    assert tfidf.points[0].candidate.startswith("baseline:tfidf-n6:tickets@")
+    assert all(p.metric.low - 1e-9 <= p.metric.value <= p.metric.high + 1e-9 for p in tfidf.points)
+    demo = kinds["prompt"]
+    assert [p.n_train for p in demo.points] == [6, 15, 30, 60] and demo.points[0].candidate.endswith("~n6")
+    # the fake model answers the label a demo names: its demos come from the smaller pool
+    assert len({p.run_id for p in demo.points}) == 4
+    assert curve.crossover is not None and curve.crossover.text
+    assert plot_learning_curve(comp).startswith("data:image/png;base64,")
+    # the baselines trained on the samples are stored, and reused by the next comparison
+    again = compare(ws, "tickets:test", ["knn"], learning_curve=True, progress=False)
+    assert [p.run_id for s in again.learning_curve.series for p in s.points] == \
+        [p.run_id for s in curve.series for p in s.points]
