@@ -62,10 +62,13 @@ def parse_baseline(spec: str) -> tuple[str, int | None, str | None]:
     return m["method"], n, m["data"]
 
 
-def _features(method: str, texts: list[str]):
+def _features(method: str, texts: list[str], batched: bool = False):
     """The classifier's input: raw texts (tfidf: the pipeline vectorizes), MiniLM embeddings, or
-    nothing to see (majority)."""
+    nothing to see (majority). Answers embed each input on its own (`batched` False), so an input
+    gets the same vector in an evaluation batch and in a gateway request; training batches."""
     if method == "embed":
+        if batched:
+            return embed(texts)
         return np.concatenate([embed([t]) for t in texts]) if texts else np.zeros((0, 384), np.float32)
     if method == "majority":
         return np.zeros((len(texts), 1), np.float32)
@@ -111,7 +114,7 @@ def train_baseline(ws: "Workspace", method: str, dataset: str, max_examples: int
     if len(set(y)) == 1:  # one class: the majority answer whatever the method
         from sklearn.dummy import DummyClassifier
         clf = DummyClassifier(strategy="prior")
-    clf.fit(_features(method, [ex.input for ex in train]), y)
+    clf.fit(_features(method, [ex.input for ex in train], batched=True), y)
     wall = time.perf_counter() - start
     joblib.dump(clf, path)
     meta = {"format": FORMAT, "method": method, "dataset": ds.ref, "max_examples": max_examples, "n_train": len(train),
