@@ -232,6 +232,7 @@ def plot_learning_curve(comparison: Comparison) -> str | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     used: set[str] = set()
+    ticks: set[int] = set()
     for s in series:
         col = COLORS.get(s.kind) if s.kind != "baseline" else None
         if col is None or col in used:
@@ -239,6 +240,7 @@ def plot_learning_curve(comparison: Comparison) -> str | None:
         used.add(col)
         points = sorted((p for p in s.points if p.n_train is not None), key=lambda p: p.n_train)
         xs = [p.n_train for p in points]
+        ticks.update(xs)
         ys = [p.metric.value or 0.0 for p in points]
         lo, hi = zip(*(_bounds(p.metric, v) for p, v in zip(points, ys)))
         what = {"ft": "fine-tuned", "baseline": "baseline", "prompt": "prompt, demos from n"}.get(s.kind, s.kind)
@@ -253,10 +255,18 @@ def plot_learning_curve(comparison: Comparison) -> str | None:
     if cross is not None and cross.n_train is not None:
         ax.axvline(cross.n_train, color="#e53e3e", linestyle="-.", linewidth=1.2,
                    label=f"crossover ~{cross.n_train:,.0f} examples")
+    import textwrap
+
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(sorted(ticks), [f"{t:,}" for t in sorted(ticks)])  # the measured sizes
     ax.set_xlabel("labelled training examples (log scale)")
     ax.set_ylabel(comparison.metric)
-    ax.set_title("Data requirements: learning curves" + (f"\n{cross.text}" if cross is not None else ""), fontsize=9)
+    title = "Data requirements: learning curves" + (f"\n{cross.text}" if cross is not None else "")
+    ax.set_title("\n".join(textwrap.fill(line, 100) for line in title.split("\n")), fontsize=9)
     ax.legend(fontsize=7, loc="best")
     return _png(fig)
 
