@@ -137,3 +137,19 @@ def test_learning_curves_of_the_baselines_and_the_demo_prompt(ws):
     again = compare(ws, "tickets:test", ["knn"], learning_curve=True, progress=False)
     assert [p.run_id for s in again.learning_curve.series for p in s.points] == \
         [p.run_id for s in curve.series for p in s.points]
+
+
+def test_every_command_takes_a_baseline(ws, cli):
+    import json
+
+    res = cli("eval", "baseline:tfidf", "--data", "tickets:test", "--json")
+    assert res.exit_code == 0, res.output
+    run = json.loads(res.stdout)
+    assert run["candidate"].startswith("baseline:tfidf:tickets@") and run["metrics"]["accuracy"]["value"] >= 0.9
+    res = cli("run", "baseline:tfidf:tickets", "--input", "my invoice is wrong")
+    assert res.exit_code == 0 and "billing" in res.stdout, res.output
+    res = cli("compare", "--data", "tickets:test", "baseline:embed", "--json")
+    assert res.exit_code == 0, res.output
+    assert [c["name"].split(":")[1] for c in json.loads(res.stdout)["candidates"]] == ["embed", "majority", "tfidf"]
+    res = cli("eval", "baseline:svm", "--data", "tickets:test")
+    assert res.exit_code == 2 and "unknown baseline 'baseline:svm'" in res.stderr and "Traceback" not in res.output
