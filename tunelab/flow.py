@@ -551,7 +551,8 @@ def _import_data(ws, flow: Flow, quick: bool, log) -> str:
         log(f"  warning: {getattr(issue, 'message', issue)}")
     ds = get_dataset(ws, f"{flow.dataset}@{ds.version}")
     log(f"dataset {ds.ref}: " + ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items())
-        + (f"; labels: {', '.join(ds.labels)}" if ds.labels else f"; output: {flow.output_type}"))
+        + (f"; {len(ds.labels)} labels: {', '.join(ds.labels[:12])}" + (", ..." if len(ds.labels) > 12 else "")
+           if ds.labels else f"; output: {flow.output_type}"))
     return ds.ref
 
 
