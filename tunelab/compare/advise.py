@@ -20,8 +20,8 @@ The rules are deterministic and applied in this order (docs/advise.md says the s
 5. **Required metric** (`--required-metric X`): candidates whose metric (point estimate) is below
    X are excluded. When nothing is left after rules 1–5 the answer is "none": no candidate meets
    the constraints, and the reasons say which rule removed each one.
-6. **Usable at all** (labels, accuracy): when no LLM candidate beats chance — the majority-class
-   baseline's accuracy, else the most frequent expected label's share, at least 1/labels — with its
+6. **Usable at all** (labels, accuracy): when no LLM candidate beats chance — the highest of the
+   majority-class baseline's accuracy, the most frequent expected label's share and 1/labels — with its
    95% interval, the answer is "none": "No candidate is usable yet". When a classical baseline
    (`baseline:tfidf`, `baseline:embed`) is not significantly worse than the best LLM candidate, it
    is the answer ("You may not need an LLM for this task"). An out-of-scope class (`oos`) adds its
@@ -121,10 +121,11 @@ def _beats(c: CandidateEntry, level: float) -> bool:
 
 
 def chance_level(comparison: Comparison) -> tuple[float, str] | None:
-    """What a label candidate must beat to be usable (accuracy only): the majority-class baseline's
-    measured accuracy when it was compared, else the share of the most frequent expected label on
-    the split (from a confusion matrix), and never less than 1/the number of labels. None when the
-    comparison cannot tell (not labels, not accuracy, no labels known)."""
+    """What a label candidate must beat to be usable (accuracy only): the highest of the
+    majority-class baseline's measured accuracy (when it was compared), the share of the most
+    frequent expected label on the split (from a confusion matrix: always answering it would score
+    that), and 1/the number of labels. None when the comparison cannot tell (not labels, not
+    accuracy, no labels known)."""
     if comparison.output_type != "label" or comparison.metric != "accuracy":
         return None
     levels: list[tuple[float, str]] = []
@@ -134,13 +135,11 @@ def chance_level(comparison: Comparison) -> tuple[float, str] | None:
     majority = next((c for c in comparison.candidates if _is_majority(c) and c.metric.value is not None), None)
     if majority is not None:
         levels.append((float(majority.metric.value), f"the majority class ({majority.name})"))
-    else:
-        conf = next((c.confusion for c in comparison.candidates if c.confusion is not None), None)
-        if conf is not None and conf.matrix:
-            rows = [sum(r) for r in conf.matrix]
-            if sum(rows):
-                top = max(range(len(rows)), key=lambda i: rows[i])
-                levels.append((rows[top] / sum(rows), f"always answering the most frequent label ({conf.labels[top]})"))
+    conf = next((c.confusion for c in comparison.candidates if c.confusion is not None), None)
+    rows = [sum(r) for r in conf.matrix] if conf is not None else []
+    if sum(rows):  # the split's own most frequent label (clinc150's test: 18% oos, 0.7% of train)
+        top = max(range(len(rows)), key=lambda i: rows[i])
+        levels.append((rows[top] / sum(rows), f"always answering the most frequent label ({conf.labels[top]})"))
     return max(levels, key=lambda x: x[0]) if levels else None
 
 
