@@ -49,6 +49,9 @@ def compare(
     learning_curve: bool = typer.Option(False, "--learning-curve", help="Also measure every trainable candidate (fine-tune: retrained, baselines, a prompt's per-input demo pool) on 10/25/50% of train, with the crossover point (a fine-tune makes it slow)."),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Label outputs: add the classical reference rows baseline:majority and baseline:tfidf."),
     engineer_hours: List[str] = typer.Option([], "--engineer-hours", help="Engineer hours in a setup: NAME=H or KIND=H (prompt, ft, hybrid); default: the setup's wall time. Costed at engineer_hourly_rate."),
+    judge_sample: Optional[str] = typer.Option(None, "--judge-sample", help="With --metric judge: a split of "
+                                               "human-graded answers (meta.human_score or meta.human_label); the "
+                                               "judge's agreement with them says how far to trust its grades."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison JSON instead of the table."),
 ) -> None:
     """Measure candidates side by side on one split: quality with intervals and paired tests, consistency,
@@ -59,12 +62,14 @@ def compare(
     ws = workspace()
     comp = run_compare(ws, data, list(candidates), volume=volume, repeat=repeat, limit=limit, metric=metric,
                        learning_curve=learning_curve, baselines=baselines, engineer_hours=_hours(engineer_hours),
-                       report=report,
-                       progress=err_console if not as_json else False, log=_log)
+                       report=report, progress=err_console if not as_json else False, log=_log,
+                       judge_sample=judge_sample)
     if as_json:
         print_json(comp.to_json())
         return
     print_table(comp, console)
+    if comp.judge is not None:
+        console.print(f"judge {comp.judge.judge}: {comp.judge.trust}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"report: {comp.report}", markup=False, highlight=False, soft_wrap=True)
 
 

@@ -33,12 +33,14 @@ from tunelab.compare.curves import learning_curves, run_learning_curve  # noqa: 
 from tunelab.compare.costs import ALPHA, DEFAULT_VOLUME, HORIZON_MONTHS, break_even_volume, horizon_cost, payback_months
 from tunelab.compare.report import write_report
 from tunelab.compare.result import (Answered, BreakEven, CandidateEntry, Comparison, Confusion, Consistency,
-                                    DatasetRef, FieldScore, Flexibility, Interval, Latency, OutputRow, PairTest, Search, SearchTrial, SetupCost, Tokens,
+                                    DatasetRef, FieldScore, Flexibility, Interval, JudgeTrust, Latency, OutputRow,
+                                    PairTest, Search, SearchTrial, SetupCost, Tokens,
                                     TrafficShare, TrainingCurves, VsBest)
 from tunelab.datasets import get_split
+from tunelab.judge import judge_sample, make_judge
 from tunelab.errors import NotFound, UserError
-from tunelab.evaluate import (BaselineCandidate, Candidate, HybridCandidate, PromptCandidate, RunResult, Setup, diff_runs, evaluate,
-                              resolve_candidate, run_rows)
+from tunelab.evaluate import (BaselineCandidate, Candidate, HybridCandidate, PromptCandidate, RunResult, Setup,
+                              diff_runs, evaluate, resolve_candidate, run_rows)
 from tunelab.files import write_json
 from tunelab.metrics import default_metric_names
 from tunelab.store.models import ComparisonRow
@@ -55,7 +57,7 @@ def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float 
             learning_curve: bool = False, curve_budget_s: float | None = None, baselines: bool = True,
             engineer_hours: dict[str, float] | None = None,
             report: str | Path | None = None, progress: bool | Any = True,
-            log: Callable[[str], None] | None = None) -> Comparison:
+            log: Callable[[str], None] | None = None, judge_sample: str | None = None) -> Comparison:
     """Evaluate (or reuse the runs of) every candidate on the same split and put them side by side.
 
     `data`: DATASET[@VERSION][:SPLIT] (default split test; pinned to one version for all).
@@ -65,8 +67,11 @@ def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float 
     pool; the 100% points are the candidates themselves), with `curve_budget_s` only the series
     whose estimated time fits. `baselines`: for label outputs, add the classical reference rows
     `baseline:majority` and `baseline:tfidf` (trained in seconds on the same dataset version's train
-    split) when the candidates do not name them. `engineer_hours`: {candidate name or kind: hours} of engineer time in the
-    setup (default: the setup's wall time). Returns the comparison, stored in the `comparisons`
+    split) when the candidates do not name them. `engineer_hours`: {candidate name or kind: hours}
+    of engineer time in the setup (default: the setup's wall time). `judge_sample`: with a `judge`
+    metric, a split whose examples carry human grades (`meta.human_score` / `meta.human_label`): the
+    judge's agreement with them says how far its grades can be trusted (`Comparison.judge`). Returns
+    the comparison, stored in the `comparisons`
     table and written as an HTML report with its JSON twin.
     """
     say = log or (lambda _msg: None)
@@ -121,11 +126,32 @@ def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float 
             raise UserError("--learning-curve needs a trainable candidate (ft:NAME, baseline:tfidf, or a prompt with "
                             "per-input demos) to vary the training data of")
     comparison.output_type = resolved[0].output.type
+    if metric_name.split(":", 1)[0] == "judge":
+        comparison.judge = judge_trust(ws, metric_name, resolved[0], judge_sample)
+    elif judge_sample:
+        raise UserError(f"--judge-sample measures the judge of a judge metric; this comparison is on '{metric_name}' "
+                        "(add --metric judge)")
     if comparison.output_type != "label":
         comparison.outputs = output_matrix(ws, [(c.name, runs[c.name].id) for c in resolved], metric_name)
     comparison.recommendation = advise(comparison)
     save_comparison(ws, comparison, report)
     return comparison
+
+
+def judge_trust(ws: "Workspace", metric: str, cand: Candidate, sample: str | None) -> JudgeTrust:
+    """The judge of `metric` (on `cand`'s rubric, as the evaluator graded it) against the human
+    grades of `sample`; without a sample, a record that its trust was not measured."""
+    spec = metric.split(":", 1)[1] if ":" in metric else None
+    judge = make_judge(spec or None, ws, cand.output.judge)
+    if sample is None:
+        return JudgeTrust(judge=judge.model.name, trust="not measured: give a sample of human-graded answers "
+                          "(meta.human_score or meta.human_label) with --judge-sample DATA")
+    report = judge_sample(ws, sample, judge)
+    a = report.agreement
+    if not a:
+        raise UserError(f"--judge-sample {sample}: no example carries meta.human_score or meta.human_label")
+    return JudgeTrust(judge=judge.model.name, sample=report.data, n=a["n"], trust=a["trust"],
+                      **{k: _num(a.get(k)) for k in ("weighted_kappa", "spearman", "pass_kappa")})
 
 
 def _metric_names(cand: Candidate, metric: str) -> list[str]:

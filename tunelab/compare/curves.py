@@ -177,8 +177,8 @@ def learning_curves(ws: "Workspace", entries: list[CandidateEntry], candidates: 
             series.append(CurveSeries(candidate=ft_curve.candidate, kind="ft", points=ft_curve.points))
             spent += estimate
         else:
-            say(f"learning curve: {ft.name} left out (retraining it on 10/25/50% of train would take ~{estimate:.0f} s, "
-                f"over the budget of {budget_s:.0f} s)")
+            say(f"learning curve: {ft.name} left out (retraining it on 10/25/50% of train would take "
+                f"~{estimate:.0f} s, over the budget of {budget_s:.0f} s)")
     for cand in candidates:
         if isinstance(cand, BaselineCandidate) and cand.method != "majority":
             series.append(baseline_series(ws, cand, ref, metric, limit=limit))

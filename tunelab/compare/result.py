@@ -266,6 +266,17 @@ class LearningCurve(Record):
     crossover: Crossover | None = None
 
 
+class JudgeTrust(Record):
+    """How far the judge behind a `judge` metric can be trusted: its agreement with human grades."""
+    judge: str
+    sample: str | None = None  # the human-graded split, DATASET@VERSION:SPLIT; None: not measured
+    n: int = 0
+    weighted_kappa: float | None = None
+    spearman: float | None = None
+    pass_kappa: float | None = None
+    trust: str
+
+
 class DatasetRef(Record):
     name: str
     version: str
@@ -315,6 +326,7 @@ class Comparison(Record):
     recommendation: Advice | None = None
     output_type: Literal["label", "json", "text"] = "label"
     outputs: list[OutputRow] = Field(default_factory=list)  # generative outputs: the side-by-side matrix
+    judge: JudgeTrust | None = None  # a judge metric: how far its grades can be trusted
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -6,8 +6,9 @@ A template is code an editor writes; rendering it must stay bounded. Every rende
 most MAX_RENDERED characters, no single operation inside a template may build a bigger string or
 list (`*`, `+`, `~`, `%`, `join`, `replace`, `format`, and methods or filters given a width like
 `ljust`, `center`), loops draw from `range` of at most 100,000 items (the sandbox's own limit),
-and one render (all parts, demos included) stops after RENDER_SECONDS (`render_limits`: a trace
-function on the template's own frames). Each limit raises `RenderLimit`, which the prompt turns
+and one render (all parts, demos included) stops after RENDER_SECONDS of its thread's CPU time
+(`render_limits`: a trace function on the template's own frames; CPU time, not wall time, so a
+starved process on a busy machine does not fail a template that is merely waiting its turn). Each limit raises `RenderLimit`, which the prompt turns
 into a UserError naming the file and line — never a thread held for minutes.
 """
 
@@ -94,8 +95,8 @@ def _trace(frame, event, arg):
 
 def _trace_line(frame, event, arg):
     until = getattr(_deadline, "until", None)
-    if event == "line" and until is not None and time.monotonic() > until:
-        raise RenderLimit(f"rendering took longer than {RENDER_SECONDS:g} s (a runaway loop?)")
+    if event == "line" and until is not None and time.thread_time() > until:
+        raise RenderLimit(f"rendering took longer than {RENDER_SECONDS:g} s of CPU (a runaway loop?)")
     return _trace_line
 
 
@@ -105,7 +106,7 @@ class render_limits:
     def __enter__(self):
         self.outer = getattr(_deadline, "until", None)
         if self.outer is None:
-            _deadline.until = time.monotonic() + RENDER_SECONDS
+            _deadline.until = time.thread_time() + RENDER_SECONDS
             self.previous = sys.gettrace()
             sys.settrace(_trace)
         return self
