@@ -153,3 +153,28 @@ def test_every_command_takes_a_baseline(ws, cli):
     assert [c["name"].split(":")[1] for c in json.loads(res.stdout)["candidates"]] == ["embed", "majority", "tfidf"]
     res = cli("eval", "baseline:svm", "--data", "tickets:test")
     assert res.exit_code == 2 and "unknown baseline 'baseline:svm'" in res.stderr and "Traceback" not in res.output
+
+
+def test_the_crossover_point_and_its_absence():
+    from tunelab.compare.curves import crossover
+    from tunelab.compare.result import CandidateEntry, CurveSeries, LearningCurvePoint
+
+    def series(name, kind, values, ns=(20, 50, 100, 200)):
+        return CurveSeries(candidate=name, kind=kind, points=[
+            LearningCurvePoint(fraction=f, n_train=n, candidate=name, metric={"value": v})
+            for f, n, v in zip((0.1, 0.25, 0.5, 1.0), ns, values)])
+
+    prompt = CandidateEntry(name="p@1", kind="prompt", metric={"value": 0.6})
+    ft = series("ft:a", "ft", [0.3, 0.5, 0.7, 0.8])  # crosses 0.6 halfway between 50 and 100
+    cross = crossover([ft], [prompt])
+    assert cross.n_train == pytest.approx(75.0) and cross.trained == "ft:a" and cross.prompting == "p@1"
+    assert cross.text == "with fewer than ~75 labelled examples, prompting (p@1) wins; from there ft:a is better"
+    never = crossover([series("ft:a", "ft", [0.3, 0.4, 0.5, 0.55])], [prompt])
+    assert never.n_train is None and never.text.endswith("prompting (p@1) wins up to 200 labelled examples")
+    always = crossover([series("baseline:tfidf:d@v", "baseline", [0.7, 0.8, 0.85, 0.9])], [prompt])
+    assert always.n_train is None and "baseline:tfidf:d@v is at least as good as prompting (p@1) from 20" in always.text
+    # a demo prompt's own curve is the prompting side where it beats the best prompt at that size
+    demo = series("knn@1", "prompt", [0.65, 0.7, 0.72, 0.74])
+    cross = crossover([ft, demo], [prompt])
+    assert cross.prompting == "knn@1" and 100 < cross.n_train < 200
+    assert crossover([ft], []) is None  # no prompt to compare with
