@@ -288,9 +288,11 @@ def _search(found: dict[str, Any]) -> Search:
 
 def base_of(ws: "Workspace", cand: Candidate) -> str:
     """The base model under a candidate: a prompt's model, a fine-tune's base (bundled name or folder),
-    a hybrid's primary's base."""
+    a hybrid's primary's base; none under a classical baseline."""
     if isinstance(cand, HybridCandidate):
         return base_of(ws, cand.primary)
+    if isinstance(cand, BaselineCandidate):
+        return ""  # no model under a classical baseline
     if cand.kind == "ft":
         row = finetune.get_row(ws, cand.name[3:].split("@")[0])
         return row.base if row is not None else cand.model_name
