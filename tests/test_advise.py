@@ -18,10 +18,10 @@ def cand(name, kind, value, low=None, high=None, *, setup=0.0, per_req=0.0, wall
     }
 
 
-def comparison(*cands, pairwise=(), volume=10_000, learning_curve=None, rate=0.0):
+def comparison(*cands, pairwise=(), volume=10_000, learning_curve=None, rate=0.0, labels=None):
     return Comparison.model_validate({
         "id": "c", "created_at": "2026-12-01T00:00:00+00:00", "best": cands[0]["name"] if cands else "",
-        "dataset": {"name": "d", "version": "v", "split": "test", "n_examples": 100},
+        "dataset": {"name": "d", "version": "v", "split": "test", "n_examples": 100, "labels": labels},
         "metric": "accuracy", "volume_per_month": volume, "months": 12, "engineer_hourly_rate": rate,
         "candidates": list(cands), "learning_curve": learning_curve,
         "pairwise": [{"a": a, "b": b, "test": "mcnemar", "p_value": p, "difference": None} for a, b, p in pairwise]})
@@ -34,6 +34,7 @@ F = dict(setup=12.0, per_req=0.0001, wall_s=1800, change_s=2400, trained=2000)
 BE = break_even_volume(12.0, 0.0001, 0.0, 0.0003)
 
 TIED = [("ft:a", "p@1", 0.40)]
+EIGHT = ["billing", "technical", "account", "shipping", "returns", "sales", "security", "feedback"]
 FT_BETTER = [("ft:a", "p@1", 0.0004)]
 
 CASES = [
@@ -115,6 +116,33 @@ CASES = [
      comparison(cand("p@1", "prompt", 0.5, **P), {**cand("ft:a", "ft", 0.9, **F), "metric": {"value": None}}),
      Constraints(), "prompt", "p@1"),
     ("empty comparison", comparison(), Constraints(), "none", None),
+    # the truth: chance, and a classical baseline as good as an LLM (labels known: chance is 1/8)
+    ("every LLM candidate at chance -> no candidate is usable yet",
+     comparison(cand("p@1", "prompt", 0.16, 0.10, 0.23, **P), cand("ft:a", "ft", 0.19, 0.12, 0.26, **F),
+                labels=EIGHT),
+     Constraints(), "none", None),
+    ("at the majority class's accuracy -> not usable",
+     comparison(cand("p@1", "prompt", 0.45, 0.38, 0.52, **P), cand("ft:a", "ft", 0.47, 0.40, 0.54, **F),
+                cand("baseline:majority:d@v", "baseline", 0.44, 0.37, 0.51), labels=EIGHT),
+     Constraints(), "none", None),
+    ("above the majority class with its interval -> usable, the rules go on",
+     comparison(cand("p@1", "prompt", 0.78, 0.73, 0.82, **P), cand("ft:a", "ft", 0.91, 0.87, 0.94, **F),
+                cand("baseline:majority:d@v", "baseline", 0.44, 0.37, 0.51), pairwise=FT_BETTER, labels=EIGHT),
+     Constraints(), "ft", "ft:a"),
+    ("a classical baseline as good as the best LLM -> you may not need an LLM",
+     comparison(cand("p@1", "prompt", 0.78, 0.73, 0.82, **P), cand("ft:a", "ft", 0.86, 0.82, 0.90, **F),
+                cand("baseline:tfidf:d@v", "baseline", 0.85, 0.81, 0.89, wall_s=1.5),
+                pairwise=[("ft:a", "baseline:tfidf:d@v", 0.6), ("ft:a", "p@1", 0.01)], labels=EIGHT),
+     Constraints(), "baseline", "baseline:tfidf:d@v"),
+    ("a classical baseline significantly worse than the best LLM -> the LLM",
+     comparison(cand("p@1", "prompt", 0.78, 0.73, 0.82, **P), cand("ft:a", "ft", 0.93, 0.90, 0.96, **F),
+                cand("baseline:tfidf:d@v", "baseline", 0.80, 0.75, 0.85, wall_s=1.5),
+                pairwise=[("ft:a", "baseline:tfidf:d@v", 0.001), ("ft:a", "p@1", 0.001)], labels=EIGHT),
+     Constraints(), "ft", "ft:a"),
+    ("LLMs at chance, a baseline above it -> still not usable, the reasons name the baseline",
+     comparison(cand("p@1", "prompt", 0.13, 0.08, 0.19, **P), cand("baseline:tfidf:d@v", "baseline", 0.80, 0.75, 0.85),
+                labels=EIGHT),
+     Constraints(), "none", None),
 ]
 
 
@@ -161,6 +189,30 @@ def test_learning_curve_point_stands_in_when_data_is_short():
     too_short = advise(comp, Constraints(examples=100))
     assert too_short.recommendation == "prompt"
     assert any(e.rule == "examples" for e in too_short.excluded)
+
+
+def test_the_truth_is_in_the_headline_and_reasons():
+    at_chance = comparison(cand("p@1", "prompt", 0.16, 0.10, 0.23, **P), cand("ft:a", "ft", 0.19, 0.12, 0.26, **F),
+                           cand("baseline:tfidf:d@v", "baseline", 0.70, 0.64, 0.76), labels=EIGHT)
+    advice = advise(at_chance)
+    assert advice.headline.startswith("No candidate is usable yet") and "0.12" in advice.headline  # 1 of 8
+    assert "not above chance" in advice.reasons[0] and "you may not need an LLM" in advice.reasons[1]
+    good = comparison(cand("ft:a", "ft", 0.86, 0.82, 0.90, **F), cand("baseline:embed:d@v", "baseline", 0.87, 0.83, 0.91),
+                      labels=EIGHT)
+    advice = advise(good)
+    assert advice.headline == "You may not need an LLM for this task: baseline:embed:d@v"
+    assert "0.87 [0.83, 0.91]" in advice.reasons[0] and "0.86 [0.82, 0.90]" in advice.reasons[0]
+
+
+def test_the_out_of_scope_share_is_weighed():
+    labels = ["balance", "oos", "transfer"]
+    conf = {"labels": labels, "matrix": [[30, 0, 0], [12, 6, 2], [0, 0, 30]]}  # 20 of 80 out of scope, 6 caught
+    comp = comparison({**cand("p@1", "prompt", 0.82, 0.74, 0.88, **P), "confusion": conf},
+                      {**cand("ft:a", "ft", 0.90, 0.83, 0.95, **F), "confusion": conf},
+                      pairwise=[("ft:a", "p@1", 0.01)], labels=labels)
+    advice = advise(comp)
+    assert advice.recommendation == "ft"
+    assert any("25% of the examples are out of scope ('oos')" in r and "ft:a 30%" in r for r in advice.reasons)
 
 
 def test_constraints_reject_unknown_fields():

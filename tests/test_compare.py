@@ -42,7 +42,10 @@ def test_compare_same_split_significance_routing_and_report(hybrid_ws):  # noqa:
     vs = by["prompt"]["vs_best"]
     assert vs["test"] == "mcnemar" and vs["p_value"] == pytest.approx(2 * 0.5 ** 10) and vs["significant"]
     assert vs["difference"] == pytest.approx(-0.5)
-    assert len(comp["pairwise"]) == 3 and by["hybrid"]["vs_best"] is None
+    # the classical reference rows come with every label comparison: 5 candidates, 10 pairs
+    assert [c["kind"] for c in comp["candidates"]][3:] == ["baseline", "baseline"]
+    assert names[3].startswith("baseline:majority:tickets@") and names[4].startswith("baseline:tfidf:tickets@")
+    assert len(comp["pairwise"]) == 10 and by["hybrid"]["vs_best"] is None
 
     routing = by["hybrid"]["routing"]
     assert routing["primary"] == 0.5 and routing["fallback"] == 0.5 and routing["reasons"] == {"unsure": 0.5}
@@ -53,29 +56,34 @@ def test_compare_same_split_significance_routing_and_report(hybrid_ws):  # noqa:
     assert sum(map(sum, by["prompt"]["confusion"]["matrix"])) == 20
     assert len(by["prompt"]["latency"]["samples"]) == 20
     assert by["prompt"]["flexibility"]["how"] == "prompt edit + re-evaluation"
-    assert comp["recommendation"]["recommendation"] == "hybrid" and comp["recommendation"]["candidate"] == "hybrid:h"
-    assert typed.recommendation.candidate == "hybrid:h" and typed.entry("hybrid:h").routing.fallback == 0.5
+    # the words give the team away: TF-IDF is as good as the hybrid, and the advice says so
+    assert comp["recommendation"]["recommendation"] == "baseline"
+    assert comp["recommendation"]["candidate"].startswith("baseline:tfidf:tickets@")
+    assert comp["recommendation"]["headline"].startswith("You may not need an LLM for this task")
+    llms = compare(hybrid_ws, "tickets:test", ["prim", "fall", "hybrid:h"], volume=50_000, progress=False,
+                   baselines=False)
+    assert llms.recommendation.candidate == "hybrid:h" and llms.entry("hybrid:h").routing.fallback == 0.5
 
     # stored, with its report and JSON twin
     report = comp["report"]
     assert report.endswith("report.html")
     twin = json.loads(open(report.replace("report.html", "report.json")).read())
     assert twin == comp
-    assert load_comparison(hybrid_ws, "latest") == typed
-    assert load_comparison(hybrid_ws, comp["id"][:6]).id == comp["id"]
+    assert load_comparison(hybrid_ws, "latest") == llms
+    assert load_comparison(hybrid_ws, comp["id"][:6]) == typed
 
 
 def test_compare_reuses_identical_runs(hybrid_ws):  # noqa: F811
     first = compare(hybrid_ws, "tickets:test", ["prim", "fall"], progress=False).to_json()
     before = _runs(hybrid_ws)
-    second = compare(hybrid_ws, "tickets:test", ["fall", "prim"], progress=False).to_json()
+    second = compare(hybrid_ws, "tickets:test", ["fall", "prim"], progress=False).to_json()  # baselines too
     assert _runs(hybrid_ws) == before
     assert all(c["reused_run"] for c in second["candidates"])
     assert {c["run_id"] for c in first["candidates"]} == {c["run_id"] for c in second["candidates"]}
     with hybrid_ws.store.session() as s:
         assert s.scalar(select(func.count()).select_from(ComparisonRow)) == 2
     # a different split is a different run
-    compare(hybrid_ws, "tickets:validation", ["prim"], progress=False)
+    compare(hybrid_ws, "tickets:validation", ["prim"], progress=False, baselines=False)
     assert _runs(hybrid_ws) == before + 1
 
 
@@ -121,8 +129,8 @@ def test_compare_errors(hybrid_ws):  # noqa: F811
     assert _runs(hybrid_ws) == before  # every name is checked before any work
     with pytest.raises(UserError, match="named twice"):
         compare(hybrid_ws, "tickets:test", ["prim", "prim"], progress=False)
-    with pytest.raises(UserError, match="needs a fine-tuned candidate"):
-        compare(hybrid_ws, "tickets:test", ["prim"], learning_curve=True, progress=False)
+    with pytest.raises(UserError, match="needs a trainable candidate"):
+        compare(hybrid_ws, "tickets:test", ["prim"], learning_curve=True, progress=False, baselines=False)
     with pytest.raises(NotFound):
         compare(hybrid_ws, "tickets:nosplit", ["prim"], progress=False)
     with pytest.raises(NotFound):
@@ -144,10 +152,14 @@ def test_cli_compare_advise_hybrid(hybrid_ws, cli):  # noqa: F811
     res = cli("compare", "--data", "tickets:test", "prim", "hybrid:h", "--volume", "20000", "--json")
     assert res.exit_code == 0, res.output
     comp = json.loads(res.stdout)
-    assert comp["volume_per_month"] == 20000 and [c["kind"] for c in comp["candidates"]] == ["prompt", "hybrid"]
+    assert comp["volume_per_month"] == 20000
+    assert [c["kind"] for c in comp["candidates"]] == ["prompt", "hybrid", "baseline", "baseline"]
+    res = cli("compare", "--data", "tickets:test", "prim", "hybrid:h", "--volume", "20000", "--json", "--no-baselines")
+    comp = json.loads(res.stdout)
+    assert [c["kind"] for c in comp["candidates"]] == ["prompt", "hybrid"]
 
     report = hybrid_ws.root / "out" / "r.html"
-    res = cli("compare", "--data", "tickets:test", "prim", "hybrid:h", "--report", str(report))
+    res = cli("compare", "--data", "tickets:test", "prim", "hybrid:h", "--report", str(report), "--no-baselines")
     assert res.exit_code == 0, res.output
     assert "accuracy" in res.stdout and f"report: {report}" in res.stdout and "recommendation" in res.stdout
     assert report.is_file() and (report.parent / "r.json").is_file()
@@ -196,8 +208,13 @@ def test_learning_curve_trains_on_shares_of_train_and_reuses_them(hybrid_ws, mon
                       cost=0.0, config=config.model_dump(mode="json"))
 
     monkeypatch.setattr(ft, "finetune", fake_train)
-    comp = compare(hybrid_ws, "tickets:test", ["prim", "ft:tk"], learning_curve=True, progress=False).to_json()
+    comp = compare(hybrid_ws, "tickets:test", ["prim", "ft:tk"], learning_curve=True, progress=False,
+                   baselines=False).to_json()
     curve = comp["learning_curve"]
+    # the prompt (0.5, no training data) wins below ~10 examples: 0.25 at 4, 0.5 at 10
+    assert curve["crossover"]["n_train"] == pytest.approx(10.0)
+    assert curve["crossover"]["text"].startswith("with fewer than ~10 labelled examples, prompting (prim@")
+    assert [s["kind"] for s in curve["series"]] == ["ft"] and curve["series"][0]["points"] == curve["points"]
     assert curve["candidate"] == "ft:tk"
     assert [p["n_train"] for p in curve["points"]] == [4, 10, 20, 40]
     assert [p["metric"]["value"] for p in curve["points"]] == [0.25, 0.5, 0.75, 1.0]
@@ -209,7 +226,8 @@ def test_learning_curve_trains_on_shares_of_train_and_reuses_them(hybrid_ws, mon
     assert ft_entry["flexibility"]["how"] == "retrain + re-evaluation" and ft_entry["flexibility"]["change_s"] >= 100
     # again: nothing is trained twice
     trained.clear()
-    again = compare(hybrid_ws, "tickets:test", ["prim", "ft:tk"], learning_curve=True, progress=False).to_json()
+    again = compare(hybrid_ws, "tickets:test", ["prim", "ft:tk"], learning_curve=True, progress=False,
+                    baselines=False).to_json()
     assert trained == [] and again["learning_curve"]["points"] == curve["points"]
 
 

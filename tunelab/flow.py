@@ -12,8 +12,9 @@ flow for a user's labelled data. The steps:
 3. prompt optimization (instruction variants and few-shot demos, a small budget, on validation);
 4. a LoRA fine-tune of SmolLM2-135M with a short prompt (`support-short`);
 5. a hybrid: the fine-tuned model first, the optimized prompt where it is unsure;
-6. the comparison of all of them on the test split (with `learning_curve=True`, also fine-tunes on
-   10/25/50% of train for the data-requirements curve), its HTML report;
+6. the comparison of all of them on the test split, with the classical baselines for labels
+   (`baseline:majority`, `baseline:tfidf`, `baseline:embed`) and the learning curves of every
+   trainable candidate within a time budget (`compare.curves`), its HTML report;
 7. the advice.
 
 Every step is idempotent: a finished run, optimization, fine-tune or hybrid is reused, an
@@ -106,9 +107,14 @@ def demo_flow() -> Flow:
 
 
 # What `flow_for` checks before the flow starts: outputs must look like class labels.
-MAX_FLOW_LABELS = 50
+MAX_FLOW_LABELS = 1000  # the datasets' own bound (datasets.examples.MAX_LABELS)
 MAX_LABEL_CHARS = 60
+PROMPT_LABELS = 40  # more labels than this are left out of the prompts' text (the label trie constrains the answer)
 GENERATIVE_VALIDATION = 100  # JSON and text: fine-tuning validates on this many validation examples
+MANY_LABELS_BUDGET = 4  # past PROMPT_LABELS labels: prompt optimization trials (each scores a large label trie)
+MANY_LABELS_VALIDATION = 100  # ... and validation examples for optimizing and fine-tuning
+CURVE_BUDGET_S = 900.0  # learning curves in the flow: the series whose estimated time fits (baselines always do)
+BASELINES = ("baseline:majority", "baseline:tfidf", "baseline:embed")  # label tasks: the classical reference rows
 
 
 def _labels_yaml(labels: list[str]) -> str:
@@ -130,6 +136,9 @@ def flow_prompts(name: str, labels: list[str], task: str | None = None, field: s
     field = (field or "Text").strip() or "Text"
     labels_yaml = _labels_yaml(labels)
     answer = "one word" if all(len(label.split()) == 1 for label in labels) else "one of these"
+    listed = f"Answer with {answer}: {{{{ labels | join(\", \") }}}}."
+    if len(labels) > PROMPT_LABELS:  # a list this long costs every request and helps a small model little
+        listed = "Answer with the label only."
     base = f"""---
 model: smollm2-135m
 temperature: 0
@@ -139,7 +148,7 @@ output:
 description: baseline zero-shot prompt for {name} ({origin})
 ---
 user:
-{task} Answer with {answer}: {{{{ labels | join(", ") }}}}.
+{task} {listed}
 
 {field}: {{{{ input }}}}
 """
@@ -161,7 +170,8 @@ Label this {field.lower()}.
 
 def infer_output(outputs: list[str]) -> str:
     """The output type of a task from its train outputs: json when every output is a JSON object
-    (or array), label for 2 to MAX_FLOW_LABELS distinct short outputs, else text."""
+    (or array), label for 2 to MAX_FLOW_LABELS distinct short outputs that repeat (at most one
+    distinct output per two examples), else text."""
     def is_json(text: str) -> bool:
         if not text.lstrip().startswith(("{", "[")):
             return False
@@ -173,7 +183,8 @@ def infer_output(outputs: list[str]) -> str:
     if outputs and all(is_json(o) for o in outputs):
         return "json"
     distinct = set(outputs)
-    if 2 <= len(distinct) <= MAX_FLOW_LABELS and all(len(o) <= MAX_LABEL_CHARS and "\n" not in o for o in distinct):
+    if 2 <= len(distinct) <= min(MAX_FLOW_LABELS, max(2, len(outputs) // 2)) \
+            and all(len(o) <= MAX_LABEL_CHARS and "\n" not in o for o in distinct):
         return "label"
     return "text"
 
@@ -242,7 +253,7 @@ def flow_name(text: str) -> str:
 
 
 def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None = None, field: str | None = None,
-             epochs: int = 1, budget: int = 8, limit_validation: int | None = 150,
+             epochs: int = 1, budget: int | None = None, limit_validation: int | None = None,
              extra_candidates: list[str] | None = None, labels: list[str] | None = None,
              schema: str | Path | dict | None = None, origin: str = "tunelab flow", bases: list[str] | None = None,
              search: int | None = None) -> Flow:
@@ -251,12 +262,14 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
     validation). Missing validation and test splits are split off train when the data is imported
     (`split_examples`: seeded, stratified, 10% each).
     The output type is inferred from the train outputs (`infer_output`): JSON objects (their schema
-    inferred by genson unless `schema`, a JSON Schema file, is given), labels (2 to 50 distinct short
-    outputs: the labels), else free text. The dataset, prompts (`NAME-zero-shot`, `NAME-short`, for
+    inferred by genson unless `schema`, a JSON Schema file, is given), labels (2 to 1000 distinct short
+    outputs that repeat: the labels; past PROMPT_LABELS the prompts do not list them), else free text. The dataset, prompts (`NAME-zero-shot`, `NAME-short`, for
     JSON `NAME-constrained`), fine-tune (`NAME-ft`) and hybrid (`NAME-hybrid`) are named after `name`
     (default the folder's name, made a valid name). Raises UserError when the path is missing or has
     no train data. `labels` gives the label order for the prompts (default: the train outputs,
-    sorted)."""
+    sorted). `budget` (prompt optimization trials) and `limit_validation` default to 8 and 150, and to
+    MANY_LABELS_BUDGET and MANY_LABELS_VALIDATION past PROMPT_LABELS labels, where every LLM
+    evaluation scores a large label trie (the fine-tune then validates on that many examples too)."""
     src = Path(data_dir).expanduser()
     expected = ("a data file, or a folder with a train file and optionally validation and test files "
                 "(train.jsonl, validation.jsonl, test.jsonl; .csv also works)")
@@ -281,6 +294,9 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
     folder = src.resolve().name  # the descriptions name the folder as it is, where YAML reads it plainly
     about = folder if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", folder) else stem
     constrained = ""
+    many = kind == "label" and len(distinct) > PROMPT_LABELS
+    budget = budget or (MANY_LABELS_BUDGET if many else 8)
+    limit_validation = limit_validation or (MANY_LABELS_VALIDATION if many else 150)
     if kind == "label":
         base, short = flow_prompts(about, list(labels) if labels else distinct, task, field, origin=origin)
     else:
@@ -294,7 +310,8 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
                                    "epochs": epochs, "batch_size": 8,
                                    # generated answers cost a decoding per validation example: early
                                    # stopping watches a seeded sample of the validation split
-                                   **({"max_val_examples": GENERATIVE_VALIDATION} if kind != "label" else {})},
+                                   **({"max_val_examples": GENERATIVE_VALIDATION} if kind != "label" else {}),
+                                   **({"max_val_examples": limit_validation} if many else {})},
                 optimize_budget=budget, limit_validation=limit_validation,
                 extra_candidates=list(extra_candidates or []), output_type=kind,
                 constrained_prompt=f"{stem}-constrained" if constrained else None, constrained_prompt_text=constrained,
@@ -417,9 +434,14 @@ def run_demo(directory: str | Path = "demo-workspace", **options: Any) -> FlowRe
 def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: float = 100_000,
              log: Callable[[str], None] = print, console: Any = None, learning_curve: bool | None = None,
              optimize_budget: int | None = None, workspace_name: str = "tunelab-demo") -> FlowResult:
-    """Run the whole flow of `flow` in the workspace at `directory` (made if missing)."""
-    learning_curve = bool(learning_curve)
-    steps = Steps(8 if learning_curve else 7, log)
+    """Run the whole flow of `flow` in the workspace at `directory` (made if missing).
+    `learning_curve`: None (default) measures the learning curves of label tasks within
+    CURVE_BUDGET_S (baselines and the per-input-demo prompt; the fine-tune retrained on 10/25/50%
+    only when that fits); True every curve; False none."""
+    label_task = flow.output_type == "label"
+    curve_budget = None if learning_curve else (5.0 if quick else CURVE_BUDGET_S)
+    learning_curve = label_task if learning_curve is None else bool(learning_curve)
+    steps = Steps(7, log)
     progress = console if console is not None else True
 
     steps("data", f"workspace and data: import and check {flow.data_dir}")
@@ -472,10 +494,12 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
 
     candidates.append(f"hybrid:{flow.hybrid}")
     candidates += [c.replace("{short}", short) for c in flow.extra_candidates]
-    steps("comparison", "comparison on the test split" + (" with the learning curve (fine-tunes on 10/25/50% of train)"
-                                                          if learning_curve else ""))
+    if label_task:
+        candidates += [b for b in BASELINES if b not in candidates]
+    steps("comparison", "comparison on the test split" + (" with the classical baselines" if label_task else "")
+          + (" and the learning curves (10/25/50/100% of train)" if learning_curve else ""))
     comparison = compare(ws, f"{data_ref}:test", candidates, volume=volume, learning_curve=learning_curve,
-                         progress=progress, log=log)
+                         curve_budget_s=curve_budget, progress=progress, log=log)
     if console is not None:
         print_table(comparison, console, advice=False)
 
@@ -527,7 +551,8 @@ def _import_data(ws, flow: Flow, quick: bool, log) -> str:
         log(f"  warning: {getattr(issue, 'message', issue)}")
     ds = get_dataset(ws, f"{flow.dataset}@{ds.version}")
     log(f"dataset {ds.ref}: " + ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items())
-        + (f"; labels: {', '.join(ds.labels)}" if ds.labels else f"; output: {flow.output_type}"))
+        + (f"; {len(ds.labels)} labels: {', '.join(ds.labels[:12])}" + (", ..." if len(ds.labels) > 12 else "")
+           if ds.labels else f"; output: {flow.output_type}"))
     return ds.ref
 
 

@@ -38,7 +38,8 @@ def _hours(values: list[str]) -> dict[str, float]:
 
 
 def compare(
-    candidates: List[str] = typer.Argument(None, help="Candidates: PROMPT[@VERSION|@LABEL], ft:NAME, hybrid:NAME."),
+    candidates: List[str] = typer.Argument(None, help="Candidates: PROMPT[@VERSION|@LABEL], ft:NAME, hybrid:NAME, "
+                                           "baseline:majority|tfidf|embed (trained on the data's train split)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="The split every candidate is measured on: NAME[@VERSION][:SPLIT] (default split test)."),
     from_logs: Optional[str] = typer.Option(None, "--from-logs", help="Compare on a deployment's live calls instead: the deployment (with --shadow)."),
     shadow: Optional[str] = typer.Option(None, "--shadow", help="With --from-logs: the shadow candidate to compare with what answered the calls."),
@@ -48,7 +49,8 @@ def compare(
     repeat: int = typer.Option(1, "--repeat", help="Answers per example, for consistency (agreement, pass^k)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N examples of the split."),
     metric: Optional[str] = typer.Option(None, "--metric", help="The metric to compare on (default: accuracy for labels, field_f1 for JSON, chrf for text)."),
-    learning_curve: bool = typer.Option(False, "--learning-curve", help="Also fine-tune on 10/25/50% of train to measure the data requirements (slow)."),
+    learning_curve: bool = typer.Option(False, "--learning-curve", help="Also measure every trainable candidate (fine-tune: retrained, baselines, a prompt's per-input demo pool) on 10/25/50% of train, with the crossover point (a fine-tune makes it slow)."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Label outputs: add the classical reference rows baseline:majority and baseline:tfidf."),
     engineer_hours: List[str] = typer.Option([], "--engineer-hours", help="Engineer hours in a setup: NAME=H or KIND=H (prompt, ft, hybrid); default: the setup's wall time. Costed at engineer_hourly_rate."),
     judge_sample: Optional[str] = typer.Option(None, "--judge-sample", help="With --metric judge: a split of "
                                                "human-graded answers (meta.human_score or meta.human_label); the "
@@ -78,8 +80,9 @@ def compare(
     if not data or not candidates:
         raise UserError("compare needs --data NAME[:SPLIT] and candidates (or --from-logs DEPLOYMENT --shadow CANDIDATE)")
     comp = run_compare(ws, data, list(candidates), volume=volume, repeat=repeat, limit=limit, metric=metric,
-                       learning_curve=learning_curve, engineer_hours=_hours(engineer_hours), report=report,
-                       progress=err_console if not as_json else False, log=_log, judge_sample=judge_sample)
+                       learning_curve=learning_curve, baselines=baselines, engineer_hours=_hours(engineer_hours),
+                       report=report, progress=err_console if not as_json else False, log=_log,
+                       judge_sample=judge_sample)
     if as_json:
         print_json(comp.to_json())
         return
@@ -199,7 +202,7 @@ def demo(
     directory: Path = typer.Option(Path("demo-workspace"), "--dir", help="The demo workspace (made if missing, reused if there)."),
     quick: bool = typer.Option(False, "--quick", help="A tiny version: few examples, a few training steps (for tests)."),
     volume: float = typer.Option(100_000, "--volume", help="Expected requests a month for the cost model and advice."),
-    learning_curve: bool = typer.Option(False, "--learning-curve", help="Also fine-tune on 10/25/50% of train, for the data-requirements curve (adds a few minutes)."),
+    learning_curve: Optional[bool] = typer.Option(None, "--learning-curve/--no-learning-curve", help="Learning curves on 10/25/50/100% of train (default: those that fit a time budget; --learning-curve: the fine-tune retrained too, adds a few minutes)."),
 ) -> None:
     """Run the whole flow on the bundled support-ticket data: check the data, a baseline prompt,
     optimization, fine-tuning, a hybrid, the comparison and the advice; prints where the report is.

@@ -186,7 +186,7 @@ def run(
 
     thresholds = _parse_thresholds(fail_under)
     ws = workspace()
-    cand = resolve_candidate(ws, candidate, model, free_text=free_text)
+    cand = resolve_candidate(ws, candidate, model, free_text=free_text, data=data)
     result = evaluate(ws, cand, data, limit=limit, repeat=repeat, metrics=metric or None, batch_size=batch_size,
                       use_cache=not no_cache, rerun=rerun, progress=False if as_json else err_console,
                       free_answers=free_answers)

@@ -35,9 +35,16 @@ def flow(
     schema: Optional[Path] = typer.Option(None, "--schema", help="JSON outputs: the JSON Schema file the answers must "
                                           "match (default: inferred from the train outputs with genson)."),
     epochs: int = typer.Option(1, "--epochs", min=1, help="Fine-tuning epochs over the train split."),
-    budget: int = typer.Option(8, "--budget", min=1, help="Prompt optimization: candidates to evaluate."),
-    limit_validation: Optional[int] = typer.Option(150, "--limit-validation", min=1, help="Prompt optimization: "
-                                                   "score candidates on the first N validation examples."),
+    budget: Optional[int] = typer.Option(None, "--budget", min=1, help="Prompt optimization: candidates to evaluate "
+                                         "(default 8; 4 with more than 40 labels)."),
+    limit_validation: Optional[int] = typer.Option(None, "--limit-validation", min=1, help="Prompt optimization: "
+                                                   "score candidates on the first N validation examples (default "
+                                                   "150; 100 with more than 40 labels, also the fine-tune's "
+                                                   "validation)."),
+    learning_curve: Optional[bool] = typer.Option(None, "--learning-curve/--no-learning-curve", help="Learning "
+                                                  "curves of every trainable candidate on 10/25/50/100% of train "
+                                                  "(default for labels: those that fit a 15-minute budget; "
+                                                  "--learning-curve: all, the fine-tune retrained too)."),
     volume: float = typer.Option(100_000, "--volume", help="Expected requests a month for the cost model and advice."),
     quick: bool = typer.Option(False, "--quick", help="A tiny version: few examples, a few training steps (to try it out)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (TUNELAB_THREADS)."),
@@ -64,4 +71,4 @@ def flow(
     if threads:
         os.environ["TUNELAB_THREADS"] = str(threads)
     run_flow(directory or Path(f"tunelab-flow-{spec.dataset}"), spec, quick=quick, volume=volume, log=_log,
-             console=console, workspace_name=f"flow-{spec.dataset}")
+             console=console, workspace_name=f"flow-{spec.dataset}", learning_curve=learning_curve)

@@ -20,14 +20,20 @@ The rules are deterministic and applied in this order (docs/advise.md says the s
 5. **Required metric** (`--required-metric X`): candidates whose metric (point estimate) is below
    X are excluded. When nothing is left after rules 1–5 the answer is "none": no candidate meets
    the constraints, and the reasons say which rule removed each one.
-6. **Quality**: the best remaining candidate by metric leads. Every remaining candidate that is
+6. **Usable at all** (labels, accuracy): when no LLM candidate beats chance — the highest of the
+   majority-class baseline's accuracy, the most frequent expected label's share and 1/labels — with its
+   95% interval, the answer is "none": "No candidate is usable yet". When a classical baseline
+   (`baseline:tfidf`, `baseline:embed`) is not significantly worse than the best LLM candidate, it
+   is the answer ("You may not need an LLM for this task"). An out-of-scope class (`oos`) adds its
+   share and each candidate's recall on it to the reasons.
+7. **Quality**: the best remaining candidate by metric leads. Every remaining candidate that is
    *not significantly worse* stays a contender: significance is the comparison's paired test
    (McNemar or paired bootstrap) at p < 0.05; without a paired test, non-overlapping 95%
    intervals. When the leader is the only contender it is the recommendation.
-7. **Change frequency** (`--change-frequency weekly`): when requirements change weekly and a
+8. **Change frequency** (`--change-frequency weekly`): when requirements change weekly and a
    prompt candidate is a contender, the best such prompt is recommended — a prompt edit and
    re-evaluation is measured against a retrain and re-evaluation.
-8. **Cost**: otherwise the contender with the lowest cost over the comparison's horizon
+9. **Cost**: otherwise the contender with the lowest cost over the comparison's horizon
    (12 months) at the expected volume wins: setup + 12 · volume · cost per request + the cost of
    changes (weekly 52, monthly 12, rarely 1 per year; a change costs its measured time ×
    engineer rate, plus the training compute again for a fine-tuned or hybrid candidate).
@@ -36,7 +42,8 @@ The rules are deterministic and applied in this order (docs/advise.md says the s
    break-even volume against the expected one.
 
 The volume is `--volume`, else the comparison's. The recommendation is the kind of the candidate
-it names — "hybrid" a `hybrid:NAME`, "ft" an `ft:NAME`, "prompt" a prompt version — or "none".
+it names — "hybrid" a `hybrid:NAME`, "ft" an `ft:NAME`, "prompt" a prompt version, "baseline" a
+`baseline:METHOD` — or "none".
 """
 
 from __future__ import annotations
@@ -52,10 +59,12 @@ from tunelab.compare.result import Advice, CandidateEntry, Comparison, Excluded,
 
 RULES_VERSION = "tunelab.advise/2"
 CHANGES_PER_YEAR = {"weekly": 52, "monthly": 12, "rarely": 1}
-SIMPLICITY = {"prompt": 0, "ft": 1, "hybrid": 2}
-KIND_WORD = {"prompt": "prompt", "ft": "fine-tuned", "hybrid": "hybrid"}
+SIMPLICITY = {"baseline": -1, "prompt": 0, "ft": 1, "hybrid": 2}
+KIND_WORD = {"prompt": "prompt", "ft": "fine-tuned", "hybrid": "hybrid", "baseline": "classical baseline"}
 HEADLINE = {"prompt": "Prompt engineering", "ft": "Fine-tuning", "hybrid": "Hybrid (fine-tuned model with a prompt fallback)",
-            "none": "Neither: no candidate meets the constraints"}
+            "baseline": "You may not need an LLM for this task", "none": "Neither: no candidate meets the constraints",
+            "unusable": "No candidate is usable yet"}
+OOS_LABELS = ("oos", "out_of_scope", "out-of-scope", "none_of_the_above")
 
 
 class Constraints(BaseModel):
@@ -99,6 +108,65 @@ def _estimate_from_learning_curve(comparison: Comparison, cand: CandidateEntry, 
         return None
     points = [p for p in curve.points if p.n_train is not None and p.n_train <= examples]
     return max(points, key=lambda p: p.n_train) if points else None
+
+
+def _is_majority(c: CandidateEntry) -> bool:
+    return c.kind == "baseline" and c.name.startswith("baseline:majority")
+
+
+def _beats(c: CandidateEntry, level: float) -> bool:
+    """Whether `c` is above `level` with its 95% interval (its low end; the point without one)."""
+    low = c.metric.low if c.metric.low is not None else c.metric.value
+    return low is not None and low > level + 1e-12
+
+
+def chance_level(comparison: Comparison) -> tuple[float, str] | None:
+    """What a label candidate must beat to be usable (accuracy only): the highest of the
+    majority-class baseline's measured accuracy (when it was compared), the share of the most
+    frequent expected label on the split (from a confusion matrix: always answering it would score
+    that), and 1/the number of labels. None when the comparison cannot tell (not labels, not
+    accuracy, no labels known)."""
+    if comparison.output_type != "label" or comparison.metric != "accuracy":
+        return None
+    levels: list[tuple[float, str]] = []
+    labels = comparison.dataset.labels or []
+    if len(labels) >= 2:
+        levels.append((1.0 / len(labels), f"chance (1 of {len(labels)} labels)"))
+    majority = next((c for c in comparison.candidates if _is_majority(c) and c.metric.value is not None), None)
+    if majority is not None:
+        levels.append((float(majority.metric.value), f"the majority class ({majority.name})"))
+    conf = next((c.confusion for c in comparison.candidates if c.confusion is not None), None)
+    rows = [sum(r) for r in conf.matrix] if conf is not None else []
+    if sum(rows):  # the split's own most frequent label (clinc150's test: 18% oos, 0.7% of train)
+        top = max(range(len(rows)), key=lambda i: rows[i])
+        levels.append((rows[top] / sum(rows), f"always answering the most frequent label ({conf.labels[top]})"))
+    return max(levels, key=lambda x: x[0]) if levels else None
+
+
+def oos_reasons(comparison: Comparison) -> list[str]:
+    """Where the labels have an out-of-scope class (`oos` in clinc150): its share of the split and
+    how often each candidate catches it (recall), so the advice weighs abstention."""
+    labels = comparison.dataset.labels or []
+    oos = next((lab for lab in labels if lab.lower() in OOS_LABELS), None)
+    if oos is None:
+        return []
+    recalls, share = [], None
+    for c in comparison.candidates:
+        conf = c.confusion
+        if conf is None or oos not in conf.labels:
+            continue
+        i = conf.labels.index(oos)
+        total = sum(sum(r) for r in conf.matrix)
+        support = sum(conf.matrix[i])
+        if total and share is None:
+            share = support / total
+        if support:
+            recalls.append(f"{c.name} {conf.matrix[i][i] / support:.0%}")
+    if share is None:
+        return [f"the labels include an out-of-scope class '{oos}': a hybrid (its fallback) or a confidence "
+                "threshold can abstain on inputs no label fits"]
+    return [f"{share:.0%} of the examples are out of scope ('{oos}'); caught (recall): " + (", ".join(recalls) or "n/a")
+            + ". A hybrid or a confidence threshold may abstain on them rather than force an intent"]
 
 
 def advise(comparison: Comparison, constraints: Constraints | None = None) -> Advice:
@@ -169,7 +237,47 @@ def advise(comparison: Comparison, constraints: Constraints | None = None) -> Ad
         return Advice(**base, recommendation="none", candidate=None, headline=HEADLINE["none"],
                       reasons=[lead] + reasons + [e.reason for e in excluded], contenders=[])
 
-    # 6. quality
+    # 6. usable at all: an LLM candidate must beat chance (the majority class) with its interval
+    floor = chance_level(comparison)
+    llms = [c for c in remaining if c.kind != "baseline"]
+    refs = [c for c in remaining if c.kind == "baseline" and not _is_majority(c)]
+    if floor is not None:
+        level, what = floor
+        usable = [c for c in llms if _beats(c, level)]
+        if llms and not usable:
+            best_llm = max(llms, key=lambda c: c.metric.value)
+            good_refs = [c for c in refs if _beats(c, level)]
+            why = [f"no LLM candidate beats {what} ({metric} {level:.2f}) with its 95% interval: the best, "
+                   f"{_describe(best_llm, metric)}, is not above chance"]
+            if good_refs:
+                ref = max(good_refs, key=lambda c: c.metric.value)
+                why.append(f"the {_describe(ref, metric)} does beat it: "
+                           "you may not need an LLM for this task")
+            why.append("more training data, a longer fine-tune or a better prompt is needed before any of them is used")
+            return Advice(**base, recommendation="none", candidate=None,
+                          headline=f"{HEADLINE['unusable']}: none beats {what} ({metric} {level:.2f})",
+                          reasons=why + oos_reasons(comparison) + reasons + [e.reason for e in excluded],
+                          contenders=[])
+        remaining = [c for c in remaining if c.kind != "baseline" or _beats(c, level)]
+        llms = usable
+    # a classical baseline as good as the best LLM candidate (within its interval / paired test)
+    if llms and refs:
+        best_llm = max(llms, key=lambda c: c.metric.value)
+        ref = max(refs, key=lambda c: c.metric.value)
+        worse, test = significantly_worse(comparison, ref, best_llm)
+        if not worse:
+            return Advice(**base, recommendation="baseline", candidate=ref.name,
+                          headline=f"{HEADLINE['baseline']}: {ref.name}",
+                          reasons=[f"the {_describe(ref, metric)} is as good as the best LLM candidate, "
+                                   f"{_describe(best_llm, metric)} ({fmt_p(test.p_value if test else None)}), "
+                                   f"at {fmt_money(ref.cost_per_request * 1000)} per 1,000 requests and "
+                                   f"{fmt_seconds(ref.setup.wall_s)} of training"]
+                          + oos_reasons(comparison) + reasons + [e.reason for e in excluded],
+                          contenders=[ref.name, best_llm.name])
+    remaining = llms or remaining
+    reasons += oos_reasons(comparison)
+
+    # 7. quality
     remaining.sort(key=lambda c: (-c.metric.value, SIMPLICITY.get(c.kind, 9), c.name))
     best = remaining[0]
     contenders = [best]
@@ -198,7 +306,7 @@ def advise(comparison: Comparison, constraints: Constraints | None = None) -> Ad
         return done(best, [f"{best.name} has the best {metric} and every other candidate is significantly worse"
                            if len(remaining) > 1 else f"{best.name} is the only candidate that meets the constraints"])
 
-    # 7. change frequency
+    # 8. change frequency
     prompts = [c for c in contenders if c.kind == "prompt"]
     if cons.change_frequency == "weekly" and prompts:
         choice = prompts[0]
@@ -209,7 +317,7 @@ def advise(comparison: Comparison, constraints: Constraints | None = None) -> Ad
                   if others else "")]
         return done(choice, why)
 
-    # 8. cost over the horizon at the expected volume
+    # 9. cost over the horizon at the expected volume
     n_changes = CHANGES_PER_YEAR.get(cons.change_frequency or "", 0) * months / 12
 
     def total(c: CandidateEntry) -> float:

@@ -29,17 +29,18 @@ from sqlalchemy import select
 
 from tunelab import finetune, optimize
 from tunelab.compare.advise import advise
+from tunelab.compare.curves import learning_curves, run_learning_curve  # noqa: F401  (run_learning_curve: re-exported)
 from tunelab.compare.costs import ALPHA, DEFAULT_VOLUME, HORIZON_MONTHS, break_even_volume, horizon_cost, payback_months
 from tunelab.compare.report import write_report
 from tunelab.compare.result import (Answered, BreakEven, CandidateEntry, Comparison, Confusion, Consistency,
-                                    DatasetRef, FieldScore, Flexibility, Interval, JudgeTrust, Latency, LearningCurve,
-                                    LearningCurvePoint, OutputRow, PairTest, Search, SearchTrial, SetupCost, Tokens,
+                                    DatasetRef, FieldScore, Flexibility, Interval, JudgeTrust, Latency, OutputRow,
+                                    PairTest, Search, SearchTrial, SetupCost, Tokens,
                                     TrafficShare, TrainingCurves, VsBest)
 from tunelab.datasets import get_split
 from tunelab.judge import judge_sample, make_judge
 from tunelab.errors import NotFound, UserError
-from tunelab.evaluate import (Candidate, HybridCandidate, PromptCandidate, RunResult, Setup, diff_runs, evaluate,
-                              resolve_candidate, run_rows)
+from tunelab.evaluate import (BaselineCandidate, Candidate, HybridCandidate, PromptCandidate, RunResult, Setup,
+                              diff_runs, evaluate, resolve_candidate, run_rows)
 from tunelab.files import write_json
 from tunelab.metrics import default_metric_names
 from tunelab.store.models import ComparisonRow
@@ -47,23 +48,30 @@ from tunelab.store.models import ComparisonRow
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
 
-LEARNING_CURVE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+REFERENCE_BASELINES = ("majority", "tfidf")  # in every label comparison (baseline:embed when named: the flow)
+MAX_CONFUSION_LABELS = 400  # kept for the advice (chance, out-of-scope recall); the report draws up to 60
 
 
 def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float | None = None,
             repeat: int = 1, limit: int | None = None, metric: str | None = None,
-            learning_curve: bool = False, engineer_hours: dict[str, float] | None = None,
+            learning_curve: bool = False, curve_budget_s: float | None = None, baselines: bool = True,
+            engineer_hours: dict[str, float] | None = None,
             report: str | Path | None = None, progress: bool | Any = True,
             log: Callable[[str], None] | None = None, judge_sample: str | None = None) -> Comparison:
     """Evaluate (or reuse the runs of) every candidate on the same split and put them side by side.
 
     `data`: DATASET[@VERSION][:SPLIT] (default split test; pinned to one version for all).
     `volume`: expected requests a month (default 10,000). `repeat`: answers per example, for
-    consistency. `learning_curve`: also fine-tune on 10/25/50% of train (the 100% point is the
-    existing fine-tune). `engineer_hours`: {candidate name or kind: hours} of engineer time in the
-    setup (default: the setup's wall time). `judge_sample`: with a `judge` metric, a split whose
-    examples carry human grades (`meta.human_score` / `meta.human_label`): the judge's agreement with
-    them says how far its grades can be trusted (`Comparison.judge`). Returns the comparison, stored in the `comparisons`
+    consistency. `learning_curve`: also measure every trainable candidate on 10/25/50% of train
+    (`tunelab.compare.curves`: the fine-tune retrained, the baselines, a prompt's per-input demo
+    pool; the 100% points are the candidates themselves), with `curve_budget_s` only the series
+    whose estimated time fits. `baselines`: for label outputs, add the classical reference rows
+    `baseline:majority` and `baseline:tfidf` (trained in seconds on the same dataset version's train
+    split) when the candidates do not name them. `engineer_hours`: {candidate name or kind: hours}
+    of engineer time in the setup (default: the setup's wall time). `judge_sample`: with a `judge`
+    metric, a split whose examples carry human grades (`meta.human_score` / `meta.human_label`): the
+    judge's agreement with them says how far its grades can be trusted (`Comparison.judge`). Returns
+    the comparison, stored in the `comparisons`
     table and written as an HTML report with its JSON twin.
     """
     say = log or (lambda _msg: None)
@@ -76,7 +84,10 @@ def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float 
     volume = DEFAULT_VOLUME if volume is None else float(volume)
     if volume < 0:
         raise UserError(f"--volume must be a number of requests a month, at least 0 (got {volume:g})")
-    resolved = [resolve_candidate(ws, spec) for spec in candidates]  # every name checked before any work
+    resolved = [resolve_candidate(ws, spec, data=ref) for spec in candidates]  # every name checked before any work
+    if baselines and resolved[0].output.type == "label" and ds.labels:
+        named = {c.name.split(":")[1].split("-n")[0] for c in resolved if c.kind == "baseline"}
+        resolved += [resolve_candidate(ws, f"baseline:{m}", data=ref) for m in REFERENCE_BASELINES if m not in named]
     rate = float(ws.config.engineer_hourly_rate or 0.0)
 
     entries: list[CandidateEntry] = []
@@ -109,11 +120,11 @@ def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float 
     for e in entries:
         e.vs_best = None if e is best else _vs(comparison, e.name, best.name)
     if learning_curve:
-        ft = [e for e in entries if e.kind == "ft"]
-        if not ft:
-            raise UserError("--learning-curve needs a fine-tuned candidate (ft:NAME) to vary the training data of")
-        comparison.learning_curve = run_learning_curve(ws, ft[0].name[3:], ref, metric_name, limit=limit,
-                                                       progress=progress, log=say)
+        comparison.learning_curve = learning_curves(ws, entries, resolved, ref, metric_name, budget_s=curve_budget_s,
+                                                    limit=limit, progress=progress, log=say)
+        if comparison.learning_curve is None:
+            raise UserError("--learning-curve needs a trainable candidate (ft:NAME, baseline:tfidf, or a prompt with "
+                            "per-input demos) to vary the training data of")
     comparison.output_type = resolved[0].output.type
     if metric_name.split(":", 1)[0] == "judge":
         comparison.judge = judge_trust(ws, metric_name, resolved[0], judge_sample)
@@ -277,9 +288,11 @@ def _search(found: dict[str, Any]) -> Search:
 
 def base_of(ws: "Workspace", cand: Candidate) -> str:
     """The base model under a candidate: a prompt's model, a fine-tune's base (bundled name or folder),
-    a hybrid's primary's base."""
+    a hybrid's primary's base; none under a classical baseline."""
     if isinstance(cand, HybridCandidate):
         return base_of(ws, cand.primary)
+    if isinstance(cand, BaselineCandidate):
+        return ""  # no model under a classical baseline
     if cand.kind == "ft":
         row = finetune.get_row(ws, cand.name[3:].split("@")[0])
         return row.base if row is not None else cand.model_name
@@ -315,6 +328,8 @@ def setup_of(ws: "Workspace", cand: Candidate) -> Setup:
     if isinstance(cand, HybridCandidate):
         sides = setup_of(ws, cand.primary).plus(setup_of(ws, cand.fallback))
         return sides.plus(cand.spec.setup, how="hybrid")
+    if isinstance(cand, BaselineCandidate):
+        return cand.setup
     if cand.kind == "ft":
         return finetune.setup_of(ws, cand.name[3:])
     if isinstance(cand, PromptCandidate):
@@ -332,14 +347,14 @@ def flexibility(ws: "Workspace", cand: Candidate, made: Setup, eval_wall_s: floa
         train = setup_of(ws, cand.primary).wall_s if cand.primary.kind == "ft" else 0.0
         return Flexibility(change_s=train + cand.spec.setup.wall_s + eval_wall_s,
                            how="retrain + re-tune + re-evaluation (a fallback-only change: prompt edit + re-evaluation)")
-    if cand.kind == "ft":
+    if cand.kind in ("ft", "baseline"):
         return Flexibility(change_s=made.wall_s + eval_wall_s, how="retrain + re-evaluation")
     return Flexibility(change_s=eval_wall_s, how="prompt edit + re-evaluation")
 
 
 def confusion(rows) -> Confusion | None:
     labels = sorted({r.expected for r in rows} | {r.prediction for r in rows})
-    if not labels or len(labels) > 60:
+    if not labels or len(labels) > MAX_CONFUSION_LABELS:
         return None
     index = {lab: i for i, lab in enumerate(labels)}
     matrix = [[0] * len(labels) for _ in labels]
@@ -382,39 +397,6 @@ def is_local(ws: "Workspace", cand: Candidate) -> bool:
         if url:
             return (urlparse(str(url)).hostname or "") in ("localhost", "127.0.0.1", "::1")
     return False
-
-
-# -- the learning curve -----------------------------------------------------------------------------
-def run_learning_curve(ws: "Workspace", ft_name: str, ref: str, metric: str, *, limit: int | None = None,
-                       fractions: Iterable[float] = LEARNING_CURVE_FRACTIONS, progress: bool | Any = True,
-                       log: Callable[[str], None] | None = None) -> LearningCurve:
-    """Fine-tune `ft_name`'s configuration again on a share of its training examples (a seeded,
-    stratified sample) and evaluate each on `ref`. Fine-tunes already made (`NAME-lc10`, ...) are
-    reused."""
-    say = log or (lambda _msg: None)
-    base = finetune.get_row(ws, ft_name)
-    if base is None:
-        raise NotFound(f"unknown fine-tune '{ft_name}'")
-    n_full = finetune.examples_trained(ws, base) or 0
-    points = []
-    for frac in sorted(set(float(f) for f in fractions)):
-        name = ft_name if frac >= 1.0 else f"{ft_name}-lc{int(round(frac * 100))}"
-        row = finetune.get_row(ws, name)
-        if frac < 1.0 and (row is None or row.status != "done"):
-            n = max(1, int(round(frac * n_full)))
-            say(f"learning curve: fine-tuning {name} on {n:,} of {n_full:,} training examples")
-            config = {k: v for k, v in (base.config or {}).items() if k in finetune.FineTuneConfig.model_fields}
-            config.update(name=name, max_examples=n, data=f"{base.dataset}@{base.dataset_version}",
-                          prompt=f"{base.prompt}@{base.prompt_version}")
-            finetune.finetune(ws, finetune.FineTuneConfig.model_validate(config), resume=row is not None)
-            row = finetune.get_row(ws, name)
-        result = evaluate(ws, resolve_candidate(ws, f"ft:{name}"), ref, limit=limit, progress=progress)
-        m = result.metrics.get(metric) or result.metrics[result.primary_metric]
-        points.append(LearningCurvePoint(fraction=frac, n_train=finetune.examples_trained(ws, row),
-                                         candidate=f"ft:{name}", metric=_interval(m), wall_s=float(row.wall_s or 0.0),
-                                         cost=float(row.cost or 0.0), run_id=result.id))
-        say(f"learning curve: {points[-1].n_train} examples -> {metric} {m['value']:.3f}")
-    return LearningCurve(candidate=f"ft:{ft_name}", metric=metric, points=points)
 
 
 # -- storage ----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 from tunelab import finetune
 from tunelab.compare.costs import cost_curve, volume_grid
 from tunelab.compare.format import fmt_interval, fmt_money, fmt_months, fmt_p, fmt_seconds
-from tunelab.compare.result import CandidateEntry, Comparison
+from tunelab.compare.result import CandidateEntry, Comparison, CurveSeries
 from tunelab.files import write_atomic, write_json
 
 COLORS = {"prompt": "#2b6cb0", "ft": "#c05621", "hybrid": "#2f855a"}
@@ -61,6 +61,7 @@ def table_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
         return "–" if r is None else f"primary {r.primary:.0%} / fallback {r.fallback:.0%}"
 
     rows = [
+        row("kind", lambda c: "classical baseline (reference)" if c.kind == "baseline" else c.kind),
         row(f"{comparison.metric} [95% interval]", lambda c: fmt_interval(c.metric)),
         row("vs best (paired test)", vs_best),
         row("consistency", consistency),
@@ -100,6 +101,9 @@ def print_table(comparison: Comparison, console=None, *, advice: bool = True) ->
         pay = be.payback_months
         console.print(f"break-even: {be.a} vs {be.b} at {be.volume_per_month:,.0f} requests/month"
                       + (f"; payback {fmt_months(pay)} at the expected volume" if pay is not None else ""))
+    curve = comparison.learning_curve
+    if curve is not None and curve.crossover is not None:
+        console.print(f"learning curves: {curve.crossover.text}", markup=False, highlight=False)
     rec = comparison.recommendation
     if advice and rec is not None:
         console.print(f"[bold]recommendation: {rec.headline}[/bold]")
@@ -152,7 +156,8 @@ def plot_metric(comparison: Comparison) -> str | None:
     lows, highs = zip(*(_bounds(c.metric, v) for c, v in zip(cands, values)))
     ys = list(range(len(cands)))[::-1]
     ax.barh(ys, values, color=_colors(cands), alpha=0.35)
-    ax.errorbar(values, ys, xerr=[[v - lo for v, lo in zip(values, lows)], [hi - v for v, hi in zip(values, highs)]],
+    ax.errorbar(values, ys, xerr=[[max(0.0, v - lo) for v, lo in zip(values, lows)],
+                                   [max(0.0, hi - v) for v, hi in zip(values, highs)]],  # float noise at 0 or 1
                 fmt="o", color="black", capsize=4)
     for y, v in zip(ys, values):
         ax.text(v, y + 0.25, f"{v:.3f}", ha="center", fontsize=8)
@@ -213,30 +218,62 @@ def plot_latency(comparison: Comparison) -> str | None:
 
 
 def plot_learning_curve(comparison: Comparison) -> str | None:
+    """Every trainable candidate's curve with its 95% band, the prompts' measured metric as dashed
+    lines (they need no training data), the majority class dotted, and the crossover point."""
     curve = comparison.learning_curve
-    points = sorted((p for p in (curve.points if curve else []) if p.n_train is not None), key=lambda p: p.n_train)
-    if not points:
+    if curve is None:
+        return None
+    series = list(curve.series)
+    if not series and curve.points:  # a comparison made before the series existed: the fine-tune alone
+        series = [CurveSeries(candidate=curve.candidate, kind="ft", points=curve.points)]
+    series = [s for s in series if any(p.n_train is not None for p in s.points)]
+    if not series:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [p.n_train for p in points]
-    ys = [p.metric.value or 0.0 for p in points]
-    lo, hi = zip(*(_bounds(p.metric, v) for p, v in zip(points, ys)))
-    ax.plot(xs, ys, marker="o", color=COLORS["ft"], label=f"fine-tuned ({curve.candidate})")
-    ax.fill_between(xs, lo, hi, color=COLORS["ft"], alpha=0.15)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    used: set[str] = set()
+    ticks: set[int] = set()
+    for s in series:
+        col = COLORS.get(s.kind) if s.kind != "baseline" else None
+        if col is None or col in used:
+            col = next(x for x in EXTRA_COLORS + [f"C{j}" for j in range(10)] if x not in used)
+        used.add(col)
+        points = sorted((p for p in s.points if p.n_train is not None), key=lambda p: p.n_train)
+        xs = [p.n_train for p in points]
+        ticks.update(xs)
+        ys = [p.metric.value or 0.0 for p in points]
+        lo, hi = zip(*(_bounds(p.metric, v) for p, v in zip(points, ys)))
+        what = {"ft": "fine-tuned", "baseline": "baseline", "prompt": "prompt, demos from n"}.get(s.kind, s.kind)
+        ax.plot(xs, ys, marker="o", color=col, label=f"{s.candidate} ({what})")
+        ax.fill_between(xs, lo, hi, color=col, alpha=0.12)
     for c, col in zip(comparison.candidates, _colors(comparison.candidates)):
-        if c.kind == "prompt" and c.metric.value is not None:
+        if c.kind == "prompt" and c.metric.value is not None and c.name not in {s.candidate for s in series}:
             ax.axhline(c.metric.value, color=col, linestyle="--", linewidth=1, label=c.name)
-    ax.set_xlabel("training examples")
+        if c.kind == "baseline" and c.name.startswith("baseline:majority") and c.metric.value is not None:
+            ax.axhline(c.metric.value, color="#718096", linestyle=":", linewidth=1, label=f"{c.name} (chance)")
+    cross = curve.crossover
+    if cross is not None and cross.n_train is not None:
+        ax.axvline(cross.n_train, color="#e53e3e", linestyle="-.", linewidth=1.2,
+                   label=f"crossover ~{cross.n_train:,.0f} examples")
+    import textwrap
+
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(sorted(ticks), [f"{t:,}" for t in sorted(ticks)])  # the measured sizes
+    ax.set_xlabel("labelled training examples (log scale)")
     ax.set_ylabel(comparison.metric)
-    ax.set_title("Data requirements: learning curve")
-    ax.legend(fontsize=8)
+    title = "Data requirements: learning curves" + (f"\n{cross.text}" if cross is not None else "")
+    ax.set_title("\n".join(textwrap.fill(line, 100) for line in title.split("\n")), fontsize=9)
+    ax.legend(fontsize=7, loc="best")
     return _png(fig)
 
 
 def plot_confusion(cand: CandidateEntry) -> str | None:
     conf = cand.confusion
-    if conf is None or not conf.labels or not conf.matrix:
+    if conf is None or not conf.labels or not conf.matrix or len(conf.labels) > 60:  # unreadable beyond
         return None
     plt = _plt()
     labels, matrix = conf.labels, conf.matrix

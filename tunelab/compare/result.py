@@ -10,7 +10,7 @@ ways. Schema "tunelab.comparison/2":
       metric (the primary metric, higher is better), volume_per_month, months, engineer_hourly_rate, repeat
       best (the candidate with the highest metric)
       candidates: [CandidateEntry]
-        name, kind (prompt | ft | hybrid), model, local, run_id, reused_run, n, eval_wall_s
+        name, kind (prompt | ft | hybrid | baseline), model, local, run_id, reused_run, n, eval_wall_s
         metric: {value, low, high} (95% interval), metrics: {name: {value, low, high}}
         vs_best: {other, test, p_value, difference, significant} | null
         consistency: {repeat, agreement, pass_k, format_validity, note}
@@ -27,7 +27,8 @@ ways. Schema "tunelab.comparison/2":
         scores: [float]   (the primary metric of each example: its distribution)
       pairwise: [{a, b, test, p_value, difference, diff_low, diff_high, n, significant, verdict}]   (a − b)
       break_even: [{a, b, volume_per_month, payback_months}]   (a: the higher setup cost)
-      learning_curve: {candidate, metric, points: [{fraction, n_train, candidate, metric, wall_s, cost, run_id}]} | null
+      learning_curve: {candidate, metric, points: [{fraction, n_train, candidate, metric, wall_s, cost, run_id}],
+                       series: [{candidate, kind, points}], crossover: {n_train, prompting, trained, text} | null} | null
       recommendation: Advice | null
       output_type: label | json | text
       outputs: [{index, input, reference, references, answers: {candidate: {text, score}}, spread}]
@@ -48,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunelab.evaluate import Setup
 
 SCHEMA = "tunelab.comparison/2"
-Kind = Literal["prompt", "ft", "hybrid"]
+Kind = Literal["prompt", "ft", "hybrid", "baseline"]
 
 
 class Record(BaseModel):
@@ -236,10 +237,33 @@ class LearningCurvePoint(Record):
     run_id: str = ""
 
 
+class CurveSeries(Record):
+    """One trainable candidate measured on growing shares of train (its own points)."""
+
+    candidate: str
+    kind: str  # ft | baseline | prompt (a prompt with per-input demos: its demo pool limited to n)
+    points: list[LearningCurvePoint] = Field(default_factory=list)
+
+
+class Crossover(Record):
+    """Where the prompting curve and the best trained curve cross (n_train None: not in the
+    measured range), in words."""
+
+    n_train: float | None = None
+    prompting: str = ""  # the prompt candidate compared
+    trained: str = ""  # the trained candidate that overtakes it
+    text: str = ""
+
+
 class LearningCurve(Record):
+    """The data-requirements row: the fine-tune's curve (`candidate`, `points`; empty when it was
+    not measured), every other trainable candidate's (`series`), and the crossover point."""
+
     candidate: str
     metric: str
     points: list[LearningCurvePoint] = Field(default_factory=list)
+    series: list[CurveSeries] = Field(default_factory=list)
+    crossover: Crossover | None = None
 
 
 class JudgeTrust(Record):
@@ -270,7 +294,7 @@ class Excluded(Record):
 class Advice(Record):
     """What to do, with its reasons citing the measured numbers (`tunelab.compare.advise`)."""
 
-    recommendation: Literal["prompt", "ft", "hybrid", "none"]
+    recommendation: Literal["prompt", "ft", "hybrid", "baseline", "none"]
     candidate: str | None = None
     headline: str
     reasons: list[str] = Field(default_factory=list)

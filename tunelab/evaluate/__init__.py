@@ -12,6 +12,8 @@ response cache), `run` (the evaluation loop), `runs` (stored runs: summaries, fa
 paired tests).
 """
 
+from tunelab.evaluate.baselines import (METHODS as BASELINES, BaselineCandidate, list_baselines, parse_baseline,
+                                        train_baseline)
 from tunelab.evaluate.cache import CachedModel, ResponseCache
 from tunelab.evaluate.candidates import (KINDS, Candidate, PromptCandidate, Setup, example_for, request_cost,
                                          sample_label)
@@ -23,10 +25,10 @@ from tunelab.evaluate.run import (DEFAULT_BATCH, evaluate, free_answer_count, fr
 from tunelab.evaluate.runs import (SCHEMA, DiffResult, RunResult, consistency, diff_runs, export_run, failure_groups,
                                    list_runs, load_run, paired_rows, run_row, run_rows, stored_metrics, summarize_run)
 
-__all__ = ["CachedModel", "Candidate", "DEFAULT_BATCH", "DiffResult", "ExceptionRule", "HybridCandidate",
+__all__ = ["BASELINES", "BaselineCandidate", "CachedModel", "Candidate", "DEFAULT_BATCH", "DiffResult", "ExceptionRule", "HybridCandidate",
            "HybridSpec", "KINDS", "NgramIndex", "PromptCandidate", "ResponseCache", "Route", "Routing", "RunResult",
            "SCHEMA", "Setup", "answer", "consistency", "diff_runs", "evaluate", "example_for", "export_run",
            "failure_groups", "finetuned_candidate", "free_answer_count", "free_answer_key", "free_answer_sample",
-           "hybrid_candidate", "hybrid_path", "list_hybrids", "list_runs", "load_run", "merge", "new_run_id",
-           "paired_rows", "read_hybrid", "request_cost", "resolve_candidate", "run_key", "run_row", "run_rows",
-           "sample_label", "save_hybrid", "stored_metrics", "summarize_run"]
+           "hybrid_candidate", "hybrid_path", "list_baselines", "list_hybrids", "list_runs", "load_run", "merge", "new_run_id",
+           "paired_rows", "parse_baseline", "read_hybrid", "request_cost", "resolve_candidate", "run_key", "run_row", "run_rows",
+           "sample_label", "save_hybrid", "stored_metrics", "summarize_run", "train_baseline"]

@@ -46,13 +46,13 @@ from tunelab.prompts import OutputSpec, Prompt
 if TYPE_CHECKING:
     from tunelab.workspace import Pricing, Workspace
 
-KINDS = ("prompt", "ft", "hybrid")
+KINDS = ("prompt", "ft", "hybrid", "baseline")
 
 
 class Setup(BaseModel):
     """What it took to make a candidate: the setup-cost aspect of a comparison."""
 
-    how: str = Field("hand-written", description="hand-written | optimization | fine-tune | hybrid")
+    how: str = Field("hand-written", description="hand-written | optimization | fine-tune | hybrid | baseline")
     wall_s: float = Field(0.0, description="wall time of the search, the training or the tuning")
     compute_cost: float = Field(0.0, description="$ of the compute it used (local $/hour, API tokens)")
     tokens: int = Field(0, description="tokens it processed (trained on, or sent to a model)")
@@ -71,7 +71,7 @@ class Candidate(ABC):
     """Something that answers examples: the unit every comparison is made of."""
 
     name: str
-    kind: str = "prompt"  # prompt | ft | hybrid
+    kind: str = "prompt"  # prompt | ft | hybrid | baseline
     model_name: str = ""
     backend: str = ""
     output: OutputSpec
@@ -205,6 +205,10 @@ class PromptCandidate(Candidate):
 
     def map_models(self, fn: Callable[[Model], Model]) -> "PromptCandidate":
         return self._copy(model=fn(self.model))
+
+    def with_demos(self, demos: "list[Example] | DemoSelector", name: str | None = None) -> "PromptCandidate":
+        """The same prompt and model with other demos (a learning curve's smaller demo pool)."""
+        return self._copy(demos=demos if isinstance(demos, DemoSelector) else list(demos), name=name or self.name)
 
     def with_free_answers(self, pick: Callable[[Example], bool]) -> "PromptCandidate":
         return self._copy(free_pick=pick) if self.free_text else self

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from tunelab.datasets import Example
 from tunelab.errors import UserError
+from tunelab.evaluate.baselines import PREFIX, baseline_candidate
 from tunelab.evaluate.candidates import Candidate, PromptCandidate
 from tunelab.evaluate.routing import HybridCandidate, Routing, read_hybrid, train_inputs
 from tunelab.metrics import Answer, FormatValid, parse_json
@@ -31,15 +32,19 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def resolve_candidate(ws: "Workspace", spec: str, model: str | Model | None = None, *,
-                      free_text: bool = True) -> Candidate:
+                      free_text: bool = True, data: str | None = None) -> Candidate:
     """`PROMPT[@VERSION|@LABEL]` (on `model`, else the prompt's model, else the workspace default),
-    `ft:NAME` (the fine-tune's training prompt on its model) or `hybrid:NAME`. `free_text`: label
-    candidates also ask for the model's unconstrained answer (the format-validity rate)."""
+    `ft:NAME` (the fine-tune's training prompt on its model), `hybrid:NAME` or
+    `baseline:METHOD[:DATASET[@VERSION]]` (a classical classifier trained on that train split, by
+    default `data`'s: the dataset being evaluated). `free_text`: label candidates also ask for the
+    model's unconstrained answer (the format-validity rate)."""
     spec = (spec or "").strip()
     if not spec:
-        raise UserError("no candidate given (PROMPT[@VERSION], ft:NAME or hybrid:NAME)")
-    if spec.startswith(("ft:", "hybrid:")) and model is not None:
+        raise UserError("no candidate given (PROMPT[@VERSION], ft:NAME, hybrid:NAME or baseline:METHOD)")
+    if spec.startswith(("ft:", "hybrid:", PREFIX)) and model is not None:
         raise UserError(f"'{spec}' picks its own models; --model applies to prompt candidates")
+    if spec.startswith(PREFIX):
+        return baseline_candidate(ws, spec, data)
     if spec.startswith("ft:"):
         return finetuned_candidate(ws, spec[3:], free_text=free_text)
     if spec.startswith("hybrid:"):

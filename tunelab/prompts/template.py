@@ -238,7 +238,12 @@ class Prompt:
     def render(self, example: Example | dict | str,
                demos: "list[Example] | DemoSelector | None" = None) -> list[Message]:
         """The chat messages for `example`. `demos=None` uses the prompt's own demos; a
-        `DemoSelector` chooses the demos for this example."""
+        `DemoSelector` chooses the demos for this example (before the render's time limit, which is
+        for template code: building a nearest-neighbour index is not)."""
+        if demos is None:
+            demos = self.resolve_demos()
+        if isinstance(demos, DemoSelector):
+            demos = demos.select(as_example(example))
         with render_limits():
             return self._render(example, demos)
 

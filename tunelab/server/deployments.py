@@ -30,8 +30,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from tunelab.errors import NotFound
-from tunelab.evaluate import Candidate, PromptCandidate, example_for, list_hybrids, resolve_candidate
+from tunelab.errors import NotFound, UserError
+from tunelab.evaluate import (Candidate, PromptCandidate, example_for, list_baselines, list_hybrids, parse_baseline,
+                              resolve_candidate)
 from tunelab.finetune import list_finetunes
 from tunelab.models import Model, load_model
 from tunelab.models.base import Completion, WrappedModel
@@ -114,7 +115,7 @@ class Deployment:
     """What a `model` name answers with: a candidate (prompt, ft, hybrid), or a raw model."""
 
     name: str
-    kind: str  # prompt | ft | hybrid | model
+    kind: str  # prompt | ft | hybrid | baseline | model
     pricing: "Pricing"
     candidate: Candidate | None = None
     model: Model | None = None
@@ -201,7 +202,7 @@ class Deployments:
         ws = self.workspace
         check_deployment_name(ws, name)
         base, _, at = name.partition("@")
-        if name.startswith(("ft:", "hybrid:")) or at or (ws.prompts_dir / f"{base}.prompt").is_file():
+        if name.startswith(("ft:", "hybrid:", "baseline:")) or at or (ws.prompts_dir / f"{base}.prompt").is_file():
             cand = resolve_candidate(ws, name, free_text=False).map_models(self.batched)
             version = cand.prompt.version if isinstance(cand, PromptCandidate) else None
             overrides = tuple(label_overrides(ws, base, at) or ()) if at and cand.kind == "prompt" else ()
@@ -215,6 +216,12 @@ def check_deployment_name(workspace: "Workspace", name: str) -> None:
     """Only names of this workspace's deployments: prompts, `ft:`/`hybrid:` names, configured models
     and the built-in ones. Raw paths (`local:PATH`, `../x`) never reach the loader."""
     if name == workspace.config.default_model or name in workspace.config.models or name in BUILTIN_MODELS:
+        return
+    if name.startswith("baseline:"):
+        try:
+            parse_baseline(name)  # METHOD[-nN][:DATASET[@VERSION]], safe names only
+        except UserError:
+            raise NotFound(f"unknown model or deployment '{name}' (see GET /v1/models)") from None
         return
     base, _, at = name.partition("@")
     kind, _, rest = base.partition(":") if ":" in base else ("", "", base)
@@ -234,5 +241,6 @@ def deployment_names(workspace: "Workspace") -> list[str]:
     names += [p.stem for p in sorted(workspace.prompts_dir.glob("*.prompt"))] if workspace.prompts_dir.is_dir() else []
     names += [f"ft:{row.name}" for row in list_finetunes(workspace) if row.status == "done"]
     names += [f"hybrid:{spec.name}" for spec in list_hybrids(workspace)]
+    names += list_baselines(workspace)
     names.append(workspace.config.default_model)
     return list(dict.fromkeys(names))

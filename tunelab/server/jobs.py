@@ -143,7 +143,7 @@ def run_job(ws: "Workspace", job) -> dict[str, Any]:
     args = dict(job.args)
     if job.kind == "eval":
 
-        result = evaluate(ws, resolve_candidate(ws, args["candidate"]), args["data"], limit=args.get("limit"), repeat=args.get("repeat", 1),
+        result = evaluate(ws, resolve_candidate(ws, args["candidate"], data=args["data"]), args["data"], limit=args.get("limit"), repeat=args.get("repeat", 1),
                           metrics=args.get("metrics"), progress=False,
                           on_batch=lambda done, total: progress(done=done, total=total))
         return {"run": result.id, "metrics": {k: v.get("value") for k, v in (result.metrics or {}).items()}}

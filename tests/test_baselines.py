@@ -1,0 +1,180 @@
+"""Classical baselines as candidates: trained once on the train split, evaluated by the one
+evaluator, resolved by name like every candidate, shown in label comparisons as reference rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunelab.compare import compare
+from tunelab.datasets import Example, get_dataset, save_dataset
+from tunelab.errors import UserError
+from tunelab.evaluate import evaluate, parse_baseline, resolve_candidate, run_rows
+
+WORDS = {"billing": ["invoice", "refund", "charge", "payment"], "bug": ["crash", "freeze", "error", "broken"],
+         "account": ["password", "login", "email", "username"]}
+
+
+def _examples(n: int, seed: int, skew: str | None = None) -> list[Example]:
+    out = []
+    labels = sorted(WORDS)
+    seen = dict.fromkeys(WORDS, seed)
+    for i in range(n):
+        label = skew if skew and i % 2 == 0 else labels[i % len(labels)]
+        word = WORDS[label][seen[label] % 4]  # every word of each label in turn
+        seen[label] += 1
+        out.append(Example(f"ticket {seed}-{i}: my {word} is a problem today", label))
+    return out
+
+
+@pytest.fixture
+def ws(workspace):
+    save_dataset(workspace, "tickets", {"train": _examples(60, 0, skew="bug"), "validation": _examples(12, 1),
+                                        "test": _examples(30, 2)})
+    return workspace
+
+
+def test_names_parse_and_bad_names_are_one_line_errors():
+    assert parse_baseline("baseline:tfidf") == ("tfidf", None, None)
+    assert parse_baseline("baseline:embed-n25:tickets@abc123") == ("embed", 25, "tickets@abc123")
+    for bad in ("baseline:svm", "baseline:tfidf:../x", "baseline:tfidf-n0", "baseline:"):
+        with pytest.raises(UserError) as err:
+            parse_baseline(bad)
+        assert "\n" not in str(err.value)
+
+
+def test_tfidf_baseline_learns_the_task_and_majority_is_the_floor(ws):
+    ds = get_dataset(ws, "tickets")
+    tfidf = resolve_candidate(ws, "baseline:tfidf", data="tickets:test")
+    assert tfidf.name == f"baseline:tfidf:tickets@{ds.version}" and tfidf.kind == "baseline"
+    assert tfidf.output.type == "label" and set(tfidf.output.labels) == set(WORDS)
+    result = evaluate(ws, tfidf, "tickets:test", progress=False)
+    assert result.metrics["accuracy"]["value"] >= 0.9  # the words give the label away
+    rows = run_rows(ws, result.id)
+    assert all(r.prediction in WORDS for r in rows)
+
+    majority = resolve_candidate(ws, f"baseline:majority:tickets@{ds.version}")
+    answers = majority.predict([Example("anything at all", "")])
+    assert answers[0].text == "bug"  # half the train split is bug
+    scores = answers[0].label_logprobs
+    assert max(scores, key=scores.get) == "bug" and scores["bug"] > scores["billing"]
+    share = sum(ex.output == "bug" for ex in ds.split("test")) / len(ds.split("test"))
+    m = evaluate(ws, majority, "tickets:test", progress=False)
+    assert m.metrics["accuracy"]["value"] == pytest.approx(share)
+
+
+def test_a_trained_baseline_is_stored_and_reused_with_its_setup_cost(ws):
+    first = resolve_candidate(ws, "baseline:tfidf:tickets")
+    path = ws.artifacts_dir / "baselines" / f"tickets@{get_dataset(ws, 'tickets').version}" / "tfidf.joblib"
+    assert path.is_file()
+    mtime = path.stat().st_mtime_ns
+    again = resolve_candidate(ws, "baseline:tfidf:tickets")
+    assert path.stat().st_mtime_ns == mtime  # loaded, not retrained
+    assert again.fingerprint == first.fingerprint and again.setup.wall_s == first.setup.wall_s
+    assert first.setup.how == "baseline" and first.setup.examples == 60 and first.setup.wall_s > 0
+    small = resolve_candidate(ws, "baseline:tfidf-n15:tickets")
+    assert small.setup.examples == 15 and small.fingerprint != first.fingerprint
+    assert {c.text for c in small.predict(_examples(6, 3))} <= set(WORDS)
+
+
+def test_a_baseline_needs_to_know_its_data(ws):
+    save_dataset(ws, "other", {"train": _examples(20, 5), "test": _examples(6, 6)})
+    with pytest.raises(UserError, match="needs its training data"):
+        resolve_candidate(ws, "baseline:tfidf")
+    with pytest.raises(UserError, match="picks its own models"):
+        resolve_candidate(ws, "baseline:tfidf:tickets", model="fake:x")
+
+
+def test_label_comparisons_show_the_baselines_as_reference_rows(ws):
+    from tunelab.files import write_atomic
+    from tunelab.prompts import commit_prompt
+
+    write_atomic(ws.prompts_dir / "route.prompt", "---\nmodel: fake:route\noutput: {type: label, labels: "
+                 "[account, billing, bug]}\n---\nuser:\nWhich team? {{ input }}\n")
+    commit_prompt(ws, "route", "first")
+    comp = compare(ws, "tickets:test", ["route"], progress=False)
+    kinds = {c.name.split(":")[1] if c.kind == "baseline" else c.kind for c in comp.candidates}
+    assert kinds == {"prompt", "majority", "tfidf"}
+    tfidf = next(c for c in comp.candidates if c.name.startswith("baseline:tfidf"))
+    assert tfidf.setup.how == "baseline" and tfidf.examples_trained == 60
+    assert tfidf.cost_per_request >= 0 and tfidf.metric.value >= 0.9
+    # the fake prompt model is at chance: the advice says so, and names the baseline that is not
+    advice = comp.recommendation
+    assert advice.recommendation == "none" and advice.headline.startswith("No candidate is usable yet")
+    assert any("you may not need an LLM" in r for r in advice.reasons)
+    none = compare(ws, "tickets:test", ["route"], progress=False, baselines=False)
+    assert [c.kind for c in none.candidates] == ["prompt"]
+
+
+def test_learning_curves_of_the_baselines_and_the_demo_prompt(ws):
+    """Every trainable candidate on 10/25/50/100% of train: the baselines retrained on the sample
+    a fine-tune would get, the per-input-demo prompt with its demo pool limited to it."""
+    from tunelab.compare.report import plot_learning_curve
+    from tunelab.files import write_atomic
+    from tunelab.prompts import commit_prompt
+
+    write_atomic(ws.prompts_dir / "knn.prompt", "---\nmodel: fake:knn\noutput: {type: label, labels: [account, "
+                 "billing, bug]}\ndemos: {dataset: tickets, split: train, strategy: knn_tfidf, k: 2}\n---\nuser:\n"
+                 "Which team? {{ input }}\n")
+    commit_prompt(ws, "knn", "first")
+    comp = compare(ws, "tickets:test", ["knn"], learning_curve=True, progress=False)
+    curve = comp.learning_curve
+    kinds = {s.candidate.split(":")[1] if s.kind == "baseline" else s.kind: s for s in curve.series}
+    assert set(kinds) == {"tfidf", "prompt"}  # the majority class is the floor, not a curve
+    assert curve.points == [] and curve.candidate == ""  # no fine-tune in this comparison
+    tfidf = kinds["tfidf"]
+    assert [p.n_train for p in tfidf.points] == [6, 15, 30, 60]
+    assert [p.fraction for p in tfidf.points] == [0.1, 0.25, 0.5, 1.0]
+    assert tfidf.points[-1].candidate == next(c.name for c in comp.candidates if c.name.startswith("baseline:tfidf"))
+    assert tfidf.points[0].candidate.startswith("baseline:tfidf-n6:tickets@")
+    assert all(p.metric.low - 1e-9 <= p.metric.value <= p.metric.high + 1e-9 for p in tfidf.points)
+    demo = kinds["prompt"]
+    assert [p.n_train for p in demo.points] == [6, 15, 30, 60] and demo.points[0].candidate.endswith("~n6")
+    # the fake model answers the label a demo names: its demos come from the smaller pool
+    assert len({p.run_id for p in demo.points}) == 4
+    assert curve.crossover is not None and curve.crossover.text
+    assert plot_learning_curve(comp).startswith("data:image/png;base64,")
+    # the baselines trained on the samples are stored, and reused by the next comparison
+    again = compare(ws, "tickets:test", ["knn"], learning_curve=True, progress=False)
+    assert [p.run_id for s in again.learning_curve.series for p in s.points] == \
+        [p.run_id for s in curve.series for p in s.points]
+
+
+def test_every_command_takes_a_baseline(ws, cli):
+    import json
+
+    res = cli("eval", "baseline:tfidf", "--data", "tickets:test", "--json")
+    assert res.exit_code == 0, res.output
+    run = json.loads(res.stdout)
+    assert run["candidate"].startswith("baseline:tfidf:tickets@") and run["metrics"]["accuracy"]["value"] >= 0.9
+    res = cli("run", "baseline:tfidf:tickets", "--input", "my invoice is wrong")
+    assert res.exit_code == 0 and "billing" in res.stdout, res.output
+    res = cli("compare", "--data", "tickets:test", "baseline:embed", "--json")
+    assert res.exit_code == 0, res.output
+    assert [c["name"].split(":")[1] for c in json.loads(res.stdout)["candidates"]] == ["embed", "majority", "tfidf"]
+    res = cli("eval", "baseline:svm", "--data", "tickets:test")
+    assert res.exit_code == 2 and "unknown baseline 'baseline:svm'" in res.stderr and "Traceback" not in res.output
+
+
+def test_the_crossover_point_and_its_absence():
+    from tunelab.compare.curves import crossover
+    from tunelab.compare.result import CandidateEntry, CurveSeries, LearningCurvePoint
+
+    def series(name, kind, values, ns=(20, 50, 100, 200)):
+        return CurveSeries(candidate=name, kind=kind, points=[
+            LearningCurvePoint(fraction=f, n_train=n, candidate=name, metric={"value": v})
+            for f, n, v in zip((0.1, 0.25, 0.5, 1.0), ns, values)])
+
+    prompt = CandidateEntry(name="p@1", kind="prompt", metric={"value": 0.6})
+    ft = series("ft:a", "ft", [0.3, 0.5, 0.7, 0.8])  # crosses 0.6 halfway between 50 and 100
+    cross = crossover([ft], [prompt])
+    assert cross.n_train == pytest.approx(75.0) and cross.trained == "ft:a" and cross.prompting == "p@1"
+    assert cross.text == "with fewer than ~75 labelled examples, prompting (p@1) wins; from there ft:a is better"
+    never = crossover([series("ft:a", "ft", [0.3, 0.4, 0.5, 0.55])], [prompt])
+    assert never.n_train is None and never.text.endswith("prompting (p@1) wins up to 200 labelled examples")
+    always = crossover([series("baseline:tfidf:d@v", "baseline", [0.7, 0.8, 0.85, 0.9])], [prompt])
+    assert always.n_train is None and "baseline:tfidf:d@v is at least as good as prompting (p@1) from 20" in always.text
+    # a demo prompt's own curve is the prompting side where it beats the best prompt at that size
+    demo = series("knn@1", "prompt", [0.65, 0.7, 0.72, 0.74])
+    cross = crossover([ft, demo], [prompt])
+    assert cross.prompting == "knn@1" and 100 < cross.n_train < 200
+    assert crossover([ft], []) is None  # no prompt to compare with

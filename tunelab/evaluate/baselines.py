@@ -1,0 +1,226 @@
+"""Classical baselines as candidates: the answer to "do we even need an LLM for this?".
+
+    cand = resolve_candidate(ws, "baseline:tfidf", data="support")   # trained on support's train split
+    cand.name                                                        # baseline:tfidf:support@3f2a9c81d0e4
+    evaluate(ws, cand, "support:test")                               # the same evaluator as every candidate
+
+Three label classifiers, trained in seconds on a dataset version's train split:
+
+- `majority`: always the most frequent train label (scikit-learn's `DummyClassifier`, its label
+  scores the train priors): the floor every candidate must clear;
+- `tfidf`: scikit-learn's `TfidfVectorizer` (word unigrams and bigrams, sublinear tf) and a
+  `LogisticRegression`;
+- `embed`: the bundled all-MiniLM-L6-v2 sentence embeddings (`tunelab.demos.embed`, each input on
+  its own, so a batch answers as a single request does) and a `LogisticRegression`.
+
+A name is `baseline:METHOD[-nN][:DATASET[@VERSION]]`: `-nN` trains on a seeded, stratified sample of
+N train examples (the sample a fine-tune's `max_examples` draws: the learning curve's points); the
+dataset defaults to the one being evaluated (`data`), else the workspace's only dataset. The trained
+classifier is stored under `artifacts/baselines/DATASET@VERSION/` (joblib) with its training time,
+which is its setup cost (local $/hour), so it is trained once. The answer is the label; its scores
+are the classifier's log-probabilities, so a hybrid or a threshold can read its confidence.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from tunelab.canonical import sha256
+from tunelab.datasets import Example, dataset_rows, get_dataset, subsample
+from tunelab.demos import embed
+from tunelab.errors import UserError
+from tunelab.evaluate.candidates import Candidate, Setup
+from tunelab.files import read_text, write_json
+from tunelab.models.base import Completion, Model
+from tunelab.prompts import OutputSpec
+
+if TYPE_CHECKING:
+    from tunelab.workspace import Workspace
+
+METHODS = ("majority", "tfidf", "embed")
+PREFIX = "baseline:"
+FORMAT = 1  # bump when a stored classifier's meaning changes: older ones are retrained
+_SPEC = re.compile(r"baseline:(?P<method>[a-z]+)(?:-n(?P<n>[0-9]+))?(?::(?P<data>[A-Za-z0-9][A-Za-z0-9_.\-]*"
+                   r"(?:@[A-Za-z0-9]+)?))?")
+_LOADED: dict[str, tuple[float, Any]] = {}  # artifact path -> (mtime, classifier): loaded once per process
+_EMBEDDED: dict[str, np.ndarray] = {}  # input -> its embedding, alone: a learning curve's points share them
+MAX_EMBEDDED = 50_000
+
+
+def parse_baseline(spec: str) -> tuple[str, int | None, str | None]:
+    """(method, max train examples or None, DATASET[@VERSION] or None) of `baseline:...`."""
+    m = _SPEC.fullmatch(spec.strip())
+    if m is None or m["method"] not in METHODS:
+        raise UserError(f"unknown baseline '{spec}' (expected baseline:METHOD[:DATASET[@VERSION]] with METHOD one of "
+                        f"{', '.join(METHODS)})")
+    n = int(m["n"]) if m["n"] else None
+    if n is not None and n < 1:
+        raise UserError(f"baseline '{spec}': -nN needs N >= 1")
+    return m["method"], n, m["data"]
+
+
+def _features(method: str, texts: list[str], batched: bool = False):
+    """The classifier's input: raw texts (tfidf: the pipeline vectorizes), MiniLM embeddings, or
+    nothing to see (majority). Answers embed each input on its own (`batched` False), so an input
+    gets the same vector in an evaluation batch and in a gateway request; training batches."""
+    if method == "embed":
+        if batched:
+            return embed(texts)
+        vectors = []
+        for t in texts:
+            v = _EMBEDDED.get(t)
+            if v is None:
+                if len(_EMBEDDED) >= MAX_EMBEDDED:
+                    _EMBEDDED.clear()
+                v = _EMBEDDED[t] = embed([t])[0]
+            vectors.append(v)
+        return np.stack(vectors) if vectors else np.zeros((0, 384), np.float32)
+    if method == "majority":
+        return np.zeros((len(texts), 1), np.float32)
+    return list(texts)
+
+
+def _classifier(method: str):
+    from sklearn.dummy import DummyClassifier
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    if method == "majority":
+        return DummyClassifier(strategy="prior")
+    if method == "tfidf":
+        return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                             LogisticRegression(C=10.0, max_iter=2000))
+    return LogisticRegression(C=10.0, max_iter=2000)
+
+
+def train_baseline(ws: "Workspace", method: str, dataset: str, max_examples: int | None = None) -> dict[str, Any]:
+    """Train (or load the stored) baseline `method` on `dataset`'s train split (DATASET[@VERSION],
+    at most `max_examples` of it). Returns its record: path, dataset ref, n_train, wall_s, labels."""
+    import joblib
+    import sklearn
+
+    ds = get_dataset(ws, dataset)
+    suffix = f"-n{max_examples}" if max_examples else ""
+    path = ws.artifact_path("baselines", f"{ds.name}@{ds.version}", f"{method}{suffix}.joblib")
+    meta_path = path.with_suffix(".json")
+    if path.is_file() and meta_path.is_file():
+        meta = json.loads(read_text(meta_path))
+        if meta.get("format") == FORMAT and meta.get("sklearn") == sklearn.__version__:
+            return {**meta, "path": str(path)}
+    train = subsample(ds.split("train"), max_examples, 0)
+    if len({ex.output for ex in train}) < 1:
+        raise UserError(f"dataset {ds.ref} has no train examples to train baseline:{method} on")
+    if ds.labels is None and len({ex.output for ex in train}) > max(50, len(train) // 2):
+        raise UserError(f"baseline:{method} classifies labels; {ds.ref}'s outputs are free text")
+    start = time.perf_counter()
+    clf = _classifier(method)
+    y = [ex.output for ex in train]
+    if len(set(y)) == 1:  # one class: the majority answer whatever the method
+        from sklearn.dummy import DummyClassifier
+        clf = DummyClassifier(strategy="prior")
+    clf.fit(_features(method, [ex.input for ex in train], batched=True), y)
+    wall = time.perf_counter() - start
+    joblib.dump(clf, path)
+    meta = {"format": FORMAT, "method": method, "dataset": ds.ref, "max_examples": max_examples, "n_train": len(train),
+            "wall_s": wall, "labels": [str(c) for c in clf.classes_], "sklearn": sklearn.__version__}
+    write_json(meta_path, meta)
+    return {**meta, "path": str(path)}
+
+
+def _load(path: str):
+    import joblib
+    from pathlib import Path
+
+    mtime = Path(path).stat().st_mtime
+    hit = _LOADED.get(path)
+    if hit is None or hit[0] != mtime:
+        if len(_LOADED) > 32:
+            _LOADED.clear()
+        hit = _LOADED[path] = (mtime, joblib.load(path))  # our own workspace's artifact, written above
+    return hit[1]
+
+
+class BaselineCandidate(Candidate):
+    """A classical classifier trained on a train split, answering with a label and its
+    log-probabilities (see the module doc). It calls no model: `map_models` is itself."""
+
+    kind = "baseline"
+    backend = "local"
+    temperature = 0.0
+
+    def __init__(self, record: dict[str, Any], labels: list[str] | None, pricing_per_hour: float = 0.0):
+        self.method = record["method"]
+        self.record = record
+        n = record.get("max_examples")
+        self.name = f"{PREFIX}{self.method}{f'-n{n}' if n else ''}:{record['dataset']}"
+        self.model_name = f"{PREFIX}{self.method}"
+        self.classifier = _load(record["path"])
+        self.classes = [str(c) for c in self.classifier.classes_]
+        self.output = OutputSpec(type="label", labels=list(labels or self.classes))
+        self.training_data = record["dataset"]
+        self.setup = Setup(how="baseline", wall_s=float(record["wall_s"]),
+                           compute_cost=pricing_per_hour * float(record["wall_s"]) / 3600.0,
+                           examples=int(record["n_train"]),
+                           sources=[f"{self.name}: trained on {record['n_train']:,} train examples of "
+                                    f"{record['dataset']} in {record['wall_s']:.2f} s (scikit-learn "
+                                    f"{record['sklearn']}), at the local $/hour"])
+
+    @property
+    def fingerprint(self) -> str:
+        return sha256({"kind": self.kind, "method": self.method, "dataset": self.record["dataset"],
+                       "n_train": self.record["n_train"], "max_examples": self.record.get("max_examples"),
+                       "format": FORMAT, "sklearn": self.record["sklearn"]})
+
+    def predict(self, examples: list[Example], repeat_index: int = 0) -> list[Completion]:
+        if not examples:
+            return []
+        start = time.perf_counter()
+        proba = self.classifier.predict_proba(_features(self.method, [ex.input for ex in examples]))
+        logp = np.log(np.clip(proba, 1e-12, 1.0))
+        share = (time.perf_counter() - start) / len(examples)
+        out = []
+        for row in logp:
+            scores = {label: round(float(v), 6) for label, v in zip(self.classes, row)}
+            best = max(self.classes, key=lambda c: (scores[c], -self.classes.index(c)))  # ties: the first class
+            out.append(Completion(text=best, latency_s=share, label_logprobs=scores, meta={"baseline": self.method}))
+        return out
+
+    def map_models(self, fn: Callable[[Model], Model]) -> "BaselineCandidate":
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "baseline": {k: v for k, v in self.record.items() if k != "path"}}
+
+
+def baseline_candidate(ws: "Workspace", spec: str, data: str | None = None) -> BaselineCandidate:
+    """`baseline:METHOD[-nN][:DATASET[@VERSION]]`, trained (once) on the dataset's train split;
+    without a dataset in the name, `data` (DATASET[@VERSION][:SPLIT]: the split being evaluated),
+    else the workspace's only dataset."""
+    method, n, named = parse_baseline(spec)
+    dataset = named or (data.split(":", 1)[0] if data else None)
+    if dataset is None:
+        names = sorted({row.name for row in dataset_rows(ws)})
+        if len(names) != 1:
+            raise UserError(f"'{spec}' needs its training data: baseline:{method}:DATASET[@VERSION] "
+                            f"(datasets: {', '.join(names) or 'none yet'})")
+        dataset = names[0]
+    record = train_baseline(ws, method, dataset, n)
+    ds = get_dataset(ws, record["dataset"])
+    pricing = ws.pricing_for(f"{PREFIX}{method}", "local")
+    return BaselineCandidate(record, ds.labels, pricing.per_hour)
+
+
+def list_baselines(ws: "Workspace") -> list[str]:
+    """The names of the baselines trained in this workspace (on a whole train split), sorted."""
+    folder = ws.artifacts_dir / "baselines"
+    names = []
+    for meta in sorted(folder.glob("*/*.json")) if folder.is_dir() else []:
+        if meta.with_suffix(".joblib").is_file() and "-n" not in meta.stem and meta.stem in METHODS:
+            names.append(f"{PREFIX}{meta.stem}:{meta.parent.name}")
+    return names
