@@ -12,7 +12,8 @@ table), `format` (numbers as text, one way everywhere).
 
 from tunelab.compare.advise import Constraints, advise
 from tunelab.compare.compare import (break_even_pairs, compare, list_comparisons, load_comparison, report_path,
-                                     run_learning_curve, save_comparison, setup_of)
+                                     save_comparison, setup_of)
+from tunelab.compare.curves import run_learning_curve
 from tunelab.compare.costs import (ALPHA, DEFAULT_VOLUME, HORIZON_MONTHS, break_even_volume, cost_curve, horizon_cost,
                                    payback_months, volume_grid)
 from tunelab.compare.report import print_table, render_html, table_rows, write_report

@@ -29,7 +29,7 @@ from sqlalchemy import select
 
 from tunelab import finetune, optimize
 from tunelab.compare.advise import advise
-from tunelab.compare.curves import learning_curves, run_learning_curve  # noqa: F401  (run_learning_curve: re-exported)
+from tunelab.compare.curves import learning_curves
 from tunelab.compare.costs import ALPHA, DEFAULT_VOLUME, HORIZON_MONTHS, break_even_volume, horizon_cost, payback_months
 from tunelab.compare.report import write_report
 from tunelab.compare.result import (Answered, BreakEven, CandidateEntry, Comparison, Confusion, Consistency,
