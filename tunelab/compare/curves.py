@@ -63,7 +63,10 @@ def run_learning_curve(ws: "Workspace", ft_name: str, ref: str, metric: str, *, 
             config = {k: v for k, v in (base.config or {}).items() if k in finetune.FineTuneConfig.model_fields}
             config.update(name=name, max_examples=n, data=f"{base.dataset}@{base.dataset_version}",
                           prompt=f"{base.prompt}@{base.prompt_version}")
-            finetune.finetune(ws, finetune.FineTuneConfig.model_validate(config), resume=row is not None)
+            cfg = finetune.FineTuneConfig.model_validate(config)
+            if cfg.batch_size > n:  # a small share of a small train split: a batch cannot hold more than it
+                cfg = cfg.model_copy(update={"batch_size": n})
+            finetune.finetune(ws, cfg, resume=row is not None)
             row = finetune.get_row(ws, name)
         result = evaluate(ws, resolve_candidate(ws, f"ft:{name}"), ref, limit=limit, progress=progress)
         points.append(_point(frac, finetune.examples_trained(ws, row), f"ft:{name}", result, metric,
