@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.prompts import SPAM_PROMPT as PROMPT
-from tests.test_finetune import examples, nothing_left, rows, tiny_base  # noqa: F401 (fixtures)
+from tests.test_finetune import examples, nothing_left, power_cut_at, rows, tiny_base  # noqa: F401 (fixtures)
 from tunelab.datasets import Example, save_dataset
 from tunelab.errors import UserError
 from tunelab.store.models import FineTuneRow
@@ -110,16 +110,7 @@ def test_a_head_answers_labels_only_and_a_subset_renormalized(ws, cli, tiny_base
 def test_an_interrupted_head_run_resumes_with_its_head(ws, cli, tiny_base, monkeypatch):
     import torch
 
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def failing_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("power cut")
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", failing_step)
+    real_step = power_cut_at(monkeypatch, 5)
     args = head_args(tiny_base, "cut", "--epochs", "1", "--save-every-steps", "2")
     with pytest.raises(RuntimeError, match="power cut"):
         cli(*args)
@@ -148,16 +139,8 @@ def test_resume_continues_exactly_where_an_uninterrupted_head_run_ends(ws, tiny_
     settings = dict(data="sms", prompt="spam", base=str(tiny_base), head="classify", precision="fp32", lr=0.01,
                     epochs=1, save_every_steps=3, lora_dropout=0.0, max_val_examples=4)
     finetune(ws, FineTuneConfig(name="whole", **settings), progress=False)
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def failing_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("power cut")
-        return real_step(self, *a, **k)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.optim.AdamW, "step", failing_step)
+        power_cut_at(mp, 4)
         with pytest.raises(RuntimeError):
             finetune(ws, FineTuneConfig(name="cut", **settings), progress=False)
     finetune(ws, FineTuneConfig(name="cut", **settings), resume=True, progress=False)

@@ -106,7 +106,7 @@ def test_the_gateway_answers_as_the_evaluator_measured_on_smollm2(ws, deployment
     for a, r in zip(answers, rows):  # label scores (a head's log-softmax, a prompt's label log-probs) as measured
         if r.extra.get("label_logprobs"):
             top = {t.token: t.logprob for t in a.logprobs.content[0].top_logprobs}
-            assert top == pytest.approx(r.extra["label_logprobs"], abs=1e-5)
+            assert top == pytest.approx(r.extra["label_logprobs"], abs=1e-4)  # fp32 rounding across batch widths
     if deployment.startswith("extract"):  # generated text (SmolLM2 rarely writes JSON unconstrained), not labels
         assert all(len(p) > 10 for p in served), served
 
