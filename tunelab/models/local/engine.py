@@ -12,8 +12,11 @@
    and shared label prefixes ("Unilateral change" / "Unilateral termination") are computed once,
    and only the prompt's last position and the trie nodes go through the vocabulary projection.
    A trie of more than `TRIE_PASS_NODES` nodes (many labels: 151 intents make 424) is not laid
-   out: the pass runs the prompts only, and `labels.search` then feeds each row's most promising
-   trie nodes, a few per pass, until the best label is settled (the same argmax as full scoring).
+   out: the pass runs the prompts only, and `labels.search_passes` then feeds each row's most
+   promising trie nodes, a few per pass and the rows of all prompt passes together, until the best
+   label is settled (the same argmax as full scoring). With the fused pass the shared prefix's KV
+   cache is kept apart, once, and attended to by every row's queries in one matrix product
+   (rather than copied into every row's cache), in prompt passes, the label search and decoding.
    A label request's free answer (`free_text=True`, temperature 0) is read off this same pass
    when greedy decoding would write one of the labels and stop: the argmax after the prompt and
    after each trie node is already computed, so `greedy_label` follows it (then

@@ -15,6 +15,11 @@ argmax is exactly full scoring's; the unscored labels share their frontier's bou
 A pass's new nodes attend to the shared prefix, their row's prompt and their own ancestors fed in
 earlier passes (a 4D mask over the cache, which grows in place: `kv.growing_layer`); they are
 dropped from the cache when the search ends, so decoding continues right after the prompts.
+
+One search covers the rows of every prompt pass of a call (`search_passes`): a pass then feeds a
+few nodes of ~100 rows at once (each weight read once for all of them), the fused pass runs only
+the real nodes through the matrix products (`real`: the padding of rows with fewer nodes costs
+attention only) and attends to the shared prefix once for all rows (`fused._attend`).
 """
 
 from __future__ import annotations
