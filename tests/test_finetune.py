@@ -340,8 +340,9 @@ def test_full_finetune_saves_weights_and_serves_them(ws, cli, tiny_base):
     assert c.text in ("ham", "spam")
 
 
-def test_interrupted_run_needs_resume_and_resume_finishes_it(ws, cli, tiny_base, monkeypatch):
-    """An exception mid-training marks the row failed and keeps the checkpoint; --resume ends it."""
+def power_cut_at(monkeypatch, n: int):
+    """The n-th optimizer step from now raises RuntimeError("power cut") (a crash mid-training);
+    returns the real step, to put back with `monkeypatch.setattr(torch.optim.AdamW, "step", real)`."""
     import torch
 
     calls = {"n": 0}
@@ -349,11 +350,19 @@ def test_interrupted_run_needs_resume_and_resume_finishes_it(ws, cli, tiny_base,
 
     def failing_step(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == n:
             raise RuntimeError("power cut")
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", failing_step)
+    return real_step
+
+
+def test_interrupted_run_needs_resume_and_resume_finishes_it(ws, cli, tiny_base, monkeypatch):
+    """An exception mid-training marks the row failed and keeps the checkpoint; --resume ends it."""
+    import torch
+
+    real_step = power_cut_at(monkeypatch, 5)
     args = ["finetune", "--data", "sms", "--prompt", "spam", "--name", "cut", "--base", tiny_base, "--epochs", "1",
             "--save-every-steps", "2", "--lr", "0.01"]
     with pytest.raises(RuntimeError, match="power cut"):  # not a user error: it propagates

@@ -164,6 +164,16 @@ def test_free_text_and_long_outputs_make_a_text_flow(tmp_path):
     assert flow_for(_write(tmp_path / "long", splits)).output_type == "text"
 
 
+def test_flow_head_field_for_label_tasks_only(cli, labelled, tmp_path):
+    """`--head classify` (the Flow's `head`): label tasks fine-tune NAME-ft-head beside NAME-ft; other
+    outputs and unknown heads are one-line errors."""
+    assert flow_for(labelled, head="classify").head == "classify" and flow_for(labelled).head is None
+    splits = {s: [{"input": f"question {i} of {s}", "output": f"a long free answer number {i} about {s}"}
+                  for i in range(60)] for s in ("train", "validation", "test")}
+    _one_line_error(cli("flow", _write(tmp_path / "answers", splits), "--head", "classify"), "label outputs")
+    _one_line_error(cli("flow", labelled, "--head", "regress"), "unknown head 'regress'")
+
+
 def test_cli_a_single_label(cli, tmp_path):
     splits = {s: [{"input": f"{s} text {i}", "output": "same"} for i in range(6)] for s in ("train", "validation", "test")}
     _one_line_error(cli("flow", _write(tmp_path / "one", splits)), "every train output is 'same'")
@@ -175,7 +185,7 @@ def test_quick_flow_on_a_users_folder_end_to_end(cli, labelled, tmp_path, monkey
     monkeypatch.delenv("TUNELAB_WORKSPACE", raising=False)
     monkeypatch.delenv("TUNELAB_DATABASE_URL", raising=False)
     monkeypatch.chdir(tmp_path)
-    result = cli("flow", labelled, "--quick", "--field", "Sentence", "--volume", "20000")
+    result = cli("flow", labelled, "--quick", "--field", "Sentence", "--volume", "20000", "--head", "classify")
     assert result.exit_code == 0, result.output
     ws = tmp_path / "tunelab-flow-My-Topics-v2"
     assert (ws / "tunelab.yaml").is_file()
@@ -186,7 +196,8 @@ def test_quick_flow_on_a_users_folder_end_to_end(cli, labelled, tmp_path, monkey
     names = [c["name"] for c in comparison["candidates"]]
     kinds = [c["kind"] for c in comparison["candidates"]]
     assert names[0].startswith("My-Topics-v2-zero-shot@") and kinds[0] == "prompt"
-    assert names[-5:-3] == ["ft:My-Topics-v2-ft", "hybrid:My-Topics-v2-hybrid"] and kinds[-5:-3] == ["ft", "hybrid"]
+    assert names[-6:-3] == ["ft:My-Topics-v2-ft", "ft:My-Topics-v2-ft-head", "hybrid:My-Topics-v2-hybrid"]
+    assert kinds[-6:-3] == ["ft", "ft", "hybrid"]  # the generative fine-tune and the one with a head (--head classify)
     assert [n.split(":")[1] for n in names[-3:]] == ["majority", "tfidf", "embed"]  # the classical reference rows
     assert all(c["metric"]["value"] is not None for c in comparison["candidates"])
     assert "[7/7] advice" in result.stderr

@@ -172,3 +172,44 @@ def test_a_streamed_answer_is_the_measured_answer(ws, deployment):
                                                     messages=[{"role": "user", "content": r.input}])
             text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
             assert text == r.prediction
+
+
+# -- a classification-head fine-tune (`--head classify`) on a tiny random Llama --------------------
+
+from tests.test_finetune import tiny_base  # noqa: E402,F401 (the fixture: 2 layers of width 32, SmolLM2's tokenizer)
+
+
+@pytest.fixture
+def head_ws(ws, tiny_base, monkeypatch):  # noqa: F811
+    """`ft:tkhead`: the short prompt fine-tuned with a head on the tiny model (fp32: a batch of one
+    answers as a wide batch does), and a hybrid with it first."""
+    from tunelab.finetune import FineTuneConfig, finetune
+
+    monkeypatch.setenv("TUNELAB_PRECISION", "fp32")
+    finetune(ws, FineTuneConfig(data="tickets", prompt="short", name="tkhead", base=str(tiny_base), head="classify",
+                                precision="fp32", lr=0.01, epochs=2, batch_size=8, max_val_examples=6), progress=False)
+    create_hybrid(ws, "hyhead", "ft:tkhead", "route@production", data="tickets", progress=False)
+    return ws
+
+
+@pytest.mark.parametrize("deployment", ["ft:tkhead", "hybrid:hyhead"])
+def test_a_head_finetune_answers_and_scores_as_the_evaluator_measured(head_ws, deployment):
+    ws = head_ws
+    rows, served = measured_and_served(ws, deployment, "tickets:test")
+    assert served == [r.prediction for r in rows] and set(served) <= set(LABELS)
+    _, key = create_key(ws, "app-logprobs", "viewer")
+    http = TestClient(create_app(ws))
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=http, max_retries=0)
+    with http:
+        for r in rows[:6]:
+            got = client.chat.completions.create(model=deployment, messages=[{"role": "user", "content": r.input}],
+                                                 logprobs=True, top_logprobs=2)
+            [token] = got.choices[0].logprobs.content
+            measured = r.extra["label_logprobs"]
+            assert token.token == r.prediction
+            assert {t.token: t.logprob for t in token.top_logprobs} == pytest.approx(measured, abs=1e-6)
+            stream = client.chat.completions.create(model=deployment, stream=True,
+                                                    messages=[{"role": "user", "content": r.input}])
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == r.prediction
+    if deployment == "ft:tkhead":
+        assert {r.extra["meta"].get("head") for r in rows} == {True}  # the head answered

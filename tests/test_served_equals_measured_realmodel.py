@@ -1,5 +1,6 @@
 """Served = measured on the real SmolLM2: for every kind of candidate — a prompt version, a prompt
-with per-input demos, a fine-tuned model, a hybrid and a JSON-output prompt — the gateway's answer to
+with per-input demos, a fine-tuned model (generative, and with a classification head), a hybrid and
+a JSON-output prompt — the gateway's answer to
 an input equals the evaluator's stored prediction for it, asked through the official `openai` SDK.
 
 In fp32 (TUNELAB_PRECISION) a batched answer equals the one-at-a-time answer, so the evaluator's wide
@@ -73,6 +74,8 @@ def ws(tmp_path_factory, shared_data_dir):
 
     finetune(ws, FineTuneConfig(data="sms", prompt="spam", name="spam", max_steps=2, batch_size=4, lr=2e-3,
                                 max_val_examples=3, epochs=1, precision="fp32"))
+    finetune(ws, FineTuneConfig(data="sms", prompt="spam", name="spamhead", head="classify", max_steps=2,
+                                batch_size=4, lr=2e-3, max_val_examples=3, epochs=1, precision="fp32"))
     create_hybrid(ws, "hy", "ft:spam", "knn@current", data="sms", progress=False)
     yield ws
     clear_loaded()
@@ -88,16 +91,22 @@ def shared_data_dir():
     return SHARED_DATA
 
 
-@pytest.mark.parametrize("deployment", ["spam@current", "knn@current", "ft:spam", "hybrid:hy", "extract@current"])
+@pytest.mark.parametrize("deployment", ["spam@current", "knn@current", "ft:spam", "ft:spamhead", "hybrid:hy",
+                                        "extract@current"])
 def test_the_gateway_answers_as_the_evaluator_measured_on_smollm2(ws, deployment):
     measured = evaluate(ws, resolve_candidate(ws, deployment), "sms:test", progress=False)
     rows = [r for r in run_rows(ws, measured.id) if r.repeat_index == 0]
     _, key = create_key(ws, f"app-{deployment.replace(':', '-').replace('@', '-')}", "viewer")
     with TestClient(create_app(ws)) as http:
         client = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=http, max_retries=0)
-        served = [client.chat.completions.create(model=deployment, messages=[{"role": "user", "content": r.input}])
-                  .choices[0].message.content for r in rows]
+        answers = [client.chat.completions.create(model=deployment, messages=[{"role": "user", "content": r.input}],
+                                                  logprobs=True, top_logprobs=2).choices[0] for r in rows]
+    served = [a.message.content for a in answers]
     assert served == [r.prediction for r in rows]
+    for a, r in zip(answers, rows):  # label scores (a head's log-softmax, a prompt's label log-probs) as measured
+        if r.extra.get("label_logprobs"):
+            top = {t.token: t.logprob for t in a.logprobs.content[0].top_logprobs}
+            assert top == pytest.approx(r.extra["label_logprobs"], abs=1e-4)  # fp32 rounding across batch widths
     if deployment.startswith("extract"):  # generated text (SmolLM2 rarely writes JSON unconstrained), not labels
         assert all(len(p) > 10 for p in served), served
 

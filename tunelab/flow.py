@@ -98,6 +98,7 @@ class Flow:
     constrained_prompt_text: str = ""
     bases: list[str] = field(default_factory=lambda: [DEFAULT_BASE])  # prompts and fine-tunes on each, side by side
     search: int | None = None  # fine-tune by a hyperparameter search of this many trials (`finetune.search`)
+    head: str | None = None  # "classify": label tasks also fine-tune ft:NAME-head (LoRA + a classification head)
 
 
 def demo_flow() -> Flow:
@@ -256,7 +257,7 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
              epochs: int = 1, budget: int | None = None, limit_validation: int | None = None,
              extra_candidates: list[str] | None = None, labels: list[str] | None = None,
              schema: str | Path | dict | None = None, origin: str = "tunelab flow", bases: list[str] | None = None,
-             search: int | None = None) -> Flow:
+             search: int | None = None, head: str | None = None) -> Flow:
     """The whole flow for a labelled dataset of the user's: `data_dir` is a data file or a folder of
     train, validation and test files (.jsonl with input/output, or .csv; val/dev also name
     validation). Missing validation and test splits are split off train when the data is imported
@@ -269,7 +270,9 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
     no train data. `labels` gives the label order for the prompts (default: the train outputs,
     sorted). `budget` (prompt optimization trials) and `limit_validation` default to 8 and 150, and to
     MANY_LABELS_BUDGET and MANY_LABELS_VALIDATION past PROMPT_LABELS labels, where every LLM
-    evaluation scores a large label trie (the fine-tune then validates on that many examples too)."""
+    evaluation scores a large label trie (the fine-tune then validates on that many examples too).
+    `head="classify"`: label tasks also fine-tune `NAME-ft-head`, the same recipe with a classification
+    head (`tunelab finetune --head classify`), compared beside the generative fine-tune."""
     src = Path(data_dir).expanduser()
     expected = ("a data file, or a folder with a train file and optionally validation and test files "
                 "(train.jsonl, validation.jsonl, test.jsonl; .csv also works)")
@@ -288,6 +291,11 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
         raise UserError(f"{files['train'].path}: every train output is {distinct[0]!r}: nothing to learn "
                         "(a task needs 2 or more different outputs)")
     kind = infer_output(outputs)
+    if head not in (None, "none", "classify"):
+        raise UserError(f"unknown head '{head}' (expected: classify)", field="head")
+    if head == "classify" and kind != "label":
+        raise UserError(f"--head classify fine-tunes label outputs; the train outputs of {files['train'].path} are "
+                        f"{kind}", field="head")
     if schema is not None and kind != "json":
         raise UserError(f"--schema is for JSON outputs; the train outputs of {files['train'].path} are {kind}")
     stem = flow_name(name or (src.resolve().stem if src.is_file() else src.resolve().name))
@@ -315,7 +323,7 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
                 optimize_budget=budget, limit_validation=limit_validation,
                 extra_candidates=list(extra_candidates or []), output_type=kind,
                 constrained_prompt=f"{stem}-constrained" if constrained else None, constrained_prompt_text=constrained,
-                bases=check_bases(bases), search=search)
+                bases=check_bases(bases), search=search, head=head if head == "classify" else None)
 
 
 def read_schema(path: str | Path | dict) -> dict[str, Any]:
@@ -486,6 +494,10 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     for base in flow.bases:
         _finetune(ws, data_ref, flow, quick=quick, log=log, base=base, prompt=per_base[base][1].split("@")[0])
         candidates.append(f"ft:{finetune_name(flow, base)}")
+    if flow.head and label_task:  # the same recipe with a classification head, beside the generative one
+        _finetune(ws, data_ref, flow, quick=quick, log=log, base=first, prompt=per_base[first][1].split("@")[0],
+                  head=flow.head)
+        candidates.append(f"ft:{finetune_name(flow, first)}-head")
     optimized, short = per_base[first]
 
     release_memory()
@@ -591,17 +603,18 @@ def _optimize(ws, baseline: str, data_ref: str, flow: Flow, *, budget: int, prog
 
 
 def _finetune(ws, data_ref: str, flow: Flow, *, quick: bool, log, base: str | None = None,
-              prompt: str | None = None) -> None:
+              prompt: str | None = None, head: str | None = None) -> None:
     """ft:NAME on `base` (default the first base) with the short prompt: one LoRA, or with
-    `flow.search` a hyperparameter search whose best trial becomes ft:NAME. Reused when done."""
+    `flow.search` a hyperparameter search whose best trial becomes ft:NAME. Reused when done.
+    `head="classify"`: ft:NAME-head, the same recipe with a classification head."""
     base = base or flow.bases[0]
-    name = finetune_name(flow, base)
+    name = finetune_name(flow, base) + ("-head" if head else "")
     row = ft.get_row(ws, name)
     if row is not None and row.status == "done":
         log(f"reusing fine-tune ft:{name} ({row.wall_s:.0f} s, {row.tokens_trained:,} tokens trained)")
         return
     settings: dict[str, Any] = {"data": data_ref.split(":")[0], "prompt": prompt or flow.short_prompt, "name": name,
-                                **flow.finetune_settings}
+                                **flow.finetune_settings, **({"head": head} if head else {})}
     if base != DEFAULT_BASE or "base" in settings:
         settings["base"] = base
     if quick:

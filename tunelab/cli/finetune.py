@@ -22,6 +22,7 @@ def finetune(
     name: Optional[str] = typer.Option(None, "--name", "-n", help=h("name")),
     base: Optional[str] = typer.Option(None, "--base", help=h("base")),
     method: Optional[str] = typer.Option(None, "--method", help=h("method")),
+    head: Optional[str] = typer.Option(None, "--head", help=h("head")),
     lr: Optional[float] = typer.Option(None, "--lr", help=h("lr")),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help=h("batch_size")),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help=h("grad_accum")),
@@ -72,7 +73,7 @@ def finetune(
     from tunelab.finetune.launch import run
 
 
-    flags = dict(data=data, prompt=prompt, name=name, base=base, method=method, lr=lr, batch_size=batch_size,
+    flags = dict(data=data, prompt=prompt, name=name, base=base, method=method, head=head, lr=lr, batch_size=batch_size,
                  grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lora_r=lora_r, lora_alpha=lora_alpha,
                  lora_dropout=lora_dropout, target_modules=target_modules, max_length=max_length,
                  micro_batch_tokens=micro_batch_tokens, seed=seed, patience=patience,

@@ -53,6 +53,9 @@ def flow(
                               "each; the advice names the base."),
     search: Optional[int] = typer.Option(None, "--search", metavar="N", help="Fine-tune by a hyperparameter search "
                                          "of N trials on the validation split (tunelab finetune --search)."),
+    head: Optional[str] = typer.Option(None, "--head", help="classify: label tasks also fine-tune NAME-ft-head, LoRA "
+                                       "plus a classification head (tunelab finetune --head classify), compared "
+                                       "beside the generative fine-tune."),
 ) -> None:
     """Run the whole flow on your data: check the data, a zero-shot baseline prompt (for JSON also
     decoded under the schema's grammar), prompt optimization, a LoRA fine-tune with a short prompt, a
@@ -67,7 +70,7 @@ def flow(
     if search is not None and search < 1:
         raise UserError(f"--search takes a number of trials of at least 1 (got {search})", field="search")
     spec = flow_for(data_dir, task=task, field=field, epochs=epochs, budget=budget, limit_validation=limit_validation,
-                    schema=schema, bases=bases.split(","), search=search)
+                    schema=schema, bases=bases.split(","), search=search, head=head)
     if threads:
         os.environ["TUNELAB_THREADS"] = str(threads)
     run_flow(directory or Path(f"tunelab-flow-{spec.dataset}"), spec, quick=quick, volume=volume, log=_log,

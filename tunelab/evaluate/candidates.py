@@ -134,6 +134,9 @@ class PromptCandidate(Candidate):
             raise UserError(f"prompt '{prompt.name}' decodes under its JSON schema (output.constrained), which "
                             f"model '{getattr(model, 'name', model)}' (backend {getattr(model, 'backend', '?')}) "
                             "cannot do: use a local or llamacpp model, or drop 'constrained'")
+        if prompt.output.type != "label" and getattr(model, "labels_only", False):  # a classification head
+            raise UserError(f"model '{getattr(model, 'name', model)}' is a classification head: it answers label "
+                            f"outputs only, and prompt '{prompt.name}' has a {prompt.output.type} output")
         self.prompt = prompt
         self.model = model
         demos = prompt.resolve_demos(workspace) if demos is None else demos

@@ -7,10 +7,12 @@
     result.candidate, result.setup             # "ft:spam"; what training took
     result.best, result.validation, result.tokens_per_s, result.cost
     export(ws, "spam", "merged", "out/spam")   # adapter | merged | gguf | gguf-lora
+    finetune(ws, FineTuneConfig(data="spam", prompt="spam-short", name="spam-head", head="classify"))
 
 Modules: `config` (the one typed schema for the YAML file and the CLI flags), `data` (rendering by
 the prompt, tokenization, length-grouped batches), `train` (the hand-written loop), `validate`
-(validation loss and the evaluator's task metric), `checkpoint` (crash-safe state), `job` (the
+(validation loss and the evaluator's task metric), `head` (`--head classify`: LoRA plus a linear
+head on the prompt's last token, cross-entropy over the labels; its loss, items and validation), `checkpoint` (crash-safe state), `job` (the
 job: checks, the `finetunes` rows it owns, artifacts), `launch` (in this process or through
 `accelerate launch`), `distributed` (collectives inside the workers), `worker` (one such process),
 `exporter` (adapter, merged weights, GGUF). A finished fine-tune's folder is the model `ft:NAME`

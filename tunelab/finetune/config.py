@@ -34,6 +34,7 @@ class FineTuneConfig(BaseModel):
     name: str | None = Field(None, description="name of the fine-tuned model: it becomes ft:NAME")
     base: str = Field("smollm2-135m", description="base model: smollm2-135m (bundled) or a local Hugging Face model folder")
     method: Literal["lora", "full"] = Field("lora", description="lora (train small adapter matrices) or full (train every weight)")
+    head: Literal["none", "classify"] = Field("none", description="none: the generative fine-tune (the model writes the label); classify: LoRA plus a linear head on the prompt's last token, cross-entropy over the train split's labels (label outputs only)")
     lr: float | None = Field(None, gt=0, description="peak learning rate (default: 1e-3 for lora — 2e-4 left a 135M model at the majority class after an epoch —, 2e-5 for full)")
     batch_size: int = Field(8, ge=1, description="examples per batch")
     grad_accum: int = Field(1, ge=1, description="batches per optimizer step (gradient accumulation)")

@@ -28,13 +28,15 @@ class Tokenized:
     input_ids: list[int]
     n_prompt: int  # the first n_prompt tokens are prompt (no loss); the rest is the completion
     truncated: bool = False
+    label: int | None = None  # a head fine-tune's item: the prompt alone, its label's index the target
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     @property
     def n_completion(self) -> int:
-        return len(self.input_ids) - self.n_prompt
+        """Loss terms of the item: its completion tokens (one for a head's label)."""
+        return 1 if self.label is not None else len(self.input_ids) - self.n_prompt
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -66,7 +68,7 @@ def truncate(item: Tokenized, max_length: int, keep_tail: int = 8) -> Tokenized:
     else:
         prompt = prompt[:1] + prompt[-keep_tail:]
         completion = completion[:max(1, max_length - len(prompt))]
-    return Tokenized(prompt + completion, len(prompt), truncated=True)
+    return Tokenized(prompt + completion, len(prompt), truncated=True, label=item.label)
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -113,8 +115,11 @@ def collate(items: Sequence[Tokenized], pad_id: int, torch_module=None) -> dict[
         n = len(it)
         ids[row, :n] = torch.tensor(it.input_ids)
         mask[row, :n] = 1
-        labels[row, it.n_prompt:n] = torch.tensor(it.input_ids[it.n_prompt:])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        labels[row, it.n_prompt:n] = torch.tensor(it.input_ids[it.n_prompt:], dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if items[0].label is not None:  # a head's items: the label indices
+        batch["targets"] = torch.tensor([it.label for it in items], dtype=torch.long)
+    return batch
 
 
 def render_examples(examples, render: Callable[[Any], list[dict[str, str]]], tokenizer) -> list[Tokenized]:

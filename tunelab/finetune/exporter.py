@@ -5,6 +5,9 @@
     export(ws, "spam", "gguf", "out/spam.gguf")         # the merged model as one GGUF file (f16)
     export(ws, "spam", "gguf-lora", "out/spam-lora.gguf")  # the LoRA adapter as a llama.cpp adapter GGUF
 
+A classification-head fine-tune (`--head classify`) exports as its adapter only (the LoRA adapter
+with `label_head.safetensors` and `label_head.json`): merged weights or GGUF would lose the head.
+
 GGUF files of Llama-architecture models (SmolLM2 and the other Llama-family models) are written by
 tunelab's own converter (`tunelab.models.gguf`, with the `gguf` package): nothing else needed.
 Other architectures go through llama.cpp's converters (see `tunelab.models.gguf`).
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING
 from tunelab.errors import UserError
 from tunelab.models.finetuned import read_finetuned
 from tunelab.models.gguf import lora_to_gguf, merge_adapter, to_gguf
+from tunelab.models.local.head import has_head
 from tunelab.models.weights import resolve_model_dir
 
 if TYPE_CHECKING:
@@ -48,6 +52,9 @@ def export(ws: "Workspace", name: str, format: str, out: str | Path, *, outtype:
     if format not in FORMATS:
         raise UserError(f"unknown export format '{format}' (expected one of: {', '.join(FORMATS)})", field="format")
     ft = read_finetuned(ws, name)  # the checks: known, finished, artifacts present
+    if format != "adapter" and has_head(ft.adapter):
+        raise UserError(f"ft:{name} is a classification-head fine-tune: its head answers, which merged weights and "
+                        "GGUF files leave out; use --format adapter (the LoRA adapter with label_head.*)")
     out = Path(out).expanduser().resolve()
     if format in ("gguf", "gguf-lora"):
         target = out / f"{name}{'-lora' if format == 'gguf-lora' else ''}.gguf" if out.suffix != ".gguf" else out

@@ -33,6 +33,8 @@ from typing import Any
 
 from tunelab.models.local.fused import enabled
 
+HEAD_MODULE = "label_head"  # a head fine-tune's linear head (`tunelab.finetune.head`): outside the body, read after it
+
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
@@ -132,7 +134,8 @@ class FusedLoraLlama:
             return None
         if next(model.parameters()).device.type != "cpu":
             return None
-        trainable_elsewhere = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+        trainable_elsewhere = [n for n, p in model.named_parameters()
+                               if p.requires_grad and "lora_" not in n and not n.startswith(HEAD_MODULE + ".")]
         if trainable_elsewhere:
             return None  # modules_to_save, biases, ...: transformers' forward trains them
         for layer in body.layers:

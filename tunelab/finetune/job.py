@@ -29,6 +29,7 @@ from tunelab.finetune import checkpoint
 from tunelab.finetune import train as tr
 from tunelab.finetune.config import FineTuneConfig, resolve
 from tunelab.finetune.data import render_examples, truncate
+from tunelab.finetune.head import attach_head, head_items, head_labels, head_loss, make_head_validator, save_head
 from tunelab.finetune.validate import evaluator_metric, make_validator
 from tunelab.models.finetuned import finetune_dir, write_manifest
 from tunelab.models.weights import BUNDLED_ALIASES, resolve_model_dir
@@ -85,7 +86,7 @@ class FineTuneResult:
     def setup(self) -> Setup:
         """What training took: wall time, compute cost, tokens trained, training examples."""
         return Setup(how="fine-tune", wall_s=self.wall_s, compute_cost=self.cost, tokens=self.tokens_trained,
-                     examples=self.n_train, sources=[f"fine-tune {self.name} ({self.method}, {self.wall_s:.0f} s, "
+                     examples=self.n_train, sources=[f"fine-tune {self.name} ({method_text(self.method, self.config)}, {self.wall_s:.0f} s, "
                                                      f"{self.tokens_trained:,} tokens)"])
 
     def to_dict(self, curves: bool = True) -> dict[str, Any]:
@@ -111,6 +112,12 @@ class Plan:
     val_items: list
     tokenizer: Any
     notes: list[str]
+    labels: list[str] | None = None  # a head fine-tune's labels (its rows), from the train split
+
+
+def method_text(method: str, config: dict[str, Any] | None) -> str:
+    """"lora", "full", or "lora + classification head" (`--head classify`)."""
+    return f"{method} + classification head" if (config or {}).get("head") == "classify" else method
 
 
 def run_dir(ws: "Workspace", name: str) -> Path:
@@ -165,6 +172,13 @@ def plan(ws: "Workspace", config: FineTuneConfig) -> Plan:
         raise UserError(f"batch size {config.batch_size} is larger than the {len(train)} training examples; "
                         f"use --batch-size {min(8, len(train))} or fewer", field="batch_size")
     prompt = load_prompt(ws, config.prompt)
+    labels = None
+    if config.head == "classify":
+        labels = head_labels(prompt, train, notes)
+        if config.method != "lora":
+            raise UserError("--head classify trains LoRA and the head: use --method lora", field="method")
+        if config.launcher != "local":
+            raise UserError("--head classify trains in this process: use --launcher local", field="launcher")
     demos = prompt.resolve_demos(ws)
     base_dir = resolve_model_dir(config.base)
     from transformers import AutoTokenizer
@@ -176,8 +190,12 @@ def plan(ws: "Workspace", config: FineTuneConfig) -> Plan:
     def render(ex):
         return prompt.render(ex, demos)
 
-    train_items = render_examples(train, render, tokenizer)
-    val_items = render_examples(val, render, tokenizer)
+    if labels is not None:
+        train_items = head_items(train, render, tokenizer, labels)
+        val_items = head_items(val, render, tokenizer, labels)
+    else:
+        train_items = render_examples(train, render, tokenizer)
+        val_items = render_examples(val, render, tokenizer)
     longest = max(len(it) for it in train_items)
     config = resolve(config, len(train_items), longest, n_labels=len(prompt.labels or []) or None)
     cut = sum(len(it) > config.max_length for it in train_items)
@@ -186,7 +204,7 @@ def plan(ws: "Workspace", config: FineTuneConfig) -> Plan:
                      "their prompt is dropped")
     train_items = [truncate(it, config.max_length) for it in train_items]
     val_items = [truncate(it, config.max_length) for it in val_items]
-    return Plan(config, dataset, prompt, demos, base_dir, train, val, train_items, val_items, tokenizer, notes)
+    return Plan(config, dataset, prompt, demos, base_dir, train, val, train_items, val_items, tokenizer, notes, labels)
 
 
 def describe(p: Plan) -> list[str]:
@@ -195,12 +213,14 @@ def describe(p: Plan) -> list[str]:
     per_epoch, total = tr.plan_steps(len(p.train_items), c)
     lengths = sorted(len(it) for it in p.train_items)
     lines = [
-        f"fine-tune ft:{c.name}: {c.method} on {c.base} ({p.base_dir})",
+        f"fine-tune ft:{c.name}: {method_text(c.method, {'head': c.head})} on {c.base} ({p.base_dir})",
         f"  data     {p.dataset.name}@{p.dataset.version}: {len(p.train_items):,} train, "
         f"{len(p.val_items):,} validation; prompt {p.prompt.name}@{p.prompt.version}"
         + (f" with {len(p.demos)} demos" if p.demos else ""),
         f"  tokens   per example median {lengths[len(lengths) // 2]}, max {lengths[-1]} "
-        f"(max_length {c.max_length}); loss on the completion only",
+        f"(max_length {c.max_length}); " + (f"loss: cross-entropy of a linear head over {len(p.labels)} labels "
+                                            "(the train split's) on the prompt's last token" if p.labels
+                                            else "loss on the completion only"),
         f"  schedule {c.epochs} epochs x {per_epoch} steps = {total} steps"
         + (f" (capped by max_steps {c.max_steps})" if c.max_steps and c.max_steps < per_epoch * c.epochs else "")
         + f"; batch {c.batch_size} x grad_accum {c.grad_accum}; lr {c.lr:g}, warmup {c.warmup_ratio:g}, "
@@ -248,6 +268,8 @@ def finetune(ws: "Workspace", config: FineTuneConfig, *, resume: bool = False, p
         resume = False
     p = plan(ws, config)
     model, _ = tr.load_for_training(p.base_dir, p.config)  # may still fail on bad input: before registering
+    if p.labels is not None:
+        attach_head(model, len(p.labels), p.config.seed)
     for line in describe(p):
         log(line)
     return _run(ws, p, model, row, progress=progress, log=log, on_validation=on_validation)
@@ -290,8 +312,9 @@ def _run(ws: "Workspace", p: Plan, model, row: FineTuneRow | None, *, progress: 
         _update(ws, c.name, status="running")
     bf16 = tr.use_bf16(c.precision)
     precision = "bf16" if bf16 else "fp32"
-    metric = evaluator_metric(p.prompt, p.demos, p.val_examples, p.base_dir, precision, c.name)
-    validate = make_validator(p.val_items, p.tokenizer, bf16, metric)
+    metric = evaluator_metric(p.prompt, p.demos, p.val_examples, p.base_dir, precision, c.name, labels=p.labels,
+                              max_length=c.max_length)
+    validate = (make_head_validator if p.labels is not None else make_validator)(p.val_items, p.tokenizer, bf16, metric)
     if on_validation is not None:
         validate = _reporting(validate, on_validation)
     pricing = ws.pricing_for("local", "local")
@@ -302,7 +325,8 @@ def _run(ws: "Workspace", p: Plan, model, row: FineTuneRow | None, *, progress: 
 
     try:
         trained = tr.train(model, p.tokenizer, p.train_items, validate, c, folder, resume=row is not None,
-                           progress=progress, log=log, on_checkpoint=on_checkpoint)
+                           progress=progress, log=log, on_checkpoint=on_checkpoint,
+                           loss_fn=head_loss if p.labels is not None else None)
         result = _finish(ws, p, model, trained, pricing.per_hour)
     except BaseException as exc:
         message = ("interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) if isinstance(exc, Pruned)
@@ -367,6 +391,8 @@ def _finish(ws: "Workspace", p: Plan, model, trained, per_hour: float) -> FineTu
         shutil.rmtree(tmp)
     if c.method == "lora":
         model.save_pretrained(tmp)
+        if p.labels is not None:
+            save_head(model, tmp, p.labels, c.max_length)
     else:
         tr.causal_lm(model).save_pretrained(tmp)
         p.tokenizer.save_pretrained(tmp)
@@ -394,7 +420,8 @@ def _finish(ws: "Workspace", p: Plan, model, trained, per_hour: float) -> FineTu
         (folder / "curves.png.error").write_text(f"{type(exc).__name__}: {exc}\n", encoding="utf-8")
     meta = result.to_dict(curves=False)
     meta.update(prompt_text=p.prompt.to_text(), base_dir=str(p.base_dir), segments=state.get("segments", 1),
-                artifact=target.name, created_by="tunelab finetune")
+                artifact=target.name, created_by="tunelab finetune",
+                **({"head": {"kind": "classify", "labels": len(p.labels)}} if p.labels is not None else {}))
     write_manifest(folder, meta)  # last: from now on the folder is the model ft:NAME
     with ws.store.session() as s:
         row = s.scalar(select(FineTuneRow).where(FineTuneRow.name == c.name))
@@ -481,7 +508,7 @@ def setup_of(ws: "Workspace", name: str) -> Setup:
         raise NotFound(f"unknown fine-tune '{name}'")
     return Setup(how="fine-tune", wall_s=float(row.wall_s or 0.0), compute_cost=float(row.cost or 0.0),
                  tokens=int(row.tokens_trained or 0), examples=examples_trained(ws, row),
-                 sources=[f"fine-tune {name} ({row.method}, {float(row.wall_s or 0):.0f} s, "
+                 sources=[f"fine-tune {name} ({method_text(row.method, row.config)}, {float(row.wall_s or 0):.0f} s, "
                           f"{row.tokens_trained or 0:,} tokens)"])
 
 

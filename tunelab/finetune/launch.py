@@ -151,6 +151,8 @@ def run(ws: "Workspace", config: "FineTuneConfig", *, resume: bool = False, prog
     The one entry point of the CLI and the server's job worker."""
     if config.num_processes > 1 and config.launcher == "local":
         raise UserError(f"--num-processes {config.num_processes} needs --launcher accelerate", field="num_processes")
+    if config.launcher == "accelerate" and config.head != "none":
+        raise UserError(f"--head {config.head} trains in this process: use --launcher local", field="launcher")
     if config.launcher == "accelerate":
         return launch(ws, config, resume=resume, progress=progress, log=log)
 

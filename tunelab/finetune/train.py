@@ -310,12 +310,16 @@ def plan_steps(n_train: int, config: FineTuneConfig) -> tuple[int, int]:
 def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], dict[str, Any]],
           config: FineTuneConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
           log: Callable[[str], None] = lambda s: None,
-          on_checkpoint: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+          on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+          loss_fn: Callable[..., Any] | None = None) -> TrainResult:
     """Train `model` on `items`; validate with `validate(model) -> {loss, metric, ...}` each epoch
     (and every `eval_every_steps`); keep the best weights in `run_dir/best`; checkpoint to
-    `run_dir/checkpoints/last`. With `resume`, continue from that checkpoint."""
+    `run_dir/checkpoints/last`. With `resume`, continue from that checkpoint. `loss_fn(model, batch,
+    bf16) -> (summed loss, terms)`: default the completion tokens' cross-entropy (a head fine-tune
+    passes its own, `tunelab.finetune.head.head_loss`)."""
     import torch
 
+    loss_fn = loss_fn or completion_loss
     lengths = [len(it) for it in items]
     per_epoch, total_steps = plan_steps(len(items), config)
     bf16 = use_bf16(config.precision)
@@ -399,7 +403,7 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
                 loss_total, tokens = 0.0, 0
                 for piece in pieces:
                     batch = collate([items[i] for i in piece], pad_id)
-                    loss_sum, _ = completion_loss(model, batch, bf16)
+                    loss_sum, _ = loss_fn(model, batch, bf16)
                     (loss_sum / n_loss).backward()
                     loss_total += float(loss_sum.detach())
                     tokens += int(batch["attention_mask"].sum())

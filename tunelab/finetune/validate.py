@@ -15,10 +15,12 @@ from typing import Any, Callable
 
 from tunelab.evaluate import PromptCandidate
 from tunelab.finetune.data import Tokenized, collate, micro_batches
+from tunelab.finetune.fused import HEAD_MODULE
 from tunelab.finetune.train import causal_lm, completion_token_logprobs
 from tunelab.metrics import Answer, aggregate, default_metric_names, make_metrics, primary_metric
 from tunelab.models import trim_malloc
 from tunelab.models.local import LocalModel
+from tunelab.models.local.head import HeadModel
 
 EVAL_TOKEN_BUDGET = 4096
 SKIP_METRICS = ("format_valid", "free_accuracy")  # need free generation; not worth it every epoch
@@ -73,14 +75,22 @@ def inference_copy(model, precision: str):
     return clone
 
 
-def evaluator_metric(prompt, demos, examples, base_dir: Path, precision: str, name: str):
-    """The task metric hook: `metric(model) -> {metric, metric_name, metrics}`."""
+def evaluator_metric(prompt, demos, examples, base_dir: Path, precision: str, name: str, *,
+                     labels: list[str] | None = None, max_length: int | None = None):
+    """The task metric hook: `metric(model) -> {metric, metric_name, metrics}`. With `labels`, a
+    head fine-tune: the model's head answers, as `ft:NAME` will (`tunelab.models.local.head`)."""
     output = prompt.output
     metrics = make_metrics([n for n in default_metric_names(output) if n not in SKIP_METRICS], output)
     primary = primary_metric(output)
 
     def metric(model) -> dict[str, Any]:
-        served = LocalModel(name=f"ft:{name}@training", path=str(base_dir), precision=precision)
+        if labels is None:
+            served = LocalModel(name=f"ft:{name}@training", path=str(base_dir), precision=precision)
+        else:
+            head = getattr(model, HEAD_MODULE)
+            served = HeadModel(name=f"ft:{name}@training", path=str(base_dir), precision=precision,
+                               head_tensors=(head.weight.detach().clone(), head.bias.detach().clone()),
+                               head_meta={"labels": list(labels), "max_length": max_length})
         # LocalModel loads its weights lazily into `_model`; hand it the live copy instead.
         served._model = inference_copy(model, served.precision)
         candidate = PromptCandidate(prompt, served, demos, name=f"ft:{name}", kind="ft", free_text=False)

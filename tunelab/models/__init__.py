@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from tunelab.errors import NotFound, UserError
 from tunelab.models.base import Completion, Message, Model, Request, match_label
 from tunelab.models.finetuned import read_finetuned
+from tunelab.models.local.head import HeadModel, has_head
 from tunelab.models.weights import BUNDLED_ALIASES, bundled, folder_template
 
 if TYPE_CHECKING:
@@ -143,6 +144,12 @@ def _finetuned(backend: str, spec: str, workspace: "Workspace | None", name: str
     if workspace is None:
         raise UserError(f"model '{spec}' needs a workspace")
     ft = read_finetuned(workspace, spec[3:])
+    if has_head(ft.adapter):  # a classification-head fine-tune: the local backend with its head
+        if backend != "local" or not (ft.base.lower() in BUNDLED_ALIASES or Path(ft.base).is_dir()):
+            raise UserError(f"{spec} is a classification-head fine-tune: it runs on the local backend only "
+                            f"(its base: {ft.base})")
+        path = bundled(ft.base).name if ft.base.lower() in BUNDLED_ALIASES else ft.base
+        return HeadModel(name=name or spec, path=path, adapter=str(ft.adapter), **options)
     if ft.adapter is None:
         return backend_class(backend)(name=name or spec, path=str(ft.weights), **options)
     if backend == "local":
