@@ -78,6 +78,31 @@ def test_fused_pass_equals_transformers_with_prefix_cache_and_tree_mask():
         torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-4)
 
 
+def test_fused_pass_with_the_prefix_kept_apart_and_the_padding_packed_equals_transformers():
+    """The shared prefix once for all rows (`prefix`), and only the real tokens through the matrix
+    products (`real`, as the label search feeds them): the same hidden states and row caches."""
+    import torch
+    from transformers import DynamicCache
+
+    model = tiny_llama()
+    fused = FusedLlama.of(model)
+    C = 5
+    ids, pos, mask = tree_batch(C)
+    with torch.inference_mode():
+        want = model.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                           past_key_values=prefix_cache(model, list(range(1, C + 1)), 3), use_cache=True)
+        alone = prefix_cache(model, list(range(1, C + 1)), 1)
+        prefix = [(layer.keys, layer.values) for layer in alone.layers]
+        cache = DynamicCache()
+        got = fused(ids, mask[..., C:], pos, cache, prefix=prefix)
+        real = torch.tensor([b * ids.shape[1] + t for b in range(3) for t in range(b, ids.shape[1])])  # no padding
+        packed = fused(ids, mask[..., C:], pos, DynamicCache(), prefix=prefix, real=real)
+    torch.testing.assert_close(got, want.last_hidden_state, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[0], want.last_hidden_state.reshape(-1, 64)[real], atol=1e-5, rtol=1e-4)
+    for mine, theirs in zip(cache.layers, want.past_key_values.layers):  # the rows' own columns only
+        torch.testing.assert_close(mine.keys, theirs.keys[:, :, C:], atol=1e-5, rtol=1e-4)
+
+
 def test_fused_decoding_step_equals_transformers_and_the_model_still_works():
     import torch
 

@@ -1,3 +1,4 @@
+# longer than 600 lines: one batch's passes (prompts, label search hand-off, decoding) share the private row state of _Job, _Pass and _Prefilled
 """The local backend's engine: how one `complete()` call turns requests into few, full passes.
 
 1. Every prompt is rendered and tokenized. The prefix all prompts of the call share (system
@@ -11,8 +12,11 @@
    and shared label prefixes ("Unilateral change" / "Unilateral termination") are computed once,
    and only the prompt's last position and the trie nodes go through the vocabulary projection.
    A trie of more than `TRIE_PASS_NODES` nodes (many labels: 151 intents make 424) is not laid
-   out: the pass runs the prompts only, and `labels.search` then feeds each row's most promising
-   trie nodes, a few per pass, until the best label is settled (the same argmax as full scoring).
+   out: the pass runs the prompts only, and `labels.search_passes` then feeds each row's most
+   promising trie nodes, a few per pass and the rows of all prompt passes together, until the best
+   label is settled (the same argmax as full scoring). With the fused pass the shared prefix's KV
+   cache is kept apart, once, and attended to by every row's queries in one matrix product
+   (rather than copied into every row's cache), in prompt passes, the label search and decoding.
    A label request's free answer (`free_text=True`, temperature 0) is read off this same pass
    when greedy decoding would write one of the labels and stop: the argmax after the prompt and
    after each trie node is already computed, so `greedy_label` follows it (then
@@ -55,7 +59,7 @@ from tunelab.models.base import Completion, Request
 from tunelab.models.local.grammar import CLOSE_MARGIN, Grammars
 from tunelab.models.local.kv import growing_layer
 from tunelab.models.local.labels import LABEL_TOLERANCE
-from tunelab.models.local.labels import search as label_search
+from tunelab.models.local.labels import search_passes
 from tunelab.models.local.layout import (LabelTrie, TrieSearch, build_trie, common_prefix_len, find_stop, greedy_label,
                                          json_end, make_batches, trim_output)
 
@@ -115,25 +119,40 @@ class Engine:
             prefix = self._prefix_cache(prompt_ids[0][:shared]) if shared >= MIN_SHARED_PREFIX else None
             C = prefix[0] if prefix else 0
             prefix_share = (time.perf_counter() - start) / len(requests)
-            # Prompt passes cost per token, plus a fixed cost per pass. Decoding steps gain from wide
-            # batches: the generating rows of several prompt passes decode together. A searched trie
-            # (many labels) costs about as much as the biggest trie laid out whole.
-            lengths = [len(j.prompt) - C + (min(len(j.trie.tokens), TRIE_PASS_NODES) if j.trie else 0) for j in jobs]
+            # Prompt passes cost per token, plus a fixed cost per pass. The label searches (many labels)
+            # of several prompt passes run as one, as long as their caches fit the decoding budget.
+            # Decoding steps gain from wide batches: the generating rows of several prompt passes
+            # decode together.
+            lengths = [len(j.prompt) - C + (len(j.trie.tokens) if j.trie and len(j.trie.tokens) <= TRIE_PASS_NODES else 0)
+                       for j in jobs]
             pending: list[_Prefilled] = []
+            searching: list[_Pass] = []
+
+            def finish(passes: list[_Pass]) -> None:
+                nonlocal pending
+                self._search(passes)
+                for state in filter(None, map(self._finish, passes)):
+                    if pending and not self._fits(pending + [state]):
+                        self._decode_merged(pending)
+                        pending = []
+                    pending.append(state)
+
             for batch in make_batches(lengths, SCORE_TOKEN_BUDGET, self.lm.max_batch, PASS_OVERHEAD_TOKENS):
                 rows = [jobs[b] for b in batch]
                 start = time.perf_counter()
-                state = self._prefill(rows, prefix)
+                done = self._prefill(rows, prefix)
                 share = (time.perf_counter() - start) / len(rows)
                 for job in rows:
                     job.latency += share + prefix_share
                     job.batch_size = len(rows)
-                if state is None:
+                if not done.searches:
+                    finish([done])
                     continue
-                if pending and not self._fits(pending + [state]):
-                    self._decode_merged(pending)
-                    pending = []
-                pending.append(state)
+                if searching and sum(len(p.jobs) * p.width for p in searching + [done]) * 4 > self._kv_slots():
+                    finish(searching)  # the searched caches grow by about the prompts' length and more
+                    searching = []
+                searching.append(done)
+            finish(searching)
             if pending:
                 self._decode_merged(pending)
             return [self._completion(job, requests[job.index], C) for job in jobs]
@@ -183,7 +202,7 @@ class Engine:
         logits = torch.cat([s.logits for s in states])
         attn = torch.cat([padded(s.attn, 1) for s in states])
         pos = torch.cat([s.next_pos for s in states])
-        self._decode(jobs, logits, cache, attn, pos)
+        self._decode(jobs, logits, cache, attn, pos, states[0].prefix)
         share = (time.perf_counter() - start) / len(jobs)
         for job in jobs:
             job.latency += share
@@ -280,10 +299,10 @@ class Engine:
         self._last_prefix = (key, value)
         return value
 
-    def _prefill(self, jobs: list["_Job"], prefix) -> "_Prefilled | None":
+    def _prefill(self, jobs: list["_Job"], prefix) -> "_Pass":
         """One forward pass over the batch's prompts (minus the shared prefix, already cached) and
-        the label tries laid out after them. Scores the labels; returns what decoding needs for
-        the rows that generate (their first-token logits and KV cache), or None.
+        the label tries laid out after them. Scores the labels laid out; the searched tries have
+        their first tokens scored, the rest is `_search`'s. `_finish` then gives what decoding needs.
 
         Row layout: [left padding | rest of prompt | trie nodes | right padding]; all prompts end in
         the same column S-1. The 4D attention mask is causal over the prompts and tree-shaped over
@@ -322,9 +341,15 @@ class Engine:
                 allow[b, S:S + n, C + S:C + S + n] = job.trie.sees
             allow[b, idx, C + idx] = True  # padding sees itself (no all-masked rows)
         key_pos = torch.cat([torch.arange(C).expand(B, C), pos], dim=1)
-        kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix[1]] if prefix else None
+        # the fused pass keeps the shared prefix apart (once, not once per row): the cache, the mask
+        # and the key positions then cover the rows' own positions only
+        shared = prefix[1] if prefix and self._fused() is not None else None
+        if shared is not None:
+            allow, key_pos, C = allow[:, :, C:], key_pos[:, C:], 0
+        kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix[1]] if prefix and shared is None else None
         cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
-        hidden, project = self._forward(ids, allow, pos, key_pos, cache, keep_from=S - 1, logits_to_keep=N + 1)
+        hidden, project = self._forward(ids, allow, pos, key_pos, cache, keep_from=S - 1, logits_to_keep=N + 1,
+                                        prefix=shared)
         # label scores, a few rows at a time (logits are rows x nodes x vocabulary)
         scored = [b for b, j in enumerate(jobs) if j.trie]
         step = max(1, (1 << 24) // ((N + 1) * max(1, self.lm.hf_model.config.vocab_size)))
@@ -347,56 +372,80 @@ class Engine:
                             for path, target in zip(trie.paths, trie.targets)]
                 top = logprobs[row, :len(trie.tokens) + 1].argmax(dim=-1).tolist()
                 self._greedy_from_scoring(job, top, stop_ids)
-        if searches:
-            rows = list(searches)
-            sel = torch.tensor(rows)
-            # the search's own cache (the prompts' stays for decoding), growing in place as nodes are fed
-            room = max(len(searches[b].trie.tokens) for b in rows)
-            search_cache = DynamicCache()
-            search_cache.layers = [growing_layer([layer.keys[sel.to(dev)]], [layer.values[sel.to(dev)]], C + S, room)
-                                   for layer in cache.layers]
-            visible = allow[sel, S - 1, :C + S].clone()  # what a prompt's last token sees: the prefix and its prompt
+        sel = torch.tensor(list(searches), dtype=torch.long)
+        # what a searched prompt's last token sees (the prefix unless kept apart, and its prompt)
+        return _Pass(jobs, hidden, project, cache, N, C, [S - len(r) for r in rests], C + S, searches,
+                     allow[sel, S - 1, :C + S].clone(), key_pos[sel, :C + S], pos[sel, S - 1], shared)
 
-            def forward(new_ids, new_allow, new_pos, new_keys, on):
-                return self._forward(new_ids, new_allow, new_pos, new_keys, on, keep_from=0)[0]
+    def _search(self, passes: list["_Pass"]) -> None:
+        """One label search over the searched rows of several prompt passes (`labels.search_passes`)."""
+        rows = [(p, b) for p in passes for b in p.searches]
+        if not rows:
+            return
+        start = time.perf_counter()
+        shared = passes[0].shared
 
-            label_search(searches, forward, project, search_cache, visible, key_pos[sel, :C + S], pos[sel, S - 1], pad)
-            del search_cache
-            for b, found in searches.items():
-                job = jobs[b]
-                job.sums, job.labels_cut = found.scores()
-                job.nodes_fed = sum(found.fed)
-                self._greedy_from_scoring(job, found.top, stop_ids)
+        def forward(new_ids, new_allow, new_pos, new_keys, on, real):
+            return self._forward(new_ids, new_allow, new_pos, new_keys, on, keep_from=0, prefix=shared,
+                                 real=real)[0][0]
+
+        search_passes(passes, forward, self.lm.tokenizer.pad_token_id, self.lm.device)
+        stop_ids = set(self.lm.stop_token_ids())
+        share = (time.perf_counter() - start) / len(rows)
+        for p, b in rows:
+            job, found = p.jobs[b], p.searches[b]
+            job.sums, job.labels_cut = found.scores()
+            job.nodes_fed = sum(found.fed)
+            job.latency += share
+            self._greedy_from_scoring(job, found.top, stop_ids)
+
+    def _finish(self, p: "_Pass") -> "_Prefilled | None":
+        """What decoding needs of a prompt pass (its label scores done): the rows that generate,
+        their first-token logits and KV cache, without the trie; None when no row generates."""
+        import torch
+
+        jobs, dev = p.jobs, self.lm.device
         gen = [b for b, j in enumerate(jobs) if j.max_new and not j.from_scoring]
         if not gen:
             return None
-        first = hidden[gen, 0]
-        first = (project(first) if project else first).float()
-        if N:
-            cache.crop(-N)  # drop the trie nodes: decoding continues right after the prompts
-        if len(gen) < B:
+        first = p.hidden[gen, 0]
+        first = (p.project(first) if p.project else first).float()
+        cache = p.cache
+        if p.trie_nodes:
+            cache.crop(-p.trie_nodes)  # drop the trie nodes: decoding continues right after the prompts
+        if len(gen) < len(jobs):
             cache.batch_select_indices(torch.tensor(gen, device=dev))
-        attn = torch.ones((len(gen), C + S), dtype=torch.long)
-        for row, b in enumerate(gen):
-            attn[row, C:C + S - len(rests[b])] = 0
+        attn = torch.ones((len(gen), p.width), dtype=torch.long)
+        for row, b in enumerate(gen):  # the left padding (after the shared prefix, when it is in the cache)
+            attn[row, p.prefix_columns:p.prefix_columns + p.pads[b]] = 0
         return _Prefilled([jobs[b] for b in gen], first, cache, attn.to(dev),
-                          torch.tensor([len(jobs[b].prompt) for b in gen], device=dev))
+                          torch.tensor([len(jobs[b].prompt) for b in gen], device=dev), p.shared)
 
-    def _forward(self, ids, allow, pos, key_pos, cache, keep_from: int, logits_to_keep: int = 1):
+    def _fused(self):
+        """The fused pass (`tunelab.models.local.fused`), or None: transformers' forward."""
+        return self.lm.fused() if self.lm.hf_model.get_output_embeddings() is not None else None
+
+    def _forward(self, ids, allow, pos, key_pos, cache, keep_from: int, logits_to_keep: int = 1, prefix=None,
+                 real=None):
         """One pass over `ids` (rows, tokens) after `cache`, each position seeing the cached and new
-        positions `allow` (rows, tokens, cache + tokens) says. Returns (the last hidden states from
+        positions `allow` (rows, tokens, cache + tokens) says (and all of `prefix`, the shared
+        prefix's keys and values, fused pass only). Returns (the last hidden states from
         `keep_from` on, the vocabulary projection to apply to them), or, for a model without a
-        separate head, (the last `logits_to_keep` positions' logits, None)."""
+        separate head, (the last `logits_to_keep` positions' logits, None). With `real` (flat indices
+        of the real tokens into rows x tokens, `keep_from` 0): the hidden states of those tokens only,
+        as (1, len(real), hidden) (the fused pass skips the padding outside attention)."""
         model, dev = self.lm.hf_model, self.lm.device
         body = getattr(model, "model", None)
         head = model.get_output_embeddings()
-        fused = self.lm.fused() if head is not None else None
+        fused = self._fused()
         if fused is not None:  # the fused pass computes the last layer for the positions needed only
-            return fused(ids.to(dev), allow[:, None].to(dev), pos.to(dev), cache, keep_from=keep_from), head
+            return fused(ids.to(dev), allow[:, None].to(dev), pos.to(dev), cache, keep_from=keep_from,
+                         prefix=prefix, real=None if real is None else real.to(dev)), head
         mask = self._mask(allow, pos, key_pos)
         if body is not None and head is not None:  # run the body; project only the positions needed
-            return body(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
-                        past_key_values=cache, use_cache=True).last_hidden_state[:, keep_from:], head
+            hidden = body(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
+                          past_key_values=cache, use_cache=True).last_hidden_state[:, keep_from:]
+            return (hidden if real is None else hidden.reshape(-1, hidden.shape[-1])[real.to(dev)][None]), head
         return model(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
                      past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep).logits, None
 
@@ -429,7 +478,7 @@ class Engine:
         near = (pos[:, :, None] - key_pos[:, None, :]) < window
         return {"full_attention": form(allow), "sliding_attention": form(allow & near)}
 
-    def _decode(self, jobs: list["_Job"], logits, cache, attn, next_pos) -> None:
+    def _decode(self, jobs: list["_Job"], logits, cache, attn, next_pos, prefix=None) -> None:
         """Greedy (temperature 0) or per-row seeded sampling, one token per step for every row
         still running; finished rows leave the batch."""
         import torch
@@ -494,7 +543,7 @@ class Engine:
                 live = [live[r] for r in keep]
             attn = torch.cat([attn, attn.new_ones((len(live), 1))], dim=1)
             if fused is not None and head is not None:
-                logits = head(fused(choice[:, None], attn, next_pos[:, None], cache)[:, -1]).float()
+                logits = head(fused(choice[:, None], attn, next_pos[:, None], cache, prefix=prefix)[:, -1]).float()
             else:
                 out = model(input_ids=choice[:, None], attention_mask=attn, position_ids=next_pos[:, None],
                             past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -547,6 +596,25 @@ class _Job:
 
 
 @dataclass
+class _Pass:
+    """A prompt pass whose label searches (many labels) are still to run (`Engine._search`)."""
+
+    jobs: list[_Job]
+    hidden: Any  # the last hidden states from each prompt's last position on (or logits, see `_forward`)
+    project: Any  # the vocabulary projection for `hidden`, or None
+    cache: Any  # over [shared prefix unless kept apart | padding | rest of prompt | laid-out trie]
+    trie_nodes: int  # trie columns laid out after the prompts (0 when searched)
+    prefix_columns: int  # columns of the shared prefix in `cache` (0: kept apart, `shared`)
+    pads: list[int]  # each row's left padding
+    width: int  # cache columns up to the prompts' end
+    searches: dict[int, TrieSearch]  # row -> its search, the prompt's last position fed
+    visible: Any  # (searched rows, width): what each searched prompt's last token sees
+    key_pos: Any  # (searched rows, width): the positions of those columns
+    last_pos: Any  # (searched rows,): the position of each searched prompt's last token
+    shared: Any  # the shared prefix's per-layer (keys, values) when kept apart from `cache`, else None
+
+
+@dataclass
 class _Prefilled:
     """Rows of one prompt pass that go on to decoding."""
 
@@ -555,6 +623,7 @@ class _Prefilled:
     cache: Any  # DynamicCache over [shared prefix | padding | rest of prompt]
     attn: Any  # (rows, cache length): 1 for real tokens, 0 for padding
     next_pos: Any  # (rows,): the position of the next token
+    prefix: Any = None  # the shared prefix's per-layer (keys, values) when kept apart (fused pass): not in `cache`
 
 
 def _log_softmax(values: list[float]) -> list[float]:

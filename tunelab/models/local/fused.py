@@ -14,7 +14,14 @@ computes the same layer with
   (products in the model's dtype, softmax in fp32);
 - torch's fused `rms_norm`;
 - `keep_from`: the last layer runs the query, attention and MLP only for the positions whose
-  output is read (the prompt's last token and the label trie), and keys and values for all.
+  output is read (the prompt's last token and the label trie), and keys and values for all;
+- `prefix`: the prompt prefix every row shares (instruction, label list, demos) stays one
+  (1, kv heads, C, D) tensor per layer instead of a copy in every row's cache: its attention
+  scores are one matrix product over all rows' queries (its keys read once), softmax joint with
+  the row's own keys. Decoding 82 free answers over a 330-token prefix: the attention's products
+  ran on a strided copy of every row's prefix before (9 ms a layer, 3x the contiguous product);
+- `real`: the flat indices of a padded batch's real tokens (the label search's rows feed
+  different numbers of trie nodes): only they go through the matrix products outside attention.
 
 Measured on 2 CPU cores (AMD EPYC, AVX512-BF16), SmolLM2-135M in bf16, runs interleaved in one
 process: a prompt pass of 10 x 35 tokens after a 45-token cached prefix, 1,220 vs 1,110 tokens/s
@@ -103,18 +110,28 @@ class FusedLlama:
                 return None  # adapters not merged, quantized layers, ...
         return cls(model)
 
-    def __call__(self, input_ids, mask, position_ids, cache, keep_from: int = 0):
+    def __call__(self, input_ids, mask, position_ids, cache, keep_from: int = 0, prefix=None, real=None):
         """Last hidden states (after the final norm) of the positions from `keep_from` on.
 
         `mask`: bool (batch, 1, tokens, cache length + tokens), True where a position may attend;
         or, for one token per row (decoding), (batch, cache length + 1) with 1 for real tokens.
-        `cache`: a transformers `Cache`; each layer's keys and values are appended to it."""
+        `cache`: a transformers `Cache`; each layer's keys and values are appended to it.
+        `prefix`: per layer (keys, values) of shape (1, kv heads, C, head dim), a prompt prefix
+        every row shares and every position sees, kept once rather than per row (`cache` and
+        `mask` then cover the positions after it only).
+        `real`: the flat indices (into batch x tokens) of the real tokens of a padded batch: only
+        they go through the matrix products outside attention (padding costs attention only), and
+        their last hidden states come back, in that order, as (1, len(real), hidden)."""
         import torch
         import torch.nn.functional as F
 
         body = self.body
+        B, T = input_ids.shape
+        if real is not None:  # packed: (1, real tokens) outside attention
+            if keep_from:
+                raise ValueError("keep_from applies to a padded batch")
+            input_ids, position_ids = input_ids.reshape(-1)[real][None], position_ids.reshape(-1)[real][None]
         x = body.embed_tokens(input_ids)
-        B, T, _ = x.shape
         H, KVH, D = self.heads, self.kv_heads, self.head_dim
         G = H // KVH
         cos, sin = body.rotary_emb(x, position_ids)
@@ -130,6 +147,13 @@ class FusedLlama:
         def rope(t, c, s):
             return t * c + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * s
 
+        def unpack(t):  # packed (1, real tokens, heads, D) -> (B, T, heads, D), zeros at the padding
+            if real is None:
+                return t
+            full = t.new_zeros((B * T,) + t.shape[2:])
+            full[real] = t[0]
+            return full.view(B, T, *t.shape[2:])
+
         last = len(self.layers) - 1
         for i, L in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), L.norm_in, L.eps_in)
@@ -142,25 +166,76 @@ class FusedLlama:
                 x, q_blocked = x[:, cut:], blocked[..., cut:, :]
             else:  # rotate q and k in one go: their heads side by side
                 p = F.linear(h, L.qkv)
-                qk = rope(p[..., :L.n_q + L.n_k].view(B, T, H + KVH, D), cos, sin)
-                q, k, v = qk[:, :, :H], qk[:, :, H:], p[..., L.n_q + L.n_k:]
+                qk = rope(p[..., :L.n_q + L.n_k].view(*p.shape[:2], H + KVH, D), cos, sin)
+                q, k = unpack(qk[:, :, :H]), unpack(qk[:, :, H:])
+                v = unpack(p[..., L.n_q + L.n_k:].reshape(*p.shape[:2], KVH, D))
                 q_blocked = blocked
             Tq = q.shape[1]
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.reshape(B, T, KVH, D).transpose(1, 2)
             k, v = cache.update(k, v, i)
-            K = k.shape[2]
-            # grouped-query attention: the G query heads of a key/value head as one (G*Tq)-row matrix;
-            # scores and probabilities in the model's dtype, softmax in fp32 (transformers' eager attention)
-            scores = torch.matmul(q.reshape(B, KVH, G * Tq, D), k.transpose(2, 3)).view(B, KVH, G, Tq, K)
-            scores = scores.float().mul_(L.scaling).masked_fill_(q_blocked[..., :K], float("-inf"))
-            probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, KVH, G * Tq, K)
-            o = torch.matmul(probs, v).view(B, H, Tq, D).transpose(1, 2).reshape(B, Tq, H * D)
+            o = _attend(q.reshape(B, KVH, G * Tq, D), k, v, q_blocked, L.scaling, prefix[i] if prefix else None, real)
+            if real is None:
+                o = o.reshape(B, H, Tq, D).transpose(1, 2).reshape(B, Tq, H * D)
             x = x + F.linear(o, L.o)
             h = F.rms_norm(x, (x.shape[-1],), L.norm_post, L.eps_post)
             gu = F.linear(h, L.gate_up)
             x = x + F.linear(F.silu(gu[..., :L.n_i]) * gu[..., L.n_i:], L.down)
         return F.rms_norm(x, (x.shape[-1],), body.norm.weight, body.norm.variance_epsilon)
+
+
+def _attend(q, k, v, blocked, scaling: float, prefix, real=None):
+    """Grouped-query attention: q (B, kv heads, G*Tq, D), the G query heads of a key/value head as
+    one matrix, over the row's keys/values k, v (B, kv heads, K, D) where `blocked` (B, 1, 1, Tq, K)
+    is False, and over a shared `prefix` (keys, values) (1, kv heads, C, D) seen by every position.
+    The prefix's products run as one matrix product over every row's queries (its keys read once,
+    not once per row); scores and probabilities in the model's dtype, softmax in fp32 over the
+    prefix and the row together (transformers' eager attention). Returns (B, kv heads, G*Tq, D), or
+    with `real` (the flat indices of the real queries into B x Tq) theirs only, (1, len(real), H*D):
+    the prefix's share is then computed for the real queries only."""
+    import torch
+
+    B, KVH, M, D = q.shape
+    K = k.shape[2]
+    Tq = blocked.shape[-2]
+    G = M // Tq
+    scores = torch.matmul(q, k.transpose(2, 3)).view(B, KVH, G, Tq, K)
+    scores = scores.float().mul_(scaling).masked_fill_(blocked[..., :K], float("-inf"))
+    if prefix is None:
+        probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, KVH, M, K)
+        return torch.matmul(probs, v)
+    pk, pv = prefix[0][0], prefix[1][0]  # (kv heads, C, D)
+    C = pk.shape[1]
+    if real is not None:
+        return _attend_packed(q, v, scores, scaling, pk, pv, real)
+    rows = q.transpose(0, 1).reshape(KVH, B * M, D)  # every row's queries of a key/value head
+    shared = torch.matmul(rows, pk.transpose(1, 2)).view(KVH, B, G, Tq, C).transpose(0, 1).float().mul_(scaling)
+    probs = torch.softmax(torch.cat([shared, scores], dim=-1), dim=-1).to(v.dtype)
+    on_prefix = probs[..., :C].transpose(0, 1).reshape(KVH, B * M, C)
+    out = torch.matmul(on_prefix, pv).view(KVH, B, M, D).transpose(0, 1)
+    return out.add_(torch.matmul(probs[..., C:].reshape(B, KVH, M, K), v))
+
+
+def _attend_packed(q, v, scores, scaling: float, pk, pv, real):
+    """`_attend` with a shared prefix for the real queries only: the prefix's products and the
+    softmax run over them (the row's part of the scores, `scores`, was computed padded)."""
+    import torch
+
+    B, KVH, M, D = q.shape
+    _, _, G, Tq, K = scores.shape
+    C = pk.shape[1]
+    N = real.shape[0]
+    qr = q.view(B, KVH, G, Tq, D).permute(0, 3, 1, 2, 4).reshape(B * Tq, KVH, G, D)[real]  # (N, KVH, G, D)
+    shared = torch.matmul(qr.transpose(0, 1).reshape(KVH, N * G, D), pk.transpose(1, 2))  # (KVH, N*G, C)
+    shared = shared.view(KVH, N, G, C).transpose(0, 1).float().mul_(scaling)
+    own = scores.permute(0, 3, 1, 2, 4).reshape(B * Tq, KVH, G, K)[real]
+    probs = torch.softmax(torch.cat([shared, own], dim=-1), dim=-1).to(v.dtype)  # (N, KVH, G, C + K)
+    out = torch.matmul(probs[..., :C].transpose(0, 1).reshape(KVH, N * G, C), pv).view(KVH, N, G, D).transpose(0, 1)
+    padded = probs.new_zeros((B * Tq, KVH, G, K))
+    padded[real] = probs[..., C:]
+    padded = padded.view(B, Tq, KVH, G, K).permute(0, 2, 3, 1, 4).reshape(B, KVH, M, K)
+    on_rows = torch.matmul(padded, v).view(B, KVH, G, Tq, D).permute(0, 3, 1, 2, 4).reshape(B * Tq, KVH, G, D)[real]
+    return out.add_(on_rows).reshape(1, N, KVH * G * D)
 
 
 class _Layer:

@@ -15,6 +15,11 @@ argmax is exactly full scoring's; the unscored labels share their frontier's bou
 A pass's new nodes attend to the shared prefix, their row's prompt and their own ancestors fed in
 earlier passes (a 4D mask over the cache, which grows in place: `kv.growing_layer`); they are
 dropped from the cache when the search ends, so decoding continues right after the prompts.
+
+One search covers the rows of every prompt pass of a call (`search_passes`): a pass then feeds a
+few nodes of ~100 rows at once (each weight read once for all of them), the fused pass runs only
+the real nodes through the matrix products (`real`: the padding of rows with fewer nodes costs
+attention only) and attends to the shared prefix once for all rows (`fused._attend`).
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from tunelab.models.local.kv import growing_layer
 from tunelab.models.local.layout import TrieSearch
 
 # The search stops once the labels not scored to their end have together at most this share of
 # the scored labels' probability (and the best label is settled): renormalized over the labels,
 # the scores are then off by at most ~5%.
 LABEL_TOLERANCE = math.inf
-NODES_PER_PASS = 8  # trie nodes a row feeds per pass (doubled every 4 passes of a long search)
+NODES_PER_PASS = 4  # trie nodes a row feeds per pass (doubled every 4 passes of a long, narrow search)
+SEARCH_ROOM = 64  # columns a search's cache starts with after the prompts (it grows when needed)
+WIDE_PASS = 256  # nodes in a pass that make it wide enough (each weight read once for them all)
 
 
 def search(searches: dict[int, TrieSearch], forward: Callable, project: Callable, cache: Any, visible: Any,
@@ -37,8 +45,9 @@ def search(searches: dict[int, TrieSearch], forward: Callable, project: Callable
 
     `cache` holds the searched rows, in the order of `searches`, over the shared prefix and their
     prompts; the search appends to it and drops the rows whose search has ended (the caller hands
-    in a cache it no longer needs). `forward(ids, allow, positions, key_positions, cache)` runs a
-    pass and returns the last hidden states of its tokens; `visible` (rows, cache length) says
+    in a cache it no longer needs). `forward(ids, allow, positions, key_positions, cache, real)` runs a
+    pass and returns the last hidden states of its real tokens (`real`: their flat indices into
+    rows x tokens), in that order; `visible` (rows, cache length) says
     which cached positions a row's trie nodes see (the shared prefix and the row's prompt, not its
     padding), `key_pos` their positions, `last_pos` (rows,) the position of each prompt's last
     token (all three in the order of `searches`)."""
@@ -80,10 +89,9 @@ def search(searches: dict[int, TrieSearch], forward: Callable, project: Callable
                 real.append((r, slot, b, j))
         slots = torch.arange(k)
         allow[:, slots, K + slots] = True  # every position sees itself (padding: nothing else)
-        hidden = forward(ids, allow, pos, torch.cat([key_pos, pos], dim=1), cache)
-        index_r = torch.tensor([r for r, _, _, _ in real])
-        index_s = torch.tensor([s for _, s, _, _ in real])
-        logprobs = torch.log_softmax(project(hidden[index_r, index_s]).float(), dim=-1).cpu()
+        flat = torch.tensor([r * k + s for r, s, _, _ in real])  # the nodes, without the padding
+        hidden = forward(ids, allow, pos, torch.cat([key_pos, pos], dim=1), cache, flat)
+        logprobs = torch.log_softmax(project(hidden).float(), dim=-1).cpu()
         top = logprobs.argmax(dim=-1).tolist()
         for row, (_, slot, b, j) in enumerate(real):
             found = searches[b]
@@ -93,5 +101,32 @@ def search(searches: dict[int, TrieSearch], forward: Callable, project: Callable
         visible = torch.cat([visible, visible.new_zeros((rows, k))], dim=1)
         key_pos = torch.cat([key_pos, pos], dim=1)
         passes += 1
-        if passes % 4 == 0:
+        if passes % 4 == 0 and rows * per_pass < WIDE_PASS:  # a narrow search: fewer, longer passes
             per_pass *= 2
+
+
+def search_passes(passes: list, forward: Callable, pad_id: int, device: Any = "cpu") -> None:
+    """One `search` over the searched rows of several prompt passes: wider passes, each weight read
+    once for all of them. Each pass has `searches` (row -> its `TrieSearch`), `cache` (its rows'
+    KV cache), `width` (its columns up to the prompts' end), `visible`, `key_pos` and `last_pos`
+    (of its searched rows, as `search` takes them) and `project`. Their caches are stacked,
+    left-padded to one length, into the search's own cache."""
+    import torch
+    from transformers import DynamicCache
+
+    used = [p for p in passes if p.searches]
+    if not used:
+        return
+    n = max(p.width for p in used)
+
+    def left_pad(t):
+        return torch.cat([t.new_zeros((t.shape[0], n - t.shape[1])), t], dim=1)
+
+    sels = [torch.tensor(list(p.searches), device=device) for p in used]
+    cache = DynamicCache()
+    cache.layers = [growing_layer([p.cache.layers[i].keys[sel] for p, sel in zip(used, sels)],
+                                  [p.cache.layers[i].values[sel] for p, sel in zip(used, sels)], n, SEARCH_ROOM)
+                    for i in range(len(used[0].cache.layers))]
+    rows = [found for p in used for found in p.searches.values()]
+    search(dict(enumerate(rows)), forward, used[0].project, cache, torch.cat([left_pad(p.visible) for p in used]),
+           torch.cat([left_pad(p.key_pos) for p in used]), torch.cat([p.last_pos for p in used]), pad_id)
