@@ -61,9 +61,12 @@ SHIFTED = ["what's the weather going to be like tomorrow in lisbon", "set an ala
            "how do i make cold brew coffee"]
 
 
+THREADS: dict[str, str] = {}  # --threads: the environment that limits torch in every command and the server
+
+
 def tunelab(ws_root: Path, *args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
     """Run `tunelab ARGS` in the workspace and print what it said."""
-    env = {**os.environ, "TUNELAB_WORKSPACE": str(ws_root)}
+    env = {**os.environ, **THREADS, "TUNELAB_WORKSPACE": str(ws_root)}
     env.pop("TUNELAB_DATABASE_URL", None)
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "tunelab", *args], env=env, capture_output=True, text=True)
@@ -104,8 +107,12 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=1, help="the student's fine-tuning epochs")
     parser.add_argument("--gate", default="0.8:80", help="the second promotion gate, MIN_AGREEMENT:MIN_CALLS")
     parser.add_argument("--no-eval-data", action="store_true", help="skip student vs teacher on support:test")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of the server")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of every command and the server")
     args = parser.parse_args()
+    if args.threads:
+        THREADS.update(TUNELAB_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
+                       MKL_NUM_THREADS=str(args.threads))
+        os.environ.update(THREADS)  # the server (started with this environment) too
 
     import httpx
     import openai
