@@ -81,14 +81,13 @@ def tunelab(ws_root: Path, *args: str, ok: tuple[int, ...] = (0,)) -> subprocess
     return res
 
 
-def settle(ws, quiet_s: float = 10.0, timeout: float = 1800.0) -> int:
-    """The deployment's shadow rows once no new one arrived for `quiet_s` (the shadow answers in pauses)."""
-    count, since, deadline = -1, time.time(), time.time() + timeout
+def settle(ws, want: int, timeout: float = 3600.0) -> int:
+    """The deployment's shadow rows once there are `want` of them (the shadow answers in the
+    background: in the server's worker process, at the lowest priority, for a local model)."""
+    deadline, count = time.time() + timeout, 0
     while time.time() < deadline:
-        now = len(shadow_rows(ws, DEP))
-        if now != count:
-            count, since = now, time.time()
-        elif time.time() - since > quiet_s:
+        count = len(shadow_rows(ws, DEP))
+        if count >= want:
             break
         time.sleep(1.0)
     return count
@@ -189,7 +188,7 @@ def main() -> int:
             healthy_from = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
             send(splits["validation"])
             healthy_until = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + 1))
-            print(f"  shadow answers logged: {settle(ws)}")
+            print(f"  shadow answers logged: {settle(ws, len(splits['validation']))}")
             tunelab(ws.root, "compare", "--from-logs", DEP, "--shadow", STUDENT)
             print(f"  ({time.perf_counter() - t:.0f} s)")
 
@@ -198,8 +197,9 @@ def main() -> int:
             time.sleep(1.5)
             answers = send(splits["test"])
             arms = [a.model_extra["tunelab"]["arm"] for a in answers]
+            # one background answer per call: the student's on the primary's calls, the primary's on the canary's
             print(f"  arms: primary {arms.count('primary')}, canary {arms.count('canary')}; "
-                  f"shadow rows logged: {settle(ws)}")
+                  f"shadow rows logged: {settle(ws, len(splits['validation']) + len(splits['test']))}")
             tunelab(ws.root, "rollout", "show", DEP)
             tunelab(ws.root, "promote", DEP, "--min-agreement", "0.95", "--min-calls", "500", ok=(0, 1))
             agreement, calls = args.gate.split(":")
