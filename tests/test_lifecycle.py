@@ -492,3 +492,12 @@ def test_distill_prints_the_student_against_the_teacher_on_labelled_data(ws, cli
     for entry in comparison.candidates:  # each one's metric with its interval (the CLI read `.lo` once)
         assert f"{entry.name}: accuracy {entry.metric.value:.3f} (95% CI {entry.metric.low:.3f}–" in res.stdout
     assert len(comparison.candidates) >= 2 and "report:" in res.stdout
+
+
+def test_a_call_id_that_looks_like_a_card_number_is_not_personal_data():
+    """A logged example's call id is tunelab's: its hex can hold a Luhn-valid run of digits."""
+    from tunelab.lifecycle.pii import find_pii
+
+    ids = {"call_id": "chatcmpl-4111111111111111abcdefab"}  # 4111 1111 1111 1111 passes the Luhn check
+    assert not find_pii([Example("my parcel is late", "", ids)]).found
+    assert find_pii([Example("my parcel is late", "", {"note": "card 4111 1111 1111 1111"})]).kinds == {"card": 1}
