@@ -9,7 +9,8 @@
 3. Shadow overhead: rounds of calls at a fixed concurrency, alternately without and with a shadow
    mirroring every call (the same server, the rollout switched between rounds); prints p50/p95
    with and without, their ratio and difference. `--shadow-real` puts the bundled SmolLM2 in the
-   shadow (it then competes for the same CPU, waiting for pauses between calls).
+   shadow: answered in the server's shadow worker process (at the lowest priority, one thread), or
+   with `--shadow-worker thread` in a thread of the server, in the pauses between calls.
 4. A smaller run against a prompt deployment on the real bundled SmolLM2-135M (label output,
    so each call is one batched scoring pass): prints requests/s and p50/p95.
 
@@ -20,6 +21,7 @@ Load averages are printed with each figure (other work on the machine moves them
     python bench/gateway_load.py                    # all four (16 real calls at concurrency 8)
     python bench/gateway_load.py --n 500 --real-n 0 --rounds 0
     python bench/gateway_load.py --real-n 0 --rounds 8 --round-n 100 --shadow-real --threads 1
+    python bench/gateway_load.py --real-n 0 --rounds 8 --round-n 100 --shadow-real --threads 1 --shadow-worker thread
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def start_server(ws_root: Path, threads: int | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(ws_root: Path, threads: int | None = None, shadow_worker: str = "auto") -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -78,7 +80,8 @@ def start_server(ws_root: Path, threads: int | None = None) -> tuple[subprocess.
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.pop("TUNELAB_DATABASE_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", "--port", str(port), "--rate", "0",
-                             "--no-worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--no-worker", "--shadow-worker", shadow_worker], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     import httpx
 
     url = f"http://127.0.0.1:{port}"
@@ -98,7 +101,7 @@ def start_server(ws_root: Path, threads: int | None = None) -> tuple[subprocess.
 def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
 
@@ -185,8 +188,9 @@ def with_rollout(ws, url: str, key: str, n: int, concurrency: int) -> bool:
     return not errors and len(calls) == n and all(c.arm for c in calls) and have == wanted
 
 
-def shadow_overhead(ws, url: str, key: str, rounds: int, n: int, concurrency: int, real: bool) -> bool:
-    """p95 latency of the caller with and without a shadow, alternating rounds on one server."""
+def shadow_overhead(ws, url: str, key: str, rounds: int, n: int, concurrency: int, real: bool) -> tuple[bool, int]:
+    """p95 latency of the caller with and without a shadow, alternating rounds on one server; (no
+    errors, how many calls were mirrored)."""
     from tunelab.lifecycle.rollouts import set_shadow, stop_rollout
 
     dep, shadow = "plain@production", "shadow-real@production" if real else "support-shadow@production"
@@ -205,7 +209,7 @@ def shadow_overhead(ws, url: str, key: str, rounds: int, n: int, concurrency: in
         errors += errs
         time.sleep(0.5 if not real else 3.0)  # let a real shadow drain between rounds
     if not got[True] or not got[False]:
-        return not errors
+        return not errors, 0
     mirrored = (rounds // 2) * n
     rows = shadow_rows(ws, dep)
     for _ in range(900):  # the last answers are written in the next pause (a real shadow takes a while)
@@ -213,16 +217,23 @@ def shadow_overhead(ws, url: str, key: str, rounds: int, n: int, concurrency: in
             break
         time.sleep(0.2)
         rows = shadow_rows(ws, dep)
-    answered, dropped = sum(r.status == "ok" for r in rows), sum(r.status == "dropped" for r in rows)
-    failed = [r.error for r in rows if r.status == "error"]
     p = {on: (percentile(v, 0.5) * 1000, percentile(v, 0.95) * 1000) for on, v in got.items()}
     print(f"[{loads()}] shadow overhead ({'SmolLM2' if real else 'fake'} shadow on every call, concurrency "
           f"{concurrency}, {rounds} alternating rounds of {n}): p50 {p[False][0]:.1f} -> {p[True][0]:.1f} ms, "
           f"p95 {p[False][1]:.1f} -> {p[True][1]:.1f} ms; p95 ratio {p[True][1] / p[False][1]:.2f}, "
           f"p95 difference {p[True][1] - p[False][1]:+.1f} ms; errors {len(errors)}")
-    print(f"    shadow answers: {answered} answered, {dropped} dropped (queue full), {len(failed)} failed, of "
+    shadow_outcome(ws, dep, mirrored, "by 3 minutes after the last round")
+    return not errors, mirrored
+
+
+def shadow_outcome(ws, dep: str, mirrored: int, when: str) -> bool:
+    """Print what became of the mirrored calls' shadow answers; True when each one is logged."""
+    rows = shadow_rows(ws, dep)
+    answered, dropped = sum(r.status == "ok" for r in rows), sum(r.status == "dropped" for r in rows)
+    failed = [r.error for r in rows if r.status == "error"]
+    print(f"    shadow answers {when}: {answered} answered, {dropped} dropped, {len(failed)} failed, of "
           f"{mirrored} mirrored calls" + (f"; first failure: {failed[0]}" if failed else ""))
-    return not errors and answered + dropped + len(failed) == mirrored
+    return answered + dropped + len(failed) == mirrored
 
 
 def main() -> int:
@@ -236,6 +247,8 @@ def main() -> int:
     parser.add_argument("--real-n", type=int, default=16, help="requests against the real-model deployment (0: skip)")
     parser.add_argument("--real-concurrency", type=int, default=8, help="requests in flight at once (real model)")
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads of the server")
+    parser.add_argument("--shadow-worker", default="auto", choices=["auto", "process", "thread"],
+                        help="where the server's shadows answer (auto: a local model's in a worker process)")
     args = parser.parse_args()
 
     from tunelab.files import write_atomic
@@ -257,8 +270,8 @@ def main() -> int:
         commit_prompt(ws, "support", "the canary")
         tag_prompt(ws, "support@current", "next")
         _, key = create_key(ws, "bench", "app", deployments=["support@*", "support-real@*", "plain@*"])
-        proc, url = start_server(ws.root, args.threads)
-        ok = True
+        proc, url = start_server(ws.root, args.threads, args.shadow_worker)
+        ok, mirrored = True, 0
         try:
             asyncio.run(load(url, key, "support@production", 10, 10))  # warm up (not logged in the figures)
             before = count_calls(ws, "support@production")
@@ -268,8 +281,9 @@ def main() -> int:
             ok = not errors and logged == args.n
             ok = with_rollout(ws, url, key, args.n, args.concurrency) and ok
             if args.rounds:
-                ok = shadow_overhead(ws, url, key, args.rounds, args.round_n, args.round_concurrency,
-                                     args.shadow_real) and ok
+                fine, mirrored = shadow_overhead(ws, url, key, args.rounds, args.round_n, args.round_concurrency,
+                                                 args.shadow_real)
+                ok = fine and ok
             if args.real_n:
                 asyncio.run(load(url, key, "support-real@production", 2, 1))  # load the weights
                 lat, errors, wall = asyncio.run(load(url, key, "support-real@production", args.real_n,
@@ -280,6 +294,8 @@ def main() -> int:
                 ok = ok and not errors and logged == args.real_n
         finally:
             stop_server(proc)
+        if mirrored:  # the server logs what its shadow did not answer yet as dropped when it stops
+            ok = shadow_outcome(ws, "plain@production", mirrored, "after the server stopped") and ok
     print("PASS" if ok else "FAIL: errors, missing call logs or lost shadow answers")
     return 0 if ok else 1
 

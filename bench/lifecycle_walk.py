@@ -25,8 +25,11 @@ machine is shared: compare the times with care).
     python bench/lifecycle_walk.py                       # 200 calls, 1 epoch
     python bench/lifecycle_walk.py --traffic 100 --no-eval-data --threads 1
 
-Slow on a busy CPU: every step runs SmolLM2 (the first, `tunelab eval` on the 83 test tickets,
-took 5.5 min on 2 cores at load average 13; an idle machine is several times faster).
+Slow on a busy CPU: every step runs SmolLM2. On 2 cores shared at load average 8–17 (--threads 1):
+`tunelab eval` on the 83 test tickets 53–195 s, 200 calls 68 s, `tunelab distill` 63 min (teacher
+labels with 4 demos 32 min, one epoch of fine-tuning 19 min); the shadow then answers at the lowest
+priority, as the CPU allows. An idle machine is several times faster; `--traffic 60 --no-eval-data`
+is a shorter walk.
 """
 
 from __future__ import annotations
@@ -61,15 +64,18 @@ SHIFTED = ["what's the weather going to be like tomorrow in lisbon", "set an ala
            "how do i make cold brew coffee"]
 
 
+THREADS: dict[str, str] = {}  # --threads: the environment that limits torch in every command and the server
+
+
 def tunelab(ws_root: Path, *args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
     """Run `tunelab ARGS` in the workspace and print what it said."""
-    env = {**os.environ, "TUNELAB_WORKSPACE": str(ws_root)}
+    env = {**os.environ, **THREADS, "TUNELAB_WORKSPACE": str(ws_root)}
     env.pop("TUNELAB_DATABASE_URL", None)
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "tunelab", *args], env=env, capture_output=True, text=True)
     print(f"\n$ tunelab {' '.join(args)}   [{time.perf_counter() - t0:.0f} s, {loads()}, exit {res.returncode}]")
     out = res.stdout.strip()
-    print(out if len(out) < 6000 else out[:3000] + "\n...\n" + out[-3000:])
+    print(out if len(out) < 40000 else out[:20000] + "\n...\n" + out[-20000:])
     if res.returncode not in ok:
         print(res.stderr[-3000:])
         raise SystemExit(f"tunelab {args[0]} exited {res.returncode}")
@@ -78,14 +84,13 @@ def tunelab(ws_root: Path, *args: str, ok: tuple[int, ...] = (0,)) -> subprocess
     return res
 
 
-def settle(ws, quiet_s: float = 10.0, timeout: float = 1800.0) -> int:
-    """The deployment's shadow rows once no new one arrived for `quiet_s` (the shadow answers in pauses)."""
-    count, since, deadline = -1, time.time(), time.time() + timeout
+def settle(ws, want: int, timeout: float = 3600.0) -> int:
+    """The deployment's shadow rows once there are `want` of them (the shadow answers in the
+    background: in the server's worker process, at the lowest priority, for a local model)."""
+    deadline, count = time.time() + timeout, 0
     while time.time() < deadline:
-        now = len(shadow_rows(ws, DEP))
-        if now != count:
-            count, since = now, time.time()
-        elif time.time() - since > quiet_s:
+        count = len(shadow_rows(ws, DEP))
+        if count >= want:
             break
         time.sleep(1.0)
     return count
@@ -104,8 +109,12 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=1, help="the student's fine-tuning epochs")
     parser.add_argument("--gate", default="0.8:80", help="the second promotion gate, MIN_AGREEMENT:MIN_CALLS")
     parser.add_argument("--no-eval-data", action="store_true", help="skip student vs teacher on support:test")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of the server")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of every command and the server")
     args = parser.parse_args()
+    if args.threads:
+        THREADS.update(TUNELAB_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
+                       MKL_NUM_THREADS=str(args.threads))
+        os.environ.update(THREADS)  # the server (started with this environment) too
 
     import httpx
     import openai
@@ -182,7 +191,7 @@ def main() -> int:
             healthy_from = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
             send(splits["validation"])
             healthy_until = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + 1))
-            print(f"  shadow answers logged: {settle(ws)}")
+            print(f"  shadow answers logged: {settle(ws, len(splits['validation']))}")
             tunelab(ws.root, "compare", "--from-logs", DEP, "--shadow", STUDENT)
             print(f"  ({time.perf_counter() - t:.0f} s)")
 
@@ -191,8 +200,9 @@ def main() -> int:
             time.sleep(1.5)
             answers = send(splits["test"])
             arms = [a.model_extra["tunelab"]["arm"] for a in answers]
+            # one background answer per call: the student's on the primary's calls, the primary's on the canary's
             print(f"  arms: primary {arms.count('primary')}, canary {arms.count('canary')}; "
-                  f"shadow rows logged: {settle(ws)}")
+                  f"shadow rows logged: {settle(ws, len(splits['validation']) + len(splits['test']))}")
             tunelab(ws.root, "rollout", "show", DEP)
             tunelab(ws.root, "promote", DEP, "--min-agreement", "0.95", "--min-calls", "500", ok=(0, 1))
             agreement, calls = args.gate.split(":")

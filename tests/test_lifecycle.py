@@ -473,3 +473,31 @@ def test_json_answers_log_their_token_confidence_the_monitor_alarms_and_distill_
     train = get_dataset(ws, ref).splits["train"] + get_dataset(ws, ref).splits.get("validation", [])
     assert len(train) == 24 and prov["unsure"]["count"] == 24 and all(ex.meta["teacher_unsure"] for ex in train)
     assert {ex.meta["teacher"]["confidence"] for ex in train} == {round(_token_probability(unsure), 4)}
+
+
+def test_distill_prints_the_student_against_the_teacher_on_labelled_data(ws, cli, monkeypatch):
+    """The command's last lines, from a real comparison (the training itself is tests/test_lifecycle_e2e.py's)."""
+    from tunelab.compare import compare
+    from tunelab.lifecycle import distill as distill_module
+
+    comparison = compare(ws, "tickets:test", ["route@production", "route@next"], progress=False)
+
+    def fake_distill(workspace, config, progress=None, log=None):
+        return distill_module.DistillResult(dataset="d@1", provenance={}, student="ft:d", comparison=comparison)
+
+    monkeypatch.setattr(distill_module, "distill", fake_distill)
+    res = cli("distill", "--from", "route@production", "--teacher", "route@next", "--name", "d",
+              "--eval-data", "tickets:test")
+    assert res.exit_code == 0, res.output
+    for entry in comparison.candidates:  # each one's metric with its interval (the CLI read `.lo` once)
+        assert f"{entry.name}: accuracy {entry.metric.value:.3f} (95% CI {entry.metric.low:.3f}–" in res.stdout
+    assert len(comparison.candidates) >= 2 and "report:" in res.stdout
+
+
+def test_a_call_id_that_looks_like_a_card_number_is_not_personal_data():
+    """A logged example's call id is tunelab's: its hex can hold a Luhn-valid run of digits."""
+    from tunelab.lifecycle.pii import find_pii
+
+    ids = {"call_id": "chatcmpl-4111111111111111abcdefab"}  # 4111 1111 1111 1111 passes the Luhn check
+    assert not find_pii([Example("my parcel is late", "", ids)]).found
+    assert find_pii([Example("my parcel is late", "", {"note": "card 4111 1111 1111 1111"})]).kinds == {"card": 1}

@@ -123,3 +123,44 @@ def test_free_text_streams_token_by_token_and_is_the_measured_answer_on_smollm2(
                 if c.choices and c.choices[0].delta.content]
             assert "".join(pieces) == r.prediction and len(r.prediction) > 10
             assert len(pieces) > 3  # token by token, not one piece at the end
+
+
+def test_a_canary_and_a_shadow_answer_in_the_worker_process_as_they_were_measured_on_smollm2(ws):
+    """On a local model the shadow's answers (and the primary's on a canary's calls) come from the
+    gateway's worker process, with its own copy of the model: still the measured answers."""
+    import os
+
+    from tunelab.lifecycle.calls import shadow_rows
+    from tunelab.lifecycle.rollouts import set_canary, set_shadow, stop_rollout
+    from tunelab.prompts import tag_prompt
+
+    tag_prompt(ws, "spam@current", "live")
+    measured = {c: {r.input: r.prediction for r in run_rows(ws, evaluate(ws, resolve_candidate(ws, c), "sms:test",
+                                                                         progress=False).id) if r.repeat_index == 0}
+                for c in ("spam@live", "ft:spam", "hybrid:hy")}
+    set_canary(ws, "spam@live", "ft:spam", 0.5)
+    set_shadow(ws, "spam@live", "hybrid:hy", 1.0)
+    _, key = create_key(ws, "rollout-app", "app")
+    app = create_app(ws)
+    app.state.rollouts.refresh_s = 0.0
+    try:
+        with TestClient(app) as http:
+            client = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=http, max_retries=0)
+            served = [(text, client.chat.completions.create(model="spam@live",
+                                                            messages=[{"role": "user", "content": text}]))
+                      for text in measured["ft:spam"]]
+            assert app.state.shadows.wait_idle(600)
+            pid = app.state.shadows.process.pid
+            assert pid is not None and pid != os.getpid() and app.state.shadows.process.started == 1
+        with pytest.raises(ProcessLookupError):  # stopped (and reaped) with the app
+            os.kill(pid, 0)
+    finally:
+        stop_rollout(ws, "spam@live")
+    for text, s in served:
+        assert s.choices[0].message.content == measured[s.model_extra["tunelab"]["candidate"]][text]
+    inputs = {s.id: text for text, s in served}
+    rows = shadow_rows(ws, "spam@live")
+    assert {r.role for r in rows} == {"shadow", "baseline"} and {r.status for r in rows} == {"ok"}
+    assert len([r for r in rows if r.role == "shadow"]) == len(served)
+    for r in rows:  # the answers no caller saw, from the worker process: the measured ones
+        assert r.output == measured[r.candidate][inputs[r.call_id]]

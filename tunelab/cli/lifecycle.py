@@ -235,7 +235,9 @@ def distill(
         _out(f"agreement with the teacher on held-back calls: {m['value']:.1%} (95% CI {m['lo']:.1%}–{m['hi']:.1%}, n={m['n']})")
     if result.comparison is not None:
         for c in result.comparison.candidates:
-            _out(f"{c.name}: {result.comparison.metric} {c.metric.value:.3f} (95% CI {c.metric.lo:.3f}–{c.metric.hi:.3f})")
+            ci = f" (95% CI {c.metric.low:.3f}–{c.metric.high:.3f})" if c.metric.low is not None else ""
+            value = f"{c.metric.value:.3f}" if c.metric.value is not None else "–"
+            _out(f"{c.name}: {result.comparison.metric} {value}{ci}")
         _out(f"report: {result.comparison.report}")
     for n in result.notes:
         _out(n)

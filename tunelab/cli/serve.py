@@ -17,12 +17,14 @@ def serve(
     burst: int = typer.Option(200, help="Requests an API key may send at once before the rate applies."),
     max_body: int = typer.Option(1_000_000, "--max-body", help="The largest request body in bytes (413 above)."),
     shadow_queue: int = typer.Option(1000, "--shadow-queue", help="Shadow answers waiting at most; more are dropped (and logged as dropped)."),
+    shadow_worker: str = typer.Option("auto", "--shadow-worker", help="Where shadows answer: auto (a local model's in a worker process of its own "
+                                           "at the lowest priority, a remote or fake one in a thread), process, thread."),
 ) -> None:
     """Serve deployments behind an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/feedback) and the web UI."""
     from tunelab.server.app import serve as run_server
 
     run_server(workspace(), host=host, port=port, worker=worker, rate=rate, burst=burst, max_body=max_body,
-               shadow_capacity=shadow_queue)
+               shadow_capacity=shadow_queue, shadow_worker=shadow_worker)
 
 
 def worker(

@@ -25,6 +25,7 @@ PATTERNS = {
     "iban": re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b"),
     "ip": re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\d.])"),
 }
+OWN_KEYS = {"call_id"}  # what tunelab adds to a logged example (a call id's hex can look like a card number)
 FIELD_WORDS = re.compile(r"e-?mail|phone|mobile|name|address|street|zip|postcode|birth|ssn|passport|iban|card|ip_?addr",
                          re.IGNORECASE)
 
@@ -88,8 +89,9 @@ def find_pii(examples: Sequence[Example]) -> PiiReport:
     fields: set[str] = set()
     for i, ex in enumerate(examples):
         kinds: set[str] = set(kinds_in(ex.input))
-        named = [k for k, v in ex.meta.items() if FIELD_WORDS.search(str(k)) and v not in (None, "")]
-        for v in ex.meta.values():
+        meta = {k: v for k, v in ex.meta.items() if k not in OWN_KEYS}
+        named = [k for k, v in meta.items() if FIELD_WORDS.search(str(k)) and v not in (None, "")]
+        for v in meta.values():
             if isinstance(v, str):
                 kinds.update(kinds_in(v))
         if kinds or named:

@@ -48,14 +48,16 @@ if TYPE_CHECKING:
 
 
 def create_app(workspace: "Workspace", *, auth: bool = True, rate: float = 20.0, burst: int = 200, ui: bool = True,
-               worker: bool = False, max_body: int = MAX_BODY, shadow_capacity: int = SHADOW_CAPACITY) -> FastAPI:
+               worker: bool = False, max_body: int = MAX_BODY, shadow_capacity: int = SHADOW_CAPACITY,
+               shadow_worker: str = "auto") -> FastAPI:
     """The FastAPI app serving `workspace`: the gateway, the JSON API and the web UI.
 
     `auth=False` lets every request in as an admin (only for tests of the wire format);
     `rate`/`burst`: the token bucket per key (`rate=0`: no limit); `max_body`: the largest request
     body in bytes (413 above); `worker`: run a background-job
     worker thread while the app runs; `shadow_capacity`: shadow answers waiting at most (more are
-    dropped and logged as dropped). While the app lives, `app.state.deployments` holds the
+    dropped and logged as dropped); `shadow_worker`: where shadows answer ("auto": a local model's
+    in a worker process of its own, the others in a thread; "process"; "thread"). While the app lives, `app.state.deployments` holds the
     resolved deployments and their micro-batchers (`forget()` after a deploy), `app.state.rollouts`
     their canaries and shadows, `app.state.shadows` the shadow queue.
     """
@@ -63,7 +65,7 @@ def create_app(workspace: "Workspace", *, auth: bool = True, rate: float = 20.0,
     job_worker = Worker(workspace) if worker else None
     writer = LogWriter(workspace)
     shadows = ShadowQueue(deployments, lambda answers: write_shadow_answers(workspace, answers),
-                          capacity=shadow_capacity)
+                          capacity=shadow_capacity, worker=shadow_worker)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -224,8 +226,9 @@ class SecurityHeaders:
 
 def serve(workspace: "Workspace", host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", *,
           worker: bool = True, rate: float = 20.0, burst: int = 200, max_body: int = MAX_BODY,
-          shadow_capacity: int = SHADOW_CAPACITY) -> None:
+          shadow_capacity: int = SHADOW_CAPACITY, shadow_worker: str = "auto") -> None:
     import uvicorn
 
     uvicorn.run(create_app(workspace, worker=worker, rate=rate, burst=burst, max_body=max_body,
-                           shadow_capacity=shadow_capacity), host=host, port=port, log_level=log_level)
+                           shadow_capacity=shadow_capacity, shadow_worker=shadow_worker),
+                host=host, port=port, log_level=log_level)

@@ -169,6 +169,7 @@ class Deployments:
     _deployed: dict[str, Deployment] = field(default_factory=dict)
     _batchers: dict[int, BatchedModel] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    generation: int = 0  # moves whenever a resolved deployment is dropped (a shadow worker process follows it)
 
     def get(self, name: str) -> Deployment:
         with self._lock:
@@ -180,11 +181,13 @@ class Deployments:
         """Resolve `name` again on its next call (a label or a rollout moved); the batchers stay."""
         with self._lock:
             self._deployed.pop(name, None)
+            self.generation += 1
 
     def forget(self) -> None:
         """Drop every deployment and stop their batchers (after a deploy: labels point elsewhere)."""
         with self._lock:
             self._deployed.clear()
+            self.generation += 1
             batchers, self._batchers = list(self._batchers.values()), {}
         for b in batchers:
             b.close()

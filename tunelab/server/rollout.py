@@ -5,14 +5,20 @@ shadow queue that answers in the background.
   when its generation moved (a canary set, a promotion), the deployment is resolved again.
 - `ShadowQueue`: the calls a shadow (or, on a canary's calls, the primary) must answer too. The
   caller never waits for them: `submit` puts a job on a bounded queue without blocking, and a job
-  that does not fit is dropped and logged as `dropped` (counted, never silently lost). One worker
-  thread answers the jobs, in small batches, only in a pause: no call being answered (`serving()`
-  marks the gateway busy) for `QUIET_S` seconds, so a shadow on the same CPU or model rarely
-  competes with a caller (a call arriving during a shadow's batch still shares the CPU with it);
-  a gateway busy without a pause fills the queue and drops instead. Answers are logged as
-  `shadow_calls` rows in bulk, at most `WRITE_AFTER_S` after they were answered and also only in a
-  pause (so a caller's own log write never queues behind them). On shutdown, what is left is
-  logged as dropped.
+  that does not fit is dropped and logged as `dropped` (counted, never silently lost). Where a job
+  is answered depends on its candidate:
+  - one that runs a model on this machine (SmolLM2, a fine-tune, llama.cpp) is answered in a worker
+    process of its own, at the lowest OS priority, on one thread, with its own copy of the model
+    (`tunelab.server.shadows.ShadowProcess`, its own bounded queue): its compute never holds the
+    gateway's interpreter or takes a CPU a caller wants;
+  - the others (a remote API, the fake model) in one worker thread of the gateway, in small
+    batches, only in a pause: no call being answered (`serving()` marks the gateway busy) for
+    `QUIET_S` seconds; a gateway busy without a pause fills the queue and drops instead.
+  Both answer through the same `answer_jobs` (the deployment's candidate, as measured). Answers
+  are logged as `shadow_calls` rows in bulk (the thread's at most `WRITE_AFTER_S` after they were
+  answered and only in a pause, so a caller's own log write never queues behind them; the worker
+  process writes its own). On shutdown, what is left is logged as dropped and the worker process
+  stops with the gateway.
 """
 
 from __future__ import annotations
@@ -21,18 +27,21 @@ import queue
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
-from tunelab.evaluate import example_for, request_cost
-from tunelab.lifecycle.calls import ShadowAnswer, answer_confidence
+from tunelab.errors import UserError
+from tunelab.lifecycle.calls import ShadowAnswer
 from tunelab.lifecycle.rollouts import REFRESH_S, Rollout, get_rollout
+from tunelab.server.shadows import STOPPED, ShadowJob, ShadowProcess, answer_jobs, runs_locally, tally
+
+__all__ = ["Rollouts", "ShadowJob", "ShadowQueue", "SHADOW_CAPACITY", "SHADOW_WORKERS"]
 
 if TYPE_CHECKING:
     from tunelab.server.deployments import Deployments
     from tunelab.workspace import Workspace
 
-SHADOW_CAPACITY = 1000  # jobs waiting at most; more are dropped (and logged as dropped)
+SHADOW_CAPACITY = 1000  # jobs waiting at most (in each queue); more are dropped (and logged as dropped)
+SHADOW_WORKERS = ("auto", "process", "thread")  # where shadow jobs are answered (ShadowQueue's `worker`)
 SHADOW_BATCH = 4  # jobs answered together by one candidate (small: a caller never waits long for the CPU)
 QUIET_S = 0.02  # the shadow works only once no call has been answered for this long
 WRITE_EVERY = 64  # shadow answers written in one transaction, at most
@@ -64,27 +73,20 @@ class Rollouts:
         return rollout
 
 
-@dataclass
-class ShadowJob:
-    call_id: str
-    deployment: str
-    candidate: str
-    role: str  # shadow | baseline
-    messages: list[dict]
-    variables: dict[str, Any]
-    seed: int
-    asked: dict[str, Any] = field(default_factory=dict)
-
-    def dropped(self, why: str) -> ShadowAnswer:
-        return ShadowAnswer(self.call_id, self.deployment, self.candidate, self.role, status="dropped", error=why)
-
-
 class ShadowQueue:
-    """The background answers of shadows and baselines (see the module's docstring)."""
+    """The background answers of shadows and baselines (see the module's docstring).
+
+    `worker`: where jobs are answered. "auto": a candidate that runs a model on this machine in
+    the worker process (`tunelab.server.shadows.ShadowProcess`), the others (a remote API, the
+    fake model) in this process's worker thread; "process" or "thread": all of them there."""
 
     def __init__(self, deployments: "Deployments", write: Callable[[list[ShadowAnswer]], None], *,
-                 capacity: int = SHADOW_CAPACITY, batch: int = SHADOW_BATCH, quiet_s: float = QUIET_S):
+                 capacity: int = SHADOW_CAPACITY, batch: int = SHADOW_BATCH, quiet_s: float = QUIET_S,
+                 worker: str = "auto"):
+        if worker not in SHADOW_WORKERS:
+            raise UserError(f"--shadow-worker takes {', '.join(SHADOW_WORKERS)}, not '{worker}'")
         self.deployments, self.write, self.batch, self.quiet_s = deployments, write, batch, quiet_s
+        self.worker = worker
         self._idle_since = time.monotonic()
         self._jobs: queue.Queue = queue.Queue(maxsize=capacity)
         self._drops: list[ShadowAnswer] = []
@@ -92,6 +94,9 @@ class ShadowQueue:
         self._cond = threading.Condition()
         self._stop = False
         self.counts = {"submitted": 0, "answered": 0, "errors": 0, "dropped": 0}
+        self.process = ShadowProcess(deployments.workspace.root, write, self._count, lambda: deployments.generation,
+                                     capacity=capacity)
+        self._routes: dict[str, tuple[int, bool]] = {}  # candidate -> (generation, answered by the process)
         self._thread = threading.Thread(target=self._run, daemon=True, name="tunelab-shadow")
         self._thread.start()
 
@@ -111,23 +116,32 @@ class ShadowQueue:
 
     def submit(self, job: ShadowJob) -> bool:
         """Queue `job` without waiting; False when the queue is full (the job is logged as dropped)."""
+        route = self._routes.get(job.candidate)
+        if route is not None and route[1] and route[0] == self.deployments.generation and self.process.running:
+            with self._cond:
+                self.counts["submitted"] += 1
+            return self._to_process(job)
         with self._cond:  # callers submit from many threads: count under the lock
             self.counts["submitted"] += 1
             try:
                 self._jobs.put_nowait(job)
                 return True
             except queue.Full:
-                self.counts["dropped"] += 1
-                if len(self._drops) < MAX_DROPS_KEPT:
-                    self._drops.append(job.dropped("the shadow queue was full"))
+                self._dropped(job, "the shadow queue was full")
                 return False
+
+    def _dropped(self, job: ShadowJob, why: str) -> None:
+        """Count `job` as dropped and keep its row for the next write (under `_cond`)."""
+        self.counts["dropped"] += 1
+        if len(self._drops) < MAX_DROPS_KEPT:
+            self._drops.append(job.dropped(why))
 
     def _count(self, name: str, n: int) -> None:
         with self._cond:
             self.counts[name] += n
 
     def pending(self) -> int:
-        return self._jobs.qsize()
+        return self._jobs.qsize() + self.process.pending()
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until every queued job is answered and logged (tests, benchmarks)."""
@@ -135,13 +149,13 @@ class ShadowQueue:
         while time.monotonic() < deadline:
             with self._cond:
                 done = self._jobs.unfinished_tasks == 0 and not self._drops
-            if done:
+            if done and self.process.pending() == 0:
                 return True
             time.sleep(0.01)
         return False
 
     def close(self) -> None:
-        """Stop the worker; jobs not answered yet are logged as dropped."""
+        """Stop the worker thread and the worker process; jobs not answered yet are logged as dropped."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
@@ -149,14 +163,15 @@ class ShadowQueue:
         left = []
         while True:
             try:
-                left.append(self._jobs.get_nowait().dropped("the server stopped before the shadow answered"))
+                left.append(self._jobs.get_nowait().dropped(STOPPED))
                 self._jobs.task_done()
             except queue.Empty:
                 break
         self._count("dropped", len(left))
         self._flush_drops(left)
+        self.process.close()
 
-    # -- the worker ------------------------------------------------------------------------------
+    # -- the worker thread -----------------------------------------------------------------------
     def _flush_drops(self, extra: list[ShadowAnswer] | None = None) -> None:
         with self._cond:
             drops, self._drops = self._drops + list(extra or []), []
@@ -168,6 +183,38 @@ class ShadowQueue:
                 self.write(answers)
             except Exception:  # noqa: BLE001 - the writer failed: these rows are lost, count them
                 self._count("errors", len(answers))
+
+    def _in_process(self, job: ShadowJob) -> bool:
+        """Whether the worker process answers `job` (see `worker`); remembered per candidate until
+        the deployments move, so that `submit` hands such jobs to the process directly."""
+        generation = self.deployments.generation
+        if self.worker != "auto":
+            local = self.worker == "process"
+        else:
+            try:
+                local = runs_locally(self.deployments.get(job.candidate))
+            except Exception:  # noqa: BLE001 - an unknown candidate: the thread logs its error
+                return False
+        self._routes[job.candidate] = (generation, local)
+        return local
+
+    def _to_process(self, job: ShadowJob) -> bool:
+        why = self.process.submit(job)
+        if why is not None:
+            with self._cond:
+                self._dropped(job, why)
+        return why is None
+
+    def _forward(self, jobs: list[ShadowJob]) -> list[ShadowJob]:
+        """Hand the worker process its jobs (a refused one is dropped); the rest are this thread's."""
+        mine = []
+        for job in jobs:
+            if self._in_process(job):
+                self._to_process(job)
+                self._jobs.task_done()
+            else:
+                mine.append(job)
+        return mine
 
     def _run(self) -> None:
         pending: list[ShadowAnswer] = []  # answered, written together in a pause
@@ -188,7 +235,7 @@ class ShadowQueue:
                     and self._pause():
                 write_pending()
             try:
-                first = self._jobs.get(timeout=0.05 if pending else 0.2)
+                first = self._jobs.get(timeout=0.05 if pending or self._drops else 0.2)
             except queue.Empty:
                 if self._stop:
                     write_pending()
@@ -200,17 +247,24 @@ class ShadowQueue:
                     jobs.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
+            jobs = self._forward(jobs)
+            if not jobs:
+                continue
             self._pause(wait=True)  # never alongside a caller
             if self._stop:
                 write_pending()
                 self._count("dropped", len(jobs))
-                self._flush_drops([j.dropped("the server stopped before the shadow answered") for j in jobs])
+                self._flush_drops([j.dropped(STOPPED) for j in jobs])
                 for _ in jobs:
                     self._jobs.task_done()
                 return
             if not pending:
                 since = time.monotonic()
-            pending += self._answer(jobs)
+            answers = answer_jobs(self.deployments, jobs)
+            counts = tally(answers)
+            self._count("answered", counts["answered"])
+            self._count("errors", counts["errors"])
+            pending += answers
             done += len(jobs)
 
     def _pause(self, wait: bool = False) -> bool:
@@ -222,31 +276,3 @@ class ShadowQueue:
                 if quiet or self._stop or not wait:
                     return quiet or self._stop
                 self._cond.wait(self.quiet_s if self._busy == 0 else 0.05)
-
-    def _answer(self, jobs: list[ShadowJob]) -> list[ShadowAnswer]:
-        out: list[ShadowAnswer] = []
-        groups: dict[tuple[str, int], list[ShadowJob]] = {}
-        for job in jobs:
-            groups.setdefault((job.candidate, job.seed), []).append(job)
-        for (spec, seed), group in groups.items():
-            try:
-                dep = self.deployments.get(spec)
-                applied = [dep.settings(job.asked)[0] for job in group]
-                if dep.candidate is not None and not any(applied):
-                    comps = dep.candidate.predict([example_for(j.messages, j.variables) for j in group], seed)
-                else:
-                    comps = [dep.answer(j.messages, j.variables, seed, a, {}) for j, a in zip(group, applied)]
-            except Exception as exc:  # noqa: BLE001 - a failing shadow is logged, never raised
-                self._count("errors", len(group))
-                out += [ShadowAnswer(j.call_id, j.deployment, spec, j.role, status="error",
-                                     error=f"{type(exc).__name__}: {exc}"[:2000]) for j in group]
-                continue
-            self._count("answered", len(group))
-            for job, comp in zip(group, comps):
-                meta = {k: v for k, v in (comp.meta or {}).items() if k.startswith("route") or k == "margin"}
-                if (confidence := answer_confidence(comp)) is not None:
-                    meta["confidence"] = confidence
-                out.append(ShadowAnswer(job.call_id, job.deployment, spec, job.role, output=comp.text,
-                                        prompt_tokens=comp.prompt_tokens, completion_tokens=comp.completion_tokens,
-                                        latency_s=comp.latency_s, cost=request_cost(dep.pricing, comp), meta=meta))
-        return out

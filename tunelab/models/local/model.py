@@ -214,9 +214,10 @@ class LocalModel(Model):
 
     @property
     def context_length(self) -> int | None:
-        from transformers import AutoConfig
+        with self.lock:  # concurrent first imports of transformers fail ("cannot import name 'AutoConfig'")
+            from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(self.path) if self._model is None else self._model.config
+            config = AutoConfig.from_pretrained(self.path) if self._model is None else self._model.config
         return getattr(config, "max_position_embeddings", None)
 
     def close(self) -> None:
