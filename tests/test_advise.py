@@ -167,6 +167,18 @@ def test_break_even_reason_cites_volumes():
     assert "break-even" in text and "5,000 requests/month" in text and "you expect 100,000" in text
 
 
+def test_baseline_reason_says_better_when_it_is_significantly_better():
+    better = comparison(cand("ft:a", "ft", 0.70, 0.66, 0.74, **F),
+                        cand("baseline:embed:d@v", "baseline", 0.81, 0.78, 0.85, wall_s=7.9),
+                        pairwise=[("baseline:embed:d@v", "ft:a", 0.0001)], labels=EIGHT)
+    tied = comparison(cand("ft:a", "ft", 0.86, 0.82, 0.90, **F),
+                      cand("baseline:tfidf:d@v", "baseline", 0.85, 0.81, 0.89, wall_s=1.5),
+                      pairwise=[("ft:a", "baseline:tfidf:d@v", 0.6)], labels=EIGHT)
+    first = advise(better).reasons[0]
+    assert "is better than the best LLM candidate" in first and "p<0.001" in first
+    assert "is as good as the best LLM candidate" in advise(tied).reasons[0]
+
+
 def test_none_names_the_best_and_the_requirement():
     comp = comparison(cand("p@1", "prompt", 0.78, **P), cand("ft:a", "ft", 0.81, **F))
     advice = advise(comp, Constraints(required_metric=0.9))

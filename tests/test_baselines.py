@@ -178,3 +178,11 @@ def test_the_crossover_point_and_its_absence():
     cross = crossover([ft, demo], [prompt])
     assert cross.prompting == "knn@1" and 100 < cross.n_train < 200
     assert crossover([ft], []) is None  # no prompt to compare with
+    # where the two sides' intervals overlap around the crossover, the text says it is a point estimate
+    wide = CurveSeries(candidate="ft:a", kind="ft", points=[
+        LearningCurvePoint(fraction=f, n_train=n, candidate="ft:a", metric={"value": v, "low": v - 0.05, "high": v + 0.05})
+        for f, n, v in zip((0.1, 0.25, 0.5, 1.0), (20, 50, 100, 200), (0.3, 0.58, 0.72, 0.8))])
+    near = CandidateEntry(name="p@1", kind="prompt", metric={"value": 0.6, "low": 0.55, "high": 0.65})
+    cross = crossover([wide], [near])
+    assert cross.text.endswith("(point estimates: at 50 examples the two are within each other's 95% intervals)")
+    assert "point estimates" not in crossover([ft], [prompt]).text  # no intervals, no claim about them

@@ -266,9 +266,12 @@ def advise(comparison: Comparison, constraints: Constraints | None = None) -> Ad
         ref = max(refs, key=lambda c: c.metric.value)
         worse, test = significantly_worse(comparison, ref, best_llm)
         if not worse:
+            better, above = significantly_worse(comparison, best_llm, ref)
+            how = "better than" if better else "as good as"
+            test = above if better else test
             return Advice(**base, recommendation="baseline", candidate=ref.name,
                           headline=f"{HEADLINE['baseline']}: {ref.name}",
-                          reasons=[f"the {_describe(ref, metric)} is as good as the best LLM candidate, "
+                          reasons=[f"the {_describe(ref, metric)} is {how} the best LLM candidate, "
                                    f"{_describe(best_llm, metric)} ({fmt_p(test.p_value if test else None)}), "
                                    f"at {fmt_money(ref.cost_per_request * 1000)} per 1,000 requests and "
                                    f"{fmt_seconds(ref.setup.wall_s)} of training"]

@@ -115,6 +115,13 @@ def demo_prompt_series(ws: "Workspace", cand: PromptCandidate, ref: str, metric:
     return CurveSeries(candidate=cand.name, kind="prompt", points=points)
 
 
+def _overlap(a: Any, b: Any) -> bool:
+    """Whether two measured values' 95% intervals overlap (False when either has none)."""
+    if a is None or b is None or None in (a.low, a.high, b.low, b.high):
+        return False
+    return a.low <= b.high and b.low <= a.high
+
+
 def crossover(series: list[CurveSeries], entries: list[CandidateEntry]) -> Crossover | None:
     """Where the best trained curve (fine-tune, baselines) overtakes prompting: the per-input-demo
     prompt's curve, else the best prompt candidate's measured metric (which needs no training data).
@@ -126,7 +133,7 @@ def crossover(series: list[CurveSeries], entries: list[CandidateEntry]) -> Cross
         return None
     best_prompt = max(prompts, key=lambda e: e.metric.value) if prompts else None
     fracs = sorted({p.fraction for s in trained for p in s.points})
-    rows = []  # (n, trained value, trained name, prompting value, prompting name)
+    rows = []  # (n, trained value, trained name, prompting value, prompting name, intervals overlap)
     for f in fracs:
         at = [(p, s) for s in trained for p in s.points if p.fraction == f and p.metric.value is not None]
         if not at:
@@ -135,26 +142,31 @@ def crossover(series: list[CurveSeries], entries: list[CandidateEntry]) -> Cross
         flat = (best_prompt.metric.value, best_prompt.name) if best_prompt else (None, "")
         pp = next((q for q in (prompt_curve.points if prompt_curve else []) if q.fraction == f), None)
         pv, pn = (pp.metric.value, prompt_curve.candidate) if pp is not None and pp.metric.value is not None else flat
+        pm = pp.metric if pp is not None and pp.metric.value is not None else (best_prompt.metric if best_prompt else None)
         if best_prompt is not None and pv is not None and flat[0] is not None and flat[0] > pv:
             pv, pn = flat  # the best prompt overall, when it beats the demo prompt at this size
+            pm = best_prompt.metric
         if pv is None:
             continue
-        rows.append((p.n_train or 0, p.metric.value, s.candidate, pv, pn))
+        rows.append((p.n_train or 0, p.metric.value, s.candidate, pv, pn, _overlap(p.metric, pm)))
     if not rows:
         return None
-    n0, t0, name0, p0, pname0 = rows[0]
+    n0, t0, name0, p0, pname0, _ = rows[0]
     if t0 >= p0:
         return Crossover(prompting=pname0, trained=name0,
                          text=f"no crossover in the measured range: {name0} is at least as good as prompting "
                               f"({pname0}) from {n0:,} labelled examples on")
-    for (na, ta, _, pa, pna), (nb, tb, nameb, pb, _) in zip(rows, rows[1:]):
+    for (na, ta, _, pa, pna, tied_a), (nb, tb, nameb, pb, _, tied_b) in zip(rows, rows[1:]):
         da, db = ta - pa, tb - pb
         if da < 0 <= db:
             n = na + (nb - na) * (-da) / (db - da) if db != da else nb
+            tied = [f"{m:,}" for m, t in ((na, tied_a), (nb, tied_b)) if t]
+            caveat = (f" (point estimates: at {' and '.join(tied)} examples the two are within each other's "
+                      "95% intervals)") if tied else ""
             return Crossover(n_train=round(n, 1), prompting=pna, trained=nameb,
                              text=f"with fewer than ~{n:,.0f} labelled examples, prompting ({pna}) wins; "
-                                  f"from there {nameb} is better")
-    nl, _, namel, _, pnl = rows[-1]
+                                  f"from there {nameb} is better{caveat}")
+    nl, _, namel, _, pnl, _ = rows[-1]
     return Crossover(prompting=pnl, trained=namel,
                      text=f"no crossover in the measured range: prompting ({pnl}) wins up to {nl:,} labelled examples")
 
