@@ -9,6 +9,7 @@ import pytest
 
 from tunelab.models.base import Request
 from tunelab.models.local.fused import FusedLlama
+from tunelab.models.local.kv import cache_kwarg, returned_cache
 from tunelab.models.local import LocalModel
 
 
@@ -30,7 +31,7 @@ def prefix_cache(model, prefix_ids, batch: int):
     from transformers import DynamicCache
 
     with torch.inference_mode():
-        cache = model(input_ids=torch.tensor([prefix_ids]), use_cache=True).past_key_values
+        cache = returned_cache(model(input_ids=torch.tensor([prefix_ids]), use_cache=True))
     return DynamicCache(ddp_cache_data=[(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1))
                                         for layer in cache.layers])
 
@@ -66,14 +67,14 @@ def test_fused_pass_equals_transformers_with_prefix_cache_and_tree_mask():
     ids, pos, mask = tree_batch(C)
     with torch.inference_mode():
         want = model.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                           past_key_values=prefix_cache(model, list(range(1, C + 1)), 3), use_cache=True)
+                           use_cache=True, **cache_kwarg(model, prefix_cache(model, list(range(1, C + 1)), 3)))
         cache = prefix_cache(model, list(range(1, C + 1)), 3)
         got = fused(ids, mask, pos, cache)
         cut = fused(ids, mask, pos, prefix_cache(model, list(range(1, C + 1)), 3), keep_from=6)
     torch.testing.assert_close(got, want.last_hidden_state, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(cut, want.last_hidden_state[:, 6:], atol=1e-5, rtol=1e-4)
     # the fused pass fills the cache as transformers does
-    for mine, theirs in zip(cache.layers, want.past_key_values.layers):
+    for mine, theirs in zip(cache.layers, returned_cache(want).layers):
         torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-4)
 
@@ -90,7 +91,7 @@ def test_fused_pass_with_the_prefix_kept_apart_and_the_padding_packed_equals_tra
     ids, pos, mask = tree_batch(C)
     with torch.inference_mode():
         want = model.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                           past_key_values=prefix_cache(model, list(range(1, C + 1)), 3), use_cache=True)
+                           use_cache=True, **cache_kwarg(model, prefix_cache(model, list(range(1, C + 1)), 3)))
         alone = prefix_cache(model, list(range(1, C + 1)), 1)
         prefix = [(layer.keys, layer.values) for layer in alone.layers]
         cache = DynamicCache()
@@ -99,7 +100,7 @@ def test_fused_pass_with_the_prefix_kept_apart_and_the_padding_packed_equals_tra
         packed = fused(ids, mask[..., C:], pos, DynamicCache(), prefix=prefix, real=real)
     torch.testing.assert_close(got, want.last_hidden_state, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed[0], want.last_hidden_state.reshape(-1, 64)[real], atol=1e-5, rtol=1e-4)
-    for mine, theirs in zip(cache.layers, want.past_key_values.layers):  # the rows' own columns only
+    for mine, theirs in zip(cache.layers, returned_cache(want).layers):  # the rows' own columns only
         torch.testing.assert_close(mine.keys, theirs.keys[:, :, C:], atol=1e-5, rtol=1e-4)
 
 
@@ -119,9 +120,9 @@ def test_fused_decoding_step_equals_transformers_and_the_model_still_works():
         step = torch.tensor([[5], [9]])
         attn2 = torch.cat([attn, attn.new_ones((2, 1))], dim=1)
         next_pos = pos[:, -1:] + 1
-        cache = prefix_cache_copy(after.past_key_values)
-        want = model(input_ids=step, attention_mask=attn2, position_ids=next_pos,
-                     past_key_values=after.past_key_values, use_cache=True).logits[:, -1]
+        cache = prefix_cache_copy(returned_cache(after))
+        want = model(input_ids=step, attention_mask=attn2, position_ids=next_pos, use_cache=True,
+                     **cache_kwarg(model, returned_cache(after))).logits[:, -1]
         got = model.lm_head(fused(step, attn2, next_pos, cache)[:, -1])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError):

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 from tunelab.errors import UserError
 from tunelab.models.base import Completion, Request
 from tunelab.models.local.grammar import CLOSE_MARGIN, Grammars
-from tunelab.models.local.kv import growing_layer
+from tunelab.models.local.kv import cache_kwarg, growing_layer, returned_cache
 from tunelab.models.local.labels import LABEL_TOLERANCE
 from tunelab.models.local.labels import search_passes
 from tunelab.models.local.layout import (LabelTrie, TrieSearch, build_trie, common_prefix_len, find_stop, greedy_label,
@@ -290,8 +290,9 @@ class Engine:
 
         ids = torch.tensor([prefix[start:]], dtype=torch.long, device=self.lm.device)
         # full layers (no sliding-window layers that drop old keys): the prefix is expanded over batches
-        cache = self.lm.hf_model(input_ids=ids, past_key_values=DynamicCache(ddp_cache_data=past) if past else DynamicCache(),
-                                 use_cache=True, logits_to_keep=1).past_key_values
+        hf = self.lm.hf_model
+        cache = returned_cache(hf(input_ids=ids, use_cache=True, logits_to_keep=1,
+                                  **cache_kwarg(hf, DynamicCache(ddp_cache_data=past) if past else DynamicCache())))
         layers = getattr(cache, "layers", None)
         if not layers or not all(getattr(layer, "keys", None) is not None for layer in layers):
             return None  # an unusual cache: run without sharing the prefix
@@ -444,10 +445,10 @@ class Engine:
         mask = self._mask(allow, pos, key_pos)
         if body is not None and head is not None:  # run the body; project only the positions needed
             hidden = body(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
-                          past_key_values=cache, use_cache=True).last_hidden_state[:, keep_from:]
+                          use_cache=True, **cache_kwarg(body, cache)).last_hidden_state[:, keep_from:]
             return (hidden if real is None else hidden.reshape(-1, hidden.shape[-1])[real.to(dev)][None]), head
         return model(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
-                     past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep).logits, None
+                     use_cache=True, logits_to_keep=logits_to_keep, **cache_kwarg(model, cache)).logits, None
 
     def _greedy_from_scoring(self, job: "_Job", top: list[int], stop_ids: set[int]) -> None:
         """The free answer read off the scoring pass when greedy decoding would write a label."""
@@ -546,7 +547,7 @@ class Engine:
                 logits = head(fused(choice[:, None], attn, next_pos[:, None], cache, prefix=prefix)[:, -1]).float()
             else:
                 out = model(input_ids=choice[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+                            use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache))
                 logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
         for job in jobs:

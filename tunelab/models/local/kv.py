@@ -78,3 +78,26 @@ def growing_layer(keys: list, values: list, n: int, extra: int):
     if _growing_layer is None:
         _growing_layer = _growing_layer_class()
     return _growing_layer.of(keys, values, n, extra)
+
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def cache_kwarg(module: Any, cache: Any) -> dict[str, Any]:
+    """The keyword that hands a KV cache to a transformers model's forward: `cache` from
+    transformers 5.24 (where `past_key_values` is deprecated, to be removed in 5.40), else
+    `past_key_values`; tunelab accepts every transformers 5.x."""
+    import inspect
+
+    kind = type(module)
+    if kind not in _CACHE_KWARG:
+        inner = module.get_base_model() if hasattr(module, "get_base_model") else module  # a peft wrapper
+        params = inspect.signature(type(inner).forward).parameters
+        _CACHE_KWARG[kind] = "cache" if "cache" in params else "past_key_values"
+    return {_CACHE_KWARG[kind]: cache}
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a transformers forward returned (`cache` from 5.24, `past_key_values` before)."""
+    found = getattr(output, "cache", None)
+    return found if found is not None else getattr(output, "past_key_values", None)
