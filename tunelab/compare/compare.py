@@ -39,7 +39,7 @@ from tunelab.compare.result import (Answered, BreakEven, CandidateEntry, Compari
 from tunelab.datasets import get_split
 from tunelab.judge import judge_sample, make_judge
 from tunelab.errors import NotFound, UserError
-from tunelab.models import release_memory
+from tunelab.models import free_weights
 from tunelab.evaluate import (BaselineCandidate, Candidate, HybridCandidate, PromptCandidate, RunResult, Setup,
                               diff_runs, evaluate, resolve_candidate, run_rows)
 from tunelab.files import write_json
@@ -102,7 +102,7 @@ def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float 
         runs[cand.name] = result
         entries.append(_candidate_entry(ws, cand, result, volume, rate, engineer_hours or {}))
         if not result.reused:
-            release_memory()  # one candidate's models at a time (they reload in about a second)
+            free_weights()  # one candidate's models at a time (they reload in about a second)
 
     metric_name = metric or runs[resolved[0].name].primary_metric
     for entry, cand in zip(entries, resolved):

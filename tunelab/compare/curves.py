@@ -23,7 +23,7 @@ from tunelab.compare.result import (CandidateEntry, Crossover, CurveSeries, Inte
 from tunelab.datasets import get_split, subsample
 from tunelab.demos import DemoSelector
 from tunelab.errors import NotFound
-from tunelab.models import release_memory
+from tunelab.models import free_weights
 from tunelab.evaluate import BaselineCandidate, Candidate, PromptCandidate, evaluate, parse_baseline, resolve_candidate
 
 if TYPE_CHECKING:
@@ -67,12 +67,12 @@ def run_learning_curve(ws: "Workspace", ft_name: str, ref: str, metric: str, *, 
             cfg = finetune.FineTuneConfig.model_validate(config)
             if cfg.batch_size > n:  # a small share of a small train split: a batch cannot hold more than it
                 cfg = cfg.model_copy(update={"batch_size": n})
-            release_memory()  # the evaluator's models are not needed while training
+            free_weights()  # the evaluator's models are not needed while training
             finetune.finetune(ws, cfg, resume=row is not None)
             row = finetune.get_row(ws, name)
         result = evaluate(ws, resolve_candidate(ws, f"ft:{name}"), ref, limit=limit, progress=progress)
         if not result.reused:
-            release_memory()  # this share's model is not used again
+            free_weights()  # this share's model is not used again
         points.append(_point(frac, finetune.examples_trained(ws, row), f"ft:{name}", result, metric,
                              float(row.wall_s or 0.0), float(row.cost or 0.0)))
         say(f"learning curve: {points[-1].n_train} examples -> {metric} {points[-1].metric.value:.3f}")

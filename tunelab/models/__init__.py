@@ -73,13 +73,20 @@ def release_memory() -> None:
     """Drop the loaded models (they load again on their next use, from the safetensors cache in
     about a second) and hand freed memory back to the system (glibc's `malloc_trim`): the flow calls
     it between steps, so a fine-tune does not train beside the evaluator's models."""
+    free_weights()
+    clear_loaded()
+
+
+def free_weights() -> None:
+    """Drop the weights of every loaded model (each loads them again on its next use, from the
+    safetensors cache in about a second) but keep the model objects, their settings and state, and
+    hand freed memory back to the system: `compare` calls it between candidates."""
     import gc
 
     for model in list(_loaded.values()):
         close = getattr(model, "close", None)
         if close is not None:
             close()
-    clear_loaded()
     gc.collect()
     trim_malloc()
 
