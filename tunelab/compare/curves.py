@@ -143,16 +143,15 @@ def crossover(series: list[CurveSeries], entries: list[CandidateEntry]) -> Cross
         if not at:
             continue
         p, s = max(at, key=lambda x: x[0].metric.value)
-        flat = (best_prompt.metric.value, best_prompt.name) if best_prompt else (None, "")
+        flat = (best_prompt.metric, best_prompt.name) if best_prompt else None
         pp = next((q for q in (prompt_curve.points if prompt_curve else []) if q.fraction == f), None)
-        pv, pn = (pp.metric.value, prompt_curve.candidate) if pp is not None and pp.metric.value is not None else flat
-        pm = pp.metric if pp is not None and pp.metric.value is not None else (best_prompt.metric if best_prompt else None)
-        if best_prompt is not None and pv is not None and flat[0] is not None and flat[0] > pv:
-            pv, pn = flat  # the best prompt overall, when it beats the demo prompt at this size
-            pm = best_prompt.metric
-        if pv is None:
+        side = (pp.metric, prompt_curve.candidate) if pp is not None and pp.metric.value is not None else flat
+        if side is not None and flat is not None and flat[0].value > side[0].value:
+            side = flat  # the best prompt overall, when it beats the demo prompt at this size
+        if side is None:
             continue
-        rows.append((p.n_train or 0, p.metric.value, s.candidate, pv, pn, _overlap(p.metric, pm)))
+        pm, pn = side
+        rows.append((p.n_train or 0, p.metric.value, s.candidate, pm.value, pn, _overlap(p.metric, pm)))
     if not rows:
         return None
     n0, t0, name0, p0, pname0, _ = rows[0]
