@@ -311,7 +311,7 @@ class Engine:
         import torch
         from transformers import DynamicCache
 
-        model, dev = self.lm.hf_model, self.lm.device
+        model = self.lm.hf_model
         pad = self.lm.tokenizer.pad_token_id
         C = prefix[0] if prefix else 0
         rests = [j.prompt[C:] for j in jobs]
