@@ -16,7 +16,11 @@ base model without one, Gemma 3 270M, the plain-text prompt tunelab renders), wi
 completion only. TRL is configured to run on CPU (`use_cpu=True`, no gradient checkpointing, bf16
 where the CPU supports it, `save_strategy="no"`). Trained tokens are counted the same way for both:
 the non-padding tokens of every batch the model was trained on (prompt + completion), over the
-time spent training (model loading excluded). Peak memory: the process's peak resident set during
+time spent training (model loading excluded). tunelab's fused pass computes the prefix the rows of a
+micro-batch share (the chat template's system turn and the instruction: 38 of an example's ~69
+tokens here) once per micro-batch; its tokens still count once per example, as for TRL, because
+every example was trained on them: the figure is the user's (examples trained per second x their
+length), not the number of rows the matrix products saw. Peak memory: the process's peak resident set during
 each run (reset in between through /proc/self/clear_refs; memory the first run leaves with the
 allocator still counts for the second, so `--only trl` / `--only tunelab` give clean figures).
 

@@ -16,7 +16,13 @@ casts its input to bf16 again for every product. `FusedLoraLlama` computes the s
 - grouped-query attention as batched matrix products over the key/value heads, softmax in fp32,
   padding and the causal mask as one boolean mask;
 - `keep`: the last layer runs the query, attention and MLP only for the positions whose output is
-  read (those that predict a completion token), keys and values for all.
+  read (those that predict a completion token), keys and values for all;
+- the prefix every row of a micro-batch shares (a chat template's system turn, the instruction, fixed
+  demos: 38 of an sms_spam example's 69 tokens) computed once, not once per row: the residual stream
+  is a list of rows (the prefix's, then each row's own), every row's attention reads the prefix's
+  keys and values. In exact arithmetic the loss and gradients are those of the rows computed apart
+  (the fp32 test checks it); only LoRA dropout differs: one mask for the prefix's positions per
+  micro-batch instead of one per row. It made a training step ~1.45x faster on sms_spam.
 
 Autograd differentiates it as it is: the LoRA matrices are PEFT's own parameters, so optimizer,
 checkpoints and saved adapters are unchanged. In fp32 with no dropout it agrees with transformers +
@@ -155,50 +161,101 @@ class FusedLoraLlama:
 
     def __call__(self, input_ids, attention_mask, keep):
         """Final hidden states (fp32) at `keep` (a bool (batch, tokens) mask of the positions read).
-        `attention_mask`: (batch, tokens), 1 for real tokens (right padding)."""
+        `attention_mask`: (batch, tokens), 1 for real tokens (right padding).
+
+        The tokens every row starts with (`shared_prefix`: a chat template's system turn, the
+        instruction, fixed demos) are computed once, not once per row: the residual stream is a
+        list of rows, the shared prefix's P followed by each row's remaining S tokens; attention
+        reads the prefix's keys and values for every row. The same function, with fewer rows."""
         import torch
         import torch.nn.functional as F
 
         body = self.body
-        x = body.embed_tokens(input_ids).float()
-        B, T, _ = x.shape
-        H, KVH, D = self.heads, self.kv_heads, self.head_dim
-        G = H // KVH
-        positions = torch.arange(T, device=x.device).expand(B, T)
+        B, T = input_ids.shape
+        P = shared_prefix(input_ids, attention_mask, keep)
+        S = T - P
+        rows_ids = torch.cat([input_ids[0, :P], input_ids[:, P:].reshape(-1)])
+        x = body.embed_tokens(rows_ids).float()  # (P + B*S, hidden)
+        positions = torch.arange(T, device=x.device)[None]
         cos, sin = body.rotary_emb(x, positions)
-        cos, sin = cos[:, :, None].to(self.low), sin[:, :, None].to(self.low)  # rotary in the products' dtype
+        cos, sin = cos[0].to(self.low), sin[0].to(self.low)  # rotary in the products' dtype
+        cos_rows = torch.cat([cos[:P], cos[P:].repeat(B, 1)])[:, None]  # (rows, 1, head_dim)
+        sin_rows = torch.cat([sin[:P], sin[P:].repeat(B, 1)])[:, None]
         real = attention_mask.bool()
         allowed = torch.ones((T, T), dtype=torch.bool, device=x.device).tril()[None] & real[:, None, :]
-        blocked = ~allowed[:, None, None]  # (B, 1, 1, T, T): the same for every head of a group
-        half = D // 2
+        blocked = ~allowed[:, None, None, P:]  # (B, 1, 1, S, T): the suffix queries; same for every head of a group
+        blocked_prefix = ~allowed[:1, None, None, :P, :P]  # (1, 1, 1, P, P): causal
+        half = self.head_dim // 2
 
         def rope(t, c, s):
             return t * c + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * s
 
-        rows = keep.any(dim=0).nonzero().flatten()  # the last layer's query positions (any row reads them)
+        read = keep.any(dim=0).nonzero().flatten() - P  # the last layer's query positions, in the suffix
         last = len(self.layers) - 1
         for i, L in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), L["norm_in"].weight, L["norm_in"].variance_epsilon)
             q, k, v = L["qkv"](h.to(self.low)).split([L["n_q"], L["n_k"], L["n_k"]], dim=-1)  # one backward (a cat)
-            q, k, v = q.view(B, T, H, D), k.view(B, T, KVH, D), v.view(B, T, KVH, D)
-            q_blocked = blocked
-            if i == last:
-                q, x, q_blocked = q[:, rows], x[:, rows], blocked[..., rows, :]
-                q = rope(q, cos[:, rows], sin[:, rows])
+            q, k, v = q.view(-1, self.heads, self.head_dim), k.view(-1, self.kv_heads, self.head_dim), \
+                v.view(-1, self.kv_heads, self.head_dim)
+            k = rope(k, cos_rows, sin_rows)
+            keys = self._per_row(k, P, B)  # (B, T, kv heads, head dim)
+            values = self._per_row(v, P, B)
+            q_rest = q[P:].view(B, S, self.heads, self.head_dim)
+            if i == last:  # only the positions read: no prefix, the suffix's `read` positions
+                q_rest = rope(q_rest[:, read], cos[P:][read][:, None], sin[P:][read][:, None])
+                o = self._attend(q_rest, keys, values, blocked[..., read, :], L["scaling"])
+                x = x[P:].view(B, S, -1)[:, read]
             else:
-                q = rope(q, cos, sin)
-            k = rope(k, cos, sin)
-            Tq = q.shape[1]
-            q = q.transpose(1, 2).reshape(B, KVH, G * Tq, D)
-            k = k.transpose(1, 2)
-            v = v.transpose(1, 2)
-            scores = torch.matmul(q, k.transpose(2, 3)).view(B, KVH, G, Tq, T).float() * L["scaling"]
-            probs = torch.softmax(scores.masked_fill(q_blocked, float("-inf")), dim=-1)
-            probs = probs.to(self.low).view(B, KVH, G * Tq, T)
-            o = torch.matmul(probs, v).view(B, H, Tq, D).transpose(1, 2).reshape(B, Tq, H * D)
+                q_rest = rope(q_rest, cos[P:][:, None], sin[P:][:, None])
+                o = self._attend(q_rest, keys, values, blocked, L["scaling"]).reshape(B * S, -1)
+                if P:
+                    q_pre = rope(q[:P], cos[:P][:, None], sin[:P][:, None])
+                    o_pre = self._attend(q_pre[None], k[None, :P], v[None, :P], blocked_prefix, L["scaling"])
+                    o = torch.cat([o_pre[0], o])
             x = x + L["o"](o)  # bf16 + fp32: the residual stream stays fp32
             h = F.rms_norm(x, (x.shape[-1],), L["norm_post"].weight, L["norm_post"].variance_epsilon)
             gate, up = L["gate_up"](h.to(self.low)).split(L["n_i"], dim=-1)
             x = x + L["down"](F.silu(gate) * up)
         x = F.rms_norm(x, (x.shape[-1],), body.norm.weight, body.norm.variance_epsilon)
-        return x[keep[:, rows]]
+        return x[keep[:, read + P]]
+
+    @staticmethod
+    def _per_row(t, P: int, B: int):
+        """(rows, heads, dim) -> (B, T, heads, dim): the shared prefix's rows in front of each row's own."""
+        import torch
+
+        rest = t[P:].view(B, -1, *t.shape[1:])
+        return torch.cat([t[None, :P].expand(B, -1, -1, -1), rest], dim=1) if P else rest
+
+    def _attend(self, q, k, v, blocked, scaling: float):
+        """Grouped-query attention as batched matrix products over the key/value heads, softmax in
+        fp32. q: (B, Tq, heads, dim); k, v: (B, Tk, kv heads, dim); blocked: (B, 1, 1, Tq, Tk).
+        Returns (B, Tq, heads * dim)."""
+        import torch
+
+        B, Tq, H, D = q.shape
+        KVH, Tk = k.shape[2], k.shape[1]
+        G = H // KVH
+        q = q.transpose(1, 2).reshape(B, KVH, G * Tq, D)
+        scores = torch.matmul(q, k.permute(0, 2, 3, 1)).view(B, KVH, G, Tq, Tk).float() * scaling
+        probs = torch.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1)
+        probs = probs.to(self.low).view(B, KVH, G * Tq, Tk)
+        return torch.matmul(probs, v.transpose(1, 2)).view(B, H, Tq, D).transpose(1, 2).reshape(B, Tq, H * D)
+
+
+MIN_SHARED = 4  # a shorter common start is not worth the prefix's own attention pass
+
+
+def shared_prefix(input_ids, attention_mask, keep) -> int:
+    """How many tokens every row of the batch starts with (the same ids, all real), up to the first
+    position whose output is read (those stay in each row's own part). 0 for a single row or a
+    prefix shorter than MIN_SHARED."""
+    B = input_ids.shape[0]
+    if B < 2:
+        return 0
+    same = ((input_ids == input_ids[:1]) & attention_mask.bool()).all(dim=0)
+    n = int(same.int().cumprod(dim=0).sum())
+    read = keep.any(dim=0).nonzero()
+    if len(read):
+        n = min(n, int(read[0]))
+    return n if n >= MIN_SHARED else 0

@@ -1,7 +1,8 @@
 """The training loop: hand-written (no Trainer), because on a CPU every avoided cost shows.
 
 What makes it fast: bf16 autocast where the CPU supports it (fp32 master weights); batches grouped
-by length, so padding is barely computed; the vocabulary projection applied only at the positions
+by length, so padding is barely computed; the prefix the rows of a batch share computed once
+(`tunelab.finetune.fused`); the vocabulary projection applied only at the positions
 that carry a loss (the completion tokens), not at every prompt position; a token budget per forward
 pass with gradient accumulation, so memory stays bounded.
 
