@@ -18,7 +18,7 @@ from tunelab.errors import UserError
 from tunelab.finetune import FineTuneConfig, load_config
 from tunelab.finetune.config import default_epochs, field_help, resolve
 from tunelab.datasets import subsample
-from tunelab.finetune.data import IGNORE, Tokenized, collate, epoch_batches, micro_batches, truncate
+from tunelab.finetune.data import IGNORE, Tokenized, collate, common_prefix, epoch_batches, micro_batches, truncate
 from tunelab.store.models import FineTuneRow
 
 
@@ -122,6 +122,25 @@ def test_micro_batches_keep_under_the_token_budget():
     assert sorted(i for p in pieces for i in p) == list(range(8))
     for p in pieces:
         assert len(p) * max(lengths[i] for i in p) <= 600 or len(p) == 1
+
+
+def test_micro_batches_count_a_shared_prefix_once():
+    lengths = [300, 290, 280, 250, 240, 230, 220, 210]
+    plain = micro_batches(list(range(8)), lengths, 600)
+    shared = micro_batches(list(range(8)), lengths, 600, shared=200)  # computed once per piece
+    assert sorted(i for p in shared for i in p) == list(range(8))
+    for p in shared:
+        assert 200 + len(p) * (max(lengths[i] for i in p) - 200) <= 600 or len(p) == 1
+    assert (len(plain), len(shared)) == (4, 2)
+
+
+def test_common_prefix_stops_before_the_first_completion():
+    head = [7, 8, 9, 10]
+    items = [Tokenized(head + [1, 2, 3], 6), Tokenized(head + [1, 4], 5), Tokenized(head + [5, 6, 7], 5)]
+    assert common_prefix(items) == 4  # the 5th tokens differ
+    assert common_prefix(items[:2]) == 4  # they agree on [1] too, but position 4 predicts item 2's completion
+    assert common_prefix(items[:1]) == 0
+    assert common_prefix([Tokenized([3] + head, 3), Tokenized(head, 2)]) == 0
 
 
 def test_collate_masks_prompt_and_padding():

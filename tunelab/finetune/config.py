@@ -46,7 +46,7 @@ class FineTuneConfig(BaseModel):
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES),
                                       description="module names that get LoRA adapters (comma-separated on the command line)")
     max_length: int | None = Field(None, ge=8, description="longest sequence in tokens; longer examples lose the middle of their prompt (default: the longest example, at most 1024)")
-    micro_batch_tokens: int = Field(512, ge=64, description="most padded tokens in one forward pass; bigger batches are split and their gradients accumulated (bounds memory: a 135M model keeps ~1.4 MB of activations per token; 512 costs no speed against 2048 on CPU)")
+    micro_batch_tokens: int = Field(512, ge=64, description="most token rows computed in one forward pass (padded tokens; a prefix all rows share counted once where the fused pass computes it once); bigger batches are split and their gradients accumulated (bounds memory: a 135M model keeps ~1.4 MB of activations per token; 512 costs no speed against 2048 on CPU)")
     seed: int = Field(0, description="seed for data order, dropout and initialization")
     patience: int | None = Field(2, ge=1, description="stop after this many validations without improvement (none: never stop early)")
     eval_every_steps: int | None = Field(None, ge=1, description="also validate every N optimizer steps (default: once per epoch)")

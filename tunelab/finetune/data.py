@@ -87,20 +87,39 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return batches
 
 
-def micro_batches(batch: list[int], lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Split a batch so that each piece pads to at most `token_budget` tokens (longest first)."""
+def micro_batches(batch: list[int], lengths: Sequence[int], token_budget: int, shared: int = 0) -> list[list[int]]:
+    """Split a batch so that each piece computes at most `token_budget` token rows (longest first):
+    its padded tokens, or, where the training pass computes the `shared` tokens every item starts
+    with once (`tunelab.finetune.fused`), those once plus each item's padded rest."""
     ordered = sorted(batch, key=lambda i: -lengths[i])
     pieces: list[list[int]] = []
     current: list[int] = []
     for i in ordered:
         longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1) * longest > token_budget:
+        if current and shared + (len(current) + 1) * (longest - shared) > token_budget:
             pieces.append(current)
             current = []
         current.append(i)
     if current:
         pieces.append(current)
     return pieces
+
+
+def common_prefix(items: Sequence[Tokenized]) -> int:
+    """How many tokens all `items` start with before the first one whose output carries a loss
+    (a prompt's last token predicts the completion's first): what the fused training pass computes
+    once for a batch (`tunelab.finetune.fused.shared_prefix` finds at least as many)."""
+    if len(items) < 2:
+        return 0
+    first = items[0].input_ids
+    n = min(it.n_prompt for it in items) - 1
+    for it in items[1:]:
+        ids = it.input_ids
+        k = 0
+        while k < n and ids[k] == first[k]:
+            k += 1
+        n = k
+    return max(0, n)
 
 
 def collate(items: Sequence[Tokenized], pad_id: int, torch_module=None) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from tunelab.errors import UserError
 from tunelab.finetune import checkpoint
 from tunelab.finetune import distributed as dist  # data-parallel when started by `accelerate launch`
 from tunelab.finetune.config import FineTuneConfig
-from tunelab.finetune.data import IGNORE, Tokenized, collate, epoch_batches, micro_batches
+from tunelab.finetune.data import IGNORE, Tokenized, collate, common_prefix, epoch_batches, micro_batches
 from tunelab.finetune.distributed import device
 from tunelab.finetune.fused import FusedLoraLlama
 
@@ -389,6 +389,7 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
     bar = tqdm(total=total_steps, initial=state.step, unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=not progress or rank != 0, desc="fine-tuning")
     model.train()
+    shares = fused_pass(model, bf16) is not None  # computes a batch's common prefix once: budget the rows it computes
     seg_tokens, seg_train_s = 0, 0.0
     try:
         while not state.finished and state.step < total_steps and state.epoch < config.epochs:
@@ -399,8 +400,10 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
                 t0 = time.perf_counter()
                 group = groups[state.step_in_epoch]
                 n_loss = sum(items[i].n_completion for b in group for i in b)  # global: the loss is a mean over every rank's tokens
-                pieces = [p for b in group
-                          for p in micro_batches(dist.shard(b, rank, world), lengths, config.micro_batch_tokens)]
+                shards = [dist.shard(b, rank, world) for b in group]
+                pieces = [p for b in shards
+                          for p in micro_batches(b, lengths, config.micro_batch_tokens,
+                                                 common_prefix([items[i] for i in b]) if shares else 0)]
                 loss_total, tokens = 0.0, 0
                 for piece in pieces:
                     batch = collate([items[i] for i in piece], pad_id)
