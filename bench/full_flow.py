@@ -14,7 +14,8 @@ fine-tune's own zero-shot starting point), the fine-tuned model and the hybrid â
 
 Every step is reused or resumed when run again in the same --dir, so an interrupted run continues.
 Memory: the peak resident set of each step (VmHWM, reset at every step through
-/proc/self/clear_refs) and of the whole run are printed at the end.
+/proc/self/clear_refs), the resident set as each step starts (what the earlier steps left) and the
+whole run's peak are printed at the end.
 Prints the comparison table and the wall time of each step; writes the comparison JSON and the
 HTML report into --dir (the paths are printed). Shared data: TUNELAB_SHARED_DATA, else
 ../shared/data next to the repository.
@@ -85,6 +86,7 @@ def main() -> int:
     print("times: " + json.dumps({k: round(v, 1) for k, v in out.times.items()}) + f"; wall {out.wall_s:.0f} s")
     print("peak RSS per step (MiB): " + json.dumps({k: round(v) for k, v in memory.peaks.items()})
           + f"; whole flow {max(memory.peaks.values()):,.0f} MiB; load average {os.getloadavg()[0]:.1f}")
+    print("RSS as each step starts (MiB): " + json.dumps({k: round(v) for k, v in memory.starts.items()}))
     return 0
 
 
@@ -93,6 +95,7 @@ class PeakMemory:
 
     def __init__(self):
         self.peaks: dict[str, float] = {}
+        self.starts: dict[str, float] = {}  # the resident set as each step starts: what earlier steps left
         self.current = "start"
         self._reset()
 
@@ -104,15 +107,16 @@ class PeakMemory:
             pass
 
     @staticmethod
-    def _peak_mib() -> float:
+    def _peak_mib(field: str = "VmHWM") -> float:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
         return 0.0
 
     def step(self, name: str) -> None:
         self.peaks[self.current] = max(self.peaks.get(self.current, 0.0), self._peak_mib())
         self.current = name
+        self.starts.setdefault(name, self._peak_mib("VmRSS"))
         self._reset()
 
     def log(self, line: str) -> None:
