@@ -13,6 +13,7 @@ micro-batches whose gradients are accumulated.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -111,15 +112,8 @@ def common_prefix(items: Sequence[Tokenized]) -> int:
     once for a batch (`tunelab.finetune.fused.shared_prefix` finds at least as many)."""
     if len(items) < 2:
         return 0
-    first = items[0].input_ids
-    n = min(it.n_prompt for it in items) - 1
-    for it in items[1:]:
-        ids = it.input_ids
-        k = 0
-        while k < n and ids[k] == first[k]:
-            k += 1
-        n = k
-    return max(0, n)
+    shared = os.path.commonprefix([it.input_ids for it in items])  # element-wise: any sequences
+    return max(0, min(len(shared), min(it.n_prompt for it in items) - 1))
 
 
 def collate(items: Sequence[Tokenized], pad_id: int, torch_module=None) -> dict[str, Any]:
