@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.models.local.fused import _attend as attend
 from tunelab.models.local.fused import enabled
 
 HEAD_MODULE = "label_head"  # a head fine-tune's linear head (`tunelab.finetune.head`): outside the body, read after it
@@ -228,20 +229,13 @@ class FusedLoraLlama:
         return torch.cat([t[None, :P].expand(B, -1, -1, -1), rest], dim=1) if P else rest
 
     def _attend(self, q, k, v, blocked, scaling: float):
-        """Grouped-query attention as batched matrix products over the key/value heads, softmax in
-        fp32. q: (B, Tq, heads, dim); k, v: (B, Tk, kv heads, dim); blocked: (B, 1, 1, Tq, Tk).
-        Returns (B, Tq, heads * dim)."""
-        import torch
-
+        """Grouped-query attention (the evaluator's `_attend`, no prefix cache). q: (B, Tq, heads,
+        dim); k, v: (B, Tk, kv heads, dim); blocked: (B, 1, 1, Tq, Tk). Returns (B, Tq, heads * dim)."""
         B, Tq, H, D = q.shape
-        KVH, Tk = k.shape[2], k.shape[1]
-        G = H // KVH
-        q = q.transpose(1, 2).reshape(B, KVH, G * Tq, D)
-        scores = torch.matmul(q, k.permute(0, 2, 3, 1)).view(B, KVH, G, Tq, Tk).float() * scaling
-        probs = torch.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1)
-        probs = probs.to(self.low).view(B, KVH, G * Tq, Tk)
-        return torch.matmul(probs, v.transpose(1, 2)).view(B, H, Tq, D).transpose(1, 2).reshape(B, Tq, H * D)
-
+        KVH = k.shape[2]
+        q = q.transpose(1, 2).reshape(B, KVH, H // KVH * Tq, D)
+        o = attend(q, k.transpose(1, 2), v.transpose(1, 2), blocked, scaling, None)
+        return o.view(B, H, Tq, D).transpose(1, 2).reshape(B, Tq, H * D)
 
 MIN_SHARED = 4  # a shorter common start is not worth the prefix's own attention pass
 
