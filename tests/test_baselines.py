@@ -139,6 +139,31 @@ def test_learning_curves_of_the_baselines_and_the_demo_prompt(ws):
         [p.run_id for s in curve.series for p in s.points]
 
 
+def test_curve_points_on_a_sample_of_the_test_split(ws):
+    """With a sample, every curve point (the 100% ones too) is measured on the same k test examples,
+    chosen by content; the full comparison rows still use the whole split."""
+    from tunelab.evaluate import sample_indices
+
+    comp = compare(ws, "tickets:test", ["baseline:tfidf"], learning_curve=True, curve_sample=12, progress=False)
+    curve = comp.learning_curve
+    assert curve.n_eval == 12 and comp.dataset.n_examples == 30
+    assert next(c for c in comp.candidates if c.name.startswith("baseline:tfidf")).n == 30
+    test = get_dataset(ws, "tickets").split("test")
+    chosen = sample_indices(test, 12)
+    for point in curve.series[0].points:
+        rows = run_rows(ws, point.run_id)
+        assert sorted(r.example_index for r in rows) == chosen  # positions in the split: they pair up
+    full = evaluate(ws, resolve_candidate(ws, "baseline:tfidf:tickets"), "tickets:test", progress=False)
+    sampled = evaluate(ws, resolve_candidate(ws, "baseline:tfidf:tickets"), "tickets:test", sample=12, progress=False)
+    assert sampled.id != full.id and sampled.reused and sampled.n_examples == 12
+    by_full = {r.example_index: r.prediction for r in run_rows(ws, full.id)}
+    assert all(by_full[r.example_index] == r.prediction for r in run_rows(ws, sampled.id))
+    # the sample depends on the examples' content, not their order
+    assert {test[::-1][i].input for i in sample_indices(test[::-1], 12)} == {test[i].input for i in chosen}
+    with pytest.raises(UserError, match="at least 1"):
+        evaluate(ws, resolve_candidate(ws, "baseline:tfidf:tickets"), "tickets:test", sample=0, progress=False)
+
+
 def test_every_command_takes_a_baseline(ws, cli):
     import json
 

@@ -115,6 +115,7 @@ GENERATIVE_VALIDATION = 100  # JSON and text: fine-tuning validates on this many
 MANY_LABELS_BUDGET = 4  # past PROMPT_LABELS labels: prompt optimization trials (each scores a large label trie)
 MANY_LABELS_VALIDATION = 100  # ... and validation examples for optimizing and fine-tuning
 CURVE_BUDGET_S = 900.0  # learning curves in the flow: the series whose estimated time fits (baselines always do)
+CURVE_SAMPLE = 300  # ... each point measured on this many test examples (the same rows for every point)
 BASELINES = ("baseline:majority", "baseline:tfidf", "baseline:embed")  # label tasks: the classical reference rows
 
 
@@ -445,7 +446,7 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     """Run the whole flow of `flow` in the workspace at `directory` (made if missing).
     `learning_curve`: None (default) measures the learning curves of label tasks within
     CURVE_BUDGET_S (baselines and the per-input-demo prompt; the fine-tune retrained on 10/25/50%
-    only when that fits); True every curve; False none."""
+    only when that fits), each point on CURVE_SAMPLE test examples; True every curve; False none."""
     label_task = flow.output_type == "label"
     curve_budget = None if learning_curve else (5.0 if quick else CURVE_BUDGET_S)
     learning_curve = label_task if learning_curve is None else bool(learning_curve)
@@ -511,7 +512,8 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     steps("comparison", "comparison on the test split" + (" with the classical baselines" if label_task else "")
           + (" and the learning curves (10/25/50/100% of train)" if learning_curve else ""))
     comparison = compare(ws, f"{data_ref}:test", candidates, volume=volume, learning_curve=learning_curve,
-                         curve_budget_s=curve_budget, progress=progress, log=log)
+                         curve_budget_s=curve_budget, curve_sample=None if quick else CURVE_SAMPLE, progress=progress,
+                         log=log)
     if console is not None:
         print_table(comparison, console, advice=False)
 

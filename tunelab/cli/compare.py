@@ -50,6 +50,7 @@ def compare(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N examples of the split."),
     metric: Optional[str] = typer.Option(None, "--metric", help="The metric to compare on (default: accuracy for labels, field_f1 for JSON, chrf for text)."),
     learning_curve: bool = typer.Option(False, "--learning-curve", help="Also measure every trainable candidate (fine-tune: retrained, baselines, a prompt's per-input demo pool) on 10/25/50% of train, with the crossover point (a fine-tune makes it slow)."),
+    curve_sample: Optional[int] = typer.Option(None, "--curve-sample", min=1, help="With --learning-curve: measure every curve point on this many examples of the split (chosen by content, the same rows for every point) instead of all of them."),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Label outputs: add the classical reference rows baseline:majority and baseline:tfidf."),
     engineer_hours: List[str] = typer.Option([], "--engineer-hours", help="Engineer hours in a setup: NAME=H or KIND=H (prompt, ft, hybrid); default: the setup's wall time. Costed at engineer_hourly_rate."),
     judge_sample: Optional[str] = typer.Option(None, "--judge-sample", help="With --metric judge: a split of "
@@ -80,8 +81,8 @@ def compare(
     if not data or not candidates:
         raise UserError("compare needs --data NAME[:SPLIT] and candidates (or --from-logs DEPLOYMENT --shadow CANDIDATE)")
     comp = run_compare(ws, data, list(candidates), volume=volume, repeat=repeat, limit=limit, metric=metric,
-                       learning_curve=learning_curve, baselines=baselines, engineer_hours=_hours(engineer_hours),
-                       report=report, progress=err_console if not as_json else False, log=_log,
+                       learning_curve=learning_curve, curve_sample=curve_sample, baselines=baselines,
+                       engineer_hours=_hours(engineer_hours), report=report, progress=err_console if not as_json else False, log=_log,
                        judge_sample=judge_sample)
     if as_json:
         print_json(comp.to_json())

@@ -8,9 +8,11 @@ prompting stops winning (the data-requirements row).
 The trainable candidates: the fine-tune (`ft:NAME` trained again on a seeded, stratified sample of
 its training examples: `NAME-lc10`, ...), the classical baselines (`baseline:METHOD-nN`, trained on
 the same sample) and a prompt whose demos are chosen per input (its demo pool limited to the same
-sample). Each point is evaluated by the same evaluator on the same split. With `budget_s`, a
-series is measured only when its estimated time fits the budget (the fine-tune's from its training
-time, the prompt's from its evaluation time; baselines take seconds).
+sample). Each point is evaluated by the same evaluator on the same split; with `sample`, on the
+same `sample` examples of it (chosen by content, `evaluate.sample_indices`), the 100% points too, so
+that a curve's points are measured on the same rows. With `budget_s`, a series is measured only when
+its estimated time fits the budget (the fine-tune's from its training time, the prompt's from its
+evaluation time; baselines take seconds).
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ def _point(frac: float, n: int | None, name: str, result, metric: str, wall_s: f
 
 
 def run_learning_curve(ws: "Workspace", ft_name: str, ref: str, metric: str, *, limit: int | None = None,
-                       fractions: Iterable[float] = LEARNING_CURVE_FRACTIONS, progress: bool | Any = True,
-                       log: Callable[[str], None] | None = None) -> LearningCurve:
+                       sample: int | None = None, fractions: Iterable[float] = LEARNING_CURVE_FRACTIONS,
+                       progress: bool | Any = True, log: Callable[[str], None] | None = None) -> LearningCurve:
     """Fine-tune `ft_name`'s configuration again on a share of its training examples (a seeded,
     stratified sample) and evaluate each on `ref`. Fine-tunes already made (`NAME-lc10`, ...) are
     reused."""
@@ -70,7 +72,8 @@ def run_learning_curve(ws: "Workspace", ft_name: str, ref: str, metric: str, *, 
             free_weights()  # the evaluator's models are not needed while training
             finetune.finetune(ws, cfg, resume=row is not None)
             row = finetune.get_row(ws, name)
-        result = evaluate(ws, resolve_candidate(ws, f"ft:{name}"), ref, limit=limit, progress=progress)
+        result = evaluate(ws, resolve_candidate(ws, f"ft:{name}"), ref, limit=limit, sample=sample,
+                          progress=progress)
         if not result.reused:
             free_weights()  # this share's model is not used again
         points.append(_point(frac, finetune.examples_trained(ws, row), f"ft:{name}", result, metric,
@@ -80,7 +83,8 @@ def run_learning_curve(ws: "Workspace", ft_name: str, ref: str, metric: str, *, 
 
 
 def baseline_series(ws: "Workspace", cand: BaselineCandidate, ref: str, metric: str, *, limit: int | None = None,
-                    fractions: Iterable[float] = LEARNING_CURVE_FRACTIONS, progress: bool | Any = False) -> CurveSeries:
+                    sample: int | None = None, fractions: Iterable[float] = LEARNING_CURVE_FRACTIONS,
+                    progress: bool | Any = False) -> CurveSeries:
     """A classical baseline trained on the same seeded, stratified samples of train."""
     method, _, _ = parse_baseline(cand.name)
     ds, _, _ = get_split(ws, ref)
@@ -90,14 +94,14 @@ def baseline_series(ws: "Workspace", cand: BaselineCandidate, ref: str, metric: 
         n = n_full if frac >= 1.0 else max(1, int(round(frac * n_full)))
         spec = f"baseline:{method}{'' if n >= n_full else f'-n{n}'}:{ds.name}@{ds.version}"
         sized = resolve_candidate(ws, spec)
-        result = evaluate(ws, sized, ref, limit=limit, progress=progress)
+        result = evaluate(ws, sized, ref, limit=limit, sample=sample, progress=progress)
         points.append(_point(frac, sized.setup.examples, sized.name, result, metric, sized.setup.wall_s,
                              sized.setup.compute_cost))
     return CurveSeries(candidate=cand.name, kind="baseline", points=points)
 
 
 def demo_prompt_series(ws: "Workspace", cand: PromptCandidate, ref: str, metric: str, *, limit: int | None = None,
-                       fractions: Iterable[float] = LEARNING_CURVE_FRACTIONS,
+                       sample: int | None = None, fractions: Iterable[float] = LEARNING_CURVE_FRACTIONS,
                        progress: bool | Any = False) -> CurveSeries | None:
     """A prompt with per-input demos, its demo pool limited to the same samples of its split
     (None when its demos are not chosen per input)."""
@@ -114,7 +118,7 @@ def demo_prompt_series(ws: "Workspace", cand: PromptCandidate, ref: str, metric:
             small = DemoSelector(sel.strategy, sel.k, sel.dataset, sel.version, f"{sel.split}[n={n}]",
                                  subsample(pool, n, 0))
             sized = cand.with_demos(small, name=f"{cand.name}~n{n}")
-        result = evaluate(ws, sized, ref, limit=limit, progress=progress)
+        result = evaluate(ws, sized, ref, limit=limit, sample=sample, progress=progress)
         points.append(_point(frac, n, sized.name, result, metric))
     return CurveSeries(candidate=cand.name, kind="prompt", points=points)
 
@@ -176,22 +180,29 @@ def crossover(series: list[CurveSeries], entries: list[CandidateEntry]) -> Cross
 
 def learning_curves(ws: "Workspace", entries: list[CandidateEntry], candidates: list[Candidate], ref: str,
                     metric: str, *, finetunes: bool = True, budget_s: float | None = None, limit: int | None = None,
-                    progress: bool | Any = True, log: Callable[[str], None] | None = None) -> LearningCurve | None:
+                    sample: int | None = None, progress: bool | Any = True,
+                    log: Callable[[str], None] | None = None) -> LearningCurve | None:
     """The learning curves of every trainable candidate of a comparison (see the module doc):
     the first fine-tune (when `finetunes` and, with `budget_s`, when retraining it on 10+25+50% of
     its data fits), the classical baselines but the majority class, and the first prompt with
-    per-input demos (with `budget_s`, when three more evaluations of it fit). None when nothing is
-    trainable."""
+    per-input demos (with `budget_s`, when three more evaluations of it fit). `sample`: every point
+    on that many examples of `ref` (see the module doc). None when nothing is trainable."""
     say = log or (lambda _msg: None)
     series: list[CurveSeries] = []
     ft_curve = None
     spent = 0.0
     by_name = {e.name: e for e in entries}
+
+    def eval_s(entry: CandidateEntry) -> float:  # one evaluation on the curve's examples
+        share = 1.0 if sample is None or not entry.n else min(1.0, sample / entry.n)
+        return entry.eval_wall_s * share
+
     ft = next((e for e in entries if e.kind == "ft"), None)
     if ft is not None and finetunes:
-        estimate = ft.setup.wall_s * 0.85 + 3 * ft.eval_wall_s
+        estimate = ft.setup.wall_s * 0.85 + 3 * eval_s(ft)
         if budget_s is None or estimate <= budget_s:
-            ft_curve = run_learning_curve(ws, ft.name[3:], ref, metric, limit=limit, progress=progress, log=say)
+            ft_curve = run_learning_curve(ws, ft.name[3:], ref, metric, limit=limit, sample=sample,
+                                          progress=progress, log=say)
             series.append(CurveSeries(candidate=ft_curve.candidate, kind="ft", points=ft_curve.points))
             spent += estimate
         else:
@@ -199,15 +210,15 @@ def learning_curves(ws: "Workspace", entries: list[CandidateEntry], candidates: 
                 f"~{estimate:.0f} s, over the budget of {budget_s:.0f} s)")
     for cand in candidates:
         if isinstance(cand, BaselineCandidate) and cand.method != "majority":
-            series.append(baseline_series(ws, cand, ref, metric, limit=limit))
+            series.append(baseline_series(ws, cand, ref, metric, limit=limit, sample=sample))
             say(f"learning curve: {cand.name}: " + ", ".join(f"{p.n_train} -> {p.metric.value:.3f}"
                                                              for p in series[-1].points))
     demo = next((c for c in candidates if isinstance(c, PromptCandidate) and c.kind == "prompt"
                  and isinstance(c.demos, DemoSelector)), None)
     if demo is not None:
-        estimate = 3 * by_name[demo.name].eval_wall_s if demo.name in by_name else 0.0
+        estimate = 3 * eval_s(by_name[demo.name]) if demo.name in by_name else 0.0
         if budget_s is None or spent + estimate <= budget_s:
-            found = demo_prompt_series(ws, demo, ref, metric, limit=limit, progress=progress)
+            found = demo_prompt_series(ws, demo, ref, metric, limit=limit, sample=sample, progress=progress)
             if found is not None:
                 series.append(found)
                 say(f"learning curve: {demo.name} (demo pool of n): " + ", ".join(
@@ -216,8 +227,10 @@ def learning_curves(ws: "Workspace", entries: list[CandidateEntry], candidates: 
             say(f"learning curve: {demo.name} left out (three more evaluations ~{estimate:.0f} s, over the budget)")
     if not series:
         return None
+    n_eval = len(get_split(ws, ref)[2][:limit])
     curve = LearningCurve(candidate=ft_curve.candidate if ft_curve else "", metric=metric,
-                          points=ft_curve.points if ft_curve else [], series=series)
+                          points=ft_curve.points if ft_curve else [], series=series,
+                          n_eval=min(n_eval, sample) if sample else n_eval)
     curve.crossover = crossover(series, entries)
     if curve.crossover is not None:
         say(f"learning curve: {curve.crossover.text}")

@@ -265,7 +265,10 @@ def plot_learning_curve(comparison: Comparison) -> str | None:
     ax.set_xticks(sorted(ticks), [f"{t:,}" for t in sorted(ticks)])  # the measured sizes
     ax.set_xlabel("labelled training examples (log scale)")
     ax.set_ylabel(comparison.metric)
-    title = "Data requirements: learning curves" + (f"\n{cross.text}" if cross is not None else "")
+    title = "Data requirements: learning curves" + (
+        f" (each point on {curve.n_eval:,} of the {comparison.dataset.n_examples:,} test examples)"
+        if curve.n_eval and curve.n_eval < comparison.dataset.n_examples else "") + (
+        f"\n{cross.text}" if cross is not None else "")
     ax.set_title("\n".join(textwrap.fill(line, 100) for line in title.split("\n")), fontsize=9)
     ax.legend(fontsize=7, loc="best")
     return _png(fig)

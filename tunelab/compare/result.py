@@ -264,6 +264,7 @@ class LearningCurve(Record):
     points: list[LearningCurvePoint] = Field(default_factory=list)
     series: list[CurveSeries] = Field(default_factory=list)
     crossover: Crossover | None = None
+    n_eval: int | None = None  # the test examples each point was measured on (None: not recorded)
 
 
 class JudgeTrust(Record):

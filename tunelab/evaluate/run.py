@@ -54,11 +54,13 @@ if TYPE_CHECKING:
 DEFAULT_BATCH = 128  # examples per model call and per stored batch
 
 def run_key(candidate: Candidate, dataset: str, version: str, split: str, limit: int | None, repeat: int,
-            metrics: list[str], free_answers: int | None = None) -> str:
+            metrics: list[str], free_answers: int | None = None, sample: int | None = None) -> str:
     data = {"candidate": candidate.fingerprint, "dataset": dataset, "version": version, "split": split,
             "limit": limit, "repeat": repeat, "metrics": sorted(metrics)}
     if free_answers is not None:  # free answers on a sample of the examples only
         data["free_answers"] = free_answers
+    if sample is not None:  # a sample of the split's examples (`sample_indices`), not its first `limit`
+        data["sample"] = sample
     return sha256(data)
 
 
@@ -99,6 +101,13 @@ def free_answer_key(example: Example) -> str:
     return hashlib.sha256(example.input.encode("utf-8")).hexdigest()
 
 
+def sample_indices(examples: list[Example], k: int) -> list[int]:
+    """The positions of k of `examples`, chosen by the sha256 of their inputs (as the free-answer
+    sample): the same rows for every candidate and every run on one split, whatever its order."""
+    keys = sorted((free_answer_key(ex), i) for i, ex in enumerate(examples))
+    return sorted(i for _, i in keys[:k])
+
+
 def free_answer_sample(examples: list[Example], k: int) -> set[str]:
     """The `free_answer_key`s of the k examples with the smallest keys: a sample that depends on
     the examples' content only (not on their order), so two runs on one split measure the same rows."""
@@ -110,7 +119,7 @@ def evaluate(ws: "Workspace", candidate: Candidate, data: str, *, limit: int | N
              metrics: list[str] | None = None, batch_size: int | None = None, use_cache: bool = True,
              rerun: bool = False, progress: bool | Any = True,
              on_batch: Callable[[int, int], None] | None = None,
-             free_answers: int | str | None = None) -> RunResult:
+             free_answers: int | str | None = None, sample: int | None = None) -> RunResult:
     """Evaluate `candidate` (see `resolve_candidate`) on `data` ("DATASET[@VERSION][:SPLIT]",
     default split test).
 
@@ -119,28 +128,38 @@ def evaluate(ws: "Workspace", candidate: Candidate, data: str, *, limit: int | N
     `free_answers` (label outputs of a candidate asking for free answers): on how many examples
     the free answer is generated, see `free_answer_count` (default: at least 100 examples or 20%,
     every example with `repeat` > 1). Rows without one are marked `free_text_skipped` and do not
-    count in format_valid / free_accuracy.
+    count in format_valid / free_accuracy. `sample`: evaluate on `sample_indices` (k examples
+    chosen by content; stored under their positions in the split, so runs on one sample pair up)
+    instead of all of them (after `limit`).
     """
     if repeat < 1:
         raise UserError(f"--repeat must be at least 1 (got {repeat})")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 (got {limit})")
+    if sample is not None and sample < 1:
+        raise UserError(f"a sample must hold at least 1 example (got {sample})")
     ds, split, examples = get_split(ws, data)
     if limit is not None:
         examples = examples[:limit]
     if not examples:
         raise UserError(f"split '{split}' of dataset '{ds.name}' has no examples")
+    positions = list(range(len(examples)))
+    if sample is not None and sample < len(examples):
+        positions = sample_indices(examples, sample)
+    else:
+        sample = None
+    measured = [examples[i] for i in positions]
     output = candidate.output
     metric_objs = make_metrics(metrics, output, ws)
     names = [m.name for m in metric_objs]
-    n_free = free_answer_count(free_answers, len(examples), repeat)
+    n_free = free_answer_count(free_answers, len(measured), repeat)
     sampler = candidate
-    if n_free < len(examples):
-        chosen = free_answer_sample(examples, n_free)
+    if n_free < len(measured):
+        chosen = free_answer_sample(measured, n_free)
         sampler = candidate.with_free_answers(lambda ex: free_answer_key(ex) in chosen)
     sampling = sampler is not candidate
     key = run_key(candidate, ds.name, ds.version, split, len(examples), repeat, names,
-                  n_free if sampling else None)
+                  n_free if sampling else None, sample)
 
     run_id, resumed = None, False
     with ws.store.session() as s:
@@ -158,8 +177,9 @@ def evaluate(ws: "Workspace", candidate: Candidate, data: str, *, limit: int | N
             run_id = new_run_id()
             s.add(RunRow(id=run_id, key=key, candidate=candidate.name, kind=candidate.kind,
                          model=candidate.model_name, dataset=ds.name, dataset_version=ds.version, split=split,
-                         n_examples=len(examples), repeat=repeat, status="running",
+                         n_examples=len(measured), repeat=repeat, status="running",
                          params={"metrics": names, "output": output.to_dict(), "limit": limit,
+                                 **({"sample": sample} if sample is not None else {}),
                                  "data": data, "temperature": candidate.temperature, "cache": use_cache,
                                  "candidate": candidate.describe(),
                                  **({"free_answers": n_free} if sampling else {})}))
@@ -174,12 +194,12 @@ def evaluate(ws: "Workspace", candidate: Candidate, data: str, *, limit: int | N
     # answers on a sample, the sampled examples come first, so that they decode in wide batches
     # (a decoding step costs about as much for 10 rows as for 60).
     free_first = (lambda i: free_answer_key(examples[i]) not in chosen) if sampling else (lambda i: False)
-    order = sorted(range(len(examples)), key=lambda i: (free_first(i), len(examples[i].input), i))
+    order = sorted(positions, key=lambda i: (free_first(i), len(examples[i].input), i))
     batches: list[tuple[int, list[int]]] = []
     for r in range(repeat):
         todo = [i for i in order if (i, r) not in done]
         batches += [(r, todo[k:k + size]) for k in range(0, len(todo), size)]
-    total = len(examples) * repeat
+    total = len(measured) * repeat
 
     bar = _Progress(progress, total, len(done), f"{candidate.name} on {ds.name}:{split}")
     try:
