@@ -61,3 +61,19 @@ def test_modules_stay_readable_or_say_why_not():
         if len(lines) > MAX_LINES and not any(line.startswith(REASON) for line in lines[:3]):
             long.append(f"{path.relative_to(ROOT)}: {len(lines)} lines")
     assert not long, f"split these, or put a line '{REASON} WHY' at the top:\n" + "\n".join(long)
+
+
+def test_importing_tunelab_bounds_onednn_primitive_cache_unless_the_user_set_it():
+    """oneDNN's primitive cache (1,024 by default) held hundreds of MB over a flow: tunelab sets 64
+    before torch builds a primitive, and keeps a value the user chose."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import tunelab, os; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "64"
+    env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "512"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "512"
