@@ -198,3 +198,19 @@ def test_the_gateway_serves_a_knn_prompt(workspace, sms, monkeypatch):
     models.clear_loaded()
     assert answers == {"claim your cash prize": "spam", "drinks with bob tonight": "ham"}
     assert [c.status for c in list_calls(workspace)] == ["ok", "ok"]
+
+
+def test_free_weights_drops_the_embedding_model_and_it_loads_again():
+    """The MiniLM model of knn_embed (and baseline:embed) goes with the LLMs' weights between the
+    flow's steps; the next embedding loads it again and gives the same vectors."""
+    import numpy as np
+
+    from tunelab import demos
+    from tunelab.models import free_weights
+
+    first = demos.embed(["reset my password", "my card was charged twice"])
+    assert demos._EMBED_MODEL is not None
+    free_weights()
+    assert demos._EMBED_MODEL is None
+    again = demos.embed(["reset my password", "my card was charged twice"])
+    assert np.allclose(first, again) and first.shape == (2, 384)

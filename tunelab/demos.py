@@ -34,6 +34,7 @@ import numpy as np
 
 from tunelab.datasets import Example
 from tunelab.errors import UserError
+from tunelab.models import on_free_weights
 
 Strategy = Literal["none", "seed", "random", "stratified", "knn_tfidf", "knn_embed"]  # seed: the prompt's own
 FIXED = ("random", "stratified")
@@ -140,6 +141,13 @@ class TfidfVectors:
 
 
 _EMBED_MODEL = None
+
+
+@on_free_weights
+def _drop_embed_model() -> None:
+    """The embedding model goes with the LLMs' weights (`models.free_weights`); it loads again in a second."""
+    global _EMBED_MODEL
+    _EMBED_MODEL = None
 
 
 def embed(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:

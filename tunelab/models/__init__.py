@@ -21,7 +21,7 @@ import os
 import threading
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from tunelab.errors import NotFound, UserError
 from tunelab.models.base import Completion, Message, Model, Request, match_label
@@ -38,6 +38,14 @@ __all__ = ["Completion", "Message", "Model", "Request", "load_model", "backend_c
 
 _loaded: dict[tuple, Model] = {}
 _lock = threading.Lock()
+_on_free: list[Callable[[], None]] = []  # what other layers hold besides `_loaded` (demos' embedding model)
+
+
+def on_free_weights(release: Callable[[], None]) -> Callable[[], None]:
+    """Register `release()`: `free_weights` calls it, for weights held outside the load cache."""
+    if release not in _on_free:
+        _on_free.append(release)
+    return release
 
 
 def backend_class(backend: str) -> type[Model]:
@@ -79,14 +87,17 @@ def release_memory() -> None:
 
 def free_weights() -> None:
     """Drop the weights of every loaded model (each loads them again on its next use, from the
-    safetensors cache in about a second) but keep the model objects, their settings and state, and
-    hand freed memory back to the system: `compare` calls it between candidates."""
+    safetensors cache in about a second) but keep the model objects, their settings and state, drop
+    what `on_free_weights` registered (the sentence-embedding model), and hand freed memory back to
+    the system: `compare` calls it between candidates."""
     import gc
 
     for model in list(_loaded.values()):
         close = getattr(model, "close", None)
         if close is not None:
             close()
+    for release in _on_free:
+        release()
     gc.collect()
     trim_malloc()
 
