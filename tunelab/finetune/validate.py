@@ -56,12 +56,20 @@ def make_validator(items: list[Tokenized], tokenizer, bf16: bool,
 
 
 def inference_copy(model, precision: str):
-    """A copy of the training model as it would be served: LoRA merged, in `precision`."""
+    """A copy of the training model as it would be served: LoRA merged, in `precision`. Frozen
+    fp32 embeddings (and an output layer tied to them) are copied straight into `precision`, not
+    copied in fp32 first (SmolLM2: 113 MB less at the validation's peak; Gemma 3: 680 MB)."""
     import copy
 
     import torch
 
-    clone = copy.deepcopy(model)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    memo: dict[int, Any] = {}
+    for param in {id(p): p for p in (causal_lm(model).get_input_embeddings().weight,
+                                     getattr(causal_lm(model).get_output_embeddings(), "weight", None))
+                  if p is not None and not p.requires_grad}.values():
+        memo[id(param)] = torch.nn.Parameter(param.detach().to(dtype, copy=True), requires_grad=False)
+    clone = copy.deepcopy(model, memo)
     if hasattr(clone, "merge_and_unload"):
         clone = clone.merge_and_unload()
     clone = causal_lm(clone)
