@@ -452,3 +452,72 @@ def test_chunked_loss_equals_the_whole_loss_and_its_gradients(tiny_base, monkeyp
     assert abs(results[0][0] - results[1][0]) < 1e-4 * abs(results[0][0])
     for k, g in results[0][2].items():
         assert (g - results[1][2][k]).abs().max() < 1e-6, k
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_lora_in_bf16_loads_linears_in_bf16_and_everything_else_exactly(tiny_base, tmp_path, monkeypatch, arch):
+    """LoRA in bf16 loads the frozen linears in bf16 directly (no fp32 copy of the whole model on the
+    way) and restores the rest in fp32 from the files (embeddings, norms) or from the float a buffer
+    was made of (Gemma 3's embed_scale): the tensors of an fp32 load whose frozen linears are cast,
+    but the adapters' first draw, which PEFT makes over the base layer's dtype (rounded to bf16)."""
+    import torch
+
+    from tunelab.finetune import train as tr
+    from tunelab.finetune.config import FineTuneConfig
+
+    base = tiny_base
+    if arch == "gemma3":
+        from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+        base = tmp_path / "tiny-gemma3"
+        tok = AutoTokenizer.from_pretrained(tiny_base)
+        torch.manual_seed(0)
+        Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=len(tok), hidden_size=40, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                           head_dim=16, sliding_window=16, pad_token_id=tok.pad_token_id)
+                          ).save_pretrained(base)
+        tok.save_pretrained(base)
+    config = FineTuneConfig(precision="bf16", lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+    def state(model):
+        return {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+
+    new = state(tr.load_for_training(base, config)[0])
+    monkeypatch.setattr(tr, "restore_fp32", lambda model, base_dir: False)  # the fp32 load, then the cast
+    old = state(tr.load_for_training(base, config)[0])
+    assert new.keys() == old.keys()
+    bf16 = tr.use_bf16("bf16")
+    embedding = next(k for k in new if k.endswith("embed_tokens.weight"))
+    assert new[embedding].dtype == torch.float32
+    assert next(v for k, v in new.items() if k.endswith("k_proj.weight")).dtype == (torch.bfloat16 if bf16
+                                                                                     else torch.float32)
+    for key in new:
+        assert new[key].dtype == old[key].dtype, key
+        if "lora_A" in key and bf16:
+            assert torch.equal(new[key], old[key].bfloat16().float()), key
+        else:
+            assert torch.equal(new[key], old[key]), key
+    if arch == "gemma3":
+        scale = next(k for k in new if k.endswith("embed_scale"))
+        assert torch.equal(new[scale], torch.tensor(40 ** 0.5))  # fp32, from the float itself
+
+
+def test_the_validation_copy_takes_the_embedding_straight_to_the_served_precision(tiny_base):
+    """The inference copy validation evaluates is built without an fp32 copy of the frozen embedding:
+    the clone's embedding (tied to its output layer) is the training one rounded to bf16, and the
+    training model keeps its fp32 embedding untouched."""
+    import torch
+
+    from tunelab.finetune import train as tr
+    from tunelab.finetune.config import FineTuneConfig
+    from tunelab.finetune.validate import inference_copy
+
+    model, _ = tr.load_for_training(tiny_base, FineTuneConfig(precision="bf16", lora_dropout=0.0))
+    before = model.get_input_embeddings().weight.detach().clone()
+    clone = inference_copy(model, "bf16")
+    emb = clone.get_input_embeddings().weight
+    assert emb.dtype == torch.bfloat16 and torch.equal(emb, before.to(torch.bfloat16))
+    assert clone.get_output_embeddings().weight is emb  # still tied
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert torch.equal(model.get_input_embeddings().weight, before)
+    assert not any("lora" in name for name, _ in clone.named_parameters())  # merged

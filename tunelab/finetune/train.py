@@ -73,11 +73,16 @@ def load_for_training(base_dir: Path, config: FineTuneConfig):
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Loading weights" would clutter the job's own output
+    # LoRA in bf16: the frozen linears end in bf16 anyway, so they load in bf16 (no fp32 copy of the
+    # whole model on the way: ~0.3 GB less resident while training) and the rest comes back in fp32.
+    frozen_bf16 = config.method == "lora" and use_bf16(config.precision)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    if frozen_bf16 and not restore_fp32(model, base_dir):  # a buffer it cannot restore exactly: as before
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model.config.use_cache = False
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -104,6 +109,36 @@ def load_for_training(base_dir: Path, config: FineTuneConfig):
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device())
     return model, tokenizer
+
+
+def restore_fp32(model, base_dir: Path) -> bool:
+    """Every parameter and buffer but the linear layers' weights back in fp32, exactly as a load in
+    fp32 followed by `frozen_linears_to_bf16` has them: embeddings and norms read again from the
+    safetensors files (not widened from bf16), a computed scale from the float it was made of
+    (Gemma 3's `embed_scale` from `scalar_embed_scale`). False, with nothing changed, when a
+    tensor cannot be restored exactly."""
+    import torch
+    from safetensors import safe_open
+
+    embedding = model.get_input_embeddings().weight  # fp32, also where an output layer is tied to it
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} - {id(embedding)}
+    wanted = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]
+              if id(t) not in linear and t.is_floating_point() and t.dtype != torch.float32}
+    found: dict[str, Any] = {}
+    for path in sorted(Path(base_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in set(f.keys()) & set(wanted):
+                found[key] = f.get_tensor(key).to(torch.float32)
+    for name in set(wanted) - set(found):
+        owner, _, attr = name.rpartition(".")
+        scalar = getattr(model.get_submodule(owner), f"scalar_{attr}", None)
+        if not isinstance(scalar, (int, float)) or wanted[name].dim() != 0:
+            return False
+        found[name] = torch.tensor(float(scalar), dtype=torch.float32)
+    with torch.no_grad():
+        for name, t in wanted.items():
+            t.data = found[name]
+    return True
 
 
 def frozen_linears_to_bf16(model) -> int:
