@@ -521,3 +521,20 @@ def test_the_validation_copy_takes_the_embedding_straight_to_the_served_precisio
     assert model.get_input_embeddings().weight.dtype == torch.float32
     assert torch.equal(model.get_input_embeddings().weight, before)
     assert not any("lora" in name for name, _ in clone.named_parameters())  # merged
+
+
+def test_the_validation_metric_is_what_eval_measures_on_the_validation_split(ws, cli, tiny_base):
+    """Served = measured for training too: the metric the best checkpoint was kept for (the inference
+    copy validation builds, bf16) is what `tunelab eval ft:NAME` measures on the same split."""
+    r = cli("finetune", "--data", "sms", "--prompt", "spam", "--name", "vm", "--base", str(tiny_base),
+            "--precision", "bf16", "--lr", "0.01", "--batch-size", "8", "--max-steps", "6",
+            "--eval-every-steps", "3", "--patience", "10", "--json")
+    assert r.exit_code == 0, r.output
+    with ws.store.session() as s:
+        row = s.scalars(select(FineTuneRow).where(FineTuneRow.name == "vm")).one()
+    best = row.result["validation"]
+    r = cli("eval", "ft:vm", "--data", "sms:validation", "--json")
+    assert r.exit_code == 0, r.output
+    measured = json.loads(r.stdout)["metrics"]
+    assert measured["accuracy"]["value"] == pytest.approx(best["metric"], abs=1e-5)  # stored rounded to 5 places
+    assert best["metric_name"] == "accuracy"
