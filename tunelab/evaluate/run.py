@@ -111,8 +111,7 @@ def sample_indices(examples: list[Example], k: int) -> list[int]:
 def free_answer_sample(examples: list[Example], k: int) -> set[str]:
     """The `free_answer_key`s of the k examples with the smallest keys: a sample that depends on
     the examples' content only (not on their order), so two runs on one split measure the same rows."""
-    keys = sorted((free_answer_key(ex), i) for i, ex in enumerate(examples))
-    return {key for key, _ in keys[:k]}
+    return {free_answer_key(examples[i]) for i in sample_indices(examples, k)}
 
 
 def evaluate(ws: "Workspace", candidate: Candidate, data: str, *, limit: int | None = None, repeat: int = 1,
