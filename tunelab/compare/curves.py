@@ -227,10 +227,10 @@ def learning_curves(ws: "Workspace", entries: list[CandidateEntry], candidates: 
             say(f"learning curve: {demo.name} left out (three more evaluations ~{estimate:.0f} s, over the budget)")
     if not series:
         return None
-    n_eval = len(get_split(ws, ref)[2][:limit])
+    n_eval = max((e.n for e in entries), default=0)  # the comparison's rows: the split after `limit`
     curve = LearningCurve(candidate=ft_curve.candidate if ft_curve else "", metric=metric,
                           points=ft_curve.points if ft_curve else [], series=series,
-                          n_eval=min(n_eval, sample) if sample else n_eval)
+                          n_eval=(min(n_eval, sample) if sample else n_eval) or None)
     curve.crossover = crossover(series, entries)
     if curve.crossover is not None:
         say(f"learning curve: {curve.crossover.text}")
