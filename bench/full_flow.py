@@ -58,6 +58,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a tiny version: a few examples, a few steps")
     ap.add_argument("--bases", default="smollm2-135m", help="base models side by side (flow --bases)")
     ap.add_argument("--search", type=int, default=None, help="fine-tune by a search of N trials (flow --search)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="the flow's time budget (flow --minutes; default 10): the learning curves fill what is left")
+    ap.add_argument("--no-short", action="store_true",
+                    help="leave out the short prompt's zero-shot row: exactly the candidates of 'tunelab flow'")
     ap.add_argument("--max-train", type=int, default=None,
                     help="fine-tune on a seeded sample of this many training examples (default: all)")
     args = ap.parse_args()
@@ -71,14 +75,15 @@ def main() -> int:
     task, field = TASKS.get(args.dataset, (None, None))
     stem = args.dataset.split("_")[-1]
     flow = flow_for(src, name=stem, task=task, field=field, epochs=args.epochs, budget=args.budget,
-                    limit_validation=args.limit_validation, extra_candidates=["{short}"], labels=labels,
+                    limit_validation=args.limit_validation, extra_candidates=[] if args.no_short else ["{short}"],
+                    labels=labels,
                     origin="bench/full_flow.py", bases=args.bases.split(","), search=args.search)
     if args.max_train:
         flow.finetune_settings["max_examples"] = args.max_train
     directory = Path(args.dir or f"/tmp/tunelab-flow-{args.dataset}")
     memory = PeakMemory()
     out = run_flow(directory, flow, quick=args.quick, volume=args.volume, workspace_name=f"flow-{stem}",
-                   log=memory.log)
+                   log=memory.log, minutes=args.minutes)
     memory.step("")
     path = directory / "comparison.json"
     path.write_text(json.dumps(out.comparison.to_json(), indent=2, default=str), encoding="utf-8")

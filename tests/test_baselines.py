@@ -139,6 +139,43 @@ def test_learning_curves_of_the_baselines_and_the_demo_prompt(ws):
         [p.run_id for s in curve.series for p in s.points]
 
 
+def test_a_time_budget_leaves_out_the_series_that_do_not_fit_and_says_so(ws, tmp_path):
+    """`curve_deadline` (the flow's --minutes): the baselines always run (seconds); a series whose
+    estimated time does not fit what is left is left out, named with its estimate in the comparison,
+    its report and the console table."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from tunelab.compare.report import print_table
+    from tunelab.files import write_atomic
+    from tunelab.flow import demo_flow, run_flow
+    from tunelab.prompts import commit_prompt
+
+    write_atomic(ws.prompts_dir / "knn.prompt", "---\nmodel: fake:knn\noutput: {type: label, labels: [account, "
+                 "billing, bug]}\ndemos: {dataset: tickets, split: train, strategy: knn_tfidf, k: 2}\n---\nuser:\n"
+                 "Which team? {{ input }}\n")
+    commit_prompt(ws, "knn", "first")
+    comp = compare(ws, "tickets:test", ["knn"], learning_curve=True, curve_deadline=time.monotonic(),
+                   report=tmp_path / "report.html", progress=False)
+    curve = comp.learning_curve
+    assert [s.kind for s in curve.series] == ["baseline"]  # tfidf: the demo prompt did not fit
+    assert len(curve.left_out) == 1 and curve.left_out[0].startswith("knn@")
+    assert "three more evaluations would take" in curve.left_out[0]
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert 'id="curve-left-out"' in html and "--learning-curve" in html
+    out = io.StringIO()
+    print_table(comp, Console(file=out, width=200), advice=False)
+    assert "learning curve left out by the time budget: knn@" in out.getvalue()
+    # with time to spare, nothing is left out
+    roomy = compare(ws, "tickets:test", ["knn"], learning_curve=True, curve_deadline=time.monotonic() + 600,
+                    progress=False)
+    assert {s.kind for s in roomy.learning_curve.series} == {"baseline", "prompt"} and not roomy.learning_curve.left_out
+    with pytest.raises(UserError, match="--minutes must be a number of minutes above 0"):
+        run_flow(tmp_path / "flow", demo_flow(), minutes=0)
+
+
 def test_curve_points_on_a_sample_of_the_test_split(ws):
     """With a sample, every curve point (the 100% ones too) is measured on the same k test examples,
     chosen by content; the full comparison rows still use the whole split."""

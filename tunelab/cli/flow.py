@@ -43,8 +43,12 @@ def flow(
                                                    "validation)."),
     learning_curve: Optional[bool] = typer.Option(None, "--learning-curve/--no-learning-curve", help="Learning "
                                                   "curves of every trainable candidate on 10/25/50/100% of train "
-                                                  "(default for labels: those that fit a 15-minute budget; "
-                                                  "--learning-curve: all, the fine-tune retrained too)."),
+                                                  "(default for labels: those that fit what is left of --minutes "
+                                                  "after the comparison, the baselines always; --learning-curve: "
+                                                  "all, the fine-tune retrained too)."),
+    minutes: float = typer.Option(10.0, "--minutes", help="The flow's time budget in minutes: the learning curves "
+                                  "measure only the series whose estimated time fits what is left of it (the "
+                                  "report names the ones left out). The other steps always run."),
     volume: float = typer.Option(100_000, "--volume", help="Expected requests a month for the cost model and advice."),
     quick: bool = typer.Option(False, "--quick", help="A tiny version: few examples, a few training steps (to try it out)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (TUNELAB_THREADS)."),
@@ -74,4 +78,4 @@ def flow(
     if threads:
         os.environ["TUNELAB_THREADS"] = str(threads)
     run_flow(directory or Path(f"tunelab-flow-{spec.dataset}"), spec, quick=quick, volume=volume, log=_log,
-             console=console, workspace_name=f"flow-{spec.dataset}", learning_curve=learning_curve)
+             console=console, workspace_name=f"flow-{spec.dataset}", learning_curve=learning_curve, minutes=minutes)

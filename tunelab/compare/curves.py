@@ -12,7 +12,8 @@ sample). Each point is evaluated by the same evaluator on the same split; with `
 same `sample` examples of it (chosen by content, `evaluate.sample_indices`), the 100% points too, so
 that a curve's points are measured on the same rows. With `budget_s`, a series is measured only when
 its estimated time fits the budget (the fine-tune's from its training time, the prompt's from its
-evaluation time; baselines take seconds).
+evaluation time; baselines take seconds); the ones left out are named in `LearningCurve.left_out`
+with their estimate, so a report says what it does not show and how to measure it.
 """
 
 from __future__ import annotations
@@ -189,6 +190,7 @@ def learning_curves(ws: "Workspace", entries: list[CandidateEntry], candidates: 
     on that many examples of `ref` (see the module doc). None when nothing is trainable."""
     say = log or (lambda _msg: None)
     series: list[CurveSeries] = []
+    left_out: list[str] = []
     ft_curve = None
     spent = 0.0
     by_name = {e.name: e for e in entries}
@@ -206,8 +208,9 @@ def learning_curves(ws: "Workspace", entries: list[CandidateEntry], candidates: 
             series.append(CurveSeries(candidate=ft_curve.candidate, kind="ft", points=ft_curve.points))
             spent += estimate
         else:
-            say(f"learning curve: {ft.name} left out (retraining it on 10/25/50% of train would take "
-                f"~{estimate:.0f} s, over the budget of {budget_s:.0f} s)")
+            left_out.append(f"{ft.name}: retraining it on 10/25/50% of train would take ~{estimate / 60:.0f} min, "
+                            f"more than the {max(0.0, budget_s) / 60:.1f} min the time budget had left")
+            say(f"learning curve: {left_out[-1]}")
     for cand in candidates:
         if isinstance(cand, BaselineCandidate) and cand.method != "majority":
             series.append(baseline_series(ws, cand, ref, metric, limit=limit, sample=sample))
@@ -224,13 +227,15 @@ def learning_curves(ws: "Workspace", entries: list[CandidateEntry], candidates: 
                 say(f"learning curve: {demo.name} (demo pool of n): " + ", ".join(
                     f"{p.n_train} -> {p.metric.value:.3f}" for p in found.points))
         else:
-            say(f"learning curve: {demo.name} left out (three more evaluations ~{estimate:.0f} s, over the budget)")
+            left_out.append(f"{demo.name} (demo pool of n): three more evaluations would take ~{estimate:.0f} s, "
+                            f"more than the {max(0.0, budget_s - spent):.0f} s the time budget had left")
+            say(f"learning curve: {left_out[-1]}")
     if not series:
         return None
     n_eval = max((e.n for e in entries), default=0)  # the comparison's rows: the split after `limit`
     curve = LearningCurve(candidate=ft_curve.candidate if ft_curve else "", metric=metric,
                           points=ft_curve.points if ft_curve else [], series=series,
-                          n_eval=(min(n_eval, sample) if sample else n_eval) or None)
+                          n_eval=(min(n_eval, sample) if sample else n_eval) or None, left_out=left_out)
     curve.crossover = crossover(series, entries)
     if curve.crossover is not None:
         say(f"learning curve: {curve.crossover.text}")

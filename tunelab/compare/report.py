@@ -104,6 +104,8 @@ def print_table(comparison: Comparison, console=None, *, advice: bool = True) ->
     curve = comparison.learning_curve
     if curve is not None and curve.crossover is not None:
         console.print(f"learning curves: {curve.crossover.text}", markup=False, highlight=False)
+    for text in (curve.left_out if curve is not None else []):
+        console.print(f"learning curve left out by the time budget: {text}", markup=False, highlight=False)
     rec = comparison.recommendation
     if advice and rec is not None:
         console.print(f"[bold]recommendation: {rec.headline}[/bold]")

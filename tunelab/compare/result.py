@@ -265,6 +265,7 @@ class LearningCurve(Record):
     series: list[CurveSeries] = Field(default_factory=list)
     crossover: Crossover | None = None
     n_eval: int | None = None  # the test examples each point was measured on (None: not recorded)
+    left_out: list[str] = Field(default_factory=list)  # the series a time budget left out, each in words
 
 
 class JudgeTrust(Record):

@@ -32,7 +32,7 @@ import numpy as np
 
 from tunelab.canonical import sha256
 from tunelab.datasets import Example, dataset_rows, get_dataset, subsample
-from tunelab.demos import embed
+from tunelab.demos import embed, embed_one
 from tunelab.errors import UserError
 from tunelab.evaluate.candidates import Candidate, Setup
 from tunelab.files import read_text, write_json
@@ -48,8 +48,6 @@ FORMAT = 1  # bump when a stored classifier's meaning changes: older ones are re
 _SPEC = re.compile(r"baseline:(?P<method>[a-z]+)(?:-n(?P<n>[0-9]+))?(?::(?P<data>[A-Za-z0-9][A-Za-z0-9_.\-]*"
                    r"(?:@[A-Za-z0-9]+)?))?")
 _LOADED: dict[str, tuple[float, Any]] = {}  # artifact path -> (mtime, classifier): loaded once per process
-_EMBEDDED: dict[str, np.ndarray] = {}  # input -> its embedding, alone: a learning curve's points share them
-MAX_EMBEDDED = 50_000
 
 
 def parse_baseline(spec: str) -> tuple[str, int | None, str | None]:
@@ -71,15 +69,7 @@ def _features(method: str, texts: list[str], batched: bool = False):
     if method == "embed":
         if batched:
             return embed(texts)
-        vectors = []
-        for t in texts:
-            v = _EMBEDDED.get(t)
-            if v is None:
-                if len(_EMBEDDED) >= MAX_EMBEDDED:
-                    _EMBEDDED.clear()
-                v = _EMBEDDED[t] = embed([t])[0]
-            vectors.append(v)
-        return np.stack(vectors) if vectors else np.zeros((0, 384), np.float32)
+        return np.stack([embed_one(t) for t in texts]) if texts else np.zeros((0, 384), np.float32)
     if method == "majority":
         return np.zeros((len(texts), 1), np.float32)
     return list(texts)
