@@ -158,10 +158,15 @@ def hybrid_ws(workspace, monkeypatch):
     clear_loaded()
 
 
-def test_create_hybrid_tunes_on_validation_and_routes(hybrid_ws):
+def test_create_hybrid_tunes_on_validation_and_routes(hybrid_ws, monkeypatch):
+    import tunelab.hybrid
     from tunelab.evaluate import evaluate, run_rows
 
+    freed: list[int] = []
+    real_free = tunelab.hybrid.free_weights
+    monkeypatch.setattr(tunelab.hybrid, "free_weights", lambda: (freed.append(1), real_free()))
     made = create_hybrid(hybrid_ws, "h", "prim", "fall", data="tickets", progress=False, rules=[r"\bmanager\b"])
+    assert freed == [1]  # the primary's weights go before the fallback is evaluated: one model at a time
     spec = made.spec
     assert made.candidate == "hybrid:h" and made.setup.how == "hybrid" and made.setup.wall_s > 0
     assert 0.1 < spec.margin_threshold <= 0.4

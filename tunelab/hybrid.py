@@ -27,6 +27,7 @@ from tunelab.errors import UserError
 from tunelab.evaluate import (ExceptionRule, HybridSpec, NgramIndex, PromptCandidate, Routing, Setup, evaluate,
                               read_hybrid, resolve_candidate, run_rows, save_hybrid)
 from tunelab.evaluate.routing import train_inputs
+from tunelab.models import free_weights
 from tunelab.prompts import save_version
 
 if TYPE_CHECKING:
@@ -150,6 +151,8 @@ def create_hybrid(ws: "Workspace", name: str, primary: str, fallback: str, *,
     val_ref = f"{ds.name}@{ds.version}:validation"
     # tuning needs each side's scores and margins only: no free-text answers (they cost generation)
     p_run = evaluate(ws, p_cand, val_ref, limit=limit, progress=progress)
+    if not p_run.reused:
+        free_weights()  # one side's model at a time: they reload in about a second (a flow's peak was here)
     f_run = evaluate(ws, f_cand, val_ref, limit=limit, progress=progress)
     metric = p_run.primary_metric
     p_rows = {r.example_index: r for r in run_rows(ws, p_run.id) if r.repeat_index == 0}
