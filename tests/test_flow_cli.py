@@ -174,6 +174,13 @@ def test_flow_head_field_for_label_tasks_only(cli, labelled, tmp_path):
     _one_line_error(cli("flow", labelled, "--head", "regress"), "unknown head 'regress'")
 
 
+def test_flow_minutes_must_be_above_zero(cli, labelled, tmp_path):
+    """`--minutes` (the flow's time budget) is checked before any work: a one-line error, exit 2."""
+    _one_line_error(cli("flow", labelled, "--dir", str(tmp_path / "ws"), "--minutes", "0"),
+                    "--minutes must be a number of minutes above 0")
+    assert not (tmp_path / "ws").exists()
+
+
 def test_cli_a_single_label(cli, tmp_path):
     splits = {s: [{"input": f"{s} text {i}", "output": "same"} for i in range(6)] for s in ("train", "validation", "test")}
     _one_line_error(cli("flow", _write(tmp_path / "one", splits)), "every train output is 'same'")
