@@ -83,6 +83,21 @@ def test_an_interrupted_search_continues_where_it_stopped(ws, tiny_base, monkeyp
     assert [t["finetune"] for t in result.trials] == ["r-t0", "r-t1"]  # the retried trial ran as r-t1
     assert get_row(ws, "r-t1").status == "done" and get_row(ws, "r").status == "done"
 
+    # a resumed search draws new settings, not again the ones its killed process drew first
+    def interrupt_first(target, model, optimizer, scheduler, state):
+        save(target, model, optimizer, scheduler, state)
+        if "s-t0" in str(target):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", interrupt_first)
+    other = cfg.model_copy(update={"name": "s"})
+    with pytest.raises(KeyboardInterrupt):
+        search(ws, other, trials=2, space=SPACE, progress=False)
+    monkeypatch.setattr(checkpoint, "save", save)
+    resumed = search(ws, other, trials=2, space=SPACE, progress=False)
+    first, drawn = (t["params"] for t in resumed.trials)
+    assert drawn["lr"] != first["lr"]  # a continuous draw: equal only if the sampler started over
+
 
 @pytest.mark.parametrize("text, words", [
     ("lr: [3e-3, 1e-4]\n", ["lr", "empty"]),

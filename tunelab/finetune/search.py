@@ -168,8 +168,11 @@ def search(ws: "Workspace", config: FineTuneConfig, *, trials: int | None = None
     storage = JournalStorage(JournalFileBackend(str(folder / "journal.log")))
     study = optuna.create_study(
         study_name=config.name, storage=storage, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=min(4, trials or 4)),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+    # seeded by what the study already holds: a resumed search must not draw the settings its
+    # killed process drew first (the same seed again would repeat them, trial for trial)
+    study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials),
+                                               n_startup_trials=min(4, trials or 4))
     _retry_interrupted(study, storage, log)
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     remaining = None if trials is None else max(0, trials - len(done))
