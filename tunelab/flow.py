@@ -455,7 +455,6 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     if not minutes > 0:
         raise UserError(f"--minutes must be a number of minutes above 0 (got {minutes:g})", field="minutes")
     deadline = time.monotonic() + 60 * minutes if learning_curve is None else None  # --learning-curve: all
-    curve_budget = 5.0 if quick and learning_curve is None else None
     learning_curve = label_task if learning_curve is None else bool(learning_curve)
     steps = Steps(7, log)
     progress = console if console is not None else True
@@ -520,7 +519,7 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     steps("comparison", "comparison on the test split" + (" with the classical baselines" if label_task else "")
           + (" and the learning curves (10/25/50/100% of train)" if learning_curve else ""))
     comparison = compare(ws, f"{data_ref}:test", candidates, volume=volume, learning_curve=learning_curve,
-                         curve_budget_s=curve_budget, curve_deadline=deadline,
+                         curve_deadline=time.monotonic() + 5.0 if quick and deadline else deadline,
                          curve_sample=None if quick else CURVE_SAMPLE, progress=progress,
                          log=log)
     if console is not None:

@@ -56,8 +56,7 @@ MAX_CONFUSION_LABELS = 400  # kept for the advice (chance, out-of-scope recall);
 
 def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float | None = None,
             repeat: int = 1, limit: int | None = None, metric: str | None = None,
-            learning_curve: bool = False, curve_budget_s: float | None = None, curve_deadline: float | None = None,
-            curve_sample: int | None = None,
+            learning_curve: bool = False, curve_deadline: float | None = None, curve_sample: int | None = None,
             baselines: bool = True, engineer_hours: dict[str, float] | None = None,
             report: str | Path | None = None, progress: bool | Any = True,
             log: Callable[[str], None] | None = None, judge_sample: str | None = None) -> Comparison:
@@ -67,9 +66,8 @@ def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float 
     `volume`: expected requests a month (default 10,000). `repeat`: answers per example, for
     consistency. `learning_curve`: also measure every trainable candidate on 10/25/50% of train
     (`tunelab.compare.curves`: the fine-tune retrained, the baselines, a prompt's per-input demo
-    pool; the 100% points are the candidates themselves), with `curve_budget_s` (seconds) and/or
-    `curve_deadline` (a `time.monotonic()` instant: the budget is what is left of it when the
-    curves start) only the series whose estimated time fits, with `curve_sample` every point on that many test examples (chosen by
+    pool; the 100% points are the candidates themselves), with `curve_deadline` (a `time.monotonic()`
+    instant: the budget is what is left of it when the curves start) only the series whose estimated time fits, with `curve_sample` every point on that many test examples (chosen by
     content, the same for every point). `baselines`: for label outputs, add the classical reference rows
     `baseline:majority` and `baseline:tfidf` (trained in seconds on the same dataset version's train
     split) when the candidates do not name them. `engineer_hours`: {candidate name or kind: hours}
@@ -127,10 +125,8 @@ def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float 
     for e in entries:
         e.vs_best = None if e is best else _vs(comparison, e.name, best.name)
     if learning_curve:
-        budgets = [b for b in (curve_budget_s, None if curve_deadline is None else curve_deadline - time.monotonic())
-                   if b is not None]
-        comparison.learning_curve = learning_curves(ws, entries, resolved, ref, metric_name,
-                                                    budget_s=min(budgets) if budgets else None,
+        budget = None if curve_deadline is None else curve_deadline - time.monotonic()
+        comparison.learning_curve = learning_curves(ws, entries, resolved, ref, metric_name, budget_s=budget,
                                                     limit=limit, sample=curve_sample, progress=progress, log=say)
         if comparison.learning_curve is None:
             raise UserError("--learning-curve needs a trainable candidate (ft:NAME, baseline:tfidf, or a prompt with "
