@@ -18,11 +18,11 @@ def cand(name, kind, value, low=None, high=None, *, setup=0.0, per_req=0.0, wall
     }
 
 
-def comparison(*cands, pairwise=(), volume=10_000, learning_curve=None, rate=0.0, labels=None):
+def comparison(*cands, pairwise=(), volume=10_000, learning_curve=None, rate=0.0, labels=None, metric="accuracy"):
     return Comparison.model_validate({
         "id": "c", "created_at": "2026-12-01T00:00:00+00:00", "best": cands[0]["name"] if cands else "",
         "dataset": {"name": "d", "version": "v", "split": "test", "n_examples": 100, "labels": labels},
-        "metric": "accuracy", "volume_per_month": volume, "months": 12, "engineer_hourly_rate": rate,
+        "metric": metric, "volume_per_month": volume, "months": 12, "engineer_hourly_rate": rate,
         "candidates": list(cands), "learning_curve": learning_curve,
         "pairwise": [{"a": a, "b": b, "test": "mcnemar", "p_value": p, "difference": None} for a, b, p in pairwise]})
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -55,6 +56,7 @@ SHORT_PROMPT = "support-short"
 FINETUNE = "support-ft"
 HYBRID = "support-hybrid"
 DEFAULT_BASE = "smollm2-135m"
+SKEWED_SHARE = 0.6  # labels where one is this share of train or more are judged by macro-F1, not accuracy
 MAX_PROMPT_TOKENS = 900  # few-shot candidates longer than this are not tried (they cost time on every request)
 
 SHORT_PROMPT_TEXT = """---
@@ -99,6 +101,8 @@ class Flow:
     bases: list[str] = field(default_factory=lambda: [DEFAULT_BASE])  # prompts and fine-tunes on each, side by side
     search: int | None = None  # fine-tune by a hyperparameter search of this many trials (`finetune.search`)
     head: str | None = None  # "classify": label tasks also fine-tune ft:NAME-head (LoRA + a classification head)
+    metric: str | None = None  # what every step maximizes and the comparison ranks by (None: the type's default)
+    metric_why: str = ""  # why, when the flow chose it (skewed labels) or was told (--metric)
 
 
 def demo_flow() -> Flow:
@@ -129,11 +133,12 @@ def _labels_yaml(labels: list[str]) -> str:
 
 
 def flow_prompts(name: str, labels: list[str], task: str | None = None, field: str | None = None,
-                 origin: str = "tunelab flow") -> tuple[str, str]:
+                 origin: str = "tunelab flow", metric: str | None = None) -> tuple[str, str]:
     """(baseline prompt text, short prompt text) for dataset `name` with `labels`: the baseline asks
     `task` (default: which label fits) and lists the labels; the short prompt is what the fine-tuned
     model is trained and run with. `field` is what the prompts call the input (default Text);
-    `origin` goes into the prompts' descriptions."""
+    `origin` goes into the prompts' descriptions; `metric` what their answers are judged by
+    (`output.metric`, default accuracy)."""
     task = (task or "Which label fits this text?").strip()
     field = (field or "Text").strip() or "Text"
     labels_yaml = _labels_yaml(labels)
@@ -141,12 +146,13 @@ def flow_prompts(name: str, labels: list[str], task: str | None = None, field: s
     listed = f"Answer with {answer}: {{{{ labels | join(\", \") }}}}."
     if len(labels) > PROMPT_LABELS:  # a list this long costs every request and helps a small model little
         listed = "Answer with the label only."
+    judged = f"\n  metric: {metric}" if metric else ""
     base = f"""---
 model: smollm2-135m
 temperature: 0
 output:
   type: label
-  labels: {labels_yaml}
+  labels: {labels_yaml}{judged}
 description: baseline zero-shot prompt for {name} ({origin})
 ---
 user:
@@ -159,7 +165,7 @@ model: smollm2-135m
 temperature: 0
 output:
   type: label
-  labels: {labels_yaml}
+  labels: {labels_yaml}{judged}
 description: the short prompt the fine-tuned model is trained and run with ({origin})
 ---
 user:
@@ -215,7 +221,7 @@ def infer_schema(outputs: list[str]) -> dict[str, Any]:
 
 
 def generative_prompts(name: str, output_type: str, outputs: list[str], schema: dict[str, Any] | None,
-                       task: str | None, field: str, origin: str) -> tuple[str, str, str]:
+                       task: str | None, field: str, origin: str, metric: str | None = None) -> tuple[str, str, str]:
     """(baseline, short, constrained) prompt texts for a JSON or text task: the baseline states the
     task (and for JSON the schema); the short prompt is what the fine-tuned model is trained and
     run with; the constrained prompt (JSON only, else "") is the baseline decoded under its
@@ -230,9 +236,11 @@ def generative_prompts(name: str, output_type: str, outputs: list[str], schema: 
         short_line = "Extract the fields as JSON."
     else:
         task = (task or "Write the answer for this input.").strip()
-        spec = "output: text\n"
+        spec = "output:\n  type: text\n" if metric else "output: text\n"
         instruction = task
         short_line = "Write the answer."
+    if metric:
+        spec += f"  metric: {metric}\n"
 
     def prompt(description: str, body: str, constrained: bool = False) -> str:
         out = spec + ("  constrained: true\n" if constrained else "")
@@ -258,7 +266,7 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
              epochs: int = 1, budget: int | None = None, limit_validation: int | None = None,
              extra_candidates: list[str] | None = None, labels: list[str] | None = None,
              schema: str | Path | dict | None = None, origin: str = "tunelab flow", bases: list[str] | None = None,
-             search: int | None = None, head: str | None = None) -> Flow:
+             search: int | None = None, head: str | None = None, metric: str | None = None) -> Flow:
     """The whole flow for a labelled dataset of the user's: `data_dir` is a data file or a folder of
     train, validation and test files (.jsonl with input/output, or .csv; val/dev also name
     validation). Missing validation and test splits are split off train when the data is imported
@@ -273,7 +281,10 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
     MANY_LABELS_BUDGET and MANY_LABELS_VALIDATION past PROMPT_LABELS labels, where every LLM
     evaluation scores a large label trie (the fine-tune then validates on that many examples too).
     `head="classify"`: label tasks also fine-tune `NAME-ft-head`, the same recipe with a classification
-    head (`tunelab finetune --head classify`), compared beside the generative fine-tune."""
+    head (`tunelab finetune --head classify`), compared beside the generative fine-tune. `metric`:
+    what every step maximizes and the comparison ranks by (the prompts' `output.metric`; default the
+    type's, and for labels where one label is SKEWED_SHARE of train or more, macro_f1: accuracy would
+    rank "always answer the majority" near the top)."""
     src = Path(data_dir).expanduser()
     expected = ("a data file, or a folder with a train file and optionally validation and test files "
                 "(train.jsonl, validation.jsonl, test.jsonl; .csv also works)")
@@ -299,6 +310,7 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
                         f"{kind}", field="head")
     if schema is not None and kind != "json":
         raise UserError(f"--schema is for JSON outputs; the train outputs of {files['train'].path} are {kind}")
+    metric, metric_why = judged_by(kind, outputs, metric)
     stem = flow_name(name or (src.resolve().stem if src.is_file() else src.resolve().name))
     folder = src.resolve().name  # the descriptions name the folder as it is, where YAML reads it plainly
     about = folder if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", folder) else stem
@@ -307,12 +319,14 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
     budget = budget or (MANY_LABELS_BUDGET if many else 8)
     limit_validation = limit_validation or (MANY_LABELS_VALIDATION if many else 150)
     if kind == "label":
-        base, short = flow_prompts(about, list(labels) if labels else distinct, task, field, origin=origin)
+        base, short = flow_prompts(about, list(labels) if labels else distinct, task, field, origin=origin,
+                                   metric=metric)
     else:
         if kind == "json":
             schema = read_schema(schema) if schema is not None else infer_schema(outputs)
         base, short, constrained = generative_prompts(about, kind, outputs, schema, task,
-                                                      field if field != "Text" or kind == "json" else "Input", origin)
+                                                      field if field != "Text" or kind == "json" else "Input", origin,
+                                                      metric)
     return Flow(data_dir=src, dataset=stem, base_prompt=f"{stem}-zero-shot", base_prompt_text=base,
                 short_prompt=f"{stem}-short", short_prompt_text=short, finetune=f"{stem}-ft", hybrid=f"{stem}-hybrid",
                 finetune_settings={"method": "lora", "lora_r": 16, "lora_alpha": 32.0, "lr": 1e-3,
@@ -324,7 +338,29 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
                 optimize_budget=budget, limit_validation=limit_validation,
                 extra_candidates=list(extra_candidates or []), output_type=kind,
                 constrained_prompt=f"{stem}-constrained" if constrained else None, constrained_prompt_text=constrained,
-                bases=check_bases(bases), search=search, head=head if head == "classify" else None)
+                bases=check_bases(bases), search=search, head=head if head == "classify" else None,
+                metric=metric, metric_why=metric_why)
+
+
+def judged_by(kind: str, outputs: list[str], metric: str | None) -> tuple[str | None, str]:
+    """(the metric a flow's prompts name, why) for outputs of type `kind`: `metric` when given
+    (checked against the type: a UserError naming the choices), else None (the type's default)
+    — except labels where the most frequent train output is SKEWED_SHARE of train or more, which
+    are judged by macro_f1 (every label counts the same)."""
+    if metric is not None:
+        try:
+            OutputSpec(type=kind, labels=["a"] if kind == "label" else None, metric=metric.strip())
+        except ValidationError as exc:
+            raise UserError(exc.errors()[0]["msg"].removeprefix("Value error, "), field="metric") from None
+        return metric.strip(), f"judged by {metric.strip()} (--metric)"
+    if kind != "label" or not outputs:
+        return None, ""
+    top, count = Counter(outputs).most_common(1)[0]
+    share = count / len(outputs)
+    if share < SKEWED_SHARE:
+        return None, ""
+    return "macro_f1", (f"judged by macro-F1: '{top}' is {share:.0%} of the train outputs, so always answering it "
+                        f"would score {share:.2f} accuracy (--metric accuracy to judge by accuracy)")
 
 
 def read_schema(path: str | Path | dict) -> dict[str, Any]:
@@ -463,6 +499,8 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     ws = Workspace.init(directory, name=workspace_name)
     log(f"workspace: {ws.root}")
     data_ref = _import_data(ws, flow, quick, log)
+    if flow.metric_why:
+        log(flow.metric_why)
 
     first = flow.bases[0]
     candidates: list[str] = []

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from tunelab.errors import UserError
 from tunelab.evaluate import (ExceptionRule, HybridSpec, NgramIndex, PromptCandidate, Routing, Setup, evaluate,
                               read_hybrid, resolve_candidate, run_rows, save_hybrid)
 from tunelab.evaluate.routing import train_inputs
+from tunelab.metrics import Answer, make_metric
 from tunelab.models import free_weights
 from tunelab.prompts import save_version
 
@@ -53,15 +54,19 @@ class HybridResult:
 def tune_thresholds(primary_scores: Sequence[float], fallback_scores: Sequence[float],
                     margins: Sequence[float | None], similarities: Sequence[float | None] | None = None,
                     forced: Sequence[bool] | None = None, *, min_probs: Sequence[float | None] | None = None,
-                    max_grid: int = 60) -> dict[str, Any]:
-    """Thresholds that maximize the mean per-example score of the combined answers.
+                    max_grid: int = 60, value: Callable[[np.ndarray, int], np.ndarray] | None = None
+                    ) -> dict[str, Any]:
+    """Thresholds that maximize the mean per-example score of the combined answers, or with `value`
+    a corpus metric of them (macro-F1).
 
     `primary_scores[i]`/`fallback_scores[i]`: each side's score on validation example i;
     `margins[i]`: the primary's unsureness signal (its label margin, or for generated answers the
     geometric-mean probability of its tokens); `min_probs[i]`: (generated answers) the probability
     of its least likely token; `similarities[i]`: max similarity to the training inputs;
-    `forced[i]`: the example goes to the fallback anyway (rule, length, invalid answer). Ties go to
-    the setting with the least fallback traffic, then to the lower thresholds.
+    `forced[i]`: the example goes to the fallback anyway (rule, length, invalid answer). With
+    `value` (a corpus metric's `Metric.value`), the scores are each side's rows of sufficient
+    statistics (`Metric.paired_stats`, n x k) and a setting scores `value` of the combined rows'
+    sums. Ties go to the setting with the least fallback traffic, then to the lower thresholds.
     """
     n = len(primary_scores)
     if n == 0:
@@ -69,6 +74,11 @@ def tune_thresholds(primary_scores: Sequence[float], fallback_scores: Sequence[f
                 "fallback_share": 0.0, "primary_score": None, "fallback_score": None, "n": 0}
     P = np.asarray(primary_scores, float)
     F = np.asarray(fallback_scores, float)
+    if value is None:  # the mean of per-example scores: one statistic, the sum
+        P, F = P[:, None], F[:, None]
+
+    def score(sums: np.ndarray) -> np.ndarray:
+        return sums[..., 0] / n if value is None else np.nan_to_num(np.asarray(value(sums, n), float), nan=0.0)
     forced_a = np.asarray(list(forced) if forced is not None else [False] * n, bool)
 
     def signal(values: Sequence[float | None] | None) -> np.ndarray | None:
@@ -99,17 +109,17 @@ def tune_thresholds(primary_scores: Sequence[float], fallback_scores: Sequence[f
             by_sim = forced_a | ((sims < st) if sims is not None else False)
             for tt in t_grid:
                 base = by_sim | ((mins < tt) if mins is not None else False)
-                fb = base[None, :] | below_m  # (margin grid, n)
-                totals = np.where(fb, F[None, :], P[None, :]).sum(1)
+                fb = (base[None, :] | below_m).astype(float)  # (margin grid, n)
+                scores = score(fb @ F + (1.0 - fb) @ P)
                 shares = fb.sum(1)
                 for k, mt in enumerate(m_grid if marg is not None else [0.0]):
-                    key = (round(float(totals[k]) / n, 12), -int(shares[k]), -st, -tt, -mt)
+                    key = (round(float(scores[k]), 12), -int(shares[k]), -st, -tt, -mt)
                     if best is None or key > best[0]:
-                        best = (key, float(mt), float(st), float(tt), float(totals[k]) / n, int(shares[k]) / n)
+                        best = (key, float(mt), float(st), float(tt), float(scores[k]), int(shares[k]) / n)
     assert best is not None
     return {"margin_threshold": best[1], "similarity_threshold": best[2], "min_token_threshold": best[3],
-            "score": best[4], "fallback_share": best[5], "primary_score": float(P.mean()),
-            "fallback_score": float(F.mean()), "n": n,
+            "score": best[4], "fallback_share": best[5], "primary_score": float(score(P.sum(0))),
+            "fallback_score": float(score(F.sum(0))), "n": n,
             "grid": {"margin": len(m_grid), "similarity": len(s_grid), "min_token": len(t_grid)}}
 
 
@@ -176,8 +186,16 @@ def create_hybrid(ws: "Workspace", name: str, primary: str, fallback: str, *,
 
     fixed_margin = None if threshold == "auto" else (0.0 if threshold == "off" else _unit(threshold, "threshold"))
     fixed_sim = None if similarity == "auto" else (0.0 if similarity == "off" else _unit(similarity, "similarity"))
-    p_scores = [float((p_rows[i].scores or {}).get(metric, 0.0)) for i in common]
-    f_scores = [float((f_rows[i].scores or {}).get(metric, 0.0)) for i in common]
+    judged = make_metric(metric, p_cand.output)
+    if judged.per_example:
+        p_scores: Any = [float((p_rows[i].scores or {}).get(metric, 0.0)) for i in common]
+        f_scores: Any = [float((f_rows[i].scores or {}).get(metric, 0.0)) for i in common]
+        corpus = None
+    else:  # macro-F1: each side's rows of counts, the metric of the combined counts
+        p_scores, f_scores = judged.paired_stats(
+            [Answer(expected=p_rows[i].expected, prediction=p_rows[i].prediction) for i in common],
+            [Answer(expected=f_rows[i].expected, prediction=f_rows[i].prediction) for i in common])
+        corpus = judged.value
     options = [False, True] if any(invalid) else [False]
     results = []
     for on in options:
@@ -185,7 +203,7 @@ def create_hybrid(ws: "Workspace", name: str, primary: str, fallback: str, *,
         results.append((on, forced_now, tune_thresholds(
             p_scores, f_scores, margins if fixed_margin is None else [None] * len(common),
             sims if fixed_sim is None else None, forced_now,
-            min_probs=min_probs if fixed_margin is None else None)))
+            min_probs=min_probs if fixed_margin is None else None, value=corpus)))
     on, forced, tuned = max(results, key=lambda r: (round(r[2]["score"] or 0.0, 12), r[0]))
     spec.invalid_to_fallback = on
     threshold_value = tuned["margin_threshold"] if fixed_margin is None else fixed_margin
@@ -198,8 +216,7 @@ def create_hybrid(ws: "Workspace", name: str, primary: str, fallback: str, *,
     if fixed_margin is not None or fixed_sim is not None:  # the score of the setting actually kept
         fb = [forced[k] or (sims is not None and sims[k] < spec.similarity_threshold)
               or (margins[k] is not None and margins[k] < threshold_value) for k in range(len(common))]
-        scores = [float(((f_rows if fb[k] else p_rows)[i].scores or {}).get(metric, 0.0)) for k, i in enumerate(common)]
-        tuned["score"] = sum(scores) / len(scores) if scores else None
+        tuned["score"] = tune_thresholds(p_scores, f_scores, [None] * len(common), None, fb, value=corpus)["score"]
         tuned["fallback_share"] = sum(fb) / len(fb) if fb else 0.0
     wall = float(p_run.throughput.get("wall_s") or 0) + float(f_run.throughput.get("wall_s") or 0)
     cost = float(p_run.cost.get("total") or 0) + float(f_run.cost.get("total") or 0)

@@ -238,13 +238,14 @@ def show(
     print_summary(result)
     if groups is not None:
         total = sum(g["count"] for g in groups)
-        console.print(f"\n{total} wrong answers ({result.primary_metric} < 1) in {len(groups)} groups:", markup=False)
+        judged = groups[0]["metric"] if groups and "metric" in groups[0] else result.primary_metric
+        console.print(f"\n{total} wrong answers ({judged} < 1) in {len(groups)} groups:", markup=False)
         for g in groups:
             console.print(f"\n[bold]{g['key']}[/bold]  x{g['count']}")
             for r in g["rows"][:per_group]:
                 text = r.input.replace("\n", " ")
                 console.print(f"  #{r.example_index}: {text[:160]}", markup=False)
-                if result.primary_metric != "accuracy":
+                if judged != "accuracy":
                     console.print(f"     expected: {r.expected[:160]}", markup=False)
                     console.print(f"     got:      {r.prediction[:160]}", markup=False)
                 free = (r.extra or {}).get("free_text")

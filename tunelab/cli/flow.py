@@ -60,21 +60,23 @@ def flow(
     head: Optional[str] = typer.Option(None, "--head", help="classify: label tasks also fine-tune NAME-ft-head, LoRA "
                                        "plus a classification head (tunelab finetune --head classify), compared "
                                        "beside the generative fine-tune."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="What every step maximizes and the comparison ranks "
+                                         "by (labels: accuracy, macro_f1; JSON: field_f1, json_match, ...; text: "
+                                         "chrf, bleu, rouge_l, ...). Default: the type's (accuracy, field_f1, chrf), "
+                                         "and macro_f1 for labels where one label is 60% of train or more."),
 ) -> None:
     """Run the whole flow on your data: check the data, a zero-shot baseline prompt (for JSON also
     decoded under the schema's grammar), prompt optimization, a LoRA fine-tune with a short prompt, a
     hybrid, the comparison on the test split and the advice; prints where the report is. The output
     type (labels, JSON, text) is inferred from the train outputs. Re-running in the same --dir reuses
     finished work."""
-    from tunelab.flow import flow_for, run_flow
-
-
     from tunelab.errors import UserError
+    from tunelab.flow import flow_for, run_flow
 
     if search is not None and search < 1:
         raise UserError(f"--search takes a number of trials of at least 1 (got {search})", field="search")
     spec = flow_for(data_dir, task=task, field=field, epochs=epochs, budget=budget, limit_validation=limit_validation,
-                    schema=schema, bases=bases.split(","), search=search, head=head)
+                    schema=schema, bases=bases.split(","), search=search, head=head, metric=metric)
     if threads:
         os.environ["TUNELAB_THREADS"] = str(threads)
     run_flow(directory or Path(f"tunelab-flow-{spec.dataset}"), spec, quick=quick, volume=volume, log=_log,

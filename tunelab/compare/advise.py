@@ -20,9 +20,9 @@ The rules are deterministic and applied in this order (docs/advise.md says the s
 5. **Required metric** (`--required-metric X`): candidates whose metric (point estimate) is below
    X are excluded. When nothing is left after rules 1–5 the answer is "none": no candidate meets
    the constraints, and the reasons say which rule removed each one.
-6. **Usable at all** (labels, accuracy): when no LLM candidate beats chance — the highest of the
-   majority-class baseline's accuracy, the most frequent expected label's share and 1/labels — with its
-   95% interval, the answer is "none": "No candidate is usable yet". When a classical baseline
+6. **Usable at all** (labels, accuracy or macro-F1): when no LLM candidate beats chance — the
+   highest of the majority-class baseline's metric, what always answering the most frequent expected
+   label scores and (accuracy) 1/labels — with its 95% interval, the answer is "none": "No candidate is usable yet". When a classical baseline
    (`baseline:tfidf`, `baseline:embed`) is not significantly worse than the best LLM candidate, it
    is the answer ("You may not need an LLM for this task"). An out-of-scope class (`oos`) adds its
    share and each candidate's recall on it to the reasons.
@@ -121,16 +121,17 @@ def _beats(c: CandidateEntry, level: float) -> bool:
 
 
 def chance_level(comparison: Comparison) -> tuple[float, str] | None:
-    """What a label candidate must beat to be usable (accuracy only): the highest of the
-    majority-class baseline's measured accuracy (when it was compared), the share of the most
-    frequent expected label on the split (from a confusion matrix: always answering it would score
-    that), and 1/the number of labels. None when the comparison cannot tell (not labels, not
-    accuracy, no labels known)."""
-    if comparison.output_type != "label" or comparison.metric != "accuracy":
+    """What a label candidate must beat to be usable (accuracy or macro-F1): the highest of the
+    majority-class baseline's measured metric (when it was compared), what always answering the
+    split's most frequent expected label scores (from a confusion matrix: its share for accuracy;
+    its F1 over the labels present for macro-F1), and for accuracy 1/the number of labels. None when
+    the comparison cannot tell (not labels, another metric, no labels known)."""
+    if comparison.output_type != "label" or comparison.metric not in ("accuracy", "macro_f1"):
         return None
+    macro = comparison.metric == "macro_f1"
     levels: list[tuple[float, str]] = []
     labels = comparison.dataset.labels or []
-    if len(labels) >= 2:
+    if len(labels) >= 2 and not macro:
         levels.append((1.0 / len(labels), f"chance (1 of {len(labels)} labels)"))
     majority = next((c for c in comparison.candidates if _is_majority(c) and c.metric.value is not None), None)
     if majority is not None:
@@ -139,7 +140,10 @@ def chance_level(comparison: Comparison) -> tuple[float, str] | None:
     rows = [sum(r) for r in conf.matrix] if conf is not None else []
     if sum(rows):  # the split's own most frequent label (clinc150's test: 18% oos, 0.7% of train)
         top = max(range(len(rows)), key=lambda i: rows[i])
-        levels.append((rows[top] / sum(rows), f"always answering the most frequent label ({conf.labels[top]})"))
+        share = rows[top] / sum(rows)
+        # macro-F1 of a constant answer: its label's F1 (precision = share, recall 1), the others 0
+        level = 2 * share / (1 + share) / sum(1 for r in rows if r) if macro else share
+        levels.append((level, f"always answering the most frequent label ({conf.labels[top]})"))
     return max(levels, key=lambda x: x[0]) if levels else None
 
 

@@ -44,7 +44,7 @@ from tunelab.models import free_weights
 from tunelab.evaluate import (BaselineCandidate, Candidate, HybridCandidate, PromptCandidate, RunResult, Setup,
                               diff_runs, evaluate, resolve_candidate, run_rows)
 from tunelab.files import write_json
-from tunelab.metrics import default_metric_names
+from tunelab.metrics import default_metric_names, example_metric
 from tunelab.store.models import ComparisonRow
 
 if TYPE_CHECKING:
@@ -106,7 +106,10 @@ def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float 
         if not result.reused:
             free_weights()  # one candidate's models at a time (they reload in about a second)
 
-    metric_name = metric or runs[resolved[0].name].primary_metric
+    # what the candidates are judged by: the first LLM candidate's (a prompt's `output.metric`, the
+    # type's default); the classical baselines know only the labels
+    judged = next((c for c in resolved if c.kind != "baseline"), resolved[0])
+    metric_name = metric or runs[judged.name].primary_metric
     for entry, cand in zip(entries, resolved):
         m = runs[cand.name].metrics.get(metric_name)
         if m is None:
@@ -254,7 +257,7 @@ def _candidate_entry(ws: "Workspace", cand: Candidate, result: RunResult, volume
         routing=routing_shares(first) if cand.kind == "hybrid" else None,
         examples_trained=made.examples,
         per_field=_per_field(result) if cand.output.type == "json" else None,
-        scores=[round(float(v), 4) for r in first if (v := (r.scores or {}).get(result.primary_metric)) is not None])
+        scores=[round(float(v), 4) for r in first if (v := (r.scores or {}).get(example_metric(cand.output))) is not None])
 
 
 OUTPUT_ROWS = 60  # examples in a report's side-by-side outputs

@@ -240,7 +240,8 @@ def _check_labels(splits, where, found: Issues, report: CheckReport) -> None:
         most = max(counts, key=counts.get)
         least = min((k for k in counts if counts[k]), key=counts.get)
         found.add("warning", "imbalance", f"labels are imbalanced in '{main}': {ratio:g}:1 ('{most}' {counts[most]}, "
-                  f"'{least}' {counts[least]}); watch macro-F1, not only accuracy", path=where[main][0])
+                  f"'{least}' {counts[least]}); watch macro-F1, not only accuracy "
+                  "(`metric: macro_f1` in a prompt's output judges by it)", path=where[main][0])
     few = [f"{label!r} ({n})" for label, n in counts.items() if 0 < n < MIN_LABEL_EXAMPLES]
     if few:
         found.add("warning", "few_per_label", f"label(s) with fewer than {MIN_LABEL_EXAMPLES} examples in "

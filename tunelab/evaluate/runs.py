@@ -28,7 +28,8 @@ from tunelab import stats as st
 from tunelab.canonical import canonical_json, plain
 from tunelab.errors import NotFound, UserError
 from tunelab.files import write_atomic
-from tunelab.metrics import SIMPLE, Answer, Metric, aggregate, group_rows, make_metric, parse_json, primary_metric
+from tunelab.metrics import (SIMPLE, Answer, Metric, aggregate, example_metric, group_rows, make_metric, parse_json,
+                             primary_metric)
 from tunelab.prompts import OutputSpec
 from tunelab.store.models import RunExampleRow, RunRow
 
@@ -178,7 +179,7 @@ def summarize_run(ws: "Workspace", run_id: str, metric_objs: list[Metric] | None
         dataset_version=row.dataset_version, split=row.split, n_examples=row.n_examples, repeat=row.repeat,
         status=row.status, primary_metric=primary,
         metrics={k: v.to_dict() for k, v in values.items()},
-        consistency=consistency(rows, primary, row.repeat, float((row.params or {}).get("temperature") or 0.0),
+        consistency=consistency(rows, example_metric(output), row.repeat, float((row.params or {}).get("temperature") or 0.0),
                                 output.type),
         tokens={"prompt": mean("prompt_tokens"), "completion": mean("completion_tokens"),
                 "total": (mean("prompt_tokens") or 0) + (mean("completion_tokens") or 0) if rows else None},
@@ -262,19 +263,19 @@ def _interval_of(values: np.ndarray, groups: list[int] | None = None) -> dict[st
 # -- failures, export, diff ---------------------------------------------------------------------
 
 def failure_groups(ws: "Workspace", run: str, metric: str | None = None) -> list[dict[str, Any]]:
-    """The wrong answers (primary metric < 1) grouped by confusion, most common first:
+    """The wrong answers (per-example primary metric < 1: `example_metric`) grouped by confusion, most common first:
     label: "expected -> predicted"; json: "invalid JSON" or the fields missing/extra/wrong;
     text: "expected 'X'"."""
     row = run_row(ws, run)
     output = OutputSpec.of((row.params or {}).get("output"))
-    metric = metric or primary_metric(output)
+    metric = metric or example_metric(output)
     groups: dict[str, list[RunExampleRow]] = defaultdict(list)
     for r in run_rows(ws, row.id):
         score = (r.scores or {}).get(metric)
         if score is None or score >= 1.0:
             continue
         groups[_failure_key(r, output.type)].append(r)
-    return [{"key": k, "count": len(v), "rows": v}
+    return [{"key": k, "count": len(v), "rows": v, "metric": metric}
             for k, v in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
 
 

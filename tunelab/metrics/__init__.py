@@ -6,12 +6,13 @@
     values["accuracy"].value, values["accuracy"].lo, values["accuracy"].hi
 
 Modules: `base` (Answer, Metric, MetricValue), `labels`, `json`, `text` (the metrics of each output
-type), `aggregate` (names to metrics, scoring, aggregates). The primary metric of each output type
-(`PRIMARY`) is what comparisons, the optimizer, early stopping and the hybrid maximize:
+type), `aggregate` (names to metrics, scoring, aggregates). The primary metric (`primary_metric`:
+an output's `metric` when it names one, else its type's, `PRIMARY`) is what comparisons, the
+optimizer, early stopping, a fine-tune search and the hybrid maximize:
 
 | output | primary | why |
 |---|---|---|
-| label | accuracy | per-example correctness; macro_f1 beside it for imbalanced labels |
+| label | accuracy | per-example correctness; macro_f1 beside it, and primary with `metric: macro_f1` (skewed labels) |
 | json | field_f1 | credits every right field (json_match gives 0 to an answer with one field wrong) |
 | text | chrf | sacrebleu's chrF against every reference: stable on one-sentence outputs, credits near misses |
 
@@ -55,8 +56,9 @@ answers best in batches (a judge model) overrides `score_many`.
 """
 
 from tunelab.metrics.aggregate import (ENTRY_POINTS, OUTPUT_TYPES, PRIMARY, SIMPLE, Custom, aggregate,
-                                       default_metric_names, example_stats, group_rows, load_custom, make_metric,
-                                       make_metrics, metric_names, plugin_metrics, primary_metric, score_answers)
+                                       default_metric_names, example_metric, example_stats, group_rows, load_custom,
+                                       make_metric, make_metrics, metric_names, plugin_metrics, primary_metric,
+                                       score_answers)
 from tunelab.metrics.base import Answer, Metric, MetricValue
 from tunelab.metrics.json import (FieldF1, JsonMatch, JsonSchemaValid, JsonValid, field_counts, field_details,
                                   parse_json, schema_validator)
@@ -67,6 +69,6 @@ from tunelab.metrics.text import (Contains, CopyRate, ExactMatch, LengthRatio, N
 __all__ = ["Accuracy", "Answer", "Contains", "CopyRate", "Custom", "ENTRY_POINTS", "ExactMatch", "FieldF1",
            "FormatValid", "FreeAccuracy", "JsonMatch", "JsonSchemaValid", "JsonValid", "LengthRatio", "MacroF1",
            "Metric", "MetricValue", "NormalizedMatch", "OUTPUT_TYPES", "PRIMARY", "Regex", "RougeL", "SIMPLE",
-           "SacreMetric", "Semantic", "aggregate", "bleu", "chrf", "default_metric_names", "example_stats",
+           "SacreMetric", "Semantic", "aggregate", "bleu", "chrf", "default_metric_names", "example_metric", "example_stats",
            "field_counts", "field_details", "group_rows", "load_custom", "make_metric", "make_metrics",
            "metric_names", "parse_json", "plugin_metrics", "primary_metric", "schema_validator", "score_answers"]

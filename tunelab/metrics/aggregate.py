@@ -100,9 +100,19 @@ def default_metric_names(output: Any) -> list[str]:
 
 
 def primary_metric(output: Any) -> str:
-    """The metric an output type is judged by (comparisons, optimization, early stopping,
-    failures, pass^k, the hybrid's tuning)."""
-    return PRIMARY[OutputSpec.of(output).type]
+    """The metric an output is judged by (comparisons, optimization, early stopping, a fine-tune
+    search, failures, pass^k, the hybrid's tuning): its `metric` when it names one, else its type's."""
+    out = OutputSpec.of(output)
+    return out.metric or PRIMARY[out.type]
+
+
+def example_metric(output: Any) -> str:
+    """The per-example score that stands for an output's primary metric where one example is
+    judged (failures, pass^k, a report's per-example scores): the primary itself when it scores
+    examples, else its type's default (macro-F1, a corpus metric -> accuracy)."""
+    out = OutputSpec.of(output)
+    primary = primary_metric(out)
+    return primary if make_metric(primary, out).per_example else PRIMARY[out.type]
 
 
 def make_metric(name: str, output: Any = None, workspace: "Workspace | None" = None) -> Metric:
@@ -126,8 +136,8 @@ def make_metrics(names: list[str] | None, output: Any = None, workspace: "Worksp
     """Metric objects for `names` (default: by output type), the primary one always included."""
     out = OutputSpec.of(output)
     names = list(names) if names else default_metric_names(out)
-    primary = PRIMARY.get(out.type)
-    if primary and primary not in names:
+    primary = primary_metric(out)
+    if primary not in names:
         names = [primary] + names
     seen: set[str] = set()
     metrics = []

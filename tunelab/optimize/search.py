@@ -47,7 +47,7 @@ from tunelab.datasets import Dataset, Example, get_dataset, parse_ref
 from tunelab.demos import DemoSelector, DemoSpec, NearestDemos, nearest_index
 from tunelab.errors import UserError
 from tunelab.evaluate import PromptCandidate, ResponseCache, evaluate, request_cost, run_rows
-from tunelab.metrics import PRIMARY, make_metric
+from tunelab.metrics import make_metric, primary_metric
 from tunelab.models import load_model
 from tunelab.models.base import Model
 from tunelab.optimize.proposer import Failure, propose
@@ -61,6 +61,7 @@ from tunelab.prompts import (Prompt, commit_prompt, current_version, load_prompt
 from tunelab.store.models import OptimizationRow, utcnow
 
 if TYPE_CHECKING:
+    from tunelab.prompts import OutputSpec
     from tunelab.workspace import Workspace
 
 SCREEN_MIN_VALIDATION = 90  # screen on a third of validation when it has at least this many examples
@@ -278,9 +279,9 @@ def constrained(prompt: "Prompt") -> "Prompt":
     return prompt.replace(output={**output, "constrained": True})
 
 
-def _objective_for(output_type: str, objective: str | None) -> str:
-    name = objective or PRIMARY[output_type]
-    make_metric(name, None if output_type != "label" else {"type": "label", "labels": ["a"]})  # NotFound if unknown
+def _objective_for(output: "OutputSpec", objective: str | None) -> str:
+    name = objective or primary_metric(output)
+    make_metric(name, output)  # NotFound if unknown
     return name
 
 
@@ -326,7 +327,7 @@ def optimize(ws: "Workspace", prompt_ref: str, data_name: str, *, budget: int | 
         if unknown_labels:
             raise UserError(f"label definitions name '{unknown_labels[0]}', which is not a label of prompt "
                             f"'{seed_prompt.name}' (labels: {', '.join(seed_prompt.labels or []) or 'none'})")
-    objective = _objective_for(output_type, objective)
+    objective = _objective_for(seed_prompt.output, objective)
     if model is not None and not isinstance(model, str):  # a Model object (tests, notebooks)
         llm, model_spec = model, model.name
     else:

@@ -62,6 +62,13 @@ class JudgeRubric(BaseModel):
         return scale
 
 
+# The metrics an output may be judged by (`output.metric`): quality metrics of its type, not the
+# diagnostics beside them (format validity, length ratio, copy rate)
+JUDGED_BY = {"label": ("accuracy", "macro_f1"),
+             "json": ("field_f1", "json_match", "field_precision", "field_recall"),
+             "text": ("chrf", "bleu", "rouge_l", "semantic", "exact_match")}
+
+
 class OutputSpec(BaseModel):
     """What the model must answer: one of `labels`, JSON (optionally matching `schema`), or text."""
 
@@ -72,6 +79,10 @@ class OutputSpec(BaseModel):
     constrained: bool = Field(False, description="type json: decode under the grammar of the schema (any JSON "
                                                  "without one), on backends that can (local, llamacpp)")
     judge: JudgeRubric | None = Field(None, description="the LLM judge's rubric and scale for these answers")
+    metric: str | None = Field(None, description="the metric these answers are judged by: what comparisons, the "
+                                                 "optimizer, early stopping, a fine-tune search and the hybrid's tuning "
+                                                 "maximize (default by type: label accuracy, json field_f1, text chrf; "
+                                                 "macro_f1 for labels where one label dominates)")
 
     @property
     def schema(self) -> dict[str, Any] | None:  # type: ignore[override]
@@ -91,6 +102,8 @@ class OutputSpec(BaseModel):
             data["constrained"] = True
         if self.judge is not None:
             data["judge"] = self.judge.model_dump(mode="json")
+        if self.metric is not None:
+            data["metric"] = self.metric
         return data
 
     @model_validator(mode="before")
@@ -126,6 +139,9 @@ class OutputSpec(BaseModel):
             why = ("label outputs are always constrained: each label is scored"
                    if self.type == "label" else "free text has no grammar to decode under")
             raise ValueError(f"'constrained: true' is only for type json ({why})")
+        if self.metric is not None and self.metric not in JUDGED_BY[self.type]:
+            raise ValueError(f"metric '{self.metric}' does not judge {self.type} answers "
+                             f"(choose: {', '.join(JUDGED_BY[self.type])})")
         if self.schema_ is not None:
             import jsonschema
 
