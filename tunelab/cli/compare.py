@@ -48,7 +48,7 @@ def compare(
     report: Optional[Path] = typer.Option(None, "--report", help="Write the HTML report here (default .tunelab/artifacts/comparisons/ID/report.html); report.json beside it."),
     repeat: int = typer.Option(1, "--repeat", help="Answers per example, for consistency (agreement, pass^k)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N examples of the split."),
-    metric: Optional[str] = typer.Option(None, "--metric", help="The metric to compare on (default: accuracy for labels, field_f1 for JSON, chrf for text)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="The metric to compare on (default: the candidates' output.metric, else accuracy for labels, field_f1 for JSON, chrf for text)."),
     learning_curve: bool = typer.Option(False, "--learning-curve", help="Also measure every trainable candidate (fine-tune: retrained, baselines, a prompt's per-input demo pool) on 10/25/50% of train, with the crossover point (a fine-tune makes it slow)."),
     curve_sample: Optional[int] = typer.Option(None, "--curve-sample", min=1, help="With --learning-curve: measure every curve point on this many examples of the split (chosen by content, the same rows for every point) instead of all of them."),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Label outputs: add the classical reference rows baseline:majority and baseline:tfidf."),

@@ -20,7 +20,7 @@ def optimize(
                                help="Candidates to evaluate (20), or a time limit (15m, 90s, 1h)."),
     objective: Optional[str] = typer.Option(None, "--objective",
                                             help="Metric to maximize: accuracy, macro_f1, field_f1, ... "
-                                                 "(default: the output type's primary metric)."),
+                                                 "(default: the prompt's output.metric, else the output type's primary metric)."),
     max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens",
                                                     help="Reject candidates with more prompt tokens per request."),
     proposer: Optional[str] = typer.Option(None, "--proposer",
