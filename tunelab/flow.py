@@ -41,6 +41,7 @@ from tunelab.datasets import (check_path, get_dataset, import_dataset, read_sour
                               subsample)
 from tunelab.errors import UserError
 from tunelab.evaluate import RunResult, evaluate, hybrid_path, read_hybrid, resolve_candidate
+from tunelab.finetune.search import SearchSpace
 from tunelab.finetune.search import search as search_finetune
 from tunelab.hybrid import create_hybrid
 from tunelab.models import free_weights, release_memory
@@ -669,8 +670,11 @@ def _finetune(ws, data_ref: str, flow: Flow, *, quick: bool, log, base: str | No
         settings.update(epochs=1, max_steps=3, batch_size=4, max_val_examples=8)
     config = ft.FineTuneConfig(**settings)  # an unknown setting is an error, never dropped
     if flow.search:
-        log(f"searching ft:{name}: {flow.search} trials on {base}")
-        result = search_finetune(ws, config, trials=flow.search, progress=True, log=log).best
+        # skewed labels judged by macro-F1: the class balance of the loss is searched too
+        space = SearchSpace(balance=[0.0, 0.5, 1.0]) if flow.metric == "macro_f1" and flow.output_type == "label" \
+            else None
+        log(f"searching ft:{name}: {flow.search} trials on {base}" + (", class balance 0, 0.5 or 1" if space else ""))
+        result = search_finetune(ws, config, trials=flow.search, space=space, progress=True, log=log).best
     else:
         resume = row is not None
         log(("resuming" if resume else "training") + f" ft:{name}: " +

@@ -44,6 +44,7 @@ def finetune(
     warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help=h("warmup_ratio")),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help=h("weight_decay")),
     max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help=h("max_grad_norm")),
+    balance: Optional[float] = typer.Option(None, "--balance", help=h("balance")),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help=h("max_examples")),
     max_val_examples: Optional[int] = typer.Option(None, "--max-val-examples", help=h("max_val_examples")),
     launcher: Optional[str] = typer.Option(None, "--launcher", help=h("launcher")),
@@ -63,7 +64,8 @@ def finetune(
                                                         "a running trial is finished)."),
     search_space: Optional[Path] = typer.Option(None, "--search-space",
                                                 help="YAML file of the search space: lr, epochs ([low, high]); "
-                                                     "lora_r, lora_alpha_ratio, target_modules, base (choices)."),
+                                                     "lora_r, lora_alpha_ratio, target_modules, base, balance "
+                                                     "(choices)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Fine-tune a model (LoRA or full) on a dataset, rendered by a prompt: the result is the model
@@ -79,7 +81,7 @@ def finetune(
                  micro_batch_tokens=micro_batch_tokens, seed=seed, patience=patience,
                  eval_every_steps=eval_every_steps, save_every_steps=save_every_steps,
                  gradient_checkpointing=gradient_checkpointing, precision=precision, warmup_ratio=warmup_ratio,
-                 weight_decay=weight_decay, max_grad_norm=max_grad_norm, max_examples=max_examples,
+                 weight_decay=weight_decay, max_grad_norm=max_grad_norm, balance=balance, max_examples=max_examples,
                  max_val_examples=max_val_examples, launcher=launcher, num_processes=num_processes,
                  accelerate_config=accelerate_config)
     cfg = load_config(config, flags)

@@ -56,6 +56,7 @@ class FineTuneConfig(BaseModel):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming the learning rate up linearly")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this (none: no clipping)")
+    balance: float = Field(0.0, ge=0, le=1, description="class balance of the loss: each training example's loss weighted by (n / (outputs x its output's count))^balance, normalized to a mean of 1 — 0 plain, 1 every output counts the same (scikit-learn's class_weight='balanced'), 0.5 between; for skewed labels judged by macro-F1")
     max_examples: int | None = Field(None, ge=1, description="train on at most this many examples (a seeded sample of the train split)")
     max_val_examples: int | None = Field(None, ge=1, description="validate on at most this many examples (a seeded sample of the validation split)")
     launcher: Literal["local", "accelerate"] = Field("local", description="local (this process) or accelerate (several processes through `accelerate launch`: DDP, one replica per process; batch_size stays the global batch)")

@@ -30,6 +30,7 @@ class Tokenized:
     n_prompt: int  # the first n_prompt tokens are prompt (no loss); the rest is the completion
     truncated: bool = False
     label: int | None = None  # a head fine-tune's item: the prompt alone, its label's index the target
+    weight: float = 1.0  # its loss's weight (`balance_weights`: class balance of a skewed train split)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -69,7 +70,7 @@ def truncate(item: Tokenized, max_length: int, keep_tail: int = 8) -> Tokenized:
     else:
         prompt = prompt[:1] + prompt[-keep_tail:]
         completion = completion[:max(1, max_length - len(prompt))]
-    return Tokenized(prompt + completion, len(prompt), truncated=True, label=item.label)
+    return Tokenized(prompt + completion, len(prompt), truncated=True, label=item.label, weight=item.weight)
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -130,9 +131,25 @@ def collate(items: Sequence[Tokenized], pad_id: int, torch_module=None) -> dict[
         mask[row, :n] = 1
         labels[row, it.n_prompt:n] = torch.tensor(it.input_ids[it.n_prompt:], dtype=torch.long)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(it.weight != 1.0 for it in items):  # class balance: each row's loss weight
+        batch["weights"] = torch.tensor([it.weight for it in items], dtype=torch.float32)
     if items[0].label is not None:  # a head's items: the label indices
         batch["targets"] = torch.tensor([it.label for it in items], dtype=torch.long)
     return batch
+
+
+def balance_weights(outputs: Sequence[str], balance: float) -> list[float]:
+    """Each example's loss weight for class balance `balance` (0..1): (n / (k * count of its
+    output))^balance over the k distinct outputs, normalized to a mean of 1 (the learning rate
+    keeps its scale). 0 or outputs that never repeat: all 1."""
+    from collections import Counter
+
+    counts = Counter(outputs)
+    if not balance or not outputs or len(counts) == len(outputs):
+        return [1.0] * len(outputs)
+    raw = [(len(outputs) / (len(counts) * counts[o])) ** balance for o in outputs]
+    mean = sum(raw) / len(raw)
+    return [w / mean for w in raw]
 
 
 def render_examples(examples, render: Callable[[Any], list[dict[str, str]]], tokenizer) -> list[Tokenized]:

@@ -119,6 +119,9 @@ def head_loss(model, batch: dict[str, Any], bf16: bool):
 
     logits = head_of(model)(last_hidden(model, batch, bf16))
     targets = batch["targets"].to(logits.device)
+    if "weights" in batch:  # class balance
+        return (F.cross_entropy(logits, targets, reduction="none") * batch["weights"].to(logits.device)).sum(), \
+            int(targets.numel())
     return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
 
 

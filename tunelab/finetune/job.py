@@ -28,7 +28,7 @@ from tunelab.files import write_json
 from tunelab.finetune import checkpoint
 from tunelab.finetune import train as tr
 from tunelab.finetune.config import FineTuneConfig, resolve
-from tunelab.finetune.data import render_examples, truncate
+from tunelab.finetune.data import balance_weights, render_examples, truncate
 from tunelab.finetune.head import attach_head, head_items, head_labels, head_loss, make_head_validator, save_head
 from tunelab.finetune.validate import evaluator_metric, make_validator
 from tunelab.models.finetuned import finetune_dir, write_manifest
@@ -204,6 +204,14 @@ def plan(ws: "Workspace", config: FineTuneConfig) -> Plan:
                      "their prompt is dropped")
     train_items = [truncate(it, config.max_length) for it in train_items]
     val_items = [truncate(it, config.max_length) for it in val_items]
+    if config.balance:  # class balance: each training example's loss weight (validation stays plain)
+        keys = [it.label for it in train_items] if labels is not None else [ex.output for ex in train]
+        weights = balance_weights(keys, config.balance)
+        for it, w in zip(train_items, weights):
+            it.weight = w
+        if weights and min(weights) != max(weights):
+            notes.append(f"class balance {config.balance:g}: loss weights {min(weights):.2f} (the most frequent output) "
+                         f"to {max(weights):.2f} (the rarest)")
     return Plan(config, dataset, prompt, demos, base_dir, train, val, train_items, val_items, tokenizer, notes, labels)
 
 

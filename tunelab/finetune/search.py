@@ -59,6 +59,9 @@ class SearchSpace(BaseModel):
     target_modules: list[str] = Field(["q_proj,v_proj", ATTENTION, ALL_LINEAR],
                                       description="module sets (comma-separated names) to choose from")
     base: list[str] | None = Field(None, description="base models to choose from (default: the fine-tune's base)")
+    balance: list[float] = Field([0.0], description="class balance of the loss to choose from (0 plain, 1 every "
+                                                    "output counts the same; `tunelab flow` searches 0, 0.5 and 1 "
+                                                    "for skewed labels judged by macro-F1)")
 
     @field_validator("lr", "epochs")
     @classmethod
@@ -72,7 +75,7 @@ class SearchSpace(BaseModel):
             raise ValueError(f"epochs start at 1 (got {low})")
         return value
 
-    @field_validator("lora_r", "lora_alpha_ratio", "target_modules", "base")
+    @field_validator("lora_r", "lora_alpha_ratio", "target_modules", "base", "balance")
     @classmethod
     def _choices(cls, value: list | None, info) -> list | None:
         if value is not None and not value:
@@ -81,6 +84,8 @@ class SearchSpace(BaseModel):
             raise ValueError(f"LoRA ranks are at least 1 (got {min(value)})")
         if info.field_name == "lora_alpha_ratio" and any(a <= 0 for a in value):
             raise ValueError(f"alpha ratios must be positive (got {min(value):g})")
+        if info.field_name == "balance" and any(not 0 <= b <= 1 for b in value):
+            raise ValueError(f"class balance is between 0 and 1 (got {[b for b in value if not 0 <= b <= 1][0]:g})")
         return value
 
 
@@ -225,8 +230,13 @@ def _suggest(trial, space: SearchSpace, bases: list[str]) -> dict[str, Any]:
     ratio = trial.suggest_categorical("lora_alpha_ratio", space.lora_alpha_ratio)
     modules = trial.suggest_categorical("target_modules", space.target_modules)
     base = trial.suggest_categorical("base", bases)
-    return {"lr": lr, "epochs": epochs, "lora_r": r, "lora_alpha": float(r * ratio),
-            "target_modules": [m.strip() for m in modules.split(",") if m.strip()], "base": base}
+    settings = {"lr": lr, "epochs": epochs, "lora_r": r, "lora_alpha": float(r * ratio),
+                "target_modules": [m.strip() for m in modules.split(",") if m.strip()], "base": base}
+    # searched only when there is a choice: a space without one keeps its trials' parameters as they were
+    balance = trial.suggest_categorical("balance", space.balance) if len(space.balance) > 1 else space.balance[0]
+    if balance:
+        settings["balance"] = float(balance)
+    return settings
 
 
 def _value(result: dict[str, Any]) -> float:

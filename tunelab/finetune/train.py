@@ -187,8 +187,9 @@ def loss_chunk_rows(vocab_size: int) -> int:
     return max(16, LOSS_CHUNK_LOGITS // max(1, vocab_size))
 
 
-def chunked_cross_entropy(lm, hidden, target):
-    """Summed cross-entropy of `hidden` (positions x hidden size) against `target`, the vocabulary
+def chunked_cross_entropy(lm, hidden, target, weight=None):
+    """Summed cross-entropy of `hidden` (positions x hidden size) against `target` (each position's
+    term times `weight`, when given: class balance), the vocabulary
     projection computed a chunk of positions at a time. While training, each chunk's logits are
     recomputed in the backward pass instead of kept (activation checkpointing of the head alone):
     with a 262k vocabulary (Gemma 3) the logits of a batch's completions would otherwise hold
@@ -197,16 +198,19 @@ def chunked_cross_entropy(lm, hidden, target):
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    def piece(h, t):
-        return F.cross_entropy(head_logits(lm, h).float(), t, reduction="sum")
+    def piece(h, t, w=None):
+        if w is None:
+            return F.cross_entropy(head_logits(lm, h).float(), t, reduction="sum")
+        return (F.cross_entropy(head_logits(lm, h).float(), t, reduction="none") * w).sum()
 
     rows = loss_chunk_rows(lm.config.get_text_config().vocab_size)
     if hidden.shape[0] <= rows:
-        return piece(hidden, target)
+        return piece(hidden, target, weight)
     total = hidden.new_zeros((), dtype=torch.float32)
     for lo in range(0, hidden.shape[0], rows):
         h, t = hidden[lo:lo + rows], target[lo:lo + rows]
-        total = total + (checkpoint(piece, h, t, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t))
+        w = None if weight is None else weight[lo:lo + rows]
+        total = total + (checkpoint(piece, h, t, w, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t, w))
     return total
 
 
@@ -247,13 +251,17 @@ def completion_hidden(model, batch: dict[str, Any], bf16: bool):
 
 
 def completion_loss(model, batch: dict[str, Any], bf16: bool):
-    """Summed cross-entropy over the completion tokens and their count. The vocabulary projection
-    (49k columns for SmolLM2, 262k for Gemma 3) runs only on the positions that predict a
-    completion token, a chunk of them at a time (`chunked_cross_entropy`)."""
+    """Summed cross-entropy over the completion tokens (each times its row's `weights`, when the
+    batch has them: class balance) and their count. The vocabulary projection (49k columns for
+    SmolLM2, 262k for Gemma 3) runs only on the positions that predict a completion token, a chunk
+    of them at a time (`chunked_cross_entropy`)."""
     lm = causal_lm(model)
-    hidden, target, _ = completion_hidden(model, batch, bf16)
+    hidden, target, select = completion_hidden(model, batch, bf16)
+    weight = None
+    if "weights" in batch:  # each completion token's weight: its row's
+        weight = batch["weights"].to(select.device)[:, None].expand_as(select)[select]
     with autocast(bf16):
-        loss = chunked_cross_entropy(lm, hidden, target)
+        loss = chunked_cross_entropy(lm, hidden, target, weight)
     return loss, int(target.numel())
 
 
@@ -434,7 +442,8 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
             while state.step_in_epoch < len(groups) and state.step < total_steps:
                 t0 = time.perf_counter()
                 group = groups[state.step_in_epoch]
-                n_loss = sum(items[i].n_completion for b in group for i in b)  # global: the loss is a mean over every rank's tokens
+                # global: the loss is a (weighted) mean over every rank's tokens
+                n_loss = sum(items[i].n_completion * items[i].weight for b in group for i in b)
                 shards = [dist.shard(b, rank, world) for b in group]
                 pieces = [p for b in shards
                           for p in micro_batches(b, lengths, config.micro_batch_tokens,
