@@ -58,6 +58,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a tiny version: a few examples, a few steps")
     ap.add_argument("--bases", default="smollm2-135m", help="base models side by side (flow --bases)")
     ap.add_argument("--search", type=int, default=None, help="fine-tune by a search of N trials (flow --search)")
+    ap.add_argument("--metric", default=None, help="what the flow judges by (flow --metric; default: the type's, "
+                                                   "macro_f1 for skewed labels)")
     ap.add_argument("--minutes", type=float, default=None,
                     help="the flow's time budget (flow --minutes; default 10): the learning curves fill what is left")
     ap.add_argument("--no-short", action="store_true",
@@ -77,7 +79,8 @@ def main() -> int:
     flow = flow_for(src, name=stem, task=task, field=field, epochs=args.epochs, budget=args.budget,
                     limit_validation=args.limit_validation, extra_candidates=[] if args.no_short else ["{short}"],
                     labels=labels,
-                    origin="bench/full_flow.py", bases=args.bases.split(","), search=args.search)
+                    origin="bench/full_flow.py", bases=args.bases.split(","), search=args.search,
+                    metric=args.metric)
     if args.max_train:
         flow.finetune_settings["max_examples"] = args.max_train
     directory = Path(args.dir or f"/tmp/tunelab-flow-{args.dataset}")
