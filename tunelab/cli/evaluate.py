@@ -238,7 +238,7 @@ def show(
     print_summary(result)
     if groups is not None:
         total = sum(g["count"] for g in groups)
-        judged = groups[0]["metric"] if groups and "metric" in groups[0] else result.primary_metric
+        judged = groups[0]["metric"] if groups else result.primary_metric
         console.print(f"\n{total} wrong answers ({judged} < 1) in {len(groups)} groups:", markup=False)
         for g in groups:
             console.print(f"\n[bold]{g['key']}[/bold]  x{g['count']}")

@@ -227,6 +227,7 @@ def break_even_pairs(entries: Iterable[CandidateEntry], volume_per_month: float,
 def _candidate_entry(ws: "Workspace", cand: Candidate, result: RunResult, volume: float, rate: float,
                      engineer_hours: dict[str, float]) -> CandidateEntry:
     first = [r for r in run_rows(ws, result.id) if r.repeat_index == 0]
+    judged = example_metric(cand.output)  # the per-example score of its primary metric
     made = setup_of(ws, cand)
     hours = engineer_hours.get(cand.name, engineer_hours.get(cand.kind))
     eng_hours = float(hours) if hours is not None else made.wall_s / 3600.0
@@ -257,7 +258,7 @@ def _candidate_entry(ws: "Workspace", cand: Candidate, result: RunResult, volume
         routing=routing_shares(first) if cand.kind == "hybrid" else None,
         examples_trained=made.examples,
         per_field=_per_field(result) if cand.output.type == "json" else None,
-        scores=[round(float(v), 4) for r in first if (v := (r.scores or {}).get(example_metric(cand.output))) is not None])
+        scores=[round(float(v), 4) for r in first if (v := (r.scores or {}).get(judged)) is not None])
 
 
 OUTPUT_ROWS = 60  # examples in a report's side-by-side outputs

@@ -23,7 +23,7 @@ from tunelab.errors import UserError
 from tunelab.finetune.data import Tokenized, collate, micro_batches, prompt_ids
 from tunelab.finetune.distributed import device
 from tunelab.finetune.fused import HEAD_MODULE
-from tunelab.finetune.train import attention_kernel, autocast, causal_lm, fused_pass
+from tunelab.finetune.train import attention_kernel, autocast, causal_lm, cross_entropy_sum, fused_pass
 from tunelab.models.local.head import write_head
 
 if TYPE_CHECKING:
@@ -115,14 +115,9 @@ def last_hidden(model, batch: dict[str, Any], bf16: bool):
 def head_loss(model, batch: dict[str, Any], bf16: bool):
     """Summed cross-entropy of the head's scores over the labels against the batch's targets, and
     the number of examples (the training loop's `loss_fn`)."""
-    import torch.nn.functional as F
-
     logits = head_of(model)(last_hidden(model, batch, bf16))
     targets = batch["targets"].to(logits.device)
-    if "weights" in batch:  # class balance
-        return (F.cross_entropy(logits, targets, reduction="none") * batch["weights"].to(logits.device)).sum(), \
-            int(targets.numel())
-    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+    return cross_entropy_sum(logits, targets, batch.get("weights")), int(targets.numel())
 
 
 def make_head_validator(items: list[Tokenized], tokenizer, bf16: bool,

@@ -187,6 +187,16 @@ def loss_chunk_rows(vocab_size: int) -> int:
     return max(16, LOSS_CHUNK_LOGITS // max(1, vocab_size))
 
 
+def cross_entropy_sum(logits, target, weight=None):
+    """Summed cross-entropy of `logits` against `target`, each term times `weight` when given
+    (class balance): the LM head's chunks and the classification head share it."""
+    import torch.nn.functional as F
+
+    if weight is None:
+        return F.cross_entropy(logits, target, reduction="sum")
+    return (F.cross_entropy(logits, target, reduction="none") * weight.to(logits.device)).sum()
+
+
 def chunked_cross_entropy(lm, hidden, target, weight=None):
     """Summed cross-entropy of `hidden` (positions x hidden size) against `target` (each position's
     term times `weight`, when given: class balance), the vocabulary
@@ -195,13 +205,10 @@ def chunked_cross_entropy(lm, hidden, target, weight=None):
     with a 262k vocabulary (Gemma 3) the logits of a batch's completions would otherwise hold
     gigabytes."""
     import torch
-    import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
     def piece(h, t, w=None):
-        if w is None:
-            return F.cross_entropy(head_logits(lm, h).float(), t, reduction="sum")
-        return (F.cross_entropy(head_logits(lm, h).float(), t, reduction="none") * w).sum()
+        return cross_entropy_sum(head_logits(lm, h).float(), t, w)
 
     rows = loss_chunk_rows(lm.config.get_text_config().vocab_size)
     if hidden.shape[0] <= rows:
