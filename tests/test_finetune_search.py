@@ -50,13 +50,22 @@ def test_search_keeps_the_best_trial_as_the_model(ws, tiny_base):
 
 
 def test_a_pruned_fine_tune_is_left_pruned(ws, tiny_base):
-    def prune(k, result):
+    def prune(k, result, last):
         raise Pruned(f"pruned after validation {k + 1}")
 
     with pytest.raises(Pruned):
         finetune(ws, config(tiny_base, "p").model_copy(update={"epochs": 2}), progress=False, on_validation=prune)
     row = get_row(ws, "p")
     assert row.status == "pruned" and row.result["error"] == "pruned after validation 1"
+
+
+def test_each_validation_is_reported_with_whether_it_is_the_last(ws, tiny_base):
+    seen = []
+    result = finetune(ws, config(tiny_base, "v").model_copy(update={"epochs": 2}), progress=False,
+             on_validation=lambda k, result, last: seen.append((k, last, result["metric"])))
+    assert [(k, last) for k, last, _ in seen] == [(0, False), (1, True)]  # the pruner may stop only the first
+    curve = result.curves["eval_curve"]
+    assert [e["metric"] for e in curve] == [m for _, _, m in seen]
 
 
 @pytest.mark.slow

@@ -247,10 +247,11 @@ def describe(p: Plan) -> list[str]:
 
 def finetune(ws: "Workspace", config: FineTuneConfig, *, resume: bool = False, progress: bool = True,
              log: Callable[[str], None] | None = None,
-             on_validation: Callable[[int, dict[str, Any]], None] | None = None) -> FineTuneResult:
+             on_validation: Callable[[int, dict[str, Any], bool], None] | None = None) -> FineTuneResult:
     """Train `ft:NAME` as `config` says. With `resume`, continue an interrupted run of that name
     (its stored configuration wins). Returns the result; the row and artifacts are stored.
-    `on_validation(k, result)` is called after the k-th validation (k from 0) and may raise `Pruned`."""
+    `on_validation(k, result, last)` is called after the k-th validation (k from 0; `last`: the run's
+    final one) and may raise `Pruned`."""
     log = log or (lambda s: None)
     if not config.name:
         raise UserError("missing name: pass --name NAME", field="name")
@@ -323,8 +324,6 @@ def _run(ws: "Workspace", p: Plan, model, row: FineTuneRow | None, *, progress: 
     metric = evaluator_metric(p.prompt, p.demos, p.val_examples, p.base_dir, precision, c.name, labels=p.labels,
                               max_length=c.max_length)
     validate = (make_head_validator if p.labels is not None else make_validator)(p.val_items, p.tokenizer, bf16, metric)
-    if on_validation is not None:
-        validate = _reporting(validate, on_validation)
     pricing = ws.pricing_for("local", "local")
 
     def on_checkpoint(state: dict[str, Any]) -> None:  # the row shows progress while training
@@ -334,7 +333,7 @@ def _run(ws: "Workspace", p: Plan, model, row: FineTuneRow | None, *, progress: 
     try:
         trained = tr.train(model, p.tokenizer, p.train_items, validate, c, folder, resume=row is not None,
                            progress=progress, log=log, on_checkpoint=on_checkpoint,
-                           loss_fn=head_loss if p.labels is not None else None)
+                           loss_fn=head_loss if p.labels is not None else None, on_validation=on_validation)
         result = _finish(ws, p, model, trained, pricing.per_hour)
     except BaseException as exc:
         message = ("interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) if isinstance(exc, Pruned)
@@ -351,19 +350,6 @@ def _run(ws: "Workspace", p: Plan, model, row: FineTuneRow | None, *, progress: 
     log(f"ft:{c.name} done in {result.wall_s:.0f} s: {result.tokens_trained:,} tokens at "
         f"{result.tokens_per_s:.0f} tokens/s" + (f"; best validation {_best_text(result.best)}" if result.best else ""))
     return result
-
-
-def _reporting(validate, on_validation):
-    """`validate` that hands each result to `on_validation(k, result)` (k: the validation's index)."""
-    count = [0]
-
-    def reported(model) -> dict[str, Any]:
-        result = validate(model)
-        k, count[0] = count[0], count[0] + 1
-        on_validation(k, result)
-        return result
-
-    return reported
 
 
 def _lock(folder: Path, name: str):

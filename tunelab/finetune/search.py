@@ -8,7 +8,8 @@ alpha, target modules and base model make the best fine-tune.
 Optuna does the searching: a TPE sampler proposes the settings, and each trial is a fine-tune
 (`job.finetune`, named `NAME-tK`) whose validation after every epoch — the evaluator's own metric on
 the validation split — is reported to a median pruner, which stops a trial that is worse than the
-median of the earlier ones at the same epoch. The budget is a number of trials, minutes, or both
+median of the earlier ones at the same epoch (never after its last epoch: a trial that finished is
+kept, whatever its score). The budget is a number of trials, minutes, or both
 (whichever ends first; a running trial is finished). The study is a journal file in
 `artifacts/searches/NAME/`, so a killed search started again with the same name continues: the
 finished trials are kept, and the trial that was running resumes its fine-tune from its last
@@ -196,9 +197,10 @@ def search(ws: "Workspace", config: FineTuneConfig, *, trials: int | None = None
         trial_config = config.model_copy(update={**settings, "name": name})
         log(f"\ntrial {trial.number} (ft:{name}): " + ", ".join(f"{k}={_show(v)}" for k, v in settings.items()))
 
-        def report(k: int, result: dict[str, Any]) -> None:
+        def report(k: int, result: dict[str, Any], last: bool) -> None:
             trial.report(_value(result), step=k)
-            if trial.should_prune():
+            # a finished trial is kept whatever its score: pruning it would only discard work already done
+            if not last and trial.should_prune():
                 raise Pruned(f"pruned by the search after validation {k + 1}: "
                              f"{result.get('metric_name') or 'loss'} {_value(result):.4f} is below the median")
 

@@ -362,12 +362,15 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
           config: FineTuneConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
           log: Callable[[str], None] = lambda s: None,
           on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
-          loss_fn: Callable[..., Any] | None = None) -> TrainResult:
+          loss_fn: Callable[..., Any] | None = None,
+          on_validation: Callable[[int, dict[str, Any], bool], None] | None = None) -> TrainResult:
     """Train `model` on `items`; validate with `validate(model) -> {loss, metric, ...}` each epoch
     (and every `eval_every_steps`); keep the best weights in `run_dir/best`; checkpoint to
     `run_dir/checkpoints/last`. With `resume`, continue from that checkpoint. `loss_fn(model, batch,
     bf16) -> (summed loss, terms)`: default the completion tokens' cross-entropy (a head fine-tune
-    passes its own, `tunelab.finetune.head.head_loss`)."""
+    passes its own, `tunelab.finetune.head.head_loss`). `on_validation(k, result, last)` is called
+    after the k-th validation (k from 0, counted across resumes; `last`: no training follows it)
+    once its best weights are kept, and may raise to stop the run (a search's pruner)."""
     import torch
 
     loss_fn = loss_fn or completion_loss
@@ -432,6 +435,8 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
             bar.write(msg, file=sys.stderr)
         else:
             log(msg)
+        if on_validation is not None and rank == 0:
+            on_validation(len(state.eval_curve) - 1, result, state.step >= total_steps)
         return config.patience is not None and state.bad_evals >= config.patience
 
     from tqdm import tqdm
