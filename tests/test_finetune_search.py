@@ -62,7 +62,7 @@ def test_a_pruned_fine_tune_is_left_pruned(ws, tiny_base):
 def test_each_validation_is_reported_with_whether_it_is_the_last(ws, tiny_base):
     seen = []
     result = finetune(ws, config(tiny_base, "v").model_copy(update={"epochs": 2}), progress=False,
-             on_validation=lambda k, result, last: seen.append((k, last, result["metric"])))
+                      on_validation=lambda k, result, last: seen.append((k, last, result["metric"])))
     assert [(k, last) for k, last, _ in seen] == [(0, False), (1, True)]  # the pruner may stop only the first
     curve = result.curves["eval_curve"]
     assert [e["metric"] for e in curve] == [m for _, _, m in seen]

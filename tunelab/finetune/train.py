@@ -369,8 +369,9 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
     `run_dir/checkpoints/last`. With `resume`, continue from that checkpoint. `loss_fn(model, batch,
     bf16) -> (summed loss, terms)`: default the completion tokens' cross-entropy (a head fine-tune
     passes its own, `tunelab.finetune.head.head_loss`). `on_validation(k, result, last)` is called
-    after the k-th validation (k from 0, counted across resumes; `last`: no training follows it)
-    once its best weights are kept, and may raise to stop the run (a search's pruner)."""
+    after the k-th validation (k from 0, counted across resumes; `last`: no training follows it, at
+    the end of the steps or by early stopping) once its best weights are kept, and may raise to
+    stop the run (a search's pruner)."""
     import torch
 
     loss_fn = loss_fn or completion_loss
@@ -435,9 +436,10 @@ def train(model, tokenizer, items: list[Tokenized], validate: Callable[[Any], di
             bar.write(msg, file=sys.stderr)
         else:
             log(msg)
-        if on_validation is not None and rank == 0:
-            on_validation(len(state.eval_curve) - 1, result, state.step >= total_steps)
-        return config.patience is not None and state.bad_evals >= config.patience
+        stop = config.patience is not None and state.bad_evals >= config.patience
+        if on_validation is not None and rank == 0:  # last: the steps are done, or patience ends the run here
+            on_validation(len(state.eval_curve) - 1, result, stop or state.step >= total_steps)
+        return stop
 
     from tqdm import tqdm
 
