@@ -49,7 +49,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dataset", nargs="?", default="sms_spam", help="a folder name under the shared data")
     ap.add_argument("--dir", default=None, help="workspace folder (default /tmp/tunelab-flow-DATASET)")
-    ap.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs over the full train split")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="fine-tuning epochs over the full train split (default: tunelab flow's, flow_epochs)")
     ap.add_argument("--budget", type=int, default=8, help="prompt optimization: candidates to evaluate")
     ap.add_argument("--limit-validation", type=int, default=150,
                     help="prompt optimization: score candidates on the first N validation examples")

@@ -124,3 +124,29 @@ def test_the_flow_judges_skewed_labels_by_macro_f1_unless_told(tmp_path, cli):
     result = cli("flow", tmp_path / "skew90", "--metric", "chrf")
     assert result.exit_code == 2 and "metric 'chrf' does not judge label answers" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_flow_trains_skewed_labels_until_their_rare_labels_are_seen_enough(tmp_path):
+    """One epoch by default; skewed labels whose other labels have few examples: until those (their
+    median count) have been seen ~RARE_LABEL_EXPOSURES times, at most FLOW_MAX_EPOCHS; --epochs wins."""
+    from tunelab.flow import FLOW_MAX_EPOCHS, RARE_LABEL_EXPOSURES, flow_epochs, flow_for
+
+    # legal_unfair_tos's train counts: 'Other' 1,813 and eight clause types of 7 to 51 (median 18.5)
+    legal = ["Other"] * 1813 + [lab for lab, n in zip("abcdefgh", (51, 37, 28, 20, 17, 14, 13, 7)) for _ in range(n)]
+    epochs, why = flow_epochs("label", legal)
+    assert epochs == FLOW_MAX_EPOCHS == 3 and RARE_LABEL_EXPOSURES / 18.5 > 2
+    assert why.startswith("fine-tuning for 3 epochs: the 8 labels other than 'Other' have a median of 18.5 train")
+    # a skewed label with plenty of examples (sms_spam: 'spam' ~13% of 2,000), balanced labels with few
+    # examples each (clinc150), JSON: one epoch, nothing to say
+    assert flow_epochs("label", ["ham"] * 1740 + ["spam"] * 260) == (1, "")
+    assert flow_epochs("label", [f"intent{i}" for i in range(150) for _ in range(13)]) == (1, "")
+    assert flow_epochs("json", ['{"a": 1}'] * 9 + ['{"b": 2}']) == (1, "")
+    # between: 'b' has 20 examples, 50 / 20 -> 3; 30 -> 2
+    assert flow_epochs("label", ["a"] * 100 + ["b"] * 20)[0] == 3 and flow_epochs("label", ["a"] * 100 + ["b"] * 30)[0] == 2
+
+    skewed = flow_for(_folder(tmp_path, 0.9))  # 36 'other', 4 'arbitration': 50 / 4 -> at most 3
+    assert skewed.finetune_settings["epochs"] == 3 and "labels other than 'other'" in skewed.epochs_why
+    told = flow_for(tmp_path / "skew90", epochs=1)
+    assert told.finetune_settings["epochs"] == 1 and told.epochs_why == ""
+    balanced = flow_for(_folder(tmp_path, 0.5))
+    assert balanced.finetune_settings["epochs"] == 1 and balanced.epochs_why == ""

@@ -26,7 +26,9 @@ for tests.
 from __future__ import annotations
 
 import json
+import math
 import re
+import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -58,6 +60,12 @@ FINETUNE = "support-ft"
 HYBRID = "support-hybrid"
 DEFAULT_BASE = "smollm2-135m"
 SKEWED_SHARE = 0.6  # labels where one is this share of train or more are judged by macro-F1, not accuracy
+# Skewed labels: the fine-tune trains until the rarer labels have each been seen about this many
+# times (at most FLOW_MAX_EPOCHS epochs). On legal_unfair_tos (`Other` 91% of 2,000 sentences, the
+# other 8 labels a median of 18.5 examples) one epoch answered `Other` (test macro-F1 0.124); three
+# of the same recipe reached 0.700 (validation 0.196 / 0.389 / 0.622 by epoch; docs/results.md).
+RARE_LABEL_EXPOSURES = 50
+FLOW_MAX_EPOCHS = 3
 MAX_PROMPT_TOKENS = 900  # few-shot candidates longer than this are not tried (they cost time on every request)
 
 SHORT_PROMPT_TEXT = """---
@@ -104,6 +112,7 @@ class Flow:
     head: str | None = None  # "classify": label tasks also fine-tune ft:NAME-head (LoRA + a classification head)
     metric: str | None = None  # what every step maximizes and the comparison ranks by (None: the type's default)
     metric_why: str = ""  # why, when the flow chose it (skewed labels) or was told (--metric)
+    epochs_why: str = ""  # why the fine-tune trains more than one epoch, when the flow chose it (`flow_epochs`)
 
 
 def demo_flow() -> Flow:
@@ -264,7 +273,7 @@ def flow_name(text: str) -> str:
 
 
 def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None = None, field: str | None = None,
-             epochs: int = 1, budget: int | None = None, limit_validation: int | None = None,
+             epochs: int | None = None, budget: int | None = None, limit_validation: int | None = None,
              extra_candidates: list[str] | None = None, labels: list[str] | None = None,
              schema: str | Path | dict | None = None, origin: str = "tunelab flow", bases: list[str] | None = None,
              search: int | None = None, head: str | None = None, metric: str | None = None) -> Flow:
@@ -285,7 +294,8 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
     head (`tunelab finetune --head classify`), compared beside the generative fine-tune. `metric`:
     what every step maximizes and the comparison ranks by (the prompts' `output.metric`; default the
     type's, and for labels where one label is SKEWED_SHARE of train or more, macro_f1: accuracy would
-    rank "always answer the majority" near the top)."""
+    rank "always answer the majority" near the top). `epochs`: the fine-tune's epochs (default
+    `flow_epochs`: one, more for skewed labels whose rarer labels have few examples)."""
     src = Path(data_dir).expanduser()
     expected = ("a data file, or a folder with a train file and optionally validation and test files "
                 "(train.jsonl, validation.jsonl, test.jsonl; .csv also works)")
@@ -312,6 +322,9 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
     if schema is not None and kind != "json":
         raise UserError(f"--schema is for JSON outputs; the train outputs of {files['train'].path} are {kind}")
     metric, metric_why = judged_by(kind, outputs, metric)
+    epochs_why = ""
+    if epochs is None:
+        epochs, epochs_why = flow_epochs(kind, outputs)
     stem = flow_name(name or (src.resolve().stem if src.is_file() else src.resolve().name))
     folder = src.resolve().name  # the descriptions name the folder as it is, where YAML reads it plainly
     about = folder if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", folder) else stem
@@ -340,7 +353,29 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
                 extra_candidates=list(extra_candidates or []), output_type=kind,
                 constrained_prompt=f"{stem}-constrained" if constrained else None, constrained_prompt_text=constrained,
                 bases=check_bases(bases), search=search, head=head if head == "classify" else None,
-                metric=metric, metric_why=metric_why)
+                metric=metric, metric_why=metric_why, epochs_why=epochs_why)
+
+
+def flow_epochs(kind: str, outputs: list[str]) -> tuple[int, str]:
+    """(the flow's fine-tuning epochs, why when more than one). One epoch, except for skewed labels
+    (one label SKEWED_SHARE of train or more) whose other labels have few examples: one epoch of
+    mostly-majority batches teaches the majority only, so the fine-tune trains until those labels
+    (their median count) have been seen about RARE_LABEL_EXPOSURES times, at most FLOW_MAX_EPOCHS.
+    Balanced labels with few examples each (clinc150) learn them all from the first epoch."""
+    if kind != "label" or not outputs:
+        return 1, ""
+    counts = Counter(outputs).most_common()
+    top, n_top = counts[0]
+    rest = [n for _, n in counts[1:]]
+    if n_top / len(outputs) < SKEWED_SHARE or not rest:
+        return 1, ""
+    rare = statistics.median(rest)
+    epochs = min(FLOW_MAX_EPOCHS, max(1, math.ceil(RARE_LABEL_EXPOSURES / rare)))
+    if epochs == 1:
+        return 1, ""
+    return epochs, (f"fine-tuning for {epochs} epochs: the {len(rest)} labels other than '{top}' have a median of "
+                    f"{rare:g} train examples, which one epoch of mostly '{top}' does not teach (--epochs N to "
+                    "choose)")
 
 
 def judged_by(kind: str, outputs: list[str], metric: str | None) -> tuple[str | None, str]:
@@ -502,6 +537,8 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     data_ref = _import_data(ws, flow, quick, log)
     if flow.metric_why:
         log(flow.metric_why)
+    if flow.epochs_why:
+        log(flow.epochs_why)
 
     first = flow.bases[0]
     candidates: list[str] = []

@@ -34,7 +34,9 @@ def flow(
                               "(text outputs: Input)."),
     schema: Optional[Path] = typer.Option(None, "--schema", help="JSON outputs: the JSON Schema file the answers must "
                                           "match (default: inferred from the train outputs with genson)."),
-    epochs: int = typer.Option(1, "--epochs", min=1, help="Fine-tuning epochs over the train split."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Fine-tuning epochs over the train split "
+                                         "(default 1; skewed labels whose other labels have few examples: up to 3, "
+                                         "until those have been seen ~50 times)."),
     budget: Optional[int] = typer.Option(None, "--budget", min=1, help="Prompt optimization: candidates to evaluate "
                                          "(default 8; 4 with more than 40 labels)."),
     limit_validation: Optional[int] = typer.Option(None, "--limit-validation", min=1, help="Prompt optimization: "
