@@ -93,6 +93,15 @@ def test_defaults_come_from_the_data():
     # label outputs: few examples per label get more epochs (each label seen ~150 times, at most 8)
     assert [default_epochs(2000, n) for n in (2, 8, 20, 77, 151)] == [2, 2, 2, 6, 8]
     assert default_epochs(400, 2) == 3 and default_epochs(400, 40) == 8
+    # examples per label: the median label's count, not the mean — legal_unfair_tos's 2,000 sentences
+    # average 222 a label, but eight of its nine labels have 7 to 51 (median 20): 150 / 20 -> 8
+    legal = [1813, 51, 37, 28, 20, 17, 14, 13, 7]
+    assert default_epochs(2000, 9) == 2 and default_epochs(2000, 9, legal) == 8
+    assert default_epochs(2000, 2, [1740, 260]) == 2  # sms_spam: 1,000 a label by the median, the size rule
+    assert default_epochs(2000, 151, [13] * 151) == default_epochs(2000, 151) == 8  # balanced: the same
+    assert default_epochs(2000, 3, [1000, 990, 10]) == 2  # the median label is well covered
+    assert default_epochs(300, 3, [0, 0, 300]) == 8  # labels without train examples count as 0
+    assert resolve(FineTuneConfig(), 2000, 60, n_labels=9, label_counts=legal).epochs == 8
     intents = resolve(FineTuneConfig(), n_train=2000, longest=60, n_labels=151)
     assert intents.epochs == 8 and intents.max_steps is None  # 250 steps an epoch: within the cap
     assert resolve(FineTuneConfig(batch_size=1), 2000, 60, n_labels=151).epochs == 1  # the step cap still rules

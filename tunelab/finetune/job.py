@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -197,7 +198,9 @@ def plan(ws: "Workspace", config: FineTuneConfig) -> Plan:
         train_items = render_examples(train, render, tokenizer)
         val_items = render_examples(val, render, tokenizer)
     longest = max(len(it) for it in train_items)
-    config = resolve(config, len(train_items), longest, n_labels=len(prompt.labels or []) or None)
+    counts = Counter(ex.output for ex in train)
+    config = resolve(config, len(train_items), longest, n_labels=len(prompt.labels or []) or None,
+                     label_counts=[counts[lab] for lab in prompt.labels] if prompt.labels else None)
     cut = sum(len(it) > config.max_length for it in train_items)
     if cut:
         notes.append(f"{cut} training examples are longer than {config.max_length} tokens: the middle of "
