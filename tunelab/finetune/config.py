@@ -39,7 +39,7 @@ class FineTuneConfig(BaseModel):
     lr: float | None = Field(None, gt=0, description="peak learning rate (default: 1e-3 for lora — 2e-4 left a 135M model at the majority class after an epoch —, 2e-5 for full)")
     batch_size: int = Field(8, ge=1, description="examples per batch")
     grad_accum: int = Field(1, ge=1, description="batches per optimizer step (gradient accumulation)")
-    epochs: int | None = Field(None, ge=1, description="passes over the training split (default: 3 up to 1,000 examples, 2 up to 5,000, else 1; label outputs with few examples per label: enough for each label to be seen ~150 times, at most 8)")
+    epochs: int | None = Field(None, ge=1, description="passes over the training split (default: 3 up to 1,000 examples, 2 up to 5,000, else 1; label outputs with few examples per label (the median label's count): enough for each label to be seen ~150 times, at most 8)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (default: no limit beyond the epochs)")
     lora_r: int = Field(8, ge=1, description="LoRA rank")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha")
