@@ -356,19 +356,26 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
                 metric=metric, metric_why=metric_why, epochs_why=epochs_why)
 
 
+def skewed_labels(kind: str, outputs: list[str]) -> list[tuple[str, int]] | None:
+    """The label counts, most frequent first, when `outputs` are labels one of which is SKEWED_SHARE
+    of them or more (what `judged_by` and `flow_epochs` act on); else None."""
+    if kind != "label" or not outputs:
+        return None
+    counts = Counter(outputs).most_common()
+    return counts if counts[0][1] / len(outputs) >= SKEWED_SHARE else None
+
+
 def flow_epochs(kind: str, outputs: list[str]) -> tuple[int, str]:
     """(the flow's fine-tuning epochs, why when more than one). One epoch, except for skewed labels
     (one label SKEWED_SHARE of train or more) whose other labels have few examples: one epoch of
     mostly-majority batches teaches the majority only, so the fine-tune trains until those labels
     (their median count) have been seen about RARE_LABEL_EXPOSURES times, at most FLOW_MAX_EPOCHS.
     Balanced labels with few examples each (clinc150) learn them all from the first epoch."""
-    if kind != "label" or not outputs:
+    counts = skewed_labels(kind, outputs)
+    rest = [n for _, n in counts[1:]] if counts else []
+    if not rest:
         return 1, ""
-    counts = Counter(outputs).most_common()
-    top, n_top = counts[0]
-    rest = [n for _, n in counts[1:]]
-    if n_top / len(outputs) < SKEWED_SHARE or not rest:
-        return 1, ""
+    top = counts[0][0]
     rare = statistics.median(rest)
     epochs = min(FLOW_MAX_EPOCHS, max(1, math.ceil(RARE_LABEL_EXPOSURES / rare)))
     if epochs == 1:
@@ -389,12 +396,10 @@ def judged_by(kind: str, outputs: list[str], metric: str | None) -> tuple[str | 
         except ValidationError as exc:
             raise UserError(exc.errors()[0]["msg"].removeprefix("Value error, "), field="metric") from None
         return metric.strip(), f"judged by {metric.strip()} (--metric)"
-    if kind != "label" or not outputs:
+    counts = skewed_labels(kind, outputs)
+    if counts is None:
         return None, ""
-    top, count = Counter(outputs).most_common(1)[0]
-    share = count / len(outputs)
-    if share < SKEWED_SHARE:
-        return None, ""
+    top, share = counts[0][0], counts[0][1] / len(outputs)
     return "macro_f1", (f"judged by macro-F1: '{top}' is {share:.0%} of the train outputs, so always answering it "
                         f"would score {share:.2f} accuracy (--metric accuracy to judge by accuracy)")
 
