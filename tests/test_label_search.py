@@ -87,6 +87,19 @@ def test_search_prunes_a_peaked_distribution_and_tolerance_zero_scores_everythin
     assert sum(peaked.fed) <= sum(some.fed) <= sum(full.fed)
 
 
+@pytest.mark.parametrize("shape,rows", [((21, 300), 8), ((5, 3, 300), 1), ((4, 300), None)])
+def test_logprob_rows_are_one_log_softmax_a_few_rows_at_a_time(shape, rows):
+    import torch
+
+    from tunelab.models.local.labels import logprob_rows
+
+    logits = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 4).bfloat16()
+    chunks = list(logprob_rows(logits, rows))
+    assert [lo for lo, _ in chunks] == list(range(0, shape[0], rows or 8))
+    assert all(lp.dtype == torch.float32 for _, lp in chunks)
+    assert torch.equal(torch.cat([lp for _, lp in chunks]), torch.log_softmax(logits.float(), dim=-1))
+
+
 # -- SmolLM2, 151 intents ---------------------------------------------------------------------
 
 

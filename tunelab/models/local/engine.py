@@ -58,7 +58,7 @@ from tunelab.errors import UserError
 from tunelab.models.base import Completion, Request
 from tunelab.models.local.grammar import CLOSE_MARGIN, Grammars
 from tunelab.models.local.kv import cache_kwarg, growing_layer, returned_cache
-from tunelab.models.local.labels import LABEL_TOLERANCE
+from tunelab.models.local.labels import LABEL_TOLERANCE, LOGIT_ROWS, logprob_rows
 from tunelab.models.local.labels import search_passes
 from tunelab.models.local.layout import (LabelTrie, TrieSearch, build_trie, common_prefix_len, find_stop, greedy_label,
                                          json_end, make_batches, trim_output)
@@ -351,7 +351,8 @@ class Engine:
         cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
         hidden, project = self._forward(ids, allow, pos, key_pos, cache, keep_from=S - 1, logits_to_keep=N + 1,
                                         prefix=shared)
-        # label scores, a few rows at a time (logits are rows x nodes x vocabulary)
+        # label scores, a few rows at a time (logits are rows x nodes x vocabulary; `logprob_rows`
+        # turns a few of them at a time into float log-probabilities)
         scored = [b for b, j in enumerate(jobs) if j.trie]
         step = max(1, (1 << 24) // ((N + 1) * max(1, self.lm.hf_model.config.vocab_size)))
         stop_ids = set(self.lm.stop_token_ids())
@@ -359,20 +360,20 @@ class Engine:
         for lo in range(0, len(scored), step):
             chunk = scored[lo:lo + step]
             h = hidden[chunk]
-            logprobs = torch.log_softmax((project(h) if project else h).float(), dim=-1).cpu()
-            for row, b in enumerate(chunk):
-                job = jobs[b]
-                trie = job.trie
-                if searching:
-                    big = len(trie.tokens) > TRIE_PASS_NODES
-                    searches[b] = TrieSearch(trie, LABEL_TOLERANCE if big else 0.0)
-                    wanted = searches[b].wanted(-1)
-                    searches[b].feed(-1, logprobs[row, 0, wanted].tolist(), int(logprobs[row, 0].argmax()))
-                    continue
-                job.sums = [float(logprobs[row, torch.tensor([p + 1 for p in path]), torch.tensor(target)].sum())
-                            for path, target in zip(trie.paths, trie.targets)]
-                top = logprobs[row, :len(trie.tokens) + 1].argmax(dim=-1).tolist()
-                self._greedy_from_scoring(job, top, stop_ids)
+            for first, logprobs in logprob_rows(project(h) if project else h, max(1, LOGIT_ROWS // (N + 1))):
+                for row, b in enumerate(chunk[first:first + len(logprobs)]):
+                    job = jobs[b]
+                    trie = job.trie
+                    if searching:
+                        big = len(trie.tokens) > TRIE_PASS_NODES
+                        searches[b] = TrieSearch(trie, LABEL_TOLERANCE if big else 0.0)
+                        wanted = searches[b].wanted(-1)
+                        searches[b].feed(-1, logprobs[row, 0, wanted].tolist(), int(logprobs[row, 0].argmax()))
+                        continue
+                    job.sums = [float(logprobs[row, torch.tensor([p + 1 for p in path]), torch.tensor(target)].sum())
+                                for path, target in zip(trie.paths, trie.targets)]
+                    top = logprobs[row, :len(trie.tokens) + 1].argmax(dim=-1).tolist()
+                    self._greedy_from_scoring(job, top, stop_ids)
         sel = torch.tensor(list(searches), dtype=torch.long)
         # what a searched prompt's last token sees (the prefix unless kept apart, and its prompt)
         return _Pass(jobs, hidden, project, cache, N, C, [S - len(r) for r in rests], C + S, searches,
