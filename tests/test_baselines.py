@@ -76,6 +76,25 @@ def test_a_trained_baseline_is_stored_and_reused_with_its_setup_cost(ws):
     assert {c.text for c in small.predict(_examples(6, 3))} <= set(WORDS)
 
 
+def test_skewed_labels_choose_class_weights_by_cross_validation_balanced_ones_do_not(ws):
+    from tunelab.datasets.check import SKEWED_SHARE
+    from tunelab.evaluate.baselines import train_baseline
+
+    train = get_dataset(ws, "tickets").split("train")
+    assert max(sum(ex.output == lab for ex in train) for lab in WORDS) / len(train) >= SKEWED_SHARE  # the fixture is skewed
+    skewed = train_baseline(ws, "tfidf", "tickets")
+    assert skewed["class_weight"] in (None, "balanced") and set(skewed["cv_macro_f1"]) == {"none", "balanced"}
+    best = max(skewed["cv_macro_f1"], key=lambda k: skewed["cv_macro_f1"][k])  # the CV's choice is stored
+    assert (skewed["class_weight"] or "none") == best or len(set(skewed["cv_macro_f1"].values())) == 1
+    cand = resolve_candidate(ws, "baseline:tfidf:tickets")
+    assert "3-fold CV macro-F1" in cand.setup.sources[0]
+    save_dataset(ws, "even", {"train": _examples(60, 7), "test": _examples(12, 8)})  # balanced: no CV, no weights
+    even = train_baseline(ws, "tfidf", "even")
+    assert even["class_weight"] is None and even["cv_macro_f1"] is None
+    assert "CV" not in resolve_candidate(ws, "baseline:tfidf:even").setup.sources[0]
+    assert train_baseline(ws, "majority", "tickets")["cv_macro_f1"] is None  # nothing to weigh
+
+
 def test_a_baseline_needs_to_know_its_data(ws):
     save_dataset(ws, "other", {"train": _examples(20, 5), "test": _examples(6, 6)})
     with pytest.raises(UserError, match="needs its training data"):

@@ -30,7 +30,6 @@ import math
 import re
 import statistics
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +40,7 @@ from tunelab import finetune as ft
 from tunelab.compare import Advice, Comparison, Constraints, advise, compare, print_table
 from tunelab.datasets import (check_path, get_dataset, import_dataset, read_source, save_dataset, split_examples,
                               subsample)
+from tunelab.datasets.check import SKEWED_SHARE, skewed_labels
 from tunelab.errors import UserError
 from tunelab.evaluate import RunResult, evaluate, hybrid_path, read_hybrid, resolve_candidate
 from tunelab.finetune.search import SearchSpace
@@ -59,7 +59,6 @@ SHORT_PROMPT = "support-short"
 FINETUNE = "support-ft"
 HYBRID = "support-hybrid"
 DEFAULT_BASE = "smollm2-135m"
-SKEWED_SHARE = 0.6  # labels where one is this share of train or more are judged by macro-F1, not accuracy
 # Skewed labels: the fine-tune trains until the rarer labels have each been seen about this many
 # times (at most FLOW_MAX_EPOCHS epochs). On legal_unfair_tos (`Other` 91% of 2,000 sentences, the
 # other 8 labels a median of 18.5 examples) one epoch answered `Other` (test macro-F1 0.124); three
@@ -354,15 +353,6 @@ def flow_for(data_dir: str | Path, *, name: str | None = None, task: str | None 
                 constrained_prompt=f"{stem}-constrained" if constrained else None, constrained_prompt_text=constrained,
                 bases=check_bases(bases), search=search, head=head if head == "classify" else None,
                 metric=metric, metric_why=metric_why, epochs_why=epochs_why)
-
-
-def skewed_labels(kind: str, outputs: list[str]) -> list[tuple[str, int]] | None:
-    """The label counts, most frequent first, when `outputs` are labels one of which is SKEWED_SHARE
-    of them or more (what `judged_by` and `flow_epochs` act on); else None."""
-    if kind != "label" or not outputs:
-        return None
-    counts = Counter(outputs).most_common()
-    return counts if counts[0][1] / len(outputs) >= SKEWED_SHARE else None
 
 
 def flow_epochs(kind: str, outputs: list[str]) -> tuple[int, str]:

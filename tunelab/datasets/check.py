@@ -27,6 +27,7 @@ from tunelab.models.weights import load_tokenizer, resolve_model_dir
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
 
+SKEWED_SHARE = 0.6  # labels where one is this share of train or more are judged by macro-F1, not accuracy
 MIN_SPLIT_EXAMPLES = 20         # fewer in a split -> warning (scores too noisy, too little to train on)
 MIN_LABEL_EXAMPLES = 5          # fewer examples of a label in train -> warning
 IMBALANCE_WARN_RATIO = 10.0     # most / least frequent label in train above this -> warning
@@ -408,3 +409,13 @@ def import_dataset(workspace: "Workspace", path: str | Path, name: str | None = 
         meta["fields"] = {"input": input_field, "output": output_field}
     ds = save_dataset(workspace, name, splits, source=str(Path(path).resolve()), check=report.to_dict(), meta=meta)
     return ds, report
+
+
+def skewed_labels(kind: str, outputs: list[str]) -> list[tuple[str, int]] | None:
+    """The label counts, most frequent first, when `outputs` are labels one of which is SKEWED_SHARE
+    of them or more (what the flow's `judged_by` and `flow_epochs` and the classical baselines' class
+    weights act on); else None."""
+    if kind != "label" or not outputs:
+        return None
+    counts = Counter(outputs).most_common()
+    return counts if counts[0][1] / len(outputs) >= SKEWED_SHARE else None
