@@ -82,7 +82,7 @@ def _features(method: str, texts: list[str], batched: bool = False):
     return list(texts)
 
 
-def _classifier(method: str, class_weight: str | None = None):
+def _classifier(method: str):
     from sklearn.dummy import DummyClassifier
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -92,8 +92,8 @@ def _classifier(method: str, class_weight: str | None = None):
         return DummyClassifier(strategy="prior")
     if method == "tfidf":
         return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-                             LogisticRegression(C=10.0, max_iter=2000, class_weight=class_weight))
-    return LogisticRegression(C=10.0, max_iter=2000, class_weight=class_weight)
+                             LogisticRegression(C=10.0, max_iter=2000))
+    return LogisticRegression(C=10.0, max_iter=2000)
 
 
 def _weighed_by_cv(method: str, features, y: list[str]) -> tuple[Any, str | None, dict[str, float]]:
