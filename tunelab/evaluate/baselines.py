@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 METHODS = ("majority", "tfidf", "embed")
 PREFIX = "baseline:"
+CV_FOLDS = 3  # folds of the cross-validation that chooses a skewed-label regression's class weights
 FORMAT = 2  # bump when a stored classifier's meaning changes: older ones are retrained (2: class weights)
 _SPEC = re.compile(r"baseline:(?P<method>[a-z]+)(?:-n(?P<n>[0-9]+))?(?::(?P<data>[A-Za-z0-9][A-Za-z0-9_.\-]*"
                    r"(?:@[A-Za-z0-9]+)?))?")
@@ -110,8 +111,8 @@ def _weighed_by_cv(method: str, features, y: list[str]) -> tuple[Any, str | None
     clf = _classifier(method)
     key = "logisticregression__class_weight" if method == "tfidf" else "class_weight"
     search = GridSearchCV(clf, {key: [None, "balanced"]}, scoring="f1_macro",
-                          cv=StratifiedKFold(n_splits=3, shuffle=True, random_state=0))
-    with warnings.catch_warnings():  # labels with fewer than 3 examples: sklearn warns, the folds still work
+                          cv=StratifiedKFold(n_splits=CV_FOLDS, shuffle=True, random_state=0))
+    with warnings.catch_warnings():  # labels with fewer than CV_FOLDS examples: sklearn warns, the folds still work
         warnings.simplefilter("ignore")
         search.fit(features, y)
     scores = {"none" if w is None else w: float(m) for w, m in zip(
@@ -125,7 +126,7 @@ def _weights_note(record: dict[str, Any]) -> str:
     if not cv:
         return ""
     scores = ", ".join(f"{k} {v:.3f}" for k, v in cv.items())
-    return f"; class weights {record.get('class_weight') or 'none'} by 3-fold CV macro-F1 ({scores})"
+    return f"; class weights {record.get('class_weight') or 'none'} by {CV_FOLDS}-fold CV macro-F1 ({scores})"
 
 
 def train_baseline(ws: "Workspace", method: str, dataset: str, max_examples: int | None = None) -> dict[str, Any]:
@@ -153,13 +154,11 @@ def train_baseline(ws: "Workspace", method: str, dataset: str, max_examples: int
     class_weight, cv = None, None
     if len(set(y)) == 1:  # one class: the majority answer whatever the method
         from sklearn.dummy import DummyClassifier
-        clf = DummyClassifier(strategy="prior")
+        clf = DummyClassifier(strategy="prior").fit(features, y)
     elif method != "majority" and skewed_labels("label", y):
         clf, class_weight, cv = _weighed_by_cv(method, features, y)
     else:
-        clf = _classifier(method)
-    if cv is None:
-        clf.fit(features, y)
+        clf = _classifier(method).fit(features, y)
     wall = time.perf_counter() - start
     joblib.dump(clf, path)
     meta = {"format": FORMAT, "method": method, "dataset": ds.ref, "max_examples": max_examples, "n_train": len(train),
