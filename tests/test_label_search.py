@@ -134,3 +134,24 @@ def test_151_intents_search_shared_prefix_and_same_argmax_as_separate_scoring(fp
         assert 0 < got.meta["trie_nodes_fed"] < len(trie.tokens)
         assert got.meta["shared_prefix_tokens"] > 500  # the instruction and the label list ran once
         assert math.isclose(sum(math.exp(v) for v in got.label_logprobs.values()), 1.0, rel_tol=1e-6)
+
+
+@pytest.mark.realmodel
+def test_search_without_a_shared_prefix_packs_its_nodes_and_keeps_the_argmax(fp32_model, shared_data):
+    """Prompts that share no prefix worth caching (a mixed call): the search's packed nodes attend
+    to their rows' caches only, with the same argmax as scoring each label on its own."""
+    folder = shared_data / "clinc150"
+    labels = (folder / "labels.txt").read_text().split()
+    text = json.loads((folder / "test.jsonl").read_text().splitlines()[0])["input"]
+    listed = ", ".join(labels)
+    requests = [Request(messages=[{"role": "system", "content": system}, {"role": "user", "content": text}],
+                        labels=labels)
+                for system in (f"Intents: {listed}. Answer with the intent only.",
+                               f"Pick the user's intent among {listed}; answer with it alone.")]
+    searched = fp32_model.complete(requests)
+    for req, got in zip(requests, searched):
+        assert got.meta["shared_prefix_tokens"] == 0 and 0 < got.meta["trie_nodes_fed"]
+        separate = separate_label_logprobs(fp32_model, req.messages, labels)
+        best = max(range(len(labels)), key=separate.__getitem__)
+        assert got.text == labels[best]
+        assert got.meta["label_logprobs_raw"][labels[best]] == pytest.approx(separate[best], abs=2e-3)

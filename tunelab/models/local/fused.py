@@ -203,7 +203,11 @@ def _attend(q, k, v, blocked, scaling: float, prefix, real=None):
     scores = scores.float().mul_(scaling).masked_fill_(blocked[..., :K], float("-inf"))
     if prefix is None:
         probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, KVH, M, K)
-        return torch.matmul(probs, v)
+        out = torch.matmul(probs, v)
+        if real is None:
+            return out
+        # the real queries' outputs, packed as the caller's matrix products take them
+        return out.view(B, KVH, G, Tq, D).permute(0, 3, 1, 2, 4).reshape(B * Tq, KVH * G * D)[real][None]
     pk, pv = prefix[0][0], prefix[1][0]  # (kv heads, C, D)
     C = pk.shape[1]
     if real is not None:
