@@ -171,7 +171,7 @@ def run(
     rerun: bool = typer.Option(False, "--rerun", help="Run again even when a finished run with this exact "
                                                       "configuration exists."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not answer from (or write to) the response cache."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per model call and stored batch (default 128)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per model call and stored batch (default 256)."),
     free_text: bool = typer.Option(True, "--free-text/--no-free-text",
                                    help="Label outputs: also generate the model's free answer to measure how "
                                         "often it is not a valid label (default: on)."),
