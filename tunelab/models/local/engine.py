@@ -208,12 +208,8 @@ class Engine:
 
     def _run_sharded(self, shards: list[list["_Job"]], prefix) -> None:
         """`_run_jobs` for each shard at once, each on its own thread with an even share of torch's
-        threads. Python's work between the torch operations (the label search's bookkeeping,
-        building masks, decoding's stop checks) runs on one core at a time; with one call on two
-        threads the second core waits through it, with two shards the other shard's matrix products
-        fill it. A request's latency is its share of its shard's wall time, divided by the number of
-        shards (each had that share of the machine), so its cost stays its share of the machine's
-        time."""
+        threads (why: the module doc, item 4). A request's latency is its share of its shard's wall
+        time divided by the number of shards, so its cost stays its share of the machine's time."""
         import threading
 
         import torch
