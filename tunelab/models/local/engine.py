@@ -101,8 +101,7 @@ def call_shards() -> int:
     try:
         return max(1, int(value)) if value else 2
     except ValueError:
-        raise UserError(f"TUNELAB_SHARDS={value!r}: expected a whole number of shards (1 turns sharding off)",
-                        field="TUNELAB_SHARDS") from None
+        raise UserError(f"TUNELAB_SHARDS={value!r}: expected a whole number of shards (1 turns sharding off)") from None
 
 
 class Engine:

@@ -207,7 +207,7 @@ def _attend(q, k, v, blocked, scaling: float, prefix, real=None):
         if real is None:
             return out
         # the real queries' outputs, packed as the caller's matrix products take them
-        return out.view(B, KVH, G, Tq, D).permute(0, 3, 1, 2, 4).reshape(B * Tq, KVH * G * D)[real][None]
+        return _real_queries(out, Tq, real).reshape(1, len(real), KVH * G * D)
     pk, pv = prefix[0][0], prefix[1][0]  # (kv heads, C, D)
     C = pk.shape[1]
     if real is not None:
@@ -229,7 +229,7 @@ def _attend_packed(q, v, scores, scaling: float, pk, pv, real):
     _, _, G, Tq, K = scores.shape
     C = pk.shape[1]
     N = real.shape[0]
-    qr = q.view(B, KVH, G, Tq, D).permute(0, 3, 1, 2, 4).reshape(B * Tq, KVH, G, D)[real]  # (N, KVH, G, D)
+    qr = _real_queries(q, Tq, real)  # (N, KVH, G, D)
     shared = torch.matmul(qr.transpose(0, 1).reshape(KVH, N * G, D), pk.transpose(1, 2))  # (KVH, N*G, C)
     shared = shared.view(KVH, N, G, C).transpose(0, 1).float().mul_(scaling)
     own = scores.permute(0, 3, 1, 2, 4).reshape(B * Tq, KVH, G, K)[real]
@@ -238,8 +238,16 @@ def _attend_packed(q, v, scores, scaling: float, pk, pv, real):
     padded = probs.new_zeros((B * Tq, KVH, G, K))
     padded[real] = probs[..., C:]
     padded = padded.view(B, Tq, KVH, G, K).permute(0, 2, 3, 1, 4).reshape(B, KVH, M, K)
-    on_rows = torch.matmul(padded, v).view(B, KVH, G, Tq, D).permute(0, 3, 1, 2, 4).reshape(B * Tq, KVH, G, D)[real]
+    on_rows = _real_queries(torch.matmul(padded, v), Tq, real)
     return out.add_(on_rows).reshape(1, N, KVH * G * D)
+
+
+def _real_queries(t, Tq: int, real):
+    """(B, kv heads, G*Tq, D), the G query heads of a key/value head side by side -> the rows of the
+    real queries (`real`: flat indices into B x Tq), (len(real), kv heads, G, D)."""
+    B, KVH, M, D = t.shape
+    G = M // Tq
+    return t.view(B, KVH, G, Tq, D).permute(0, 3, 1, 2, 4).reshape(B * Tq, KVH, G, D)[real]
 
 
 class _Layer:
