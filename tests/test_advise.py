@@ -18,8 +18,9 @@ def cand(name, kind, value, low=None, high=None, *, setup=0.0, per_req=0.0, wall
     }
 
 
-def comparison(*cands, pairwise=(), volume=10_000, learning_curve=None, rate=0.0, labels=None, metric="accuracy"):
-    return Comparison.model_validate({
+def comparison(*cands, pairwise=(), volume=10_000, learning_curve=None, rate=0.0, labels=None, metric="accuracy",
+               output_type="label"):
+    return Comparison.model_validate({"output_type": output_type,
         "id": "c", "created_at": "2026-12-01T00:00:00+00:00", "best": cands[0]["name"] if cands else "",
         "dataset": {"name": "d", "version": "v", "split": "test", "n_examples": 100, "labels": labels},
         "metric": metric, "volume_per_month": volume, "months": 12, "engineer_hourly_rate": rate,
@@ -143,6 +144,27 @@ CASES = [
      comparison(cand("p@1", "prompt", 0.13, 0.08, 0.19, **P), cand("baseline:tfidf:d@v", "baseline", 0.80, 0.75, 0.85),
                 labels=EIGHT),
      Constraints(), "none", None),
+    # JSON and text: chance is the majority baseline (the most frequent train output), retrieval a reference
+    ("JSON: no LLM above always answering {} (json_match) -> not usable",
+     comparison(cand("p@1", "prompt", 0.47, 0.42, 0.51, **P), cand("ft:a", "ft", 0.50, 0.45, 0.54, **F),
+                cand("baseline:majority:d@v", "baseline", 0.45, 0.41, 0.50), pairwise=TIED,
+                output_type="json", metric="json_match"),
+     Constraints(), "none", None),
+    ("JSON: field F1 above {} and above the nearest train output -> the LLM",
+     comparison(cand("p@1", "prompt", 0.44, 0.39, 0.49, **P), cand("ft:a", "ft", 0.71, 0.66, 0.75, **F),
+                cand("baseline:majority:d@v", "baseline", 0.0, 0.0, 0.0),
+                cand("baseline:nearest:d@v", "baseline", 0.23, 0.19, 0.27),
+                pairwise=[("ft:a", "p@1", 0.001), ("ft:a", "baseline:nearest:d@v", 0.001)],
+                output_type="json", metric="field_f1"),
+     Constraints(), "ft", "ft:a"),
+    ("text: the nearest train output as good as the best prompt -> you may not need an LLM",
+     comparison(cand("p@1", "prompt", 0.51, 0.48, 0.54, **P),
+                cand("baseline:nearest:d@v", "baseline", 0.49, 0.46, 0.51),
+                pairwise=[("p@1", "baseline:nearest:d@v", 0.2)], output_type="text", metric="chrf"),
+     Constraints(), "baseline", "baseline:nearest:d@v"),
+    ("text without a majority row: no floor, the rules go on",
+     comparison(cand("p@1", "prompt", 0.01, 0.0, 0.02, **P), output_type="text", metric="chrf"),
+     Constraints(), "prompt", "p@1"),
 ]
 
 

@@ -267,3 +267,79 @@ def test_the_crossover_point_and_its_absence():
     cross = crossover([wide], [near])
     assert cross.text.endswith("(point estimates: at 50 examples the two are within each other's 95% intervals)")
     assert "point estimates" not in crossover([ft], [prompt]).text  # no intervals, no claim about them
+
+
+SLOTS = {"table": '{"people": 2}', "dinner": '{"time": "19:00"}', "lunch": '{"time": "12:30"}'}
+
+
+@pytest.fixture
+def slots(workspace):
+    """JSON outputs: most inputs have no slot (`{}`); the others name one, with words that give it away."""
+    def rows(n: int, seed: int) -> list[Example]:
+        out = []
+        for i in range(n):
+            word = [None, "table", None, "dinner", None, "lunch"][i % 6]
+            text = f"message {seed}-{i}: " + (f"a {word} please" if word else "hello there, just asking")
+            out.append(Example(text, SLOTS[word] if word else "{}"))
+        return out
+
+    save_dataset(workspace, "slots", {"train": rows(36, 0), "test": rows(18, 1)})
+    return workspace
+
+
+def test_nearest_answers_the_most_similar_train_inputs_output_and_majority_the_most_frequent_json(slots):
+    ws = slots
+    nearest = resolve_candidate(ws, "baseline:nearest", data="slots:test")
+    assert nearest.output.type == "json" and nearest.retrieval
+    answers = nearest.predict([Example("could I get a dinner please", ""), Example("a table for us", ""),
+                               Example("zzz qqq", "")])
+    assert [a.text for a in answers[:2]] == [SLOTS["dinner"], SLOTS["table"]]
+    train = {ex.output for ex in get_dataset(ws, "slots").split("train")}
+    assert answers[2].text in train  # no word in common: still a train output
+    assert all(a.label_logprobs is None for a in answers)
+    result = evaluate(ws, nearest, "slots:test", progress=False)
+    assert result.metrics["field_f1"]["value"] == 1.0 and result.metrics["json_valid"]["value"] == 1.0
+    majority = resolve_candidate(ws, "baseline:majority:slots")
+    assert {a.text for a in majority.predict([Example("a table please", ""), Example("dinner", "")])} == {"{}"}
+    result = evaluate(ws, majority, "slots:test", progress=False)
+    assert result.metrics["json_match"]["value"] == pytest.approx(0.5) and result.metrics["field_f1"]["value"] == 0.0
+
+
+def test_label_classifiers_refuse_json_and_text_naming_what_fits(slots, cli):
+    res = cli("eval", "baseline:tfidf", "--data", "slots:test")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "outputs are JSON" in res.stderr and "baseline:nearest" in res.stderr
+    save_dataset(slots, "notes", {"train": [Example(f"note {i} about the {w}", f"A short note on the {w}, number {i}.")
+                                            for i, w in enumerate(["sea", "hill", "town", "moor"] * 20)]})
+    res = cli("eval", "baseline:majority:notes", "--data", "notes:train")
+    assert res.exit_code == 2 and "outputs are free text" in res.stderr and "baseline:nearest" in res.stderr
+
+
+def test_json_and_text_comparisons_show_their_reference_rows_scored_by_the_prompts_metrics(slots):
+    from tunelab.files import write_atomic
+    from tunelab.models import load_model
+    from tunelab.prompts import commit_prompt
+
+    ws = slots
+    write_atomic(ws.prompts_dir / "extract.prompt", "---\nmodel: fake:json\noutput:\n  type: json\n  schema: "
+                 "{type: object, properties: {people: {type: integer}, time: {type: string}}}\n---\nuser:\n"
+                 "Extract: {{ input }}\n")
+    commit_prompt(ws, "extract", "first")
+    load_model("fake:json", ws).rules.update({"table": '{"people": 2}', "dinner": '{"time": "19:00"}'})
+    comp = compare(ws, "slots:test", ["extract"], progress=False)
+    rows = {c.name.split(":")[1] if c.kind == "baseline" else c.kind: c for c in comp.candidates}
+    assert set(rows) == {"prompt", "majority", "nearest"} and comp.metric == "field_f1"
+    assert rows["nearest"].metric.value == 1.0 and rows["majority"].metric.value == 0.0
+    assert 0.0 < rows["prompt"].metric.value < 1.0  # the fake model misses the lunch times
+    assert comp.recommendation.recommendation == "baseline"  # copying the nearest train output does better
+    assert "baseline:nearest" in comp.recommendation.candidate
+
+    notes = [Example(f"tell me about the {w} ({i})", f"The {w} is lovely in spring.")
+             for i, w in enumerate(["sea", "hill", "town", "moor", "lake", "wood"] * 3)]
+    save_dataset(ws, "notes", {"train": notes[:12], "test": notes[12:]})
+    write_atomic(ws.prompts_dir / "write.prompt", "---\nmodel: fake:writer\noutput: {type: text}\n---\nuser:\n"
+                 "Write about: {{ input }}\n")
+    commit_prompt(ws, "write", "first")
+    comp = compare(ws, "notes:test", ["write"], progress=False)
+    assert [c.name.split(":")[1] if c.kind == "baseline" else c.kind for c in comp.candidates] == ["prompt", "nearest"]
+    assert comp.metric == "chrf" and comp.candidates[1].metric.value == 1.0  # the same words, the same note

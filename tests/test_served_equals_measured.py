@@ -4,7 +4,8 @@ application would.
 
 Kinds: a labelled prompt version; a prompt at temperature > 0 (the seeded draw among the labels); a
 prompt with per-input (nearest-neighbour) demos; a fine-tuned model `ft:NAME` (its training prompt on
-its model); a hybrid `hybrid:NAME`; a JSON-output prompt; the classical baselines `baseline:METHOD:DATA`;
+its model); a hybrid `hybrid:NAME`; a JSON-output prompt; the classical baselines `baseline:METHOD:DATA`
+(`baseline:nearest` on labels and on JSON outputs too);
 and each arm of a canary and a shadow answering a deployment's calls. This module uses the fake model; the same
 checks on the real SmolLM2 are in tests/test_served_equals_measured_realmodel.py.
 """
@@ -57,6 +58,9 @@ def _examples(n: int, seed: int) -> list[Example]:
 def ws(workspace):
     ds = save_dataset(workspace, "tickets", {"train": _examples(24, 0), "validation": _examples(12, 1),
                                              "test": _examples(12, 2)})
+    save_dataset(workspace, "slots", {split: [Example(ex.input, '{"team": "%s"}' % ex.output)
+                                              for ex in _examples(n, seed)]
+                                      for split, n, seed in (("train", 24, 0), ("test", 12, 2))})
     files = {
         "route": ROUTE.format(model="fake:route", temperature=0, demos=""),
         "warm": ROUTE.format(model="fake:warm", temperature=0.9, demos=""),
@@ -95,9 +99,11 @@ def _client(ws):
 
 @pytest.mark.parametrize("deployment", ["route@production", "warm@current", "knn@current", "ft:tk", "hybrid:hy",
                                         "extract@current", "baseline:tfidf:tickets", "baseline:majority:tickets",
-                                        "baseline:embed:tickets"])
+                                        "baseline:embed:tickets", "baseline:nearest:tickets",
+                                        "baseline:nearest:slots"])
 def test_the_gateway_answers_as_the_evaluator_measured(ws, deployment):
-    rows, served = measured_and_served(ws, deployment, "tickets:test")
+    data = "slots:test" if deployment.endswith(":slots") else "tickets:test"
+    rows, served = measured_and_served(ws, deployment, data)
     assert served == [r.prediction for r in rows]
     assert {r.prediction for r in rows} != {""}  # something was answered
     if deployment == "hybrid:hy":  # both sides answered some requests, in the gateway as in the run

@@ -12,8 +12,9 @@ flow for a user's labelled data. The steps:
 3. prompt optimization (instruction variants and few-shot demos, a small budget, on validation);
 4. a LoRA fine-tune of SmolLM2-135M with a short prompt (`support-short`);
 5. a hybrid: the fine-tuned model first, the optimized prompt where it is unsure;
-6. the comparison of all of them on the test split, with the classical baselines for labels
-   (`baseline:majority`, `baseline:tfidf`, `baseline:embed`) and the learning curves of every
+6. the comparison of all of them on the test split, with the classical baselines (labels:
+   `baseline:majority`, `baseline:tfidf`, `baseline:embed`; JSON: `baseline:majority`,
+   `baseline:nearest`; free text: `baseline:nearest`) and, for labels, the learning curves of every
    trainable candidate within a time budget (`compare.curves`), its HTML report;
 7. the advice.
 
@@ -40,7 +41,7 @@ from tunelab import finetune as ft
 from tunelab.compare import Advice, Comparison, Constraints, advise, compare, print_table
 from tunelab.datasets import (check_path, get_dataset, import_dataset, read_source, save_dataset, split_examples,
                               subsample)
-from tunelab.datasets.check import SKEWED_SHARE, skewed_labels
+from tunelab.datasets.check import SKEWED_SHARE, output_kind, skewed_labels
 from tunelab.errors import UserError
 from tunelab.evaluate import RunResult, evaluate, hybrid_path, read_hybrid, resolve_candidate
 from tunelab.finetune.search import SearchSpace
@@ -189,15 +190,7 @@ def infer_output(outputs: list[str]) -> str:
     """The output type of a task from its train outputs: json when every output is a JSON object
     (or array), label for 2 to MAX_FLOW_LABELS distinct short outputs that repeat (at most one
     distinct output per two examples), else text."""
-    def is_json(text: str) -> bool:
-        if not text.lstrip().startswith(("{", "[")):
-            return False
-        try:
-            return isinstance(json.loads(text), (dict, list))
-        except ValueError:
-            return False
-
-    if outputs and all(is_json(o) for o in outputs):
+    if output_kind(outputs) == "json":
         return "json"
     distinct = set(outputs)
     if 2 <= len(distinct) <= min(MAX_FLOW_LABELS, max(2, len(outputs) // 2)) \
@@ -587,7 +580,7 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     candidates += [c.replace("{short}", short) for c in flow.extra_candidates]
     if label_task:
         candidates += [b for b in BASELINES if b not in candidates]
-    steps("comparison", "comparison on the test split" + (" with the classical baselines" if label_task else "")
+    steps("comparison", "comparison on the test split with the classical baselines"
           + (" and the learning curves (10/25/50/100% of train)" if learning_curve else ""))
     comparison = compare(ws, f"{data_ref}:test", candidates, volume=volume, learning_curve=learning_curve,
                          curve_deadline=time.monotonic() + 5.0 if quick and deadline else deadline,

@@ -20,12 +20,14 @@ The rules are deterministic and applied in this order (docs/advise.md says the s
 5. **Required metric** (`--required-metric X`): candidates whose metric (point estimate) is below
    X are excluded. When nothing is left after rules 1–5 the answer is "none": no candidate meets
    the constraints, and the reasons say which rule removed each one.
-6. **Usable at all** (labels, accuracy or macro-F1): when no LLM candidate beats chance — the
-   highest of the majority-class baseline's metric, what always answering the most frequent expected
-   label scores and (accuracy) 1/labels — with its 95% interval, the answer is "none": "No candidate is usable yet". When a classical baseline
-   (`baseline:tfidf`, `baseline:embed`) is not significantly worse than the best LLM candidate, it
-   is the answer ("You may not need an LLM for this task"). An out-of-scope class (`oos`) adds its
-   share and each candidate's recall on it to the reasons.
+6. **Usable at all**: when no LLM candidate beats chance with its 95% interval, the answer is
+   "none": "No candidate is usable yet". Chance for labels (accuracy or macro-F1) is the highest of
+   the majority-class baseline's metric, what always answering the most frequent expected label
+   scores and (accuracy) 1/labels; for JSON and text the majority baseline's metric (always the most
+   frequent train output: `{}` for most slot-filling data) when it was compared. When a classical
+   baseline (`baseline:tfidf`, `baseline:embed`, `baseline:nearest`) is not significantly worse than
+   the best LLM candidate, it is the answer ("You may not need an LLM for this task"). An
+   out-of-scope class (`oos`) adds its share and each candidate's recall on it to the reasons.
 7. **Quality**: the best remaining candidate by metric leads. Every remaining candidate that is
    *not significantly worse* stays a contender: significance is the comparison's paired test
    (McNemar or paired bootstrap) at p < 0.05; without a paired test, non-overlapping 95%
@@ -57,7 +59,7 @@ from tunelab.compare.costs import ALPHA, HORIZON_MONTHS, break_even_volume, hori
 from tunelab.compare.format import fmt_interval, fmt_money, fmt_p, fmt_seconds, fmt_volume
 from tunelab.compare.result import Advice, CandidateEntry, Comparison, Excluded, PairTest
 
-RULES_VERSION = "tunelab.advise/2"
+RULES_VERSION = "tunelab.advise/3"  # 3: chance for JSON and text outputs (the majority baseline)
 CHANGES_PER_YEAR = {"weekly": 52, "monthly": 12, "rarely": 1}
 SIMPLICITY = {"baseline": -1, "prompt": 0, "ft": 1, "hybrid": 2}
 KIND_WORD = {"prompt": "prompt", "ft": "fine-tuned", "hybrid": "hybrid", "baseline": "classical baseline"}
@@ -125,8 +127,14 @@ def chance_level(comparison: Comparison) -> tuple[float, str] | None:
     majority-class baseline's measured metric (when it was compared), what always answering the
     split's most frequent expected label scores (from a confusion matrix: its share for accuracy;
     its F1 over the labels present for macro-F1), and for accuracy 1/the number of labels. None when
-    the comparison cannot tell (not labels, another metric, no labels known)."""
-    if comparison.output_type != "label" or comparison.metric not in ("accuracy", "macro_f1"):
+    the comparison cannot tell (not labels, another metric, no labels known). JSON and text: the
+    majority baseline's measured metric (always answering the most frequent train output) when it
+    was compared, else None."""
+    if comparison.output_type != "label":
+        top = next((c for c in comparison.candidates if _is_majority(c) and c.metric.value is not None), None)
+        return None if top is None else (float(top.metric.value), f"always answering the most frequent output "
+                                                                  f"({top.name})")
+    if comparison.metric not in ("accuracy", "macro_f1"):
         return None
     macro = comparison.metric == "macro_f1"
     levels: list[tuple[float, str]] = []
@@ -251,8 +259,9 @@ def advise(comparison: Comparison, constraints: Constraints | None = None) -> Ad
         if llms and not usable:
             best_llm = max(llms, key=lambda c: c.metric.value)
             good_refs = [c for c in refs if _beats(c, level)]
+            floor_word = "chance" if comparison.output_type == "label" else "it"
             why = [f"no LLM candidate beats {what} ({metric} {level:.2f}) with its 95% interval: the best, "
-                   f"{_describe(best_llm, metric)}, is not above chance"]
+                   f"{_describe(best_llm, metric)}, is not above {floor_word}"]
             if good_refs:
                 ref = max(good_refs, key=lambda c: c.metric.value)
                 why.append(f"the {_describe(ref, metric)} does beat it: "

@@ -50,7 +50,8 @@ from tunelab.store.models import ComparisonRow
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
 
-REFERENCE_BASELINES = ("majority", "tfidf")  # in every label comparison (baseline:embed when named: the flow)
+# the classical reference rows of every comparison, by output type (labels: baseline:embed too when named: the flow)
+REFERENCE_BASELINES = {"label": ("majority", "tfidf"), "json": ("majority", "nearest"), "text": ("nearest",)}
 MAX_CONFUSION_LABELS = 400  # kept for the advice (chance, out-of-scope recall); the report draws up to 60
 
 
@@ -68,10 +69,13 @@ def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float 
     (`tunelab.compare.curves`: the fine-tune retrained, the baselines, a prompt's per-input demo
     pool; the 100% points are the candidates themselves), with `curve_deadline` (a `time.monotonic()`
     instant: the budget is what is left of it when the curves start) only the series whose estimated time fits, with `curve_sample` every point on that many test examples (chosen by
-    content, the same for every point). `baselines`: for label outputs, add the classical reference rows
-    `baseline:majority` and `baseline:tfidf` (trained in seconds on the same dataset version's train
-    split) when the candidates do not name them. `engineer_hours`: {candidate name or kind: hours}
-    of engineer time in the setup (default: the setup's wall time). `judge_sample`: with a `judge`
+    content, the same for every point). `baselines`: add the classical reference rows (trained in
+    seconds on the same dataset version's train split) the candidates do not name: for labels
+    `baseline:majority` and `baseline:tfidf`, for JSON `baseline:majority` (the most frequent output)
+    and `baseline:nearest` (the nearest train input's output), for free text `baseline:nearest`; a
+    JSON or text baseline is scored by the LLM candidates' output spec (their metrics).
+    `engineer_hours`: {candidate name or kind: hours} of engineer time in the setup (default: the
+    setup's wall time). `judge_sample`: with a `judge`
     metric, a split whose examples carry human grades (`meta.human_score` / `meta.human_label`): the
     judge's agreement with them says how far its grades can be trusted (`Comparison.judge`). Returns
     the comparison, stored in the `comparisons`
@@ -88,9 +92,15 @@ def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float 
     if volume < 0:
         raise UserError(f"--volume must be a number of requests a month, at least 0 (got {volume:g})")
     resolved = [resolve_candidate(ws, spec, data=ref) for spec in candidates]  # every name checked before any work
-    if baselines and resolved[0].output.type == "label" and ds.labels:
+    kind = resolved[0].output.type
+    if baselines and (kind != "label" or ds.labels):
         named = {c.name.split(":")[1].split("-n")[0] for c in resolved if c.kind == "baseline"}
-        resolved += [resolve_candidate(ws, f"baseline:{m}", data=ref) for m in REFERENCE_BASELINES if m not in named]
+        resolved += [resolve_candidate(ws, f"baseline:{m}", data=ref) for m in REFERENCE_BASELINES.get(kind, ())
+                     if m not in named]
+    spec = next((c.output for c in resolved if c.kind != "baseline"), None)
+    for c in resolved:  # a JSON or text baseline answers as the LLM candidates do: their metrics
+        if isinstance(c, BaselineCandidate) and spec is not None and spec.type != "label":
+            c.output = spec
     rate = float(ws.config.engineer_hourly_rate or 0.0)
 
     entries: list[CandidateEntry] = []

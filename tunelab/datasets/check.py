@@ -205,7 +205,9 @@ def _check_refs(splits, where, found: Issues) -> None:
                           f"{json.dumps(refs[bad])[:40]})", lines[i], field=f"meta.refs[{bad}]", path=path)
 
 
-def _output_kind(outputs: list[str]) -> str:
+def output_kind(outputs: list[str]) -> str:
+    """json when every output is a JSON object or array, else text (labels are told apart first,
+    by `infer_labels`)."""
     if not outputs:
         return "text"
     for o in outputs:
@@ -222,7 +224,7 @@ def _check_labels(splits, where, found: Issues, report: CheckReport) -> None:
     everything = [ex for exs in splits.values() for ex in exs]
     report.labels = infer_labels(everything)
     if report.labels is None:
-        report.output_kind = _output_kind([ex.output for ex in everything])
+        report.output_kind = output_kind([ex.output for ex in everything])
         return
     report.output_kind = "label"
     for s, exs in splits.items():

@@ -4,14 +4,19 @@
     cand.name                                                        # baseline:tfidf:support@3f2a9c81d0e4
     evaluate(ws, cand, "support:test")                               # the same evaluator as every candidate
 
-Three label classifiers, trained in seconds on a dataset version's train split:
+Trained in seconds on a dataset version's train split:
 
-- `majority`: always the most frequent train label (scikit-learn's `DummyClassifier`, its label
-  scores the train priors): the floor every candidate must clear;
-- `tfidf`: scikit-learn's `TfidfVectorizer` (word unigrams and bigrams, sublinear tf) and a
-  `LogisticRegression`;
-- `embed`: the bundled all-MiniLM-L6-v2 sentence embeddings (`tunelab.demos.embed`, each input on
-  its own, so a batch answers as a single request does) and a `LogisticRegression`.
+- `majority`: always the most frequent train output. Labels: scikit-learn's `DummyClassifier`, its
+  label scores the train priors; JSON: that output verbatim (`{}` where most inputs have no
+  field). The floor every candidate must clear;
+- `tfidf` (labels): scikit-learn's `TfidfVectorizer` (word unigrams and bigrams, sublinear tf) and
+  a `LogisticRegression`;
+- `embed` (labels): the bundled all-MiniLM-L6-v2 sentence embeddings (`tunelab.demos.embed`, each
+  input on its own, so a batch answers as a single request does) and a `LogisticRegression`;
+- `nearest` (any output: labels, JSON, free text): the output of the most similar train input by
+  the cosine of their TF-IDF vectors (scikit-learn's `NearestNeighbors`): retrieval, the classical
+  reference of extraction and data-to-text, where the answer to a similar input is often most of
+  the answer. Its answer has no label scores.
 
 For skewed labels (one label `SKEWED_SHARE` of train or more: the flow judges those by macro-F1)
 the regressions are trained with or without class weights (`class_weight="balanced"`: each label
@@ -23,8 +28,11 @@ A name is `baseline:METHOD[-nN][:DATASET[@VERSION]]`: `-nN` trains on a seeded, 
 N train examples (the sample a fine-tune's `max_examples` draws: the learning curve's points); the
 dataset defaults to the one being evaluated (`data`), else the workspace's only dataset. The trained
 classifier is stored under `artifacts/baselines/DATASET@VERSION/` (joblib) with its training time,
-which is its setup cost (local $/hour), so it is trained once. The answer is the label; its scores
-are the classifier's log-probabilities, so a hybrid or a threshold can read its confidence.
+which is its setup cost (local $/hour), so it is trained once. A classifier's answer is the label; its
+scores are the classifier's log-probabilities, so a hybrid or a threshold can read its confidence.
+A JSON or text baseline answers like a prompt of that output type (inferred from the train
+outputs: JSON when every one is an object or array, else text); a comparison hands it the output
+spec of the candidates it is compared with, so it is scored by their metrics.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import numpy as np
 
 from tunelab.canonical import sha256
 from tunelab.datasets import Example, dataset_rows, get_dataset, subsample
-from tunelab.datasets.check import skewed_labels
+from tunelab.datasets.check import output_kind, skewed_labels
 from tunelab.demos import embed, embed_one
 from tunelab.errors import UserError
 from tunelab.evaluate.candidates import Candidate, Setup
@@ -49,7 +57,8 @@ from tunelab.prompts import OutputSpec
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
 
-METHODS = ("majority", "tfidf", "embed")
+METHODS = ("majority", "tfidf", "embed", "nearest")
+LABEL_ONLY = ("tfidf", "embed")  # classifiers: label outputs only
 PREFIX = "baseline:"
 CV_FOLDS = 3  # folds of the cross-validation that chooses a skewed-label regression's class weights
 FORMAT = 2  # bump when a stored classifier's meaning changes: older ones are retrained (2: class weights)
@@ -97,6 +106,24 @@ def _classifier(method: str):
     return LogisticRegression(C=10.0, max_iter=2000)
 
 
+def _retrieval(method: str, inputs: list[str], outputs: list[str]) -> dict[str, Any]:
+    """A baseline that answers with a train output: `nearest` (the TF-IDF vectorizer, the
+    cosine index over the train inputs and their outputs) or `majority` of JSON outputs (the most
+    frequent; at a tie the first in train order)."""
+    from collections import Counter
+
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.neighbors import NearestNeighbors
+
+    if method == "majority":
+        counts = Counter(outputs)
+        top = max(counts.values())
+        return {"answer": next(o for o in outputs if counts[o] == top)}
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    index = NearestNeighbors(n_neighbors=1, metric="cosine", algorithm="brute").fit(vectorizer.fit_transform(inputs))
+    return {"vectorizer": vectorizer, "index": index, "outputs": list(outputs)}
+
+
 def _weighed_by_cv(method: str, features, y: list[str]) -> tuple[Any, str | None, dict[str, float]]:
     """For skewed labels: the regression without class weights or with each label weighing the same
     (`class_weight="balanced"`), whichever has the better macro-F1 in a stratified 3-fold
@@ -131,7 +158,8 @@ def _weights_note(record: dict[str, Any]) -> str:
 
 def train_baseline(ws: "Workspace", method: str, dataset: str, max_examples: int | None = None) -> dict[str, Any]:
     """Train (or load the stored) baseline `method` on `dataset`'s train split (DATASET[@VERSION],
-    at most `max_examples` of it). Returns its record: path, dataset ref, n_train, wall_s, labels."""
+    at most `max_examples` of it). Returns its record: path, dataset ref, n_train, wall_s,
+    output_type, labels (None for JSON or text)."""
     import joblib
     import sklearn
 
@@ -146,24 +174,34 @@ def train_baseline(ws: "Workspace", method: str, dataset: str, max_examples: int
     train = subsample(ds.split("train"), max_examples, 0)
     if len({ex.output for ex in train}) < 1:
         raise UserError(f"dataset {ds.ref} has no train examples to train baseline:{method} on")
-    if ds.labels is None and len({ex.output for ex in train}) > max(50, len(train) // 2):
-        raise UserError(f"baseline:{method} classifies labels; {ds.ref}'s outputs are free text")
+    kind = "label" if ds.labels is not None else output_kind(everything := [ex.output for ex in ds.split("train")])
+    if kind == "text" and len(set(everything)) <= max(50, len(everything) // 2):
+        kind = "label"  # outputs that repeat: labels the dataset did not list
+    if kind != "label" and method != "nearest" and not (method == "majority" and kind == "json"):
+        raise UserError(f"baseline:{method} classifies labels; {ds.ref}'s outputs are "
+                        f"{'JSON' if kind == 'json' else 'free text'} (baseline:nearest answers any output"
+                        f"{', baseline:majority JSON' if kind == 'json' else ''})")
     start = time.perf_counter()
     y = [ex.output for ex in train]
-    features = _features(method, [ex.input for ex in train], batched=True)
     class_weight, cv = None, None
-    if len(set(y)) == 1:  # one class: the majority answer whatever the method
-        from sklearn.dummy import DummyClassifier
-        clf = DummyClassifier(strategy="prior").fit(features, y)
-    elif method != "majority" and skewed_labels("label", y):
-        clf, class_weight, cv = _weighed_by_cv(method, features, y)
+    if method == "nearest" or kind != "label":
+        clf = _retrieval(method, [ex.input for ex in train], y)
     else:
-        clf = _classifier(method).fit(features, y)
+        features = _features(method, [ex.input for ex in train], batched=True)
+        if len(set(y)) == 1:  # one class: the majority answer whatever the method
+            from sklearn.dummy import DummyClassifier
+            clf = DummyClassifier(strategy="prior").fit(features, y)
+        elif method != "majority" and skewed_labels("label", y):
+            clf, class_weight, cv = _weighed_by_cv(method, features, y)
+        else:
+            clf = _classifier(method).fit(features, y)
     wall = time.perf_counter() - start
     joblib.dump(clf, path)
     meta = {"format": FORMAT, "method": method, "dataset": ds.ref, "max_examples": max_examples, "n_train": len(train),
-            "wall_s": wall, "labels": [str(c) for c in clf.classes_], "class_weight": class_weight,
-            "cv_macro_f1": cv, "sklearn": sklearn.__version__}
+            "wall_s": wall, "output_type": kind,
+            "labels": (sorted(set(y)) if kind == "label" else None) if isinstance(clf, dict)
+            else [str(c) for c in clf.classes_],
+            "class_weight": class_weight, "cv_macro_f1": cv, "sklearn": sklearn.__version__}
     write_json(meta_path, meta)
     return {**meta, "path": str(path)}
 
@@ -182,8 +220,9 @@ def _load(path: str):
 
 
 class BaselineCandidate(Candidate):
-    """A classical classifier trained on a train split, answering with a label and its
-    log-probabilities (see the module doc). It calls no model: `map_models` is itself."""
+    """A classical baseline trained on a train split: a classifier answering with a label and its
+    log-probabilities, or (`nearest`, `majority` of JSON) a train output (see the module doc). It
+    calls no model: `map_models` is itself."""
 
     kind = "baseline"
     backend = "local"
@@ -196,8 +235,13 @@ class BaselineCandidate(Candidate):
         self.name = f"{PREFIX}{self.method}{f'-n{n}' if n else ''}:{record['dataset']}"
         self.model_name = f"{PREFIX}{self.method}"
         self.classifier = _load(record["path"])
-        self.classes = [str(c) for c in self.classifier.classes_]
-        self.output = OutputSpec(type="label", labels=list(labels or self.classes))
+        self.retrieval = isinstance(self.classifier, dict)  # answers with a train output (see `_retrieval`)
+        self.classes = [] if self.retrieval else [str(c) for c in self.classifier.classes_]
+        kind = record.get("output_type") or "label"
+        if kind == "label":
+            self.output = OutputSpec(type="label", labels=list(labels or self.classes or record.get("labels") or []))
+        else:  # JSON or text, as inferred from train (a comparison gives it its candidates' spec)
+            self.output = OutputSpec(type=kind)
         self.training_data = record["dataset"]
         self.setup = Setup(how="baseline", wall_s=float(record["wall_s"]),
                            compute_cost=pricing_per_hour * float(record["wall_s"]) / 3600.0,
@@ -217,6 +261,8 @@ class BaselineCandidate(Candidate):
         if not examples:
             return []
         start = time.perf_counter()
+        if self.retrieval:
+            return self._retrieve(examples, start)
         proba = self.classifier.predict_proba(_features(self.method, [ex.input for ex in examples]))
         logp = np.log(np.clip(proba, 1e-12, 1.0))
         share = (time.perf_counter() - start) / len(examples)
@@ -226,6 +272,17 @@ class BaselineCandidate(Candidate):
             best = max(self.classes, key=lambda c: (scores[c], -self.classes.index(c)))  # ties: the first class
             out.append(Completion(text=best, latency_s=share, label_logprobs=scores, meta={"baseline": self.method}))
         return out
+
+    def _retrieve(self, examples: list[Example], start: float) -> list[Completion]:
+        """The answers of a retrieval baseline: the nearest train input's output, or the one answer."""
+        found = self.classifier
+        if "answer" in found:
+            texts = [found["answer"]] * len(examples)
+        else:
+            _, nearest = found["index"].kneighbors(found["vectorizer"].transform([ex.input for ex in examples]))
+            texts = [found["outputs"][int(row[0])] for row in nearest]
+        share = (time.perf_counter() - start) / len(examples)
+        return [Completion(text=t, latency_s=share, meta={"baseline": self.method}) for t in texts]
 
     def map_models(self, fn: Callable[[Model], Model]) -> "BaselineCandidate":
         return self
