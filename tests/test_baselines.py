@@ -343,3 +343,19 @@ def test_json_and_text_comparisons_show_their_reference_rows_scored_by_the_promp
     comp = compare(ws, "notes:test", ["write"], progress=False)
     assert [c.name.split(":")[1] if c.kind == "baseline" else c.kind for c in comp.candidates] == ["prompt", "nearest"]
     assert comp.metric == "chrf" and comp.candidates[1].metric.value == 1.0  # the same words, the same note
+
+
+def test_a_json_learning_curve_retrains_nearest_on_shares_of_train(slots):
+    from tunelab.files import write_atomic
+    from tunelab.prompts import commit_prompt
+
+    ws = slots
+    write_atomic(ws.prompts_dir / "extract.prompt", "---\nmodel: fake:json\noutput: {type: json, metric: json_match}\n"
+                 "---\nuser:\nExtract: {{ input }}\n")
+    commit_prompt(ws, "extract", "first")
+    comp = compare(ws, "slots:test", ["extract"], progress=False, learning_curve=True)
+    series = {s.candidate.split(":")[1]: s for s in comp.learning_curve.series if s.kind == "baseline"}
+    assert set(series) == {"nearest"} and comp.metric == "json_match"
+    points = series["nearest"].points
+    assert [p.n_train for p in points] == sorted(p.n_train for p in points) and points[-1].n_train == 36
+    assert points[-1].metric.value == 1.0  # all of train: every test message has a train twin

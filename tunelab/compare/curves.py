@@ -95,6 +95,7 @@ def baseline_series(ws: "Workspace", cand: BaselineCandidate, ref: str, metric: 
         n = n_full if frac >= 1.0 else max(1, int(round(frac * n_full)))
         spec = f"baseline:{method}{'' if n >= n_full else f'-n{n}'}:{ds.name}@{ds.version}"
         sized = resolve_candidate(ws, spec)
+        sized.output = cand.output  # a JSON or text baseline is scored as the comparison scored it
         result = evaluate(ws, sized, ref, limit=limit, sample=sample, progress=progress)
         points.append(_point(frac, sized.setup.examples, sized.name, result, metric, sized.setup.wall_s,
                              sized.setup.compute_cost))
