@@ -208,3 +208,50 @@ def test_quick_flow_on_a_users_folder_end_to_end(cli, labelled, tmp_path, monkey
     assert [n.split(":")[1] for n in names[-3:]] == ["majority", "tfidf", "embed"]  # the classical reference rows
     assert all(c["metric"]["value"] is not None for c in comparison["candidates"])
     assert "[7/7] advice" in result.stderr
+
+
+def _generative(kind: str) -> dict[str, list[dict]]:
+    """Booking messages with their slots as JSON (a quarter with none), or place notes to describe
+    in a sentence (two references each): every output distinct enough to be no label."""
+    rows = []
+    for i in range(60):
+        place, when, n = ["the harbour", "the old mill", "the market"][i % 3], ["7pm", "8pm", "noon"][i % 3], 2 + i
+        if kind == "json":
+            pick = i % 4
+            text = [f"hello, are you open on day {i}?", f"a table for {n} people please", f"book us at {when}",
+                    f"a table for {n} at {when}"][pick]
+            slots = [{}, {"people": n}, {"time": when}, {"people": n, "time": when}][pick]
+            rows.append({"input": text, "output": json.dumps(slots)})
+        else:
+            out = f"{place.capitalize()} had {n} visitors at {when}."
+            rows.append({"input": f"place: {place} | time: {when} | visitors: {n}", "output": out,
+                         "meta": {"refs": [out, f"At {when}, {place} saw {n} visitors."]}})
+    return {"train": rows[:40], "validation": rows[40:50], "test": rows[50:]}
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,metric,refs", [("json", "field_f1", ["majority", "nearest"]),
+                                              ("text", "chrf", ["nearest"])])
+def test_quick_json_and_text_flows_end_to_end_with_their_classical_reference(cli, tmp_path, monkeypatch, kind, metric,
+                                                                           refs):
+    monkeypatch.delenv("TUNELAB_WORKSPACE", raising=False)
+    monkeypatch.delenv("TUNELAB_DATABASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    folder = _write(tmp_path / f"gen-{kind}", _generative(kind))
+    result = cli("flow", str(folder), "--quick", "--task", "Extract the booking's slots" if kind == "json"
+                 else "Describe the place in one sentence")
+    assert result.exit_code == 0, result.output
+    report = Path(next(line.split("report:", 1)[1].strip() for line in result.stderr.splitlines()
+                       if line.startswith("report:")))
+    comparison = json.loads((report.parent / "report.json").read_text(encoding="utf-8"))
+    assert comparison["output_type"] == kind and comparison["metric"] == metric
+    names = [c["name"] for c in comparison["candidates"]]
+    assert [n.split(":")[1] for n in names if n.startswith("baseline:")] == refs  # the classical reference rows
+    assert names[0].startswith(f"gen-{kind}-zero-shot@") and f"hybrid:gen-{kind}-hybrid" in names
+    assert all(c["metric"]["value"] is not None for c in comparison["candidates"])
+    nearest = next(c for c in comparison["candidates"] if c["name"].startswith("baseline:nearest"))
+    assert nearest["metric"]["value"] > 0.2  # the most similar train input's output shares most of the answer
+    curve = comparison["learning_curve"]
+    assert any(s["candidate"] == nearest["name"] and len(s["points"]) == 4 for s in curve["series"])
+    assert "[7/7] advice" in result.stderr

@@ -505,7 +505,7 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
              optimize_budget: int | None = None, workspace_name: str = "tunelab-demo",
              minutes: float | None = None) -> FlowResult:
     """Run the whole flow of `flow` in the workspace at `directory` (made if missing).
-    `learning_curve`: None (default) measures the learning curves of label tasks that fit what is
+    `learning_curve`: None (default) measures the learning curves that fit what is
     left of the flow's time budget, `minutes` (default FLOW_MINUTES) from the start, after the
     comparison's own evaluations: the baselines always (seconds), the per-input-demo prompt and the
     fine-tune retrained on 10/25/50% when their estimated time fits (the report names what was
@@ -515,7 +515,7 @@ def run_flow(directory: str | Path, flow: Flow, *, quick: bool = False, volume: 
     if not minutes > 0:
         raise UserError(f"--minutes must be a number of minutes above 0 (got {minutes:g})", field="minutes")
     deadline = time.monotonic() + 60 * minutes if learning_curve is None else None  # --learning-curve: all
-    learning_curve = label_task if learning_curve is None else bool(learning_curve)
+    learning_curve = True if learning_curve is None else bool(learning_curve)
     steps = Steps(7, log)
     progress = console if console is not None else True
 

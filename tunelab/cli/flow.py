@@ -45,7 +45,7 @@ def flow(
                                                    "validation)."),
     learning_curve: Optional[bool] = typer.Option(None, "--learning-curve/--no-learning-curve", help="Learning "
                                                   "curves of every trainable candidate on 10/25/50/100% of train "
-                                                  "(default for labels: those that fit what is left of --minutes "
+                                                  "(default: those that fit what is left of --minutes "
                                                   "after the comparison, the baselines always; --learning-curve: "
                                                   "all, the fine-tune retrained too)."),
     minutes: float = typer.Option(10.0, "--minutes", help="The flow's time budget in minutes: the learning curves "

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from tunelab import finetune
+from tunelab.compare.format import fmt_seconds
 from tunelab.compare.result import (CandidateEntry, Crossover, CurveSeries, Interval, LearningCurve,
                                     LearningCurvePoint)
 from tunelab.datasets import get_split, subsample
@@ -209,8 +210,8 @@ def learning_curves(ws: "Workspace", entries: list[CandidateEntry], candidates: 
             series.append(CurveSeries(candidate=ft_curve.candidate, kind="ft", points=ft_curve.points))
             spent += estimate
         else:
-            left_out.append(f"{ft.name}: retraining it on 10/25/50% of train would take ~{estimate / 60:.0f} min, "
-                            f"more than the {max(0.0, budget_s) / 60:.1f} min the time budget had left")
+            left_out.append(f"{ft.name}: retraining it on 10/25/50% of train would take ~{fmt_seconds(estimate)}, "
+                            f"more than the {fmt_seconds(max(0.0, budget_s))} the time budget had left")
             say(f"learning curve: {left_out[-1]}")
     for cand in candidates:
         if isinstance(cand, BaselineCandidate) and cand.method != "majority":
@@ -228,8 +229,9 @@ def learning_curves(ws: "Workspace", entries: list[CandidateEntry], candidates: 
                 say(f"learning curve: {demo.name} (demo pool of n): " + ", ".join(
                     f"{p.n_train} -> {p.metric.value:.3f}" for p in found.points))
         else:
-            left_out.append(f"{demo.name} (demo pool of n): three more evaluations would take ~{estimate:.0f} s, "
-                            f"more than the {max(0.0, budget_s - spent):.0f} s the time budget had left")
+            left_out.append(f"{demo.name} (demo pool of n): three more evaluations would take "
+                            f"~{fmt_seconds(estimate)}, more than the {fmt_seconds(max(0.0, budget_s - spent))} "
+                            "the time budget had left")
             say(f"learning curve: {left_out[-1]}")
     if not series:
         return None
