@@ -122,6 +122,12 @@ def test_label_comparisons_show_the_baselines_as_reference_rows(ws):
     assert any("you may not need an LLM" in r for r in advice.reasons)
     none = compare(ws, "tickets:test", ["route"], progress=False, baselines=False)
     assert [c.kind for c in none.candidates] == ["prompt"]
+    # the retrieval baseline answers labels too (the nearest train ticket's team), without label scores
+    named = compare(ws, "tickets:test", ["route", "baseline:nearest"], progress=False)
+    nearest = next(c for c in named.candidates if c.name.startswith("baseline:nearest"))
+    majority = next(c for c in named.candidates if c.name.startswith("baseline:majority"))
+    assert nearest.metric.value > majority.metric.value + 0.3 and nearest.confusion is not None
+    assert [c.name.split(":")[1] for c in named.candidates if c.kind == "baseline"] == ["nearest", "majority", "tfidf"]
 
 
 def test_learning_curves_of_the_baselines_and_the_demo_prompt(ws):
