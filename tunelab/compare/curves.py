@@ -84,6 +84,13 @@ def run_learning_curve(ws: "Workspace", ft_name: str, ref: str, metric: str, *, 
     return LearningCurve(candidate=f"ft:{ft_name}", metric=metric, points=points)
 
 
+def _budget_left(seconds: float) -> str:
+    """The end of a left-out series' line: what the time budget had left for it."""
+    if seconds < 1:
+        return "and the time budget was spent (--minutes sets it)"
+    return f"more than the {fmt_seconds(seconds)} the time budget had left"
+
+
 def baseline_series(ws: "Workspace", cand: BaselineCandidate, ref: str, metric: str, *, limit: int | None = None,
                     sample: int | None = None, fractions: Iterable[float] = LEARNING_CURVE_FRACTIONS,
                     progress: bool | Any = False) -> CurveSeries:
@@ -211,7 +218,7 @@ def learning_curves(ws: "Workspace", entries: list[CandidateEntry], candidates: 
             spent += estimate
         else:
             left_out.append(f"{ft.name}: retraining it on 10/25/50% of train would take ~{fmt_seconds(estimate)}, "
-                            f"more than the {fmt_seconds(max(0.0, budget_s))} the time budget had left")
+                            + _budget_left(budget_s))
             say(f"learning curve: {left_out[-1]}")
     for cand in candidates:
         if isinstance(cand, BaselineCandidate) and cand.method != "majority":
@@ -230,8 +237,7 @@ def learning_curves(ws: "Workspace", entries: list[CandidateEntry], candidates: 
                     f"{p.n_train} -> {p.metric.value:.3f}" for p in found.points))
         else:
             left_out.append(f"{demo.name} (demo pool of n): three more evaluations would take "
-                            f"~{fmt_seconds(estimate)}, more than the {fmt_seconds(max(0.0, budget_s - spent))} "
-                            "the time budget had left")
+                            f"~{fmt_seconds(estimate)}, " + _budget_left(budget_s - spent))
             say(f"learning curve: {left_out[-1]}")
     if not series:
         return None
