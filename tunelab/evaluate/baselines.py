@@ -124,6 +124,14 @@ def _retrieval(method: str, inputs: list[str], outputs: list[str]) -> dict[str, 
     return {"vectorizer": vectorizer, "index": index, "outputs": list(outputs)}
 
 
+def _labels_of(clf: Any, kind: str, y: list[str]) -> list[str] | None:
+    """The labels a stored baseline answers: a classifier's classes, a retrieval baseline's train
+    labels, None for JSON or text."""
+    if not isinstance(clf, dict):
+        return [str(c) for c in clf.classes_]
+    return sorted(set(y)) if kind == "label" else None
+
+
 def _weighed_by_cv(method: str, features, y: list[str]) -> tuple[Any, str | None, dict[str, float]]:
     """For skewed labels: the regression without class weights or with each label weighing the same
     (`class_weight="balanced"`), whichever has the better macro-F1 in a stratified 3-fold
@@ -177,7 +185,7 @@ def train_baseline(ws: "Workspace", method: str, dataset: str, max_examples: int
     kind = "label" if ds.labels is not None else output_kind(everything := [ex.output for ex in ds.split("train")])
     if kind == "text" and len(set(everything)) <= max(50, len(everything) // 2):
         kind = "label"  # outputs that repeat: labels the dataset did not list
-    if kind != "label" and method != "nearest" and not (method == "majority" and kind == "json"):
+    if kind != "label" and (method in LABEL_ONLY or (method == "majority" and kind == "text")):
         raise UserError(f"baseline:{method} classifies labels; {ds.ref}'s outputs are "
                         f"{'JSON' if kind == 'json' else 'free text'} (baseline:nearest answers any output"
                         f"{', baseline:majority JSON' if kind == 'json' else ''})")
@@ -198,9 +206,7 @@ def train_baseline(ws: "Workspace", method: str, dataset: str, max_examples: int
     wall = time.perf_counter() - start
     joblib.dump(clf, path)
     meta = {"format": FORMAT, "method": method, "dataset": ds.ref, "max_examples": max_examples, "n_train": len(train),
-            "wall_s": wall, "output_type": kind,
-            "labels": (sorted(set(y)) if kind == "label" else None) if isinstance(clf, dict)
-            else [str(c) for c in clf.classes_],
+            "wall_s": wall, "output_type": kind, "labels": _labels_of(clf, kind, y),
             "class_weight": class_weight, "cv_macro_f1": cv, "sklearn": sklearn.__version__}
     write_json(meta_path, meta)
     return {**meta, "path": str(path)}
