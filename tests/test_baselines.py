@@ -365,3 +365,20 @@ def test_a_json_learning_curve_retrains_nearest_on_shares_of_train(slots):
     points = series["nearest"].points
     assert [p.n_train for p in points] == sorted(p.n_train for p in points) and points[-1].n_train == 36
     assert points[-1].metric.value == 1.0  # all of train: every test message has a train twin
+
+
+def test_inputs_without_words_are_a_one_line_error_and_a_comparison_goes_on_without_that_row(workspace, cli):
+    from tunelab.files import write_atomic
+    from tunelab.prompts import commit_prompt
+
+    save_dataset(workspace, "marks", {"train": [Example("!" * (1 + i % 3), ["up", "down"][i % 2]) for i in range(20)],
+                                      "test": [Example("?", "up"), Example("!", "down")]})
+    res = cli("eval", "baseline:tfidf", "--data", "marks:test")
+    assert res.exit_code == 2 and "Traceback" not in res.output and "no words to weigh" in res.stderr
+    write_atomic(workspace.prompts_dir / "mark.prompt", "---\nmodel: fake:mark\noutput: {type: label, labels: "
+                 "[up, down]}\n---\nuser:\nUp or down? {{ input }}\n")
+    commit_prompt(workspace, "mark", "first")
+    said: list[str] = []
+    comp = compare(workspace, "marks:test", ["mark"], progress=False, log=said.append)
+    assert [c.name.split(":")[1] for c in comp.candidates if c.kind == "baseline"] == ["majority"]
+    assert any("baseline:tfidf left out" in line and "no words to weigh" in line for line in said)

@@ -95,8 +95,13 @@ def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float 
     kind = resolved[0].output.type
     if baselines and (kind != "label" or ds.labels):
         named = {c.name.split(":")[1].split("-n")[0] for c in resolved if c.kind == "baseline"}
-        resolved += [resolve_candidate(ws, f"baseline:{m}", data=ref) for m in REFERENCE_BASELINES.get(kind, ())
-                     if m not in named]
+        for m in REFERENCE_BASELINES.get(kind, ()):
+            if m in named:
+                continue
+            try:
+                resolved.append(resolve_candidate(ws, f"baseline:{m}", data=ref))
+            except UserError as err:  # a reference row the data cannot train (no words to weigh): left out
+                say(f"classical reference baseline:{m} left out: {err}")
     spec = next((c.output for c in resolved if c.kind != "baseline"), None)
     for c in resolved:  # a JSON or text baseline answers as the LLM candidates do: their metrics
         if isinstance(c, BaselineCandidate) and spec is not None and spec.type != "label":

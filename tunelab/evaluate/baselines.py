@@ -192,17 +192,23 @@ def train_baseline(ws: "Workspace", method: str, dataset: str, max_examples: int
     start = time.perf_counter()
     y = [ex.output for ex in train]
     class_weight, cv = None, None
-    if method == "nearest" or kind != "label":
-        clf = _retrieval(method, [ex.input for ex in train], y)
-    else:
-        features = _features(method, [ex.input for ex in train], batched=True)
-        if len(set(y)) == 1:  # one class: the majority answer whatever the method
-            from sklearn.dummy import DummyClassifier
-            clf = DummyClassifier(strategy="prior").fit(features, y)
-        elif method != "majority" and skewed_labels("label", y):
-            clf, class_weight, cv = _weighed_by_cv(method, features, y)
+    try:
+        if method == "nearest" or kind != "label":
+            clf = _retrieval(method, [ex.input for ex in train], y)
         else:
-            clf = _classifier(method).fit(features, y)
+            features = _features(method, [ex.input for ex in train], batched=True)
+            if len(set(y)) == 1:  # one class: the majority answer whatever the method
+                from sklearn.dummy import DummyClassifier
+                clf = DummyClassifier(strategy="prior").fit(features, y)
+            elif method != "majority" and skewed_labels("label", y):
+                clf, class_weight, cv = _weighed_by_cv(method, features, y)
+            else:
+                clf = _classifier(method).fit(features, y)
+    except ValueError as err:
+        if "empty vocabulary" not in str(err):
+            raise
+        raise UserError(f"baseline:{method} on {ds.ref}: the train inputs have no words to weigh (TF-IDF counts "
+                        "words of two or more letters or digits; these inputs have none)", field="input") from None
     wall = time.perf_counter() - start
     joblib.dump(clf, path)
     meta = {"format": FORMAT, "method": method, "dataset": ds.ref, "max_examples": max_examples, "n_train": len(train),
