@@ -347,8 +347,10 @@ def test_json_and_text_comparisons_show_their_reference_rows_scored_by_the_promp
                  "Write about: {{ input }}\n")
     commit_prompt(ws, "write", "first")
     comp = compare(ws, "notes:test", ["write"], progress=False)
-    assert [c.name.split(":")[1] if c.kind == "baseline" else c.kind for c in comp.candidates] == ["prompt", "nearest"]
-    assert comp.metric == "chrf" and comp.candidates[1].metric.value == 1.0  # the same words, the same note
+    rows = {c.name.split(":")[1] if c.kind == "baseline" else c.kind: c for c in comp.candidates}
+    assert list(rows) == ["prompt", "copy", "nearest"] and comp.metric == "chrf"
+    assert rows["nearest"].metric.value == 1.0  # the same words, the same note
+    assert 0.0 < rows["copy"].metric.value < rows["nearest"].metric.value  # the input echoed: a floor
 
 
 def test_a_json_learning_curve_retrains_nearest_on_shares_of_train(slots):
@@ -382,3 +384,16 @@ def test_inputs_without_words_are_a_one_line_error_and_a_comparison_goes_on_with
     comp = compare(workspace, "marks:test", ["mark"], progress=False, log=said.append)
     assert [c.name.split(":")[1] for c in comp.candidates if c.kind == "baseline"] == ["majority"]
     assert any("baseline:tfidf left out" in line and "no words to weigh" in line for line in said)
+
+
+def test_copy_answers_with_the_input_and_refuses_json(slots, cli):
+    notes = [Example(f"the {w} at dawn ({i})", f"At dawn the {w} is quiet, note {i}.")
+             for i, w in enumerate(["sea", "hill", "town", "moor"] * 10)]
+    save_dataset(slots, "notes", {"train": notes[:30], "test": notes[30:]})
+    copy = resolve_candidate(slots, "baseline:copy", data="notes:test")
+    assert copy.output.type == "text" and copy.setup.examples == 30
+    assert [a.text for a in copy.predict(notes[30:32])] == [ex.input for ex in notes[30:32]]
+    result = evaluate(slots, copy, "notes:test", progress=False)
+    assert 0.0 < result.metrics["chrf"]["value"] < 1.0 and result.metrics["copy_rate"]["value"] == 1.0
+    res = cli("eval", "baseline:copy:slots", "--data", "slots:test")
+    assert res.exit_code == 2 and "outputs are JSON" in res.stderr and "Traceback" not in res.output

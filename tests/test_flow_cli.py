@@ -232,7 +232,7 @@ def _generative(kind: str) -> dict[str, list[dict]]:
 @pytest.mark.realmodel
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,metric,refs", [("json", "field_f1", ["majority", "nearest"]),
-                                              ("text", "chrf", ["nearest"])])
+                                              ("text", "chrf", ["copy", "nearest"])])
 def test_quick_json_and_text_flows_end_to_end_with_their_classical_reference(cli, tmp_path, monkeypatch, kind, metric,
                                                                            refs):
     monkeypatch.delenv("TUNELAB_WORKSPACE", raising=False)

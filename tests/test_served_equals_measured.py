@@ -5,7 +5,7 @@ application would.
 Kinds: a labelled prompt version; a prompt at temperature > 0 (the seeded draw among the labels); a
 prompt with per-input (nearest-neighbour) demos; a fine-tuned model `ft:NAME` (its training prompt on
 its model); a hybrid `hybrid:NAME`; a JSON-output prompt; the classical baselines `baseline:METHOD:DATA`
-(`baseline:nearest` on labels and on JSON outputs too);
+(`baseline:nearest` on labels and on JSON outputs too, `baseline:copy`);
 and each arm of a canary and a shadow answering a deployment's calls. This module uses the fake model; the same
 checks on the real SmolLM2 are in tests/test_served_equals_measured_realmodel.py.
 """
@@ -100,7 +100,7 @@ def _client(ws):
 @pytest.mark.parametrize("deployment", ["route@production", "warm@current", "knn@current", "ft:tk", "hybrid:hy",
                                         "extract@current", "baseline:tfidf:tickets", "baseline:majority:tickets",
                                         "baseline:embed:tickets", "baseline:nearest:tickets",
-                                        "baseline:nearest:slots"])
+                                        "baseline:nearest:slots", "baseline:copy:tickets"])
 def test_the_gateway_answers_as_the_evaluator_measured(ws, deployment):
     data = "slots:test" if deployment.endswith(":slots") else "tickets:test"
     rows, served = measured_and_served(ws, deployment, data)

@@ -41,7 +41,7 @@ from tunelab import finetune as ft
 from tunelab.compare import Advice, Comparison, Constraints, advise, compare, print_table
 from tunelab.datasets import (check_path, get_dataset, import_dataset, read_source, save_dataset, split_examples,
                               subsample)
-from tunelab.datasets.check import SKEWED_SHARE, output_kind, skewed_labels
+from tunelab.datasets.check import SKEWED_SHARE, infer_output, skewed_labels
 from tunelab.errors import UserError
 from tunelab.evaluate import RunResult, evaluate, hybrid_path, read_hybrid, resolve_candidate
 from tunelab.finetune.search import SearchSpace
@@ -122,8 +122,6 @@ def demo_flow() -> Flow:
 
 
 # What `flow_for` checks before the flow starts: outputs must look like class labels.
-MAX_FLOW_LABELS = 1000  # the datasets' own bound (datasets.examples.MAX_LABELS)
-MAX_LABEL_CHARS = 60
 PROMPT_LABELS = 40  # more labels than this are left out of the prompts' text (the label trie constrains the answer)
 GENERATIVE_VALIDATION = 100  # JSON and text: fine-tuning validates on this many validation examples
 MANY_LABELS_BUDGET = 4  # past PROMPT_LABELS labels: prompt optimization trials (each scores a large label trie)
@@ -184,19 +182,6 @@ Label this {field.lower()}.
 {field}: {{{{ input }}}}
 """
     return base, short
-
-
-def infer_output(outputs: list[str]) -> str:
-    """The output type of a task from its train outputs: json when every output is a JSON object
-    (or array), label for 2 to MAX_FLOW_LABELS distinct short outputs that repeat (at most one
-    distinct output per two examples), else text."""
-    if output_kind(outputs) == "json":
-        return "json"
-    distinct = set(outputs)
-    if 2 <= len(distinct) <= min(MAX_FLOW_LABELS, max(2, len(outputs) // 2)) \
-            and all(len(o) <= MAX_LABEL_CHARS and "\n" not in o for o in distinct):
-        return "label"
-    return "text"
 
 
 def infer_schema(outputs: list[str]) -> dict[str, Any]:

@@ -23,8 +23,9 @@ The rules are deterministic and applied in this order (docs/advise.md says the s
 6. **Usable at all**: when no LLM candidate beats chance with its 95% interval, the answer is
    "none": "No candidate is usable yet". Chance for labels (accuracy or macro-F1) is the highest of
    the majority-class baseline's metric, what always answering the most frequent expected label
-   scores and (accuracy) 1/labels; for JSON and text the majority baseline's metric (always the most
-   frequent train output: `{}` for most slot-filling data) when it was compared. When a classical
+   scores and (accuracy) 1/labels; for JSON and text the higher of the floors compared: always the
+   most frequent train output (`baseline:majority`: `{}` for most slot-filling data) and the input
+   itself (`baseline:copy`, free text). When a classical
    baseline (`baseline:tfidf`, `baseline:embed`, `baseline:nearest`) is not significantly worse than
    the best LLM candidate, it is the answer ("You may not need an LLM for this task"). An
    out-of-scope class (`oos`) adds its share and each candidate's recall on it to the reasons.
@@ -59,7 +60,7 @@ from tunelab.compare.costs import ALPHA, HORIZON_MONTHS, break_even_volume, hori
 from tunelab.compare.format import fmt_interval, fmt_money, fmt_p, fmt_seconds, fmt_volume
 from tunelab.compare.result import Advice, CandidateEntry, Comparison, Excluded, PairTest
 
-RULES_VERSION = "tunelab.advise/3"  # 3: chance for JSON and text outputs (the majority baseline)
+RULES_VERSION = "tunelab.advise/3"  # 3: chance for JSON and text outputs (majority, copy)
 CHANGES_PER_YEAR = {"weekly": 52, "monthly": 12, "rarely": 1}
 SIMPLICITY = {"baseline": -1, "prompt": 0, "ft": 1, "hybrid": 2}
 KIND_WORD = {"prompt": "prompt", "ft": "fine-tuned", "hybrid": "hybrid", "baseline": "classical baseline"}
@@ -116,6 +117,12 @@ def _is_majority(c: CandidateEntry) -> bool:
     return c.kind == "baseline" and c.name.startswith("baseline:majority")
 
 
+def _is_floor(c: CandidateEntry) -> bool:
+    """A baseline that needs no model of the task (`baseline:majority`, `baseline:copy`): a floor
+    for the rule "usable at all", never a recommendation."""
+    return c.kind == "baseline" and c.name.startswith(("baseline:majority", "baseline:copy"))
+
+
 def _beats(c: CandidateEntry, level: float) -> bool:
     """Whether `c` is above `level` with its 95% interval (its low end; the point without one)."""
     low = c.metric.low if c.metric.low is not None else c.metric.value
@@ -128,12 +135,16 @@ def chance_level(comparison: Comparison) -> tuple[float, str] | None:
     split's most frequent expected label scores (from a confusion matrix: its share for accuracy;
     its F1 over the labels present for macro-F1), and for accuracy 1/the number of labels. None when
     the comparison cannot tell (not labels, another metric, no labels known). JSON and text: the
-    majority baseline's measured metric (always answering the most frequent train output) when it
-    was compared, else None."""
+    higher of the floors compared (`baseline:majority`, always the most frequent train output;
+    `baseline:copy`, the input itself), else None."""
     if comparison.output_type != "label":
-        top = next((c for c in comparison.candidates if _is_majority(c) and c.metric.value is not None), None)
-        return None if top is None else (float(top.metric.value), f"always answering the most frequent output "
-                                                                  f"({top.name})")
+        floors = [c for c in comparison.candidates if _is_floor(c) and c.metric.value is not None]
+        if not floors:
+            return None
+        top = max(floors, key=lambda c: c.metric.value)
+        copy = top.name.startswith("baseline:copy")
+        what = "copying the input" if copy else "always answering the most frequent output"
+        return float(top.metric.value), f"{what} ({top.name})"
     if comparison.metric not in ("accuracy", "macro_f1"):
         return None
     macro = comparison.metric == "macro_f1"
@@ -252,7 +263,7 @@ def advise(comparison: Comparison, constraints: Constraints | None = None) -> Ad
     # 6. usable at all: an LLM candidate must beat chance (the majority class) with its interval
     floor = chance_level(comparison)
     llms = [c for c in remaining if c.kind != "baseline"]
-    refs = [c for c in remaining if c.kind == "baseline" and not _is_majority(c)]
+    refs = [c for c in remaining if c.kind == "baseline" and not _is_floor(c)]
     if floor is not None:
         level, what = floor
         usable = [c for c in llms if _beats(c, level)]

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from tunelab.workspace import Workspace
 
 # the classical reference rows of every comparison, by output type (labels: baseline:embed too when named: the flow)
-REFERENCE_BASELINES = {"label": ("majority", "tfidf"), "json": ("majority", "nearest"), "text": ("nearest",)}
+REFERENCE_BASELINES = {"label": ("majority", "tfidf"), "json": ("majority", "nearest"), "text": ("copy", "nearest")}
 MAX_CONFUSION_LABELS = 400  # kept for the advice (chance, out-of-scope recall); the report draws up to 60
 
 
@@ -72,7 +72,8 @@ def compare(ws: "Workspace", data: str, candidates: list[str], *, volume: float 
     content, the same for every point). `baselines`: add the classical reference rows (trained in
     seconds on the same dataset version's train split) the candidates do not name: for labels
     `baseline:majority` and `baseline:tfidf`, for JSON `baseline:majority` (the most frequent output)
-    and `baseline:nearest` (the nearest train input's output), for free text `baseline:nearest`; a
+    and `baseline:nearest` (the nearest train input's output), for free text `baseline:copy` (the
+    input itself) and `baseline:nearest`; a
     JSON or text baseline is scored by the LLM candidates' output spec (their metrics).
     `engineer_hours`: {candidate name or kind: hours} of engineer time in the setup (default: the
     setup's wall time). `judge_sample`: with a `judge`

@@ -29,6 +29,7 @@ from tunelab.demos import DemoSelector
 from tunelab.errors import NotFound
 from tunelab.models import free_weights
 from tunelab.evaluate import BaselineCandidate, Candidate, PromptCandidate, evaluate, parse_baseline, resolve_candidate
+from tunelab.evaluate.baselines import FLOORS
 
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
@@ -221,7 +222,7 @@ def learning_curves(ws: "Workspace", entries: list[CandidateEntry], candidates: 
                             + _budget_left(budget_s))
             say(f"learning curve: {left_out[-1]}")
     for cand in candidates:
-        if isinstance(cand, BaselineCandidate) and cand.method != "majority":
+        if isinstance(cand, BaselineCandidate) and cand.method not in FLOORS:  # floors learn nothing
             series.append(baseline_series(ws, cand, ref, metric, limit=limit, sample=sample))
             say(f"learning curve: {cand.name}: " + ", ".join(f"{p.n_train} -> {p.metric.value:.3f}"
                                                              for p in series[-1].points))

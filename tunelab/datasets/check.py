@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from tunelab.workspace import Workspace
 
 SKEWED_SHARE = 0.6  # labels where one is this share of train or more are judged by macro-F1, not accuracy
+MAX_FLOW_LABELS = 1000  # the datasets' own bound (datasets.examples.MAX_LABELS)
+MAX_LABEL_CHARS = 60    # a longer output is text, not a label
 MIN_SPLIT_EXAMPLES = 20         # fewer in a split -> warning (scores too noisy, too little to train on)
 MIN_LABEL_EXAMPLES = 5          # fewer examples of a label in train -> warning
 IMBALANCE_WARN_RATIO = 10.0     # most / least frequent label in train above this -> warning
@@ -203,6 +205,19 @@ def _check_refs(splits, where, found: Issues) -> None:
             if bad is not None:
                 found.add("error", "bad_refs", f"meta.refs[{bad}] must be a non-empty string (got "
                           f"{json.dumps(refs[bad])[:40]})", lines[i], field=f"meta.refs[{bad}]", path=path)
+
+
+def infer_output(outputs: list[str]) -> str:
+    """The output type of a task from its train outputs: json when every output is a JSON object
+    (or array), label for 2 to MAX_FLOW_LABELS distinct short outputs that repeat (at most one
+    distinct output per two examples), else text."""
+    if output_kind(outputs) == "json":
+        return "json"
+    distinct = set(outputs)
+    if 2 <= len(distinct) <= min(MAX_FLOW_LABELS, max(2, len(outputs) // 2)) \
+            and all(len(o) <= MAX_LABEL_CHARS and "\n" not in o for o in distinct):
+        return "label"
+    return "text"
 
 
 def output_kind(outputs: list[str]) -> str:

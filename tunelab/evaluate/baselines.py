@@ -16,7 +16,12 @@ Trained in seconds on a dataset version's train split:
 - `nearest` (any output: labels, JSON, free text): the output of the most similar train input by
   the cosine of their TF-IDF vectors (scikit-learn's `NearestNeighbors`): retrieval, the classical
   reference of extraction and data-to-text, where the answer to a similar input is often most of
-  the answer. Its answer has no label scores.
+  the answer. Its answer has no label scores;
+- `copy` (free text): the input itself, word for word — the identity baseline of data-to-text,
+  rewriting and summarizing, which an LLM's text must beat to be worth its cost (on DART, echoing
+  the triples scores chrF 0.456, above the zero-shot prompt's 0.306).
+
+`majority` and `copy` are floors (the advice's "usable at all"), the others references.
 
 For skewed labels (one label `SKEWED_SHARE` of train or more: the flow judges those by macro-F1)
 the regressions are trained with or without class weights (`class_weight="balanced"`: each label
@@ -46,7 +51,7 @@ import numpy as np
 
 from tunelab.canonical import sha256
 from tunelab.datasets import Example, dataset_rows, get_dataset, subsample
-from tunelab.datasets.check import output_kind, skewed_labels
+from tunelab.datasets.check import infer_output, skewed_labels
 from tunelab.demos import embed, embed_one
 from tunelab.errors import UserError
 from tunelab.evaluate.candidates import Candidate, Setup
@@ -57,8 +62,9 @@ from tunelab.prompts import OutputSpec
 if TYPE_CHECKING:
     from tunelab.workspace import Workspace
 
-METHODS = ("majority", "tfidf", "embed", "nearest")
+METHODS = ("majority", "tfidf", "embed", "nearest", "copy")
 LABEL_ONLY = ("tfidf", "embed")  # classifiers: label outputs only
+FLOORS = ("majority", "copy")  # answers that need no model of the task: what every candidate must beat
 PREFIX = "baseline:"
 CV_FOLDS = 3  # folds of the cross-validation that chooses a skewed-label regression's class weights
 FORMAT = 2  # bump when a stored classifier's meaning changes: older ones are retrained (2: class weights)
@@ -107,14 +113,16 @@ def _classifier(method: str):
 
 
 def _retrieval(method: str, inputs: list[str], outputs: list[str]) -> dict[str, Any]:
-    """A baseline that answers with a train output: `nearest` (the TF-IDF vectorizer, the
-    cosine index over the train inputs and their outputs) or `majority` of JSON outputs (the most
-    frequent; at a tie the first in train order)."""
+    """A baseline that answers without a classifier: `nearest` (the TF-IDF vectorizer, the
+    cosine index over the train inputs and their outputs), `majority` of JSON outputs (the most
+    frequent; at a tie the first in train order) or `copy` (the input itself)."""
     from collections import Counter
 
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.neighbors import NearestNeighbors
 
+    if method == "copy":
+        return {"copy": True}
     if method == "majority":
         counts = Counter(outputs)
         top = max(counts.values())
@@ -182,18 +190,21 @@ def train_baseline(ws: "Workspace", method: str, dataset: str, max_examples: int
     train = subsample(ds.split("train"), max_examples, 0)
     if len({ex.output for ex in train}) < 1:
         raise UserError(f"dataset {ds.ref} has no train examples to train baseline:{method} on")
-    kind = "label" if ds.labels is not None else output_kind(everything := [ex.output for ex in ds.split("train")])
-    if kind == "text" and len(set(everything)) <= max(50, len(everything) // 2):
-        kind = "label"  # outputs that repeat: labels the dataset did not list
+    everything = [ex.output for ex in ds.split("train")]
+    # the dataset's labels, else the flow's rule (`infer_output`); one distinct output: a majority answer
+    kind = "label" if ds.labels is not None or len(set(everything)) == 1 else infer_output(everything)
+    if method == "copy" and kind == "json":
+        raise UserError(f"baseline:copy answers with its input; {ds.ref}'s outputs are JSON (baseline:nearest "
+                        "answers any output, baseline:majority JSON)")
     if kind != "label" and (method in LABEL_ONLY or (method == "majority" and kind == "text")):
         raise UserError(f"baseline:{method} classifies labels; {ds.ref}'s outputs are "
                         f"{'JSON' if kind == 'json' else 'free text'} (baseline:nearest answers any output"
-                        f"{', baseline:majority JSON' if kind == 'json' else ''})")
+                        f"{', baseline:majority JSON' if kind == 'json' else ', baseline:copy free text'})")
     start = time.perf_counter()
     y = [ex.output for ex in train]
     class_weight, cv = None, None
     try:
-        if method == "nearest" or kind != "label":
+        if method in ("nearest", "copy") or kind != "label":
             clf = _retrieval(method, [ex.input for ex in train], y)
         else:
             features = _features(method, [ex.input for ex in train], batched=True)
@@ -233,7 +244,7 @@ def _load(path: str):
 
 class BaselineCandidate(Candidate):
     """A classical baseline trained on a train split: a classifier answering with a label and its
-    log-probabilities, or (`nearest`, `majority` of JSON) a train output (see the module doc). It
+    log-probabilities, or (`nearest`, `majority` of JSON, `copy`) a text (see the module doc). It
     calls no model: `map_models` is itself."""
 
     kind = "baseline"
@@ -286,9 +297,12 @@ class BaselineCandidate(Candidate):
         return out
 
     def _retrieve(self, examples: list[Example], start: float) -> list[Completion]:
-        """The answers of a retrieval baseline: the nearest train input's output, or the one answer."""
+        """The answers of a baseline without a classifier: the nearest train input's output, the
+        one answer, or the input itself."""
         found = self.classifier
-        if "answer" in found:
+        if found.get("copy"):
+            texts = [ex.input for ex in examples]
+        elif "answer" in found:
             texts = [found["answer"]] * len(examples)
         else:
             _, nearest = found["index"].kneighbors(found["vectorizer"].transform([ex.input for ex in examples]))
