@@ -39,7 +39,7 @@ def _hours(values: list[str]) -> dict[str, float]:
 
 def compare(
     candidates: List[str] = typer.Argument(None, help="Candidates: PROMPT[@VERSION|@LABEL], ft:NAME, hybrid:NAME, "
-                                           "baseline:majority|tfidf|embed|nearest (trained on the data's train split)."),
+                                           "baseline:majority|tfidf|embed|nearest|copy (trained on the data's train split)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="The split every candidate is measured on: NAME[@VERSION][:SPLIT] (default split test)."),
     from_logs: Optional[str] = typer.Option(None, "--from-logs", help="Compare on a deployment's live calls instead: the deployment (with --shadow)."),
     shadow: Optional[str] = typer.Option(None, "--shadow", help="With --from-logs: the shadow candidate to compare with what answered the calls."),
@@ -51,7 +51,7 @@ def compare(
     metric: Optional[str] = typer.Option(None, "--metric", help="The metric to compare on (default: the candidates' output.metric, else accuracy for labels, field_f1 for JSON, chrf for text)."),
     learning_curve: bool = typer.Option(False, "--learning-curve", help="Also measure every trainable candidate (fine-tune: retrained, baselines, a prompt's per-input demo pool) on 10/25/50% of train, with the crossover point (a fine-tune makes it slow)."),
     curve_sample: Optional[int] = typer.Option(None, "--curve-sample", min=1, help="With --learning-curve: measure every curve point on this many examples of the split (chosen by content, the same rows for every point) instead of all of them."),
-    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Add the classical reference rows: labels baseline:majority and baseline:tfidf, JSON baseline:majority and baseline:nearest, free text baseline:nearest."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Add the classical reference rows: labels baseline:majority and baseline:tfidf, JSON baseline:majority and baseline:nearest, free text baseline:copy and baseline:nearest."),
     engineer_hours: List[str] = typer.Option([], "--engineer-hours", help="Engineer hours in a setup: NAME=H or KIND=H (prompt, ft, hybrid); default: the setup's wall time. Costed at engineer_hourly_rate."),
     judge_sample: Optional[str] = typer.Option(None, "--judge-sample", help="With --metric judge: a split of "
                                                "human-graded answers (meta.human_score or meta.human_label); the "
