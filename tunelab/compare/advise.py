@@ -59,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunelab.compare.costs import ALPHA, HORIZON_MONTHS, break_even_volume, horizon_cost
 from tunelab.compare.format import fmt_interval, fmt_money, fmt_p, fmt_seconds, fmt_volume
 from tunelab.compare.result import Advice, CandidateEntry, Comparison, Excluded, PairTest
+from tunelab.evaluate.baselines import FLOORS
 
 RULES_VERSION = "tunelab.advise/3"  # 3: chance for JSON and text outputs (majority, copy)
 CHANGES_PER_YEAR = {"weekly": 52, "monthly": 12, "rarely": 1}
@@ -118,9 +119,9 @@ def _is_majority(c: CandidateEntry) -> bool:
 
 
 def _is_floor(c: CandidateEntry) -> bool:
-    """A baseline that needs no model of the task (`baseline:majority`, `baseline:copy`): a floor
-    for the rule "usable at all", never a recommendation."""
-    return c.kind == "baseline" and c.name.startswith(("baseline:majority", "baseline:copy"))
+    """A baseline that needs no model of the task (`baselines.FLOORS`: majority, copy): a floor for
+    the rule "usable at all", never a recommendation."""
+    return c.kind == "baseline" and c.name.startswith(tuple(f"baseline:{m}" for m in FLOORS))
 
 
 def _beats(c: CandidateEntry, level: float) -> bool:

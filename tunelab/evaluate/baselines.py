@@ -222,7 +222,8 @@ def train_baseline(ws: "Workspace", method: str, dataset: str, max_examples: int
                         "words of two or more letters or digits; these inputs have none)", field="input") from None
     wall = time.perf_counter() - start
     joblib.dump(clf, path)
-    meta = {"format": FORMAT, "method": method, "dataset": ds.ref, "max_examples": max_examples, "n_train": len(train),
+    meta = {"format": FORMAT, "method": method, "dataset": ds.ref, "max_examples": max_examples,
+            "n_train": 0 if method == "copy" else len(train),  # copy learns nothing from train
             "wall_s": wall, "output_type": kind, "labels": _labels_of(clf, kind, y),
             "class_weight": class_weight, "cv_macro_f1": cv, "sklearn": sklearn.__version__}
     write_json(meta_path, meta)
