@@ -100,16 +100,21 @@ def _features(method: str, texts: list[str], batched: bool = False):
 
 def _classifier(method: str):
     from sklearn.dummy import DummyClassifier
-    from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
     if method == "majority":
         return DummyClassifier(strategy="prior")
     if method == "tfidf":
-        return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-                             LogisticRegression(C=10.0, max_iter=2000))
+        return make_pipeline(_tfidf(), LogisticRegression(C=10.0, max_iter=2000))
     return LogisticRegression(C=10.0, max_iter=2000)
+
+
+def _tfidf():
+    """The TF-IDF vectorizer of `tfidf` and `nearest`: word unigrams and bigrams, sublinear tf."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
 
 
 def _retrieval(method: str, inputs: list[str], outputs: list[str]) -> dict[str, Any]:
@@ -118,16 +123,15 @@ def _retrieval(method: str, inputs: list[str], outputs: list[str]) -> dict[str, 
     frequent; at a tie the first in train order) or `copy` (the input itself)."""
     from collections import Counter
 
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.neighbors import NearestNeighbors
-
     if method == "copy":
         return {"copy": True}
     if method == "majority":
         counts = Counter(outputs)
         top = max(counts.values())
         return {"answer": next(o for o in outputs if counts[o] == top)}
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    from sklearn.neighbors import NearestNeighbors
+
+    vectorizer = _tfidf()
     index = NearestNeighbors(n_neighbors=1, metric="cosine", algorithm="brute").fit(vectorizer.fit_transform(inputs))
     return {"vectorizer": vectorizer, "index": index, "outputs": list(outputs)}
 
@@ -187,10 +191,11 @@ def train_baseline(ws: "Workspace", method: str, dataset: str, max_examples: int
         meta = json.loads(read_text(meta_path))
         if meta.get("format") == FORMAT and meta.get("sklearn") == sklearn.__version__:
             return {**meta, "path": str(path)}
-    train = subsample(ds.split("train"), max_examples, 0)
+    full = ds.split("train")
+    train = subsample(full, max_examples, 0)
     if len({ex.output for ex in train}) < 1:
         raise UserError(f"dataset {ds.ref} has no train examples to train baseline:{method} on")
-    everything = [ex.output for ex in ds.split("train")]
+    everything = [ex.output for ex in full]
     # the dataset's labels, else the flow's rule (`infer_output`); one distinct output: a majority answer
     kind = "label" if ds.labels is not None or len(set(everything)) == 1 else infer_output(everything)
     if method == "copy" and kind == "json":
